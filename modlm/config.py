@@ -1,0 +1,181 @@
+"""Model configuration: one validated dataclass, presets by name.
+
+No torch import here, so ``modlm --help`` and config validation stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROUTER_KINDS = ("learned", "random", "none")
+CAUSAL_ROUTING = ("aux_loss", "predictor", "both")
+
+
+def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"ModelConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and routing of a Mixture-of-Depths decoder.
+
+    A routed block (MoD, Raposo et al. 2024, §3) processes only the top-k tokens of each
+    sequence, k = max(1, round(capacity * T)); the other tokens pass on the residual stream.
+    ``router="none"`` gives the dense transformer with identical parameters minus routers.
+    """
+
+    name: str = "custom"
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: same as n_heads (MHA); fewer: grouped-query attention
+    d_mlp: int | None = None  # None: SwiGLU hidden size ~ 8/3 d_model rounded up to 64
+    max_seq_len: int = 512
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    # --- routing ---
+    router: str = "learned"  # learned top-k | random top-k baseline | none (dense)
+    capacity: float = 0.125  # fraction of each sequence a routed block processes
+    route_every: int = 2  # a routed block every `route_every` blocks...
+    route_start: int = 1  # ...starting at this block index (the paper routes every other block)
+    causal_routing: str = "predictor"  # how decoding routes: aux_loss | predictor | both
+    aux_loss_weight: float = 0.01  # weight of the router BCE (aux_loss / both)
+    predictor_loss_weight: float = 1.0  # weight of the predictor BCE (its input is detached)
+    predictor_hidden: int = 64
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried with checkpoints
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_mlp is None:
+            self.d_mlp = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+        _require(isinstance(self.vocab_size, int) and self.vocab_size > 0, "vocab_size", self.vocab_size, "must be a positive int")
+        _require(isinstance(self.d_model, int) and self.d_model > 0, "d_model", self.d_model, "must be a positive int")
+        _require(isinstance(self.n_layers, int) and self.n_layers > 0, "n_layers", self.n_layers, "must be a positive int")
+        _require(isinstance(self.n_heads, int) and self.n_heads > 0, "n_heads", self.n_heads, "must be a positive int")
+        _require(self.d_model % self.n_heads == 0, "n_heads", self.n_heads, f"must divide d_model={self.d_model}")
+        _require((self.d_model // self.n_heads) % 2 == 0, "n_heads", self.n_heads,
+                 f"head size d_model/n_heads={self.d_model / self.n_heads:g} must be even for RoPE")
+        _require(isinstance(self.n_kv_heads, int) and 0 < self.n_kv_heads <= self.n_heads
+                 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+                 f"must be a positive divisor of n_heads={self.n_heads}")
+        _require(isinstance(self.d_mlp, int) and self.d_mlp > 0, "d_mlp", self.d_mlp, "must be a positive int")
+        _require(isinstance(self.max_seq_len, int) and self.max_seq_len > 1, "max_seq_len", self.max_seq_len, "must be an int > 1")
+        _require(self.rope_base > 1, "rope_base", self.rope_base, "must be > 1")
+        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        _require(self.init_std > 0, "init_std", self.init_std, "must be > 0")
+        _require(self.router in ROUTER_KINDS, "router", self.router, f"must be one of {ROUTER_KINDS}")
+        _require(isinstance(self.capacity, (int, float)) and 0.0 < self.capacity <= 1.0, "capacity", self.capacity,
+                 "must be in (0, 1]; 0.125 routes 12.5% of each sequence through a routed block")
+        _require(isinstance(self.route_every, int) and self.route_every >= 1, "route_every", self.route_every,
+                 "must be an int >= 1 (1 routes every block, 2 every other block)")
+        _require(isinstance(self.route_start, int) and 0 <= self.route_start < self.n_layers, "route_start",
+                 self.route_start, f"must be a block index in [0, {self.n_layers - 1}]")
+        _require(self.causal_routing in CAUSAL_ROUTING, "causal_routing", self.causal_routing,
+                 f"must be one of {CAUSAL_ROUTING}")
+        _require(self.aux_loss_weight >= 0, "aux_loss_weight", self.aux_loss_weight, "must be >= 0")
+        _require(self.predictor_loss_weight >= 0, "predictor_loss_weight", self.predictor_loss_weight, "must be >= 0")
+        _require(isinstance(self.predictor_hidden, int) and self.predictor_hidden > 0, "predictor_hidden",
+                 self.predictor_hidden, "must be a positive int")
+
+    # --- derived ---
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def routed_layers(self) -> tuple[int, ...]:
+        """Indices of the blocks that route (empty for a dense model)."""
+        if self.router == "none":
+            return ()
+        return tuple(range(self.route_start, self.n_layers, self.route_every))
+
+    def is_routed(self, layer_idx: int) -> bool:
+        return layer_idx in self.routed_layers
+
+    @property
+    def uses_predictor(self) -> bool:
+        return self.router == "learned" and self.causal_routing in ("predictor", "both")
+
+    @property
+    def uses_aux_loss(self) -> bool:
+        return self.router == "learned" and self.causal_routing in ("aux_loss", "both")
+
+    def capacity_tokens(self, seq_len: int) -> int:
+        """k = max(1, round(capacity * T)): exactly k tokens per sequence in a routed block."""
+        from modlm.dispatch import capacity_k
+
+        return capacity_k(self.capacity, seq_len)
+
+    # --- construction ---
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def dense_twin(self) -> "ModelConfig":
+        """The same transformer with no routing (the isoshape dense baseline)."""
+        name = self.name if self.name.endswith("-dense") else f"{self.name}-dense"
+        return self.replace(router="none", name=name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        d = json.loads(p.read_text())
+        return cls.from_dict(d.get("model", d))
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A preset by name (see ``PRESETS``); ``<name>-dense`` gives its dense twin."""
+        dense = name.endswith("-dense")
+        base = name[: -len("-dense")] if dense else name
+        if base not in PRESETS:
+            names = sorted(PRESETS) + sorted(f"{n}-dense" for n in PRESETS)
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(names)}")
+        d = dict(PRESETS[base], name=name)
+        if dense:
+            d["router"] = "none"
+        d.update(overrides)
+        return cls(**d)
+
+
+# Presets. `tiny` is for tests (a forward in milliseconds); `small` is the `make run` default,
+# sized to learn visibly in a few CPU minutes; `base` matches the CPU training benchmark
+# (d=512, 8 layers); `gpt2-small` is a GPU-sized reference shape.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=64, n_layers=4, n_heads=4, max_seq_len=128, predictor_hidden=16),
+    "small": dict(d_model=256, n_layers=8, n_heads=8, max_seq_len=256),
+    "base": dict(d_model=512, n_layers=8, n_heads=8, max_seq_len=2048),
+    "gpt2-small": dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=2048, vocab_size=50304),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS) + sorted(f"{n}-dense" for n in PRESETS)

@@ -1,0 +1,95 @@
+"""Dispatch and combine for Mixture-of-Depths: small pure functions, each tested on its own.
+
+Axis legend: B batch, T sequence length, K tokens routed into a block (capacity), D model width.
+
+The routed block is ``select -> gather -> f -> weighted scatter``. Only the K gathered rows
+go through attention and the MLP, so the block costs O(K) matmuls and O(K^2) attention,
+and the unselected rows are never touched (they leave the block bit-for-bit unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def capacity_k(capacity: float, seq_len: int) -> int:
+    """Tokens a routed block takes per sequence: k = max(1, round(capacity * T)), at most T.
+
+    NOTE: ``int(c * T)`` gives k = 0 at T = 1 (a common bug when decoding); we round half up
+    and never go below one token.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    return min(seq_len, max(1, math.floor(capacity * seq_len + 0.5)))
+
+
+def select_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores of each row, sorted ascending (causal order).
+
+    Ties go to the earlier position (a stable descending sort), so the choice is
+    deterministic on every device. Returns ``idx_BK`` (int64).
+    """
+    T = scores_BT.shape[-1]
+    if not 1 <= k <= T:
+        raise ValueError(f"k={k} must be in [1, T={T}]")
+    if k == T:
+        return torch.arange(T, device=scores_BT.device).expand(scores_BT.shape[0], T)
+    # NOTE: torch.topk does not promise which of equal values it returns; a stable sort does.
+    order_BT = torch.sort(scores_BT, dim=-1, descending=True, stable=True).indices
+    idx_BK = order_BT[:, :k]
+    return torch.sort(idx_BK, dim=-1).values
+
+
+def topk_mask(idx_BK: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Boolean membership mask (B, T) of the selected indices: the target of causal routing."""
+    mask_BT = torch.zeros(idx_BK.shape[0], seq_len, dtype=torch.bool, device=idx_BK.device)
+    return mask_BT.scatter_(1, idx_BK, True)
+
+
+def mask_to_padded_indices(mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged selection (a bool mask) to padded indices.
+
+    Used when routing is causal (each token decides on its own), so rows select different
+    numbers of tokens. K = the largest count in the batch (at least 1).
+
+    Returns:
+        idx_BK: selected positions in ascending order, padded at the end with T - 1
+            (a harmless valid index; padded slots are never written back).
+        valid_BK: bool, True for real selections.
+    """
+    B, T = mask_BT.shape
+    counts_B = mask_BT.sum(dim=1)
+    K = max(1, int(counts_B.max().item())) if B > 0 else 1
+    pos_BT = torch.arange(T, device=mask_BT.device).expand(B, T)
+    # Unselected positions sort after all selected ones; selected keep ascending order.
+    key_BT = torch.where(mask_BT, pos_BT, pos_BT + T)
+    idx_BK = torch.sort(key_BT, dim=1).values[:, :K]
+    valid_BK = idx_BK < T
+    idx_BK = torch.where(valid_BK, idx_BK, torch.full_like(idx_BK, T - 1))
+    return idx_BK, valid_BK
+
+
+def gather_tokens(x_BTD: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
+    """x_BKD = x_BTD[b, idx_BK[b, k]] for every row at once (no Python loop over the batch)."""
+    D = x_BTD.shape[-1]
+    return torch.gather(x_BTD, 1, idx_BK.unsqueeze(-1).expand(-1, -1, D))
+
+
+def gather_scores(s_BT: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
+    """s_BK = s_BT[b, idx_BK[b, k]]."""
+    return torch.gather(s_BT, 1, idx_BK)
+
+
+def scatter_add_weighted(x_BTD: torch.Tensor, idx_BK: torch.Tensor, f_BKD: torch.Tensor,
+                         weight_BK: torch.Tensor | None) -> torch.Tensor:
+    """out = x, except out[b, idx[b, k]] = x[b, idx[b, k]] + weight[b, k] * f[b, k].
+
+    This is the MoD combine ``x + r * f(x)`` (Raposo et al. 2024, eq. 1): the router weight
+    scales the block's update, never the residual. Rows not in ``idx_BK`` are copied unchanged.
+    Indices must be unique per row except where ``weight_BK`` is 0 (padding).
+    """
+    upd_BKD = f_BKD if weight_BK is None else f_BKD * weight_BK.unsqueeze(-1).to(f_BKD.dtype)
+    D = x_BTD.shape[-1]
+    return x_BTD.scatter_add(1, idx_BK.unsqueeze(-1).expand(-1, -1, D), upd_BKD.to(x_BTD.dtype))

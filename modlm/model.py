@@ -1,0 +1,278 @@
+"""The Mixture-of-Depths transformer: a pre-norm decoder (RMSNorm, RoPE, SDPA, SwiGLU) in which
+routed blocks process only the tokens their router picks (Raposo et al. 2024, arXiv 2404.02258).
+
+Axis legend: B batch, T sequence length, K tokens routed into a block, D model width,
+H query heads, G key/value heads, E head size, V vocabulary.
+
+The model knows nothing about training, tokenization or sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modlm.config import ModelConfig
+from modlm.dispatch import gather_tokens, scatter_add_weighted
+from modlm.routing import RouterOutput, build_router
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotary position tables. Positions are explicit, so routed tokens keep their true positions."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        t = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (T_max, E/2)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at positions ``pos`` of shape (T,) or (B, T) -> (..., T, E/2)."""
+        return self.cos[pos], self.sin[pos]
+
+
+def apply_rotary(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dim. cos/sin: (T, E/2) or (B, T, E/2)."""
+    if cos.dim() == 3:  # per-row positions (routed tokens): broadcast over heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x_BHTE.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x_BHTE.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads, over whatever tokens it is given.
+
+    In a routed block it sees only the selected tokens, in causal order at their true RoPE
+    positions, so a token that skipped this block is invisible here to every later token.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BTD).split([H * E, G * E, G * E], dim=-1)
+        q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
+        k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
+        v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            # The cache returns this layer's keys/values for the whole visible history (B, G, S, E)
+            # and the mask that makes each query see exactly its own causal past.
+            k, v, attn_mask = cache.update(k, v, self.layer_idx, attn_mask)
+        if G != H:
+            k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, E)
+            v = v.repeat_interleave(H // G, dim=1)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.d_mlp, bias=False)
+        self.down = nn.Linear(config.d_mlp, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block written as its update: ``forward(x)`` returns f(x), and the
+    caller adds it to the residual stream (dense: x + f(x); routed: x + r * f(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask, cache)
+        m_BTD = self.mlp(self.mlp_norm(x_BTD + a_BTD))
+        return a_BTD + m_BTD
+
+
+class RoutedBlock(nn.Module):
+    """A block behind a Mixture-of-Depths router.
+
+    select -> gather (B, K, D) -> f on the K tokens only -> x + r * f scattered back.
+    Shapes are static under top-k (K = round(capacity * T)); nothing loops over the batch.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.block = Block(config, layer_idx)
+        self.router = build_router(config)
+
+    def forward(self, x_BTD: torch.Tensor, rotary: Rotary, pos_T: torch.Tensor, mode: str = "topk",
+                route: RouterOutput | None = None, cache=None) -> tuple[torch.Tensor, RouterOutput]:
+        """Returns the new residual stream and the router's output (indices, weights, losses).
+
+        ``route`` overrides the router's own decision (used to replay a routing, e.g. to check
+        cached decoding against a full forward under the same routes).
+        """
+        route = self.router(x_BTD, mode) if route is None else route
+        idx_BK, valid_BK, weight_BK = route.idx_BK, route.valid_BK, route.weight_BK
+        pos_BK = pos_T[idx_BK]  # true positions of the routed tokens, for RoPE
+        cos, sin = rotary(pos_BK)
+        x_BKD = gather_tokens(x_BTD, idx_BK)
+        # Padded slots (causal routing) sit after every real one, so the causal mask already
+        # hides them from real queries; their own outputs are dropped below.
+        f_BKD = self.block(x_BKD, cos, sin, cache=cache)
+        if valid_BK is not None:
+            f_BKD = f_BKD.masked_fill(~valid_BK.unsqueeze(-1), 0.0)
+            if weight_BK is not None:
+                weight_BK = weight_BK.masked_fill(~valid_BK, 0.0)
+        return scatter_add_weighted(x_BTD, idx_BK, f_BKD, weight_BK), route
+
+
+@dataclass
+class ModelOutput:
+    """Everything a forward pass returns (no state is stashed on the module).
+
+    logits: (B, T, V). loss = lm_loss + aux_loss when targets are given, else None.
+    routes: one RouterOutput per routed block, in order (indices, weights, stats).
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    routes: dict[int, RouterOutput] = field(default_factory=dict)
+
+    def router_stats(self) -> dict[str, float]:
+        """Per-block statistics as plain floats, keyed ``L{layer}/{name}`` (one host sync)."""
+        flat = {f"L{i}/{k}": v for i, r in self.routes.items() for k, v in r.stats.items()}
+        if not flat:
+            return {}
+        values = torch.stack([v.float() for v in flat.values()]).tolist()
+        return dict(zip(flat.keys(), values))
+
+
+class MoDTransformer(nn.Module):
+    """A decoder-only language model whose ``config.routed_layers`` are Mixture-of-Depths blocks.
+
+    With ``config.router == "none"`` it is the dense baseline with the same parameters
+    (minus routers), so MoD and dense can be compared shape for shape.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            RoutedBlock(config, i) if config.is_routed(i) else Block(config, i) for i in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.rotary = Rotary(config.head_dim, config.max_seq_len, config.rope_base)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter.
+
+        | parameter                          | init                                   |
+        |------------------------------------|----------------------------------------|
+        | tok_emb (tied lm_head)             | normal(0, init_std)                    |
+        | attn.qkv, mlp.gate_up              | normal(0, init_std)                    |
+        | attn.proj, mlp.down (into residual)| normal(0, init_std / sqrt(2 n_layers)) |
+        | RMSNorm weights                    | ones                                   |
+        | router.weight (r = w·x)            | normal(0, 1 / sqrt(d_model))           |
+        | predictor fc1/fc2                  | PyTorch default (kaiming-uniform)      |
+
+        NOTE: the router is initialised so r = w·x is O(1) once the residual stream is O(1):
+        an r near 0 would multiply the routed block's update (x + r·f) and its gradients
+        towards zero, and the block would barely learn.
+        """
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.tok_emb.weight, 0.0, std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.qkv.weight", "mlp.gate_up.weight")):
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            elif name.endswith("router.weight"):
+                nn.init.normal_(p, 0.0, 1.0 / math.sqrt(self.config.d_model))
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(p)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_embeddings else n
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, routing: str = "topk",
+                routes: dict[int, RouterOutput] | None = None) -> ModelOutput:
+        """Run the model.
+
+        Args:
+            idx_BT: token ids (B, T), T <= config.max_seq_len.
+            targets_BT: next-token ids (B, T); -1 is ignored. Gives ``loss``.
+            routing: "topk" (expert-choice over each sequence; training) or "causal" (each token
+                routes by the causal signal, as when decoding).
+            routes: replay these per-layer routes instead of asking the routers.
+        """
+        B, T = idx_BT.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        pos_T = torch.arange(T, device=idx_BT.device)
+        cos, sin = self.rotary(pos_T)
+        x_BTD = self.tok_emb(idx_BT)
+        out_routes: dict[int, RouterOutput] = {}
+        for i, block in enumerate(self.blocks):
+            if isinstance(block, RoutedBlock):
+                replay = routes.get(i) if routes is not None else None
+                x_BTD, out_routes[i] = block(x_BTD, self.rotary, pos_T, routing, route=replay)
+            else:
+                x_BTD = x_BTD + block(x_BTD, cos, sin)
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+        out = ModelOutput(logits=logits_BTV, routes=out_routes)
+        if targets_BT is not None:
+            out.lm_loss = F.cross_entropy(logits_BTV.float().view(-1, logits_BTV.size(-1)), targets_BT.reshape(-1),
+                                          ignore_index=-1)
+            aux = [r.aux_loss for r in out_routes.values()]
+            out.aux_loss = torch.stack(aux).sum() if aux else out.lm_loss.new_zeros(())
+            out.loss = out.lm_loss + out.aux_loss
+        return out

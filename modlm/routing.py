@@ -1,0 +1,168 @@
+"""Routers: decide which tokens a routed block processes, and return their weights and losses.
+
+Axis legend: B batch, T sequence length, K tokens routed into the block, D model width.
+
+Two routing modes:
+- ``"topk"``: expert-choice top-k over each sequence (training, and scoring a known text).
+  Non-causal: whether token t is chosen depends on later tokens.
+- ``"causal"``: each token decides from its own state only (decoding; Raposo et al. 2024 §3.5).
+  The learned router uses its causal signal: the small predictor's logit, or, with the
+  auxiliary BCE loss, the router logit itself (sigmoid(r) > 0.5 <=> r > 0).
+
+Routers return a ``RouterOutput`` with their aux loss and detached statistics explicitly:
+nothing is stashed in globals.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modlm.config import ModelConfig
+from modlm.dispatch import capacity_k, mask_to_padded_indices, select_topk, topk_mask
+
+ROUTING_MODES = ("topk", "causal")
+
+
+class RouterOutput(NamedTuple):
+    """What a router hands the routed block.
+
+    idx_BK: positions processed, ascending per row (causal order).
+    valid_BK: None when every slot is a real selection (top-k); else a bool mask of real slots
+        (causal routing selects a different number of tokens per row).
+    weight_BK: multiplies the block's update (x + r * f); None means unit weight.
+    aux_loss: scalar, already weighted; add it to the LM loss.
+    stats: detached scalars for logging (no host sync inside forward).
+    """
+
+    idx_BK: torch.Tensor
+    valid_BK: torch.Tensor | None
+    weight_BK: torch.Tensor | None
+    aux_loss: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"routing mode {mode!r} is invalid: must be one of {ROUTING_MODES}")
+
+
+class CausalPredictor(nn.Module):
+    """Small MLP predicting top-k membership from the token's own state (paper §3.5, method 2).
+
+    Its input is detached (stop-gradient), so training it has no effect on the LM objective.
+    Runs in fp32: it is tiny and its logit is thresholded at 0, where bf16 rounding would flip
+    decisions.
+    """
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x_BTD.device.type, enabled=False):
+            h = F.silu(F.linear(x_BTD.detach().float(), self.fc1.weight.float(), self.fc1.bias.float()))
+            return F.linear(h, self.fc2.weight.float(), self.fc2.bias.float()).squeeze(-1)  # (B, T)
+
+
+class LearnedRouter(nn.Module):
+    """MoD's learned expert-choice router: r = w·x, top-k of r per sequence.
+
+    With ``causal_routing`` in {aux_loss, both} an auxiliary BCE pulls sigmoid(r) towards
+    top-k membership; in {predictor, both} a stop-gradient predictor learns the same target.
+    Causal decisions use the predictor when there is one, else the router logit.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.capacity = config.capacity
+        self.weight = nn.Parameter(torch.zeros(config.d_model))
+        self.use_aux = config.uses_aux_loss
+        self.aux_weight = config.aux_loss_weight
+        self.pred_weight = config.predictor_loss_weight
+        self.predictor = CausalPredictor(config.d_model, config.predictor_hidden) if config.uses_predictor else None
+        # Logit threshold for causal decisions: 0 <=> probability 0.5. Raising it routes fewer
+        # tokens (an inference-time compute knob); it is a buffer so it travels with checkpoints.
+        self.register_buffer("threshold", torch.zeros(()), persistent=True)
+
+    def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Router logits r_BT in fp32 (routing decisions are precision-sensitive)."""
+        with torch.autocast(device_type=x_BTD.device.type, enabled=False):
+            return x_BTD.float() @ self.weight.float()
+
+    def causal_logits(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
+        """The causal routing signal: predictor logit if present, else the router logit."""
+        return self.predictor(x_BTD) if self.predictor is not None else r_BT
+
+    def forward(self, x_BTD: torch.Tensor, mode: str = "topk") -> RouterOutput:
+        _check_mode(mode)
+        B, T, _ = x_BTD.shape
+        r_BT = self.scores(x_BTD)
+        zero = r_BT.new_zeros(())
+        if mode == "causal":
+            sel_BT = self.causal_logits(x_BTD, r_BT) > self.threshold
+            idx_BK, valid_BK = mask_to_padded_indices(sel_BT)
+            weight_BK = torch.gather(r_BT, 1, idx_BK)
+            stats = {"routed_frac": sel_BT.float().mean().detach()}
+            return RouterOutput(idx_BK, valid_BK, weight_BK, zero, stats)
+
+        k = capacity_k(self.capacity, T)
+        idx_BK = select_topk(r_BT.detach(), k)
+        weight_BK = torch.gather(r_BT, 1, idx_BK)
+        target_BT = topk_mask(idx_BK, T).float()
+        aux = zero
+        stats: dict[str, torch.Tensor] = {"routed_frac": r_BT.new_tensor(k / T),
+                                          "r_mean_selected": weight_BK.detach().mean()}
+        if self.use_aux:
+            bce = F.binary_cross_entropy_with_logits(r_BT, target_BT)
+            aux = aux + self.aux_weight * bce
+            stats["aux_bce"] = bce.detach()
+            stats["aux_acc"] = ((r_BT.detach() > 0).float() == target_BT).float().mean()
+        if self.predictor is not None:
+            p_BT = self.predictor(x_BTD)
+            bce = F.binary_cross_entropy_with_logits(p_BT, target_BT)
+            aux = aux + self.pred_weight * bce
+            stats["pred_bce"] = bce.detach()
+            stats["pred_acc"] = ((p_BT.detach() > 0).float() == target_BT).float().mean()
+            # Recall on the routed tokens: accuracy alone is 87.5% for "never route" at 12.5%.
+            stats["pred_recall"] = ((p_BT.detach() > 0).float() * target_BT).sum() / target_BT.sum()
+        return RouterOutput(idx_BK, None, weight_BK, aux, stats)
+
+
+class RandomRouter(nn.Module):
+    """Baseline: a random k tokens per sequence (stochastic top-k), unit weight, no parameters.
+
+    The paper reports it drastically worse than learned routing. In causal mode each token is
+    routed independently with probability ``capacity``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.capacity = config.capacity
+
+    def forward(self, x_BTD: torch.Tensor, mode: str = "topk") -> RouterOutput:
+        _check_mode(mode)
+        B, T, _ = x_BTD.shape
+        u_BT = torch.rand(B, T, device=x_BTD.device)
+        zero = x_BTD.new_zeros((), dtype=torch.float32)
+        if mode == "causal":
+            idx_BK, valid_BK = mask_to_padded_indices(u_BT < self.capacity)
+            return RouterOutput(idx_BK, valid_BK, None, zero, {"routed_frac": (u_BT < self.capacity).float().mean()})
+        k = capacity_k(self.capacity, T)
+        return RouterOutput(select_topk(u_BT, k), None, None, zero, {"routed_frac": zero + k / T})
+
+
+ROUTERS: dict[str, type[nn.Module]] = {"learned": LearnedRouter, "random": RandomRouter}
+
+
+def build_router(config: ModelConfig) -> nn.Module:
+    """The router for a routed block of this config (``config.router`` names it)."""
+    try:
+        cls = ROUTERS[config.router]
+    except KeyError:
+        raise ValueError(f"router {config.router!r} has no implementation; available: {sorted(ROUTERS)}") from None
+    return cls(config)
