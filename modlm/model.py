@@ -128,17 +128,17 @@ class Block(nn.Module):
         return a_BTD + m_BTD
 
 
-class RoutedBlock(nn.Module):
+class RoutedBlock(Block):
     """A block behind a Mixture-of-Depths router.
 
     select -> gather (B, K, D) -> f on the K tokens only -> x + r * f scattered back.
     Shapes are static under top-k (K = round(capacity * T)); nothing loops over the batch.
+    It subclasses ``Block`` so its parameters keep the dense names (``blocks.{i}.attn...``):
+    a dense checkpoint loads into a MoD model, only the router is new.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.block = Block(config, layer_idx)
+        super().__init__(config, layer_idx)
         self.router = build_router(config)
 
     def forward(self, x_BTD: torch.Tensor, rotary: Rotary, pos_T: torch.Tensor, mode: str = "topk",
@@ -155,7 +155,7 @@ class RoutedBlock(nn.Module):
         x_BKD = gather_tokens(x_BTD, idx_BK)
         # Padded slots (causal routing) sit after every real one, so the causal mask already
         # hides them from real queries; their own outputs are dropped below.
-        f_BKD = self.block(x_BKD, cos, sin, cache=cache)
+        f_BKD = super().forward(x_BKD, cos, sin, cache=cache)
         if valid_BK is not None:
             f_BKD = f_BKD.masked_fill(~valid_BK.unsqueeze(-1), 0.0)
             if weight_BK is not None:

@@ -1,0 +1,217 @@
+"""Equivalences that define a correct Mixture-of-Depths block and model."""
+
+import pytest
+import torch
+
+from modlm import ModelConfig, MoDTransformer
+from modlm.dispatch import topk_mask
+from modlm.model import Block, RoutedBlock, Rotary
+from modlm.routing import RouterOutput
+
+
+def tiny(**kw):
+    return ModelConfig.from_name("tiny", **kw)
+
+
+def _rotary(cfg):
+    return Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+
+
+def _routed_block(cfg, layer_idx=1):
+    torch.manual_seed(1)
+    blk = RoutedBlock(cfg, layer_idx)
+    with torch.no_grad():  # non-trivial norms so a wrong position or token would show
+        for p in blk.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return blk
+
+
+def test_capacity_one_unit_weight_equals_dense_block():
+    cfg = tiny(capacity=1.0)
+    blk = _routed_block(cfg)
+    rot = _rotary(cfg)
+    B, T = 3, 20
+    x = torch.randn(B, T, cfg.d_model)
+    pos = torch.arange(T)
+    route = RouterOutput(torch.arange(T).expand(B, T), None, None, x.new_zeros(()), {})
+    y, _ = blk(x, rot, pos, route=route)
+    cos, sin = rot(pos)
+    dense = x + Block.forward(blk, x, cos, sin)
+    assert torch.equal(y, dense)  # bit-for-bit: same ops, same order
+
+
+def test_full_model_capacity_one_random_router_equals_dense_model():
+    # A random router at capacity 1.0 takes every token with unit weight: the model is dense.
+    mod = MoDTransformer(tiny(capacity=1.0, router="random"))
+    dense = MoDTransformer(tiny(router="none"))
+    dense.load_state_dict(mod.state_dict())
+    idx = torch.randint(0, 256, (2, 48))
+    torch.testing.assert_close(mod(idx).logits, dense(idx).logits, rtol=0, atol=1e-6)
+
+
+def test_unselected_unchanged_and_exactly_k_processed():
+    cfg = tiny(capacity=0.25)
+    blk = _routed_block(cfg)
+    B, T = 4, 32
+    x = torch.randn(B, T, cfg.d_model)
+    y, route = blk(x, _rotary(cfg), torch.arange(T))
+    k = 8
+    assert route.idx_BK.shape == (B, k)
+    sel = topk_mask(route.idx_BK, T)
+    assert sel.sum(1).tolist() == [k] * B
+    assert torch.equal(y[~sel], x[~sel])  # bit-for-bit
+    assert not torch.allclose(y[sel], x[sel])
+    # the selected tokens are the k largest router scores of each row
+    r = blk.router.scores(x)
+    assert torch.equal(sel, topk_mask(torch.topk(r, k).indices, T))
+
+
+def test_selected_output_equals_dense_block_on_gathered_subsequence_at_true_positions():
+    cfg = tiny(capacity=0.25)
+    blk = _routed_block(cfg)
+    rot = _rotary(cfg)
+    B, T = 3, 40
+    x = torch.randn(B, T, cfg.d_model)
+    y, route = blk(x, rot, torch.arange(T))
+    r = blk.router.scores(x)
+    for b in range(B):  # reference: one row at a time, as a plain dense block
+        idx = route.idx_BK[b]
+        xs = x[b:b + 1, idx]
+        cos, sin = rot(idx)  # true positions, not 0..k-1
+        ref = xs + r[b, idx].view(1, -1, 1) * Block.forward(blk, xs, cos, sin)
+        torch.testing.assert_close(y[b:b + 1, idx], ref, rtol=1e-5, atol=1e-5)
+    # compacted positions would give a different answer (guards against the RoPE bug)
+    idx = route.idx_BK[0]
+    cos, sin = rot(torch.arange(len(idx)))
+    wrong = x[:1, idx] + r[0, idx].view(1, -1, 1) * Block.forward(blk, x[:1, idx], cos, sin)
+    assert not torch.allclose(y[:1, idx], wrong, atol=1e-4)
+
+
+def test_selected_tokens_see_only_selected_tokens():
+    cfg = tiny(capacity=0.25)
+    blk = _routed_block(cfg)
+    rot = _rotary(cfg)
+    B, T = 2, 32
+    x = torch.randn(B, T, cfg.d_model)
+    y, route = blk(x, rot, torch.arange(T))
+    sel = topk_mask(route.idx_BK, T)
+    x2 = torch.where(sel.unsqueeze(-1), x, torch.randn_like(x))  # change every unselected token
+    y2, _ = blk(x2, rot, torch.arange(T), route=route)  # same routes
+    assert torch.equal(y2[sel], y[sel])
+
+
+def test_batched_equals_per_row_no_cross_batch_leak():
+    model = MoDTransformer(tiny())
+    idx = torch.randint(0, 256, (3, 40))
+    full = model(idx).logits
+    for b in range(3):
+        torch.testing.assert_close(model(idx[b:b + 1]).logits, full[b:b + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal_routing", ["predictor", "aux_loss"])
+def test_causal_routing_is_causal_and_batch_consistent(causal_routing):
+    model = MoDTransformer(tiny(causal_routing=causal_routing))
+    with torch.no_grad():  # spread the decisions so rows route different numbers of tokens
+        for blk in model.blocks:
+            if isinstance(blk, RoutedBlock) and blk.router.predictor is not None:
+                blk.router.predictor.fc2.weight.mul_(50.0)
+                blk.router.predictor.fc2.bias.zero_()
+    idx = torch.randint(0, 256, (3, 40))
+    out = model(idx, routing="causal")
+    fracs = [v for k, v in out.router_stats().items() if k.endswith("routed_frac")]
+    assert any(0.0 < f < 1.0 for f in fracs), fracs
+    # changing the future never changes the past
+    idx2 = idx.clone()
+    idx2[:, 25:] = torch.randint(0, 256, (3, 15))
+    out2 = model(idx2, routing="causal")
+    torch.testing.assert_close(out.logits[:, :25], out2.logits[:, :25], rtol=1e-5, atol=1e-5)
+    # ragged rows (padded inside the batch) equal each row alone
+    for b in range(3):
+        torch.testing.assert_close(model(idx[b:b + 1], routing="causal").logits, out.logits[b:b + 1],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_topk_routing_is_not_causal():
+    # documents why decoding needs the causal signal: top-k over the sequence sees the future
+    model = MoDTransformer(tiny())
+    idx = torch.randint(0, 256, (1, 64))
+    r1 = model(idx).routes[1].idx_BK
+    changed = False
+    for s in range(10):
+        idx2 = idx.clone()
+        idx2[:, 40:] = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(s))
+        r2 = model(idx2).routes[1].idx_BK
+        changed |= not torch.equal(topk_mask(r1, 64)[:, :40], topk_mask(r2, 64)[:, :40])
+    assert changed
+
+
+def test_router_and_predictor_get_gradients_and_predictor_is_stop_gradient():
+    model = MoDTransformer(tiny(causal_routing="both"))
+    idx = torch.randint(0, 256, (2, 32))
+    out = model(idx, idx)
+    out.loss.backward()
+    blk = model.blocks[1]
+    assert blk.router.weight.grad is not None and blk.router.weight.grad.abs().sum() > 0
+    assert blk.router.predictor.fc1.weight.grad.abs().sum() > 0
+    # the predictor's loss alone reaches only the predictor, never its input
+    model.zero_grad(set_to_none=True)
+    emb = model.tok_emb(idx)
+    logits = blk.router.predictor(emb)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)).backward()
+    assert model.tok_emb.weight.grad is None, "predictor input must be detached"
+    assert blk.router.predictor.fc1.weight.grad.abs().sum() > 0
+
+
+def test_predictor_loss_does_not_change_lm_gradients():
+    torch.manual_seed(0)
+    a = MoDTransformer(tiny(causal_routing="predictor", predictor_loss_weight=1.0))
+    b = MoDTransformer(tiny(causal_routing="predictor", predictor_loss_weight=0.0))
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 256, (2, 32))
+    a(idx, idx).loss.backward()
+    b(idx, idx).loss.backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if "predictor" not in name:
+            torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def test_aux_loss_is_weighted_bce_and_changes_router_gradient():
+    cfg = tiny(causal_routing="aux_loss", aux_loss_weight=0.5)
+    model = MoDTransformer(cfg)
+    idx = torch.randint(0, 256, (2, 32))
+    out = model(idx, idx)
+    bces = [v for k, v in out.router_stats().items() if k.endswith("aux_bce")]
+    assert len(bces) == len(cfg.routed_layers)
+    torch.testing.assert_close(out.aux_loss.item(), 0.5 * sum(bces), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+
+
+def test_dense_model_has_no_routes_and_gqa_works():
+    model = MoDTransformer(tiny(router="none", n_kv_heads=2))
+    out = model(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))
+    assert out.routes == {} and out.aux_loss.item() == 0.0
+    assert torch.isfinite(out.loss)
+
+
+def test_sequence_too_long_is_a_clear_error():
+    model = MoDTransformer(tiny())
+    with pytest.raises(ValueError, match="sequence length 129 exceeds max_seq_len=128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_routed_block_flops_scale_with_k():
+    # the routed block runs its matmuls on (B, K, D) tensors only: count them
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = tiny(capacity=0.125)
+    blk = _routed_block(cfg)
+    dense = Block(cfg, 1)
+    x = torch.randn(2, 128, cfg.d_model)
+    rot = _rotary(cfg)
+    with FlopCounterMode(display=False) as fc_r:
+        blk(x, rot, torch.arange(128))
+    cos, sin = rot(torch.arange(128))
+    with FlopCounterMode(display=False) as fc_d:
+        dense(x, cos, sin)
+    ratio = fc_r.get_total_flops() / fc_d.get_total_flops()
+    assert ratio < 0.125 + 0.05, ratio  # 1/8 of the matmuls plus the router and predictor
