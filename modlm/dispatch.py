@@ -42,6 +42,23 @@ def select_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(idx_BK, dim=-1).values
 
 
+def select_topk_masked(scores_BT: torch.Tensor, token_mask_BT: torch.Tensor,
+                       capacity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k per row over the real tokens only (left-padded prompts): k_b = capacity_k(c, len_b).
+
+    Returns padded ``idx_BK`` and ``valid_BK`` as ``mask_to_padded_indices`` does.
+    """
+    B, T = scores_BT.shape
+    len_B = token_mask_BT.sum(1)
+    k_B = torch.clamp(torch.floor(capacity * len_B.float() + 0.5).long(), min=1)
+    k_B = torch.minimum(k_B, len_B)
+    s_BT = scores_BT.masked_fill(~token_mask_BT, float("-inf"))
+    order_BT = torch.sort(s_BT, dim=-1, descending=True, stable=True).indices
+    keep_BT = torch.arange(T, device=scores_BT.device).unsqueeze(0) < k_B.unsqueeze(1)
+    sel_BT = torch.zeros_like(token_mask_BT).scatter(1, order_BT, keep_BT)
+    return mask_to_padded_indices(sel_BT)
+
+
 def topk_mask(idx_BK: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Boolean membership mask (B, T) of the selected indices: the target of causal routing."""
     mask_BT = torch.zeros(idx_BK.shape[0], seq_len, dtype=torch.bool, device=idx_BK.device)

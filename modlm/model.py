@@ -84,7 +84,7 @@ class Attention(nn.Module):
         if cache is not None:
             # The cache returns this layer's keys/values for the whole visible history (B, G, S, E)
             # and the mask that makes each query see exactly its own causal past.
-            k, v, attn_mask = cache.update(k, v, self.layer_idx, attn_mask)
+            k, v, attn_mask = cache.update(k, v, self.layer_idx)
         if G != H:
             k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, E)
             v = v.repeat_interleave(H // G, dim=1)
@@ -121,9 +121,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask, cache)
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask=attn_mask, cache=cache)
         m_BTD = self.mlp(self.mlp_norm(x_BTD + a_BTD))
         return a_BTD + m_BTD
 
@@ -141,26 +141,64 @@ class RoutedBlock(Block):
         super().__init__(config, layer_idx)
         self.router = build_router(config)
 
-    def forward(self, x_BTD: torch.Tensor, rotary: Rotary, pos_T: torch.Tensor, mode: str = "topk",
-                route: RouterOutput | None = None, cache=None) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x_BTD: torch.Tensor, rotary: Rotary, pos_BT: torch.Tensor, mode: str = "topk",
+                route: RouterOutput | None = None, cache=None,
+                token_mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """Returns the new residual stream and the router's output (indices, weights, losses).
 
-        ``route`` overrides the router's own decision (used to replay a routing, e.g. to check
-        cached decoding against a full forward under the same routes).
+        Args:
+            pos_BT: true position of every token (RoPE), (B, T).
+            mode: "topk" or "causal" routing (see modlm.routing).
+            route: replay this routing instead of asking the router.
+            cache: a RoutedKVCache; only the routed tokens' keys/values enter it.
+            token_mask_BT: real tokens (left padding is never routed).
         """
-        route = self.router(x_BTD, mode) if route is None else route
+        if cache is not None and x_BTD.shape[1] == 1 and route is None:
+            return self._decode_step(x_BTD, rotary, pos_BT, cache, token_mask_BT)
+        route = self.router(x_BTD, mode, token_mask_BT) if route is None else route
         idx_BK, valid_BK, weight_BK = route.idx_BK, route.valid_BK, route.weight_BK
-        pos_BK = pos_T[idx_BK]  # true positions of the routed tokens, for RoPE
+        pos_BK = torch.gather(pos_BT, 1, idx_BK)  # true positions of the routed tokens, for RoPE
         cos, sin = rotary(pos_BK)
         x_BKD = gather_tokens(x_BTD, idx_BK)
         # Padded slots (causal routing) sit after every real one, so the causal mask already
         # hides them from real queries; their own outputs are dropped below.
-        f_BKD = super().forward(x_BKD, cos, sin, cache=cache)
+        f_BKD = super().forward(x_BKD, cos, sin, cache=None if cache is None else cache.view(valid=valid_BK))
         if valid_BK is not None:
             f_BKD = f_BKD.masked_fill(~valid_BK.unsqueeze(-1), 0.0)
             if weight_BK is not None:
                 weight_BK = weight_BK.masked_fill(~valid_BK, 0.0)
         return scatter_add_weighted(x_BTD, idx_BK, f_BKD, weight_BK), route
+
+    def _decode_step(self, x_B1D: torch.Tensor, rotary: Rotary, pos_B1: torch.Tensor, cache,
+                     token_mask_B1: torch.Tensor | None) -> tuple[torch.Tensor, RouterOutput]:
+        """One new token per row: compute only the rows whose token routes into this block.
+
+        Computing every row and masking would save nothing; gathering the routed rows makes a
+        skipped row cost only its router score. NOTE: ``nonzero`` syncs with the host once per
+        routed block and step; that is the price of a data-dependent batch size.
+        """
+        sel_B1, r_B1 = self.router.causal_decision(x_B1D)
+        if token_mask_B1 is not None:
+            sel_B1 = sel_B1 & token_mask_B1
+        rows_b = sel_B1[:, 0].nonzero().squeeze(1)
+        zero = x_B1D.new_zeros((), dtype=torch.float32)
+        route = RouterOutput(torch.zeros_like(pos_B1), sel_B1, r_B1, zero, {"routed_frac": sel_B1.float().mean()})
+        if rows_b.numel() == 0:
+            return x_B1D, route
+        x_b1D = x_B1D.index_select(0, rows_b)
+        cos, sin = rotary(pos_B1.index_select(0, rows_b))
+        f_b1D = super().forward(x_b1D, cos, sin, cache=cache.view(rows=rows_b))
+        if r_B1 is not None:
+            f_b1D = f_b1D * r_B1.index_select(0, rows_b).unsqueeze(-1).to(f_b1D.dtype)
+        return x_B1D.index_add(0, rows_b, f_b1D.to(x_B1D.dtype)), route
+
+
+def route_mask(route: RouterOutput, seq_len: int) -> torch.Tensor:
+    """Which tokens (B, T) a route processed (padding slots excluded)."""
+    ones = torch.ones_like(route.idx_BK, dtype=torch.int32)
+    hits = ones if route.valid_BK is None else route.valid_BK.to(torch.int32)
+    counts = torch.zeros(route.idx_BK.shape[0], seq_len, dtype=torch.int32, device=route.idx_BK.device)
+    return counts.scatter_add_(1, route.idx_BK, hits) > 0
 
 
 @dataclass
@@ -244,7 +282,8 @@ class MoDTransformer(nn.Module):
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, routing: str = "topk",
-                routes: dict[int, RouterOutput] | None = None) -> ModelOutput:
+                routes: dict[int, RouterOutput] | None = None, cache=None, pos_BT: torch.Tensor | None = None,
+                token_mask_BT: torch.Tensor | None = None) -> ModelOutput:
         """Run the model.
 
         Args:
@@ -253,20 +292,37 @@ class MoDTransformer(nn.Module):
             routing: "topk" (expert-choice over each sequence; training) or "causal" (each token
                 routes by the causal signal, as when decoding).
             routes: replay these per-layer routes instead of asking the routers.
+            cache: a ``modlm.cache.RoutedKVCache`` to read and extend (prefill and decoding).
+            pos_BT: positions of the tokens (default 0..T-1); needed with a cache.
+            token_mask_BT: real tokens of a left-padded batch (padding is never routed and never
+                attended to).
         """
         B, T = idx_BT.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        pos_T = torch.arange(T, device=idx_BT.device)
-        cos, sin = self.rotary(pos_T)
+        if pos_BT is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+            pos_T = torch.arange(T, device=idx_BT.device)
+            cos, sin = self.rotary(pos_T)  # (T, E/2), shared by every row
+            pos_BT = pos_T.expand(B, T)
+        else:
+            cos, sin = self.rotary(pos_BT)  # (B, T, E/2): per-row positions (left padding, decoding)
+        dense_cache = None if cache is None else cache.view(valid=token_mask_BT)
+        pad_mask = None
+        if cache is None and token_mask_BT is not None and not bool(token_mask_BT.all()):
+            # Left padding without a cache: dense blocks must not attend to pad tokens (a token
+            # always sees itself, so no softmax row is empty).
+            causal_TT = torch.ones(T, T, dtype=torch.bool, device=idx_BT.device).tril()
+            pad_mask = (causal_TT & token_mask_BT[:, None, :]) | torch.eye(T, dtype=torch.bool, device=idx_BT.device)
+            pad_mask = pad_mask.unsqueeze(1)  # (B, 1, T, T)
         x_BTD = self.tok_emb(idx_BT)
         out_routes: dict[int, RouterOutput] = {}
         for i, block in enumerate(self.blocks):
             if isinstance(block, RoutedBlock):
                 replay = routes.get(i) if routes is not None else None
-                x_BTD, out_routes[i] = block(x_BTD, self.rotary, pos_T, routing, route=replay)
+                x_BTD, out_routes[i] = block(x_BTD, self.rotary, pos_BT, routing, route=replay, cache=cache,
+                                             token_mask_BT=token_mask_BT)
             else:
-                x_BTD = x_BTD + block(x_BTD, cos, sin)
+                x_BTD = x_BTD + block(x_BTD, cos, sin, cache=dense_cache, attn_mask=pad_mask)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         out = ModelOutput(logits=logits_BTV, routes=out_routes)
         if targets_BT is not None:

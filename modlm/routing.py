@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.dispatch import capacity_k, mask_to_padded_indices, select_topk, topk_mask
+from modlm.dispatch import capacity_k, mask_to_padded_indices, select_topk, select_topk_masked, topk_mask
 
 ROUTING_MODES = ("topk", "causal")
 
@@ -98,18 +98,30 @@ class LearnedRouter(nn.Module):
         """The causal routing signal: predictor logit if present, else the router logit."""
         return self.predictor(x_BTD) if self.predictor is not None else r_BT
 
-    def forward(self, x_BTD: torch.Tensor, mode: str = "topk") -> RouterOutput:
+    def causal_decision(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token causal routing: (sel_BT bool, weight_BT = r). Depends on each token alone."""
+        r_BT = self.scores(x_BTD)
+        return self.causal_logits(x_BTD, r_BT) > self.threshold, r_BT
+
+    def forward(self, x_BTD: torch.Tensor, mode: str = "topk", token_mask_BT: torch.Tensor | None = None) -> RouterOutput:
+        """Route a (B, T, D) stream. ``token_mask_BT`` marks real tokens (left padding is never routed)."""
         _check_mode(mode)
         B, T, _ = x_BTD.shape
-        r_BT = self.scores(x_BTD)
-        zero = r_BT.new_zeros(())
+        zero = x_BTD.new_zeros((), dtype=torch.float32)
         if mode == "causal":
-            sel_BT = self.causal_logits(x_BTD, r_BT) > self.threshold
+            sel_BT, r_BT = self.causal_decision(x_BTD)
+            if token_mask_BT is not None:
+                sel_BT = sel_BT & token_mask_BT
             idx_BK, valid_BK = mask_to_padded_indices(sel_BT)
             weight_BK = torch.gather(r_BT, 1, idx_BK)
             stats = {"routed_frac": sel_BT.float().mean().detach()}
             return RouterOutput(idx_BK, valid_BK, weight_BK, zero, stats)
 
+        r_BT = self.scores(x_BTD)
+        if token_mask_BT is not None:  # a padded batch of known prompts: top-k over each row's real tokens
+            idx_BK, valid_BK = select_topk_masked(r_BT.detach(), token_mask_BT, self.capacity)
+            weight_BK = torch.gather(r_BT, 1, idx_BK)
+            return RouterOutput(idx_BK, valid_BK, weight_BK, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()})
         k = capacity_k(self.capacity, T)
         idx_BK = select_topk(r_BT.detach(), k)
         weight_BK = torch.gather(r_BT, 1, idx_BK)
@@ -144,14 +156,24 @@ class RandomRouter(nn.Module):
         super().__init__()
         self.capacity = config.capacity
 
-    def forward(self, x_BTD: torch.Tensor, mode: str = "topk") -> RouterOutput:
+    def causal_decision(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, None]:
+        B, T, _ = x_BTD.shape
+        return torch.rand(B, T, device=x_BTD.device) < self.capacity, None
+
+    def forward(self, x_BTD: torch.Tensor, mode: str = "topk", token_mask_BT: torch.Tensor | None = None) -> RouterOutput:
         _check_mode(mode)
         B, T, _ = x_BTD.shape
-        u_BT = torch.rand(B, T, device=x_BTD.device)
         zero = x_BTD.new_zeros((), dtype=torch.float32)
         if mode == "causal":
-            idx_BK, valid_BK = mask_to_padded_indices(u_BT < self.capacity)
-            return RouterOutput(idx_BK, valid_BK, None, zero, {"routed_frac": (u_BT < self.capacity).float().mean()})
+            sel_BT, _ = self.causal_decision(x_BTD)
+            if token_mask_BT is not None:
+                sel_BT = sel_BT & token_mask_BT
+            idx_BK, valid_BK = mask_to_padded_indices(sel_BT)
+            return RouterOutput(idx_BK, valid_BK, None, zero, {"routed_frac": sel_BT.float().mean()})
+        u_BT = torch.rand(B, T, device=x_BTD.device)
+        if token_mask_BT is not None:
+            idx_BK, valid_BK = select_topk_masked(u_BT, token_mask_BT, self.capacity)
+            return RouterOutput(idx_BK, valid_BK, None, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()})
         k = capacity_k(self.capacity, T)
         return RouterOutput(select_topk(u_BT, k), None, None, zero, {"routed_frac": zero + k / T})
 

@@ -34,7 +34,7 @@ def test_capacity_one_unit_weight_equals_dense_block():
     x = torch.randn(B, T, cfg.d_model)
     pos = torch.arange(T)
     route = RouterOutput(torch.arange(T).expand(B, T), None, None, x.new_zeros(()), {})
-    y, _ = blk(x, rot, pos, route=route)
+    y, _ = blk(x, rot, pos.expand(B, T), route=route)
     cos, sin = rot(pos)
     dense = x + Block.forward(blk, x, cos, sin)
     assert torch.equal(y, dense)  # bit-for-bit: same ops, same order
@@ -54,7 +54,7 @@ def test_unselected_unchanged_and_exactly_k_processed():
     blk = _routed_block(cfg)
     B, T = 4, 32
     x = torch.randn(B, T, cfg.d_model)
-    y, route = blk(x, _rotary(cfg), torch.arange(T))
+    y, route = blk(x, _rotary(cfg), torch.arange(T).expand(B, T))
     k = 8
     assert route.idx_BK.shape == (B, k)
     sel = topk_mask(route.idx_BK, T)
@@ -72,7 +72,7 @@ def test_selected_output_equals_dense_block_on_gathered_subsequence_at_true_posi
     rot = _rotary(cfg)
     B, T = 3, 40
     x = torch.randn(B, T, cfg.d_model)
-    y, route = blk(x, rot, torch.arange(T))
+    y, route = blk(x, rot, torch.arange(T).expand(B, T))
     r = blk.router.scores(x)
     for b in range(B):  # reference: one row at a time, as a plain dense block
         idx = route.idx_BK[b]
@@ -93,10 +93,10 @@ def test_selected_tokens_see_only_selected_tokens():
     rot = _rotary(cfg)
     B, T = 2, 32
     x = torch.randn(B, T, cfg.d_model)
-    y, route = blk(x, rot, torch.arange(T))
+    y, route = blk(x, rot, torch.arange(T).expand(B, T))
     sel = topk_mask(route.idx_BK, T)
     x2 = torch.where(sel.unsqueeze(-1), x, torch.randn_like(x))  # change every unselected token
-    y2, _ = blk(x2, rot, torch.arange(T), route=route)  # same routes
+    y2, _ = blk(x2, rot, torch.arange(T).expand(B, T), route=route)  # same routes
     assert torch.equal(y2[sel], y[sel])
 
 
@@ -209,7 +209,7 @@ def test_routed_block_flops_scale_with_k():
     x = torch.randn(2, 128, cfg.d_model)
     rot = _rotary(cfg)
     with FlopCounterMode(display=False) as fc_r:
-        blk(x, rot, torch.arange(128))
+        blk(x, rot, torch.arange(128).expand(2, 128))
     cos, sin = rot(torch.arange(128))
     with FlopCounterMode(display=False) as fc_d:
         dense(x, cos, sin)

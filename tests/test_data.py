@@ -1,0 +1,330 @@
+"""Tests for modlm.data: tokenizer, wikitext cleanup, corpus preparation and caching, batching."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modlm.data import (
+    ByteTokenizer,
+    bits_per_byte,
+    clean_wikitext,
+    default_corpus_path,
+    get_batch,
+    iter_eval_batches,
+    prepare_corpus,
+    split_documents,
+)
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "hello world\n", "naïve café — 東京 🚀", "\x00\xff"])
+def test_byte_tokenizer_round_trip(text: str) -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+    # Arrays and tensors (what the sampler hands over) decode the same way.
+    assert tok.decode(np.array(ids, dtype=np.uint8)) == text
+    assert tok.decode(torch.tensor(ids, dtype=torch.long)) == text
+
+
+def test_byte_tokenizer_partial_character_and_bad_id() -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode("é")[:1]  # half of a 2-byte character
+    assert tok.decode(ids) == "\ufffd"
+    with pytest.raises(ValueError, match="300"):
+        tok.decode([65, 300])
+
+
+# --------------------------------------------------------------------------------------------
+# Wikitext cleanup
+# --------------------------------------------------------------------------------------------
+
+
+def test_clean_wikitext_constructs() -> None:
+    raw = (
+        "{{Infobox thing|name={{nested|x}}|y=1}}\n"
+        "'''Alpha''' is a [[Greek alphabet|letter]] of the [[alphabet]].<ref>Cite {{cite book|t=x}}</ref>"
+        ' It is common.<ref name="a"/> See [http://example.org the site] and [http://bare.example].\n'
+        "<!-- hidden comment -->\n"
+        "[[File:Alpha.png|thumb|An [[alpha]] in a [http://x.org caption] [sic]]]\n"
+        "== History ==\n"
+        "Used in ''antiquity'' &amp; today&nbsp;too.\n"
+        "{| class=wikitable\n|-\n| a || b\n{| \n| nested\n|}\n|}\n"
+        "\n\n\n\n"
+        "* A list <small>item</small>.\n"
+        "== References ==\n"
+        "* Some book.\n"
+        "[[Category:Letters]]\n[[de:Alpha]]\n"
+    )
+    text = clean_wikitext(raw)
+    assert text == (
+        "Alpha is a letter of the alphabet. It is common. See the site and.\n\n"
+        "History\nUsed in antiquity & today too.\n\nA list item."
+    )
+
+
+def test_clean_wikitext_drops_only_the_listed_section_and_its_subsections() -> None:
+    raw = "Intro.\n== Notes ==\nn1\n=== Sub ===\nn2\n== Legacy ==\nKept.\n"
+    assert clean_wikitext(raw) == "Intro.\nLegacy\nKept."
+
+
+# --------------------------------------------------------------------------------------------
+# Split
+# --------------------------------------------------------------------------------------------
+
+
+def test_split_documents_is_deterministic_disjoint_and_non_empty() -> None:
+    sizes = [100] * 50
+    train, val = split_documents(sizes, 0.1, seed=3)
+    assert (train, val) == split_documents(sizes, 0.1, seed=3)
+    assert set(train).isdisjoint(val) and sorted(train + val) == list(range(50))
+    assert len(val) == 5
+    assert split_documents(sizes, 0.1, seed=4)[1] != val
+    # Tiny fractions still hold out one document; two documents split one/one.
+    assert len(split_documents([10, 10], 0.01, seed=0)[1]) == 1
+    assert len(split_documents([10, 10], 0.99, seed=0)[0]) == 1
+
+
+def test_split_documents_skips_a_huge_document() -> None:
+    sizes = [1_000_000] + [100] * 100
+    for seed in range(5):
+        _, val = split_documents(sizes, 0.005, seed=seed)
+        assert 0 not in val
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1])
+def test_split_documents_rejects_bad_fraction(bad: float) -> None:
+    with pytest.raises(ValueError, match=str(bad)):
+        split_documents([1, 2, 3], bad, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# User corpora and the cache
+# --------------------------------------------------------------------------------------------
+
+
+def _make_folder(root: Path, n_docs: int = 30) -> Path:
+    """A folder of documents, each made of one unique marker repeated, in nested dirs and suffixes."""
+    src = root / "src"
+    for i in range(n_docs):
+        sub = src / f"part{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        suffix = (".txt", ".md", ".text")[i % 3]
+        (sub / f"doc{i:02d}{suffix}").write_text(f"DOC{i:02d}MARK " * (20 + i), encoding="utf-8")
+    (src / "empty.txt").write_text("")
+    (src / "ignored.csv").write_text("IGNOREDMARK " * 50)
+    return src
+
+
+def _markers(data: np.ndarray) -> set[str]:
+    text = ByteTokenizer().decode(np.asarray(data))
+    return {word for word in text.split() if word.startswith("DOC")}
+
+
+def test_folder_corpus_splits_by_document(tmp_path: Path) -> None:
+    src = _make_folder(tmp_path)
+    corpus = prepare_corpus(str(src), cache_dir=tmp_path / "cache", val_fraction=0.2, seed=1)
+    train, val = _markers(corpus.train), _markers(corpus.val)
+    assert train.isdisjoint(val)
+    assert train | val == {f"DOC{i:02d}MARK" for i in range(30)}
+    assert b"IGNOREDMARK" not in bytes(corpus.train) + bytes(corpus.val)
+    meta = corpus.meta
+    assert meta["train_docs"] + meta["val_docs"] == 30 and meta["val_docs"] >= 1
+    assert meta["train_tokens"] == len(corpus.train) and meta["val_tokens"] == len(corpus.val)
+    assert 0.1 < meta["val_bytes"] / (meta["train_bytes"] + meta["val_bytes"]) < 0.35
+    assert corpus.train.dtype == np.uint8 and corpus.tokens_per_byte == 1.0
+    # Documents are joined by a blank line.
+    assert ByteTokenizer().decode(corpus.val).count("\n\n") == meta["val_docs"] - 1
+
+
+def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path: Path) -> None:
+    src = _make_folder(tmp_path, n_docs=10)
+    cache = tmp_path / "cache"
+    first = prepare_corpus(str(src), cache_dir=cache)
+    train_bin = first.path / "train.bin"
+    stamp = train_bin.stat().st_mtime_ns
+    assert json.loads((first.path / "meta.json").read_text()) == first.meta
+
+    second = prepare_corpus(str(src), cache_dir=cache)
+    assert second.meta == first.meta and second.path == first.path
+    assert train_bin.stat().st_mtime_ns == stamp  # not rewritten
+    assert not list(first.path.glob("*.tmp-*"))
+
+    (src / "part0" / "doc00.txt").write_text("CHANGEDMARK " * 40, encoding="utf-8")
+    third = prepare_corpus(str(src), cache_dir=cache)
+    assert third.path != first.path
+    assert third.meta["fingerprint_hash"] != first.meta["fingerprint_hash"]
+    assert b"CHANGEDMARK" in bytes(third.train) + bytes(third.val)
+    # Another split setting is another cache entry too.
+    assert prepare_corpus(str(src), cache_dir=cache, seed=7).path not in {first.path, third.path}
+
+
+def test_incomplete_cache_is_rebuilt(tmp_path: Path) -> None:
+    src = _make_folder(tmp_path, n_docs=6)
+    first = prepare_corpus(str(src), cache_dir=tmp_path / "cache")
+    n_val = len(first.val)
+    del first  # release the memmaps before truncating the file
+    val_bin = next((tmp_path / "cache").glob("*/val.bin"))
+    val_bin.write_bytes(b"x")  # as if a crash had left a short file behind
+    again = prepare_corpus(str(src), cache_dir=tmp_path / "cache")
+    assert len(again.val) == n_val
+
+
+def test_cache_dir_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _make_folder(tmp_path, n_docs=4)
+    monkeypatch.setenv("MODLM_CACHE", str(tmp_path / "envcache"))
+    corpus = prepare_corpus(str(src))
+    assert corpus.path.parent == tmp_path / "envcache"
+
+
+def test_single_file_is_chunked_into_documents(tmp_path: Path) -> None:
+    paragraphs = [f"PARA{i:03d} " + "lorem ipsum dolor sit amet " * 30 for i in range(200)]
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    corpus = prepare_corpus(str(path), cache_dir=tmp_path / "cache")
+    assert corpus.meta["train_docs"] + corpus.meta["val_docs"] > 10
+    tok = ByteTokenizer()
+    train = {w for w in tok.decode(corpus.train).split() if w.startswith("PARA")}
+    val = {w for w in tok.decode(corpus.val).split() if w.startswith("PARA")}
+    assert train.isdisjoint(val) and len(train | val) == 200
+    assert 0.02 < corpus.meta["val_bytes"] / len(path.read_bytes()) < 0.15
+
+
+def test_bad_sources(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such_corpus"
+    with pytest.raises(FileNotFoundError, match="such_corpus") as err:
+        prepare_corpus(str(missing), cache_dir=tmp_path / "cache")
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)
+
+    empty_dir = tmp_path / "nothing_here"
+    (empty_dir / "sub").mkdir(parents=True)
+    (empty_dir / "sub" / "empty.txt").write_text("")
+    (empty_dir / "data.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="nothing_here"):
+        prepare_corpus(str(empty_dir), cache_dir=tmp_path / "cache")
+
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text("a single paragraph cannot be split")
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        prepare_corpus(str(one_line), cache_dir=tmp_path / "cache")
+
+    with pytest.raises(ValueError, match="1.5"):
+        prepare_corpus(str(one_line), cache_dir=tmp_path / "cache", val_fraction=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Default corpus
+# --------------------------------------------------------------------------------------------
+
+
+def _enwiki_available() -> bool:
+    try:
+        default_corpus_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _enwiki_available(),
+    reason="gensim's enwiki sample not installed (pip install --no-deps gensim==4.4.0)",
+)
+def test_default_enwiki_corpus(tmp_path: Path) -> None:
+    corpus = prepare_corpus(None, cache_dir=tmp_path)
+    meta = corpus.meta
+    assert meta["source"] == "enwiki" and meta["train_docs"] > 50 and meta["val_docs"] >= 1
+    assert len(corpus.train) > 1_000_000 and len(corpus.val) > 20_000
+    for split in (corpus.train, corpus.val):
+        text = corpus.tokenizer.decode(split)
+        for markup in ("{{", "}}", "[[", "]]", "<ref", "'''", "&nbsp;", "thumb|"):
+            assert markup not in text, markup
+        letters = sum(c.isascii() and c.isalpha() for c in text)
+        assert letters / len(text) > 0.7
+        assert sum(not c.isascii() for c in text) / len(text) < 0.01
+    assert corpus.tokenizer.decode(corpus.train[:9]) == "Anarchism"
+    # Same name → same cache.
+    assert prepare_corpus("enwiki", cache_dir=tmp_path).path == corpus.path
+
+
+def test_missing_gensim_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gensim==4.4.0"):
+        default_corpus_path()
+
+
+# --------------------------------------------------------------------------------------------
+# Batching and metrics
+# --------------------------------------------------------------------------------------------
+
+
+def test_get_batch_shapes_shift_and_reproducibility() -> None:
+    data = np.arange(1000, dtype=np.uint16)
+    x, y = get_batch(data, batch_size=4, seq_len=16, generator=torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    assert torch.equal(y, x + 1)  # data is a ramp, so each window is contiguous
+    x2, _ = get_batch(data, 4, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
+
+    # Resuming from a saved generator state replays the same batches.
+    g = torch.Generator().manual_seed(1)
+    get_batch(data, 4, 16, g)
+    state = g.get_state()
+    nxt, _ = get_batch(data, 4, 16, g)
+    g.set_state(state)
+    assert torch.equal(get_batch(data, 4, 16, g)[0], nxt)
+
+
+def test_get_batch_covers_both_ends_and_rejects_short_data() -> None:
+    data = np.arange(10, dtype=np.uint8)
+    x, y = get_batch(data, 500, 9, torch.Generator().manual_seed(0))
+    assert x[:, 0].min() == 0 and y[:, -1].max() == 9  # exact fit: the only window is the whole array
+    with pytest.raises(ValueError, match=r"10 tokens.*11"):
+        get_batch(data, 2, 10, torch.Generator())
+
+
+def test_iter_eval_batches_are_deterministic_and_non_overlapping() -> None:
+    data = np.arange(101, dtype=np.uint8)
+    batches = list(iter_eval_batches(data, batch_size=3, seq_len=10))
+    assert [b[0].shape[0] for b in batches] == [3, 3, 3, 1]  # 10 windows
+    xs = torch.cat([x for x, _ in batches])
+    ys = torch.cat([y for _, y in batches])
+    assert torch.equal(ys, xs + 1)
+    assert torch.equal(xs[:, 0], torch.arange(0, 100, 10))  # each target used exactly once
+    capped = list(iter_eval_batches(data, batch_size=2, seq_len=10, max_batches=2))
+    starts = torch.cat([x[:, 0] for x, _ in capped])
+    assert len(starts) == 4 and starts[0] == 0 and starts[-1] == 90  # spread over the split
+    assert len(set(starts.tolist())) == 4
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(capped, iter_eval_batches(data, 2, 10, 2)))
+    with pytest.raises(ValueError, match="101 tokens"):
+        next(iter_eval_batches(data, 2, 200))
+
+
+def test_bits_per_byte() -> None:
+    assert bits_per_byte(math.log(2)) == pytest.approx(1.0)
+    assert bits_per_byte(math.log(256)) == pytest.approx(8.0)
+    assert bits_per_byte(2.0, tokens_per_byte=0.25) == pytest.approx(0.5 / math.log(2))
+    with pytest.raises(ValueError, match="0"):
+        bits_per_byte(1.0, tokens_per_byte=0)
+
+
+def test_memmap_windows_match_array(tmp_path: Path) -> None:
+    path = tmp_path / "t.bin"
+    np.arange(300, dtype=np.uint16).tofile(path)
+    mm = np.memmap(path, dtype=np.uint16, mode="r")
+    x, _ = get_batch(mm, 2, 8, torch.Generator().manual_seed(5))
+    x_arr, _ = get_batch(np.asarray(mm), 2, 8, torch.Generator().manual_seed(5))
+    assert torch.equal(x, x_arr)
+    assert os.path.getsize(path) == 600
