@@ -1,0 +1,36 @@
+# Set-up and the two commands of the README. Everything installs from this file and pyproject.toml.
+#   make run   - set up, train the default MoD model for a few CPU minutes, save it, print a sample
+#   make test  - set up, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel lies on disk on our machines; GPU users: `make install TORCH=torch` keeps your CUDA build.
+TORCH ?= torch==2.13.0
+RUN_DIR ?= runs/default
+RUN_SECONDS ?= 240
+
+.PHONY: install run test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	# The default corpus: the Wikipedia sample inside gensim's wheel (no gensim import, no deps).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gensim==4.4.0
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/modlm train --model small --out-dir $(RUN_DIR) --max-time-s $(RUN_SECONDS) --resume
+	$(VENV)/bin/modlm generate --ckpt $(RUN_DIR) --prompt "The history of " --max-new-tokens 300 --temperature 0.8 --show-routing
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

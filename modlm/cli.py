@@ -1,0 +1,226 @@
+"""The ``modlm`` command line: thin wrappers over the library, one function per subcommand.
+
+Each subcommand prints its resolved settings first. Bad input ends with one line,
+``modlm: error: ...``, naming the offending value, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+from pathlib import Path
+
+from modlm.config import ModelConfig, preset_names
+
+EPILOG = """examples:
+  modlm train                                   # the default MoD model on the bundled corpus
+  modlm train --data my_texts/ --out-dir runs/mine --max-steps 3000
+  modlm train --model small-dense --out-dir runs/dense   # the dense twin, for comparison
+  modlm generate --ckpt runs/mod --prompt "The history of" --show-routing
+  modlm flops --model small --seq-len 256
+"""
+
+
+def _fail(msg: str) -> int:
+    print(f"modlm: error: {msg}", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a Mixture-of-Depths (or dense) language model; checkpoints and metrics go to --out-dir."""
+    from modlm.train import train, train_config_from_args
+
+    cfg = train_config_from_args(args)
+    summary = train(cfg, resume=args.resume, progress=args.progress)
+    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, type(None)))}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- generate
+def _routing_table(text_tokens: list[int], routing: list[list[int]], routed_layers: tuple[int, ...],
+                   color: bool) -> str:
+    """A column view: one line per generated token, a mark per routed block it went through."""
+    on = "\033[1;32m●\033[0m" if color else "#"
+    off = "\033[2m·\033[0m" if color else "."
+    head = "token   " + " ".join(f"L{i:<2}" for i in routed_layers) + "  depth"
+    lines = [head]
+    for tok, used in zip(text_tokens, routing):
+        ch = bytes([tok]).decode("latin-1") if tok < 256 else "?"
+        shown = repr(ch)[1:-1][:6]
+        marks = " ".join(f"{on if i in used else off}  " for i in routed_layers)
+        lines.append(f"{shown:<8}{marks} {len(used)}/{len(routed_layers)}")
+    if routing:
+        fracs = [sum(i in u for u in routing) / len(routing) for i in routed_layers]
+        lines.append("routed  " + " ".join(f"{f:>3.0%}" for f in fracs))
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Sample text from a checkpoint with causal routing and the routed KV cache."""
+    import torch
+
+    from modlm.checkpoint import load_model
+    from modlm.data import ByteTokenizer
+    from modlm.generate import generate
+
+    if args.prompt is None and args.prompts_file is None:
+        return _fail("give --prompt TEXT or --prompts-file FILE")
+    if args.prompts_file is not None:
+        p = Path(args.prompts_file)
+        if not p.is_file():
+            return _fail(f"prompts file not found: {p}")
+        prompts_text = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts_text:
+            return _fail(f"prompts file {p} has no non-empty line")
+    else:
+        prompts_text = [args.prompt]
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.ckpt, device=device)
+    tok = ByteTokenizer()
+    cfg = model.config
+    if args.routed_fraction is not None:
+        from modlm.calibrate import calibrate_thresholds
+        from modlm.data import prepare_corpus
+
+        if not 0.0 < args.routed_fraction <= 1.0:
+            return _fail(f"--routed-fraction={args.routed_fraction} must be in (0, 1]")
+        corpus = prepare_corpus(None)
+        n = min(len(corpus.val), 16 * cfg.max_seq_len)
+        sample = torch.as_tensor(corpus.val[:n].astype("int64")).view(-1, cfg.max_seq_len)[:16].to(device)
+        calibrate_thresholds(model, sample, args.routed_fraction)
+    print(f"# model {cfg.name}: d={cfg.d_model} layers={cfg.n_layers} routed={list(cfg.routed_layers)} "
+          f"capacity={cfg.capacity} causal_routing={cfg.causal_routing} | temperature={args.temperature} "
+          f"top_k={args.top_k} top_p={args.top_p} seed={args.seed} cache={not args.no_cache}", file=sys.stderr)
+    prompts = [tok.encode(t) for t in prompts_text]
+    stop = [tok.encode(s)[0] for s in args.stop] if args.stop else []
+    streaming = len(prompts) == 1
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if streaming:
+        sys.stdout.write(prompts_text[0])
+        sys.stdout.flush()
+
+    def stream(row: int, token: int) -> None:
+        sys.stdout.write(decoder.decode(bytes([token])))
+        sys.stdout.flush()
+
+    res = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, use_cache=not args.no_cache,
+                   prefill_routing=args.prefill_routing, stream=stream if streaming else None,
+                   trace=args.show_routing)
+    if streaming:
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    else:
+        for text, toks in zip(prompts_text, res.tokens):
+            print(json.dumps({"prompt": text, "completion": tok.decode(toks)}, ensure_ascii=False))
+    tps = res.new_tokens / max(res.decode_s + res.prefill_s, 1e-9)
+    print(f"# {res.new_tokens} tokens in {res.prefill_s + res.decode_s:.2f}s ({tps:.1f} tok/s)", file=sys.stderr)
+    if args.show_routing:
+        color = sys.stdout.isatty()
+        for row, toks in enumerate(res.tokens):
+            print(f"\n# routing of prompt {row} (each generated token; {len(cfg.routed_layers)} routed blocks)")
+            print(_routing_table(toks, res.routing[row], cfg.routed_layers, color))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- flops
+def cmd_flops(args: argparse.Namespace) -> int:
+    """Forward and training FLOPs of a config (routed blocks at their capacity) beside its dense twin."""
+    from modlm.flops import flops, format_flops
+
+    overrides = {}
+    for text in args.model_arg:
+        key, sep, raw = text.partition("=")
+        if not sep:
+            return _fail(f"--model-arg {text!r} is invalid: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    if args.capacity is not None:
+        overrides["capacity"] = args.capacity
+    cfg = ModelConfig.from_name(args.model, **overrides)
+    T = args.seq_len or cfg.max_seq_len
+    rows = []
+    for c in (cfg, cfg.dense_twin()) if cfg.router != "none" else (cfg,):
+        r = flops(c, T)
+        rows.append((c.name, r))
+    print(f"{'config':<16}{'fwd/seq':>14}{'train/seq':>14}{'train/token':>14}{'routed blocks':>16}{'routers':>12}")
+    for name, r in rows:
+        print(f"{name:<16}{format_flops(r.forward):>14}{format_flops(r.train):>14}{format_flops(r.train_per_token):>14}"
+              f"{format_flops(r.routed_blocks):>16}{format_flops(r.routers):>12}")
+    out = {"seq_len": T, "model": rows[0][1].as_dict()}
+    if len(rows) == 2:
+        out["dense"] = rows[1][1].as_dict()
+        out["flop_ratio"] = rows[0][1].forward / rows[1][1].forward
+        print(f"MoD / dense forward FLOPs: {out['flop_ratio']:.3f}")
+    print(json.dumps(out))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from modlm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="modlm", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Mixture-of-Depths language models: train, sample, count FLOPs.")
+    parser.add_argument("--version", action="version", version=f"modlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    _add_train_args_lazily(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run's --out-dir")
+    p.add_argument("--prompt", help="prompt text (streamed output)")
+    p.add_argument("--prompts-file", help="a text file, one prompt per line (batched; JSON lines out)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--stop", action="append", default=[], help="a character that ends a row (repeatable)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (slow; for checking)")
+    p.add_argument("--prefill-routing", choices=("causal", "topk"), default="causal",
+                   help="route the prompt causally (default; equals a full causal forward) or by top-k")
+    p.add_argument("--routed-fraction", type=float, default=None,
+                   help="compute knob: calibrate routing thresholds so routed blocks take this fraction of tokens")
+    p.add_argument("--show-routing", action="store_true", help="print which routed blocks each generated token used")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("flops", help=cmd_flops.__doc__, description=cmd_flops.__doc__)
+    p.add_argument("--model", default="small", choices=preset_names(), help="preset (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's max_seq_len)")
+    p.add_argument("--capacity", type=float, default=None, help="override the routed fraction")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
+    p.set_defaults(func=cmd_flops)
+    return parser
+
+
+def _add_train_args_lazily(p: argparse.ArgumentParser) -> None:
+    from modlm.train import add_train_args
+
+    add_train_args(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Training loop: config validation, schedule, CLI, metrics, exact resume (in-process and after
+SIGKILL), and DDP under torchrun on CPU."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modlm.checkpoint import load_checkpoint, read_checkpoint_config
+from modlm.train import (
+    STEP_DELAY_ENV,
+    TrainConfig,
+    _StopSignal,
+    add_train_args,
+    lr_at,
+    main,
+    train,
+    train_config_from_args,
+    truncate_metrics,
+)
+
+SUBPROCESS_TIMEOUT = 240  # generous: a busy 2-core CI box runs these several times slower
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP spin-waits make them
+    # many times slower; subprocesses get OMP_NUM_THREADS=1 for the same reason.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A folder of 8 small text documents (about 28 KB): enough for seq_len 32 batches."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = ("the of and to in a is that for it as was with be by on not he this are or his from at "
+             "which but have an they you were her she there one all we their routing depth mixture").split()
+    for i in range(8):
+        paras = [" ".join(rng.choice(words) for _ in range(60)).capitalize() + "." for _ in range(10)]
+        (root / f"doc{i}.txt").write_text("\n\n".join(paras))
+    return root
+
+
+def _cfg(corpus: Path, out_dir: Path, **kw) -> TrainConfig:
+    base = dict(model="tiny", data=str(corpus), cache_dir=str(out_dir.parent / "cache"), out_dir=str(out_dir),
+                batch_size=2, seq_len=32, max_steps=6, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_interval=3,
+                eval_batches=2, ckpt_interval=3, log_interval=2, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _events(out_dir: Path, kind: str | None = None) -> list[dict]:
+    recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if kind is None or r["event"] == kind]
+
+
+def _final_files(out_dir: Path) -> dict[str, bytes]:
+    ck = out_dir / "checkpoints" / "latest"
+    return {f: (ck / f).read_bytes() for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors")}
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa = load_file(str(a / "checkpoints" / "latest" / "model.safetensors"))
+    wb = load_file(str(b / "checkpoints" / "latest" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+    assert _final_files(a) == _final_files(b)  # optimizer and RNG state too, byte for byte
+
+
+# --------------------------------------------------------------------------------------------
+# TrainConfig
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model", "huge"), ("batch_size", 0), ("batch_size", 2.0), ("seq_len", 0), ("seq_len", 4096),
+    ("grad_accum", 0), ("max_steps", 0), ("lr", 0.0), ("lr", float("nan")), ("min_lr", 1.0), ("min_lr", -1e-4),
+    ("warmup_steps", -1), ("warmup_steps", 10**6), ("weight_decay", -0.1), ("beta1", 1.0), ("beta2", -0.1),
+    ("grad_clip", -1.0), ("eval_interval", 0), ("eval_batches", 0), ("ckpt_interval", 0), ("log_interval", 0),
+    ("seed", -1), ("seed", True), ("device", "tpu"), ("device", "cuda:x"), ("dtype", "fp16"), ("max_time_s", 0),
+    ("compile", "yes"), ("val_fraction", 1.0), ("out_dir", ""), ("model_overrides", {"d_modle": 64}),
+])
+def test_bad_train_config_raises_one_line_value_error(field, value):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**{field: value})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"TrainConfig.{field}=")
+
+
+def test_model_overrides_are_validated_by_model_config():
+    with pytest.raises(ValueError, match=r"ModelConfig\.capacity=2"):
+        TrainConfig(model="tiny", model_overrides={"capacity": 2})
+    cfg = TrainConfig(model="tiny-dense", seq_len=64, model_overrides={"d_model": 32, "n_heads": 2})
+    mcfg = cfg.model_config()
+    assert (mcfg.router, mcfg.d_model, mcfg.name) == ("none", 32, "tiny-dense")
+
+
+def test_train_config_dict_round_trip():
+    cfg = TrainConfig(model="tiny", seq_len=64, model_overrides={"router": "random"}, max_time_s=5.0)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        TrainConfig.from_dict({"bogus": 1})
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# --------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_peak_cosine_end():
+    cfg = TrainConfig(model="tiny", seq_len=32, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)  # never 0: step 0 already learns
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)  # end of warmup
+    assert lr_at(10, cfg) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lr_at(60, cfg) == pytest.approx(0.5 * (1e-3 + 1e-4))  # half-way down the cosine
+    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
+    decay = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert min(decay) >= 1e-4
+
+
+def test_lr_schedule_without_warmup():
+    cfg = TrainConfig(model="tiny", seq_len=32, lr=2e-3, min_lr=0.0, warmup_steps=0, max_steps=4)
+    assert [lr_at(s, cfg) for s in range(5)] == pytest.approx(
+        [2e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)])
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_flags_cover_train_config_and_parse():
+    parser = add_train_args(argparse.ArgumentParser())
+    dests = {a.dest for a in parser._actions}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_overrides"}
+    assert fields <= dests and {"resume", "progress", "router", "capacity", "model_arg"} <= dests
+    args = parser.parse_args(["--model", "tiny", "--router", "random", "--capacity", "0.25", "--model-arg", "d_model=32",
+                              "--model-arg", "n_heads=2", "--model-arg", "n_kv_heads=null", "--seq-len", "64",
+                              "--max-time-s", "30", "--compile", "--no-progress", "--resume", "--data", "x"])
+    cfg = train_config_from_args(args)
+    assert cfg.model_overrides == {"d_model": 32, "n_heads": 2, "n_kv_heads": None, "router": "random", "capacity": 0.25}
+    assert (cfg.seq_len, cfg.max_time_s, cfg.compile, cfg.data) == (64, 30.0, True, "x")
+    assert args.resume and not args.progress
+    defaults = train_config_from_args(add_train_args(argparse.ArgumentParser()).parse_args([]))
+    assert defaults == TrainConfig()
+
+
+def test_cli_rejects_bad_values(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--model", "tiny", "--batch-size", "0"])
+    assert err.value.code == 2
+    assert "TrainConfig.batch_size=0 is invalid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny", "--model-arg", "no_equals_sign"])
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def test_truncate_metrics_drops_records_past_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"event": "start", "step": 0}, {"event": "train", "step": 2}, {"event": "checkpoint", "step": 4},
+             {"event": "train", "step": 6}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"event": "train", "st')  # cut by a crash
+    assert truncate_metrics(path, 4) == 3
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 2, 4]
+    assert truncate_metrics(path, None) == 0 and path.read_text() == ""
+
+
+def test_stop_signal_sets_a_flag_and_restores_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with _StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop.reason == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --------------------------------------------------------------------------------------------
+# In-process training
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_writes_metrics_and_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train(_cfg(corpus, out), progress=False)
+    printed = capsys.readouterr().out
+    assert "FLOPs/step" in printed and "params" in printed and "causal routing" in printed
+    assert summary["step"] == 6 and summary["stop_reason"] == "max_steps"
+    assert summary["tokens_seen"] == 6 * 2 * 32
+    for key in ("val_loss", "val_bpb", "val_loss_causal", "val_bpb_causal", "train_loss"):
+        assert math.isfinite(summary[key]), key
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2))
+
+    events = _events(out)
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end"
+    assert [e["step"] for e in events if e["event"] == "train"] == [2, 4, 6]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [3, 6]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [3, 6]
+    train_ev = _events(out, "train")[-1]
+    assert {"loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s"} <= set(train_ev)
+    assert any(k.endswith("/pred_acc") for k in train_ev["router"])
+    assert 0 < _events(out, "eval")[-1]["causal_routed_frac"] <= 1
+
+    model, mcfg, state = load_checkpoint(out)
+    assert state["step"] == 6 and mcfg.name == "tiny" and state["train"]["max_steps"] == 6
+    assert set(state["rng"]) == {"rank0.torch.cpu", "rank0.generator.data"}
+
+    # Never silently overwrite a run; resuming a finished run trains nothing more.
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_cfg(corpus, out), progress=False)
+    again = train(_cfg(corpus, out), resume=True, progress=False)
+    assert again["step"] == 6 and again["val_loss"] == summary["val_loss"]
+    assert len(_events(out, "train")) == 3
+
+
+def test_stop_on_time_budget_then_resume_is_bit_exact(corpus, tmp_path):
+    """Learned router + grad accumulation: stopping (max_time_s) and resuming == one straight run."""
+    kw = dict(max_steps=8, grad_accum=2, ckpt_interval=4, log_interval=2, eval_interval=4)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(_cfg(corpus, straight, **kw), progress=False)
+    first = train(_cfg(corpus, split, max_time_s=1e-6, **kw), progress=False)
+    assert first["stop_reason"] == "max_time" and first["step"] == 1
+    assert read_checkpoint_config(split)["step"] == 1
+    second = train(_cfg(corpus, split, **kw), resume=True, progress=False)
+    assert second["step"] == 8 and second["resumed_from"] == 1
+    _assert_same_weights(straight, split)
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocesses: SIGKILL + resume, torchrun DDP
+# --------------------------------------------------------------------------------------------
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _cli_args(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
+    return ["--model", "tiny", "--data", str(corpus), "--cache-dir", str(out_dir.parent / "cache"),
+            "--out-dir", str(out_dir), "--seq-len", "32", "--batch-size", "2", "--lr", "3e-3", "--min-lr", "3e-4",
+            "--warmup-steps", "2", "--eval-batches", "2", "--device", "cpu", "--no-progress", *extra]
+
+
+def _train_events(out_dir: Path) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in _events(out_dir, "train")]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(corpus, tmp_path):
+    """Random router (draws from the global torch RNG) + grad accumulation: a `python -m modlm.train`
+    process SIGKILLed between checkpoints, then `--resume`d, ends bit-identical to a straight run."""
+    flags = dict(router="random", grad_accum=2, max_steps=12, ckpt_interval=4, log_interval=2, eval_interval=6)
+    args = [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    victim = subprocess.Popen([sys.executable, "-m", "modlm.train", *_cli_args(corpus, killed, *args)],
+                              env=_env(**{STEP_DELAY_ENV: "0.15"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill between checkpoints: after the step-6 log line, i.e. past the step-4 checkpoint.
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while time.monotonic() < deadline and victim.poll() is None:
+            if (killed / "metrics.jsonl").exists() and any(s >= 6 for s, _ in _safe_train_events(killed)):
+                break
+            time.sleep(0.02)
+        assert victim.poll() is None, "the run finished or died before it could be killed"
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    ckpt_step = read_checkpoint_config(killed)["step"]
+    assert 4 <= ckpt_step < 12
+    assert any(s > ckpt_step for s, _ in _train_events(killed))  # lines the resume must drop
+
+    # The resume and the reference run go through the same entry point in this process (one
+    # thread, like the subprocess): two interpreter starts fewer on a slow CI box.
+    assert main(_cli_args(corpus, killed, *args, "--resume")) == 0
+    assert main(_cli_args(corpus, straight, *args)) == 0
+    _assert_same_weights(straight, killed)
+    assert _train_events(killed) == _train_events(straight)  # no duplicated lines, same losses
+    assert [(e["step"], e["resumed"]) for e in _events(killed, "start")] == [(0, False), (ckpt_step, True)]
+
+
+def _safe_train_events(out_dir: Path) -> list[tuple[int, float]]:
+    try:
+        return _train_events(out_dir)
+    except (json.JSONDecodeError, OSError):  # a line being written right now
+        return []
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "modlm.train", *_cli_args(corpus, out, "--grad-accum", "2", "--max-steps", "4",
+                                            "--ckpt-interval", "2", "--log-interval", "2", "--eval-interval", "4")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parameters identical on all 2 ranks" in proc.stdout
+    end = _events(out, "end")
+    assert len(end) == 1  # only rank 0 writes
+    assert end[0]["ddp_params_in_sync"] is True and end[0]["world_size"] == 2
+    assert end[0]["tokens_seen"] == 4 * 2 * 2 * 2 * 32  # steps x batch x accum x ranks x seq_len
+    assert [e["step"] for e in _events(out, "train")] == [2, 4]
+
+    model, _, state = load_checkpoint(out)
+    assert state["step"] == 4 and state["extra"]["world_size"] == 2
+    assert {"rank0.generator.data", "rank1.generator.data", "rank0.torch.cpu", "rank1.torch.cpu"} == set(state["rng"])
+    # Each rank drew its own batches.
+    assert not torch.equal(state["rng"]["rank0.generator.data"], state["rng"]["rank1.generator.data"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
