@@ -20,6 +20,8 @@ EPILOG = """examples:
   modlm train --model small-dense --out-dir runs/dense   # the dense twin, for comparison
   modlm generate --ckpt runs/mod --prompt "The history of" --show-routing
   modlm flops --model small --seq-len 256
+  modlm isoflop --budgets 1e12,4e12 --family dense --family mod
+  modlm reproduce --scale default --report-dir docs/results
 """
 
 
@@ -199,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=float, default=None, help="override the routed fraction")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
     p.set_defaults(func=cmd_flops)
+
+    from modlm.isoflop import add_isoflop_args, cmd_isoflop
+    from modlm.reproduce import add_reproduce_args, cmd_reproduce
+
+    p = sub.add_parser("isoflop", help=cmd_isoflop.__doc__.split("\n")[0], description=cmd_isoflop.__doc__)
+    add_isoflop_args(p)
+    p.set_defaults(func=cmd_isoflop)
+    p = sub.add_parser("reproduce", help=cmd_reproduce.__doc__.split("\n")[0], description=cmd_reproduce.__doc__)
+    add_reproduce_args(p)
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROUTER_KINDS = ("learned", "random", "none")
+ROUTER_KINDS = ("learned", "random", "token_choice", "none")
 CAUSAL_ROUTING = ("aux_loss", "predictor", "both")
 
 
@@ -43,7 +43,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     # --- routing ---
-    router: str = "learned"  # learned top-k | random top-k baseline | none (dense)
+    router: str = "learned"  # learned top-k | random top-k baseline | token_choice baseline | none (dense)
     capacity: float = 0.125  # fraction of each sequence a routed block processes
     route_every: int = 2  # a routed block every `route_every` blocks...
     route_start: int = 1  # ...starting at this block index (the paper routes every other block)

@@ -1,16 +1,31 @@
 """FLOP accounting for dense and Mixture-of-Depths configs.
 
-Convention (stated once, used everywhere):
-- A matmul of (m x k) by (k x n) costs 2·m·k·n FLOPs; element-wise ops, norms, softmax and RoPE
-  are not counted (as in ``torch.utils.flop_counter.FlopCounterMode``).
-- Attention scores and values cost 4·S²·D per block for S tokens attending to S tokens: the
-  full square, NOT halved for the causal mask (SDPA kernels are counted that way by PyTorch's
-  counter; halve it yourself for a kernel that skips masked tiles).
-- A routed block with K = round(capacity·T) of T tokens: 2·K·P_block for its matmuls,
-  4·K²·D attention, plus the router 2·T·D and, if present, the predictor
-  2·T·(D·h + h) (its MLP over every token).
-- The LM head costs 2·T·D·V; the embedding lookup costs nothing.
-- Training ≈ 3× forward (backward costs two matmuls per forward matmul).
+Convention (stated once, used everywhere; ``tests/test_flops.py`` checks it against
+``torch.utils.flop_counter.FlopCounterMode`` on real forward and forward+backward passes):
+
+- A matmul of (m x k) by (k x n) costs 2·m·k·n FLOPs. Element-wise ops, norms, softmax, RoPE,
+  the loss, gathers and scatters cost nothing; neither does the embedding lookup (nor its
+  backward, a scatter-add). This is PyTorch's counter's convention.
+- Attention scores and values: 4·S²·D per block for S tokens attending to S tokens, the full
+  square, NOT halved for the causal mask. PyTorch's counter counts SDPA that way (and the math
+  kernel does compute the masked half). ``flops(..., causal_attention=True)`` counts only the
+  S(S+1)/2 visible pairs instead, for kernels that skip masked tiles.
+- A routed block with K = capacity_k(capacity, T) of T tokens runs at its capacity: 2·K·P_block
+  for its matmuls and 4·K²·D for attention among the K tokens. Causal (thresholded) routing at
+  decode time processes a data-dependent number of tokens and is not what this counts.
+- Routers: the score r = w·x costs 2·T·D per routed block (learned and token-choice routers;
+  the random router is free). The causal predictor (paper §3.5) is an MLP over every token:
+  2·T·(D·h + h) forward.
+- LM head: 2·T·D·V (tied or not).
+- Training = forward + backward. Backward costs twice the forward for every matmul (the input
+  gradient and the weight gradient), EXCEPT the predictor: its input is detached, so its first
+  layer computes no input gradient, and its backward is 2·T·(D·h + 2h) instead of 2·forward.
+  So training is a little under 3x forward for a model with a predictor, exactly 3x otherwise.
+
+Known difference from ``FlopCounterMode`` (exact, and tested): it has no formula for
+``aten.mv``, so it counts the router score r = w·x (a matrix-vector product) as 0 in the
+forward and the backward. We count it (2·T·D forward, 4·T·D backward) because the work is real;
+it is ~0.1% of a routed model's FLOPs.
 """
 
 from __future__ import annotations
@@ -19,6 +34,9 @@ from dataclasses import dataclass
 
 from modlm.config import ModelConfig
 from modlm.dispatch import capacity_k
+
+# Routers whose decision is a learned score r = w·x over every token of the sequence.
+SCORED_ROUTERS = ("learned", "token_choice")
 
 
 def block_params(config: ModelConfig) -> int:
@@ -30,39 +48,77 @@ def block_params(config: ModelConfig) -> int:
     return qkv + proj + mlp
 
 
-def block_flops(config: ModelConfig, tokens: int) -> int:
+def attention_flops(config: ModelConfig, tokens: int, causal: bool = False) -> int:
+    """Forward FLOPs of scores (QK^T) and values (AV) for ``tokens`` tokens attending among themselves.
+
+    Query heads x head size = d_model, so grouped-query attention costs the same here (keys and
+    values are repeated to every query head before the product).
+    """
+    pairs2 = tokens * (tokens + 1) if causal else 2 * tokens * tokens  # 2 x (attended pairs)
+    return 2 * pairs2 * config.n_heads * config.head_dim
+
+
+def block_flops(config: ModelConfig, tokens: int, causal_attention: bool = False) -> int:
     """Forward FLOPs of one block over ``tokens`` tokens attending among themselves."""
-    return 2 * tokens * block_params(config) + 4 * tokens * tokens * config.d_model
+    return 2 * tokens * block_params(config) + attention_flops(config, tokens, causal_attention)
+
+
+def router_score_flops(config: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs of one routed block's score r = w·x over T tokens (0 for the random router)."""
+    return 2 * seq_len * config.d_model if config.router in SCORED_ROUTERS else 0
+
+
+def predictor_flops(config: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs of one routed block's causal predictor over T tokens (0 without one)."""
+    if not config.uses_predictor:
+        return 0
+    h = config.predictor_hidden
+    return 2 * seq_len * (config.d_model * h + h)
+
+
+def predictor_backward_flops(config: ModelConfig, seq_len: int) -> int:
+    """Backward FLOPs of one predictor: fc1 weight grad only (its input is detached), fc2 both grads."""
+    if not config.uses_predictor:
+        return 0
+    h = config.predictor_hidden
+    return 2 * seq_len * (config.d_model * h + 2 * h)
 
 
 def router_flops(config: ModelConfig, seq_len: int) -> int:
     """Forward FLOPs of a routed block's router (+ predictor) over all T tokens."""
-    if config.router != "learned":
-        return 0
-    f = 2 * seq_len * config.d_model
-    if config.uses_predictor:
-        h = config.predictor_hidden
-        f += 2 * seq_len * (config.d_model * h + h)
-    return f
+    return router_score_flops(config, seq_len) + predictor_flops(config, seq_len)
 
 
 @dataclass(frozen=True)
 class FlopReport:
-    """Forward FLOPs per sequence, by part, and training FLOPs per token."""
+    """Forward FLOPs per sequence, by part, and the backward and training FLOPs they imply.
+
+    ``routers`` includes ``predictors`` (the forward FLOPs of the causal predictors), which are
+    kept apart because their backward is not 2x their forward (see the module docstring).
+    ``attention`` is the part of ``dense_blocks + routed_blocks`` spent on scores and values.
+    """
 
     seq_len: int
     dense_blocks: int
     routed_blocks: int
     routers: int
     lm_head: int
+    predictors: int = 0
+    predictors_backward: int = 0
+    attention: int = 0
 
     @property
     def forward(self) -> int:
         return self.dense_blocks + self.routed_blocks + self.routers + self.lm_head
 
     @property
+    def backward(self) -> int:
+        return 2 * (self.forward - self.predictors) + self.predictors_backward
+
+    @property
     def train(self) -> int:
-        return 3 * self.forward
+        """Forward + backward FLOPs of one sequence."""
+        return self.forward + self.backward
 
     @property
     def forward_per_token(self) -> float:
@@ -73,37 +129,61 @@ class FlopReport:
         return self.train / self.seq_len
 
     def as_dict(self) -> dict[str, float]:
-        return {"seq_len": self.seq_len, "forward": self.forward, "train": self.train,
+        return {"seq_len": self.seq_len, "forward": self.forward, "backward": self.backward, "train": self.train,
                 "dense_blocks": self.dense_blocks, "routed_blocks": self.routed_blocks,
-                "routers": self.routers, "lm_head": self.lm_head,
+                "routers": self.routers, "predictors": self.predictors, "lm_head": self.lm_head,
+                "attention": self.attention,
                 "forward_per_token": self.forward_per_token, "train_per_token": self.train_per_token}
 
 
-def flops(config: ModelConfig, seq_len: int | None = None) -> FlopReport:
-    """Forward FLOPs of one sequence of length ``seq_len`` (default: max_seq_len)."""
+def flops(config: ModelConfig, seq_len: int | None = None, causal_attention: bool = False) -> FlopReport:
+    """FLOPs of one sequence of length ``seq_len`` (default: max_seq_len), routed blocks at capacity.
+
+    ``causal_attention=True`` counts only the attended (lower-triangle) pairs of attention.
+    """
     T = config.max_seq_len if seq_len is None else seq_len
-    if not isinstance(T, int) or T < 1:
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         raise ValueError(f"seq_len={T!r} must be a positive int")
-    routed = set(config.routed_layers)
-    k = capacity_k(config.capacity, T)
-    n_routed = len(routed)
+    n_routed = len(config.routed_layers)
     n_dense = config.n_layers - n_routed
+    k = capacity_k(config.capacity, T)
     return FlopReport(
         seq_len=T,
-        dense_blocks=n_dense * block_flops(config, T),
-        routed_blocks=n_routed * block_flops(config, k),
+        dense_blocks=n_dense * block_flops(config, T, causal_attention),
+        routed_blocks=n_routed * block_flops(config, k, causal_attention),
         routers=n_routed * router_flops(config, T),
         lm_head=2 * T * config.d_model * config.vocab_size,
+        predictors=n_routed * predictor_flops(config, T),
+        predictors_backward=n_routed * predictor_backward_flops(config, T),
+        attention=n_dense * attention_flops(config, T, causal_attention)
+        + n_routed * attention_flops(config, k, causal_attention),
     )
 
 
 def forward_flops(config: ModelConfig, seq_len: int | None = None, batch_size: int = 1) -> int:
+    """Forward FLOPs of ``batch_size`` sequences (routed blocks at capacity)."""
     return batch_size * flops(config, seq_len).forward
 
 
 def train_flops(config: ModelConfig, seq_len: int | None = None, batch_size: int = 1) -> int:
     """Training (forward + backward) FLOPs of one step on ``batch_size`` sequences."""
     return batch_size * flops(config, seq_len).train
+
+
+def param_count(config: ModelConfig, exclude_embeddings: bool = False) -> int:
+    """Parameters of ``MoDTransformer(config)`` without building it (equals ``model.num_params()``)."""
+    D, V = config.d_model, config.vocab_size
+    n_routed = len(config.routed_layers)
+    per_block = block_params(config) + 2 * D  # matmuls + two RMSNorm gains
+    n = config.n_layers * per_block + D  # + the final norm
+    if config.router in SCORED_ROUTERS:
+        n += n_routed * D  # router vector w
+    if config.uses_predictor:
+        h = config.predictor_hidden
+        n += n_routed * (D * h + h + h + 1 + 2)  # fc1, fc2, r_gain and r_bias
+    if not config.tie_embeddings:
+        n += V * D  # the LM head
+    return n if exclude_embeddings else n + V * D
 
 
 def format_flops(n: float) -> str:

@@ -15,6 +15,7 @@ nothing is stashed in globals.
 
 from __future__ import annotations
 
+from statistics import NormalDist
 from typing import NamedTuple
 
 import torch
@@ -53,20 +54,49 @@ def _check_mode(mode: str) -> None:
 class CausalPredictor(nn.Module):
     """Small MLP predicting top-k membership from the token's own state (paper §3.5, method 2).
 
-    Its input is detached (stop-gradient), so training it has no effect on the LM objective.
-    Runs in fp32: it is tiny and its logit is thresholded at 0, where bf16 rounding would flip
-    decisions.
+    Its inputs are detached (stop-gradient), so training it has no effect on the LM objective.
+    Besides the residual x it sees the router's own logit r = w·x (also detached), standardised
+    by running statistics: top-k membership is "r above this sequence's k-th largest r", so the
+    predictor only has to learn a threshold and a margin on r_hat, plus corrections from x.
+
+    NOTE: raw r is tiny early in training (the residual stream starts at init_std scale), and a
+    predictor fed raw r or x alone learns only the 87.5% prior "never route" for hundreds of
+    steps. Standardising r and starting the logit at gain·(r_hat - z), z the (1 - capacity)
+    quantile of a standard normal, makes the untrained predictor already route ~capacity of the
+    tokens, and training refines it.
+
+    The running mean/variance are updated only by top-k training forwards (``update_stats``),
+    never from the tokens being scored, so a causal decision depends on its own token alone.
+    Runs in fp32: the logit is thresholded at 0, where bf16 rounding would flip decisions.
     """
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, capacity: float, momentum: float = 0.2, gain: float = 4.0):
         super().__init__()
         self.fc1 = nn.Linear(d_model, hidden)
         self.fc2 = nn.Linear(hidden, 1)
+        z = NormalDist().inv_cdf(1.0 - capacity) if capacity < 1.0 else -4.0
+        self.r_gain = nn.Parameter(torch.tensor(gain))
+        self.r_bias = nn.Parameter(torch.tensor(-gain * z))
+        self.momentum = momentum
+        self.register_buffer("r_mean", torch.zeros(()))
+        self.register_buffer("r_var", torch.ones(()))
+        self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def update_stats(self, r_BT: torch.Tensor) -> None:
+        """Track the router logit's mean and variance (EMA; the first batch sets them)."""
+        m, v = r_BT.float().mean(), r_BT.float().var()
+        w = torch.where(self.stats_ready, torch.tensor(self.momentum, device=m.device), torch.ones((), device=m.device))
+        self.r_mean.lerp_(m, w)
+        self.r_var.lerp_(v, w)
+        self.stats_ready.fill_(True)
+
+    def forward(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x_BTD.device.type, enabled=False):
             h = F.silu(F.linear(x_BTD.detach().float(), self.fc1.weight.float(), self.fc1.bias.float()))
-            return F.linear(h, self.fc2.weight.float(), self.fc2.bias.float()).squeeze(-1)  # (B, T)
+            mlp_BT = F.linear(h, self.fc2.weight.float(), self.fc2.bias.float()).squeeze(-1)
+            r_hat_BT = (r_BT.detach().float() - self.r_mean) * torch.rsqrt(self.r_var + 1e-12)
+            return mlp_BT + self.r_gain * r_hat_BT + self.r_bias  # (B, T)
 
 
 class LearnedRouter(nn.Module):
@@ -84,7 +114,8 @@ class LearnedRouter(nn.Module):
         self.use_aux = config.uses_aux_loss
         self.aux_weight = config.aux_loss_weight
         self.pred_weight = config.predictor_loss_weight
-        self.predictor = CausalPredictor(config.d_model, config.predictor_hidden) if config.uses_predictor else None
+        self.predictor = (CausalPredictor(config.d_model, config.predictor_hidden, config.capacity)
+                          if config.uses_predictor else None)
         # Logit threshold for causal decisions: 0 <=> probability 0.5. Raising it routes fewer
         # tokens (an inference-time compute knob); it is a buffer so it travels with checkpoints.
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
@@ -96,7 +127,7 @@ class LearnedRouter(nn.Module):
 
     def causal_logits(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
         """The causal routing signal: predictor logit if present, else the router logit."""
-        return self.predictor(x_BTD) if self.predictor is not None else r_BT
+        return self.predictor(x_BTD, r_BT) if self.predictor is not None else r_BT
 
     def causal_decision(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token causal routing: (sel_BT bool, weight_BT = r). Depends on each token alone."""
@@ -135,7 +166,9 @@ class LearnedRouter(nn.Module):
             stats["aux_bce"] = bce.detach()
             stats["aux_acc"] = ((r_BT.detach() > 0).float() == target_BT).float().mean()
         if self.predictor is not None:
-            p_BT = self.predictor(x_BTD)
+            if self.training:
+                self.predictor.update_stats(r_BT)
+            p_BT = self.predictor(x_BTD, r_BT)
             bce = F.binary_cross_entropy_with_logits(p_BT, target_BT)
             aux = aux + self.pred_weight * bce
             stats["pred_bce"] = bce.detach()
@@ -179,6 +212,10 @@ class RandomRouter(nn.Module):
 
 
 ROUTERS: dict[str, type[nn.Module]] = {"learned": LearnedRouter, "random": RandomRouter}
+
+from modlm.token_choice import TokenChoiceRouter  # noqa: E402  (it imports RouterOutput from this module)
+
+ROUTERS["token_choice"] = TokenChoiceRouter
 
 
 def build_router(config: ModelConfig) -> nn.Module:

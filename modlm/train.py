@@ -195,7 +195,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=default("model"), help=f"preset: {', '.join(preset_names())} (default: %(default)s)")
-    g.add_argument("--router", choices=("learned", "random", "none"), default=None,
+    g.add_argument("--router", choices=("learned", "random", "token_choice", "none"), default=None,
                    help="override the preset's router (none = dense)")
     g.add_argument("--capacity", type=float, default=None, help="override the fraction of tokens a routed block processes")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -689,7 +689,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
         return elapsed_before + time.monotonic() - t0
 
     # --- train ---
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The causal predictors are clipped on their own: their BCE never reaches the LM (its inputs
+    # are detached), and a spike in it must not shrink the LM's step through a shared global norm.
+    params = [p for n, p in model.named_parameters() if p.requires_grad and ".predictor." not in n]
+    predictor_params = [p for n, p in model.named_parameters() if p.requires_grad and ".predictor." in n]
     loss_sum = torch.zeros((), device=device)
     lm_sum = torch.zeros((), device=device)
     interval_steps, t_interval = 0, time.perf_counter()
@@ -713,6 +716,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
                     loss_sum += out.loss.detach()
                     lm_sum += out.lm_loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+                if cfg.grad_clip > 0 and predictor_params:
+                    torch.nn.utils.clip_grad_norm_(predictor_params, cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

@@ -110,13 +110,10 @@ def test_batched_equals_per_row_no_cross_batch_leak():
 
 @pytest.mark.parametrize("causal_routing", ["predictor", "aux_loss"])
 def test_causal_routing_is_causal_and_batch_consistent(causal_routing):
-    model = MoDTransformer(tiny(causal_routing=causal_routing))
-    with torch.no_grad():  # spread the decisions so rows route different numbers of tokens
-        for blk in model.blocks:
-            if isinstance(blk, RoutedBlock) and blk.router.predictor is not None:
-                blk.router.predictor.fc2.weight.mul_(50.0)
-                blk.router.predictor.fc2.bias.zero_()
+    model = MoDTransformer(tiny(causal_routing=causal_routing, capacity=0.3))
     idx = torch.randint(0, 256, (3, 40))
+    with torch.no_grad():
+        model(idx)  # one top-k training forward: the predictor's running statistics of r
     out = model(idx, routing="causal")
     fracs = [v for k, v in out.router_stats().items() if k.endswith("routed_frac")]
     assert any(0.0 < f < 1.0 for f in fracs), fracs
@@ -156,10 +153,22 @@ def test_router_and_predictor_get_gradients_and_predictor_is_stop_gradient():
     # the predictor's loss alone reaches only the predictor, never its input
     model.zero_grad(set_to_none=True)
     emb = model.tok_emb(idx)
-    logits = blk.router.predictor(emb)
+    logits = blk.router.predictor(emb, blk.router.scores(emb))
     torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)).backward()
     assert model.tok_emb.weight.grad is None, "predictor input must be detached"
+    assert blk.router.weight.grad is None, "the router logit the predictor sees must be detached"
     assert blk.router.predictor.fc1.weight.grad.abs().sum() > 0
+
+
+def test_untrained_predictor_routes_about_capacity_once_it_has_seen_r():
+    model = MoDTransformer(tiny(capacity=0.25))
+    idx = torch.randint(0, 256, (8, 64))
+    with torch.no_grad():
+        model(idx)  # top-k forward in training mode: running mean/var of the router logit
+        model.eval()
+        out = model(idx, routing="causal")
+    fracs = [v for k, v in out.router_stats().items() if k.endswith("routed_frac")]
+    assert all(0.1 < f < 0.45 for f in fracs), fracs  # ~Gaussian r: the init threshold is its 75% quantile
 
 
 def test_predictor_loss_does_not_change_lm_gradients():
