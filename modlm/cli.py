@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     from modlm.isoflop import add_isoflop_args, cmd_isoflop
     from modlm.reproduce import add_reproduce_args, cmd_reproduce
 
-    p = sub.add_parser("isoflop", help=cmd_isoflop.__doc__.split("\n")[0], description=cmd_isoflop.__doc__)
+    p = sub.add_parser("isoflop", help=" ".join(cmd_isoflop.__doc__.split()), description=cmd_isoflop.__doc__)
     add_isoflop_args(p)
     p.set_defaults(func=cmd_isoflop)
     p = sub.add_parser("reproduce", help=cmd_reproduce.__doc__.split("\n")[0], description=cmd_reproduce.__doc__)
