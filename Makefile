@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel lies on disk on our machines; GPU users: `make install TORCH=torch` keeps your CUDA build.
 TORCH ?= torch==2.13.0
 RUN_DIR ?= runs/default
-RUN_SECONDS ?= 240
+RUN_SECONDS ?= 300
 
 .PHONY: install run test bench clean
 
@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/modlm train --model small --out-dir $(RUN_DIR) --max-time-s $(RUN_SECONDS) --resume
+	$(VENV)/bin/modlm train --model small --out-dir $(RUN_DIR) --resume --max-time-s $(RUN_SECONDS) \
+		--batch-size 8 --seq-len 256 --max-steps 250 --warmup-steps 25 --eval-interval 50 --ckpt-interval 50
 	$(VENV)/bin/modlm generate --ckpt $(RUN_DIR) --prompt "The history of " --max-new-tokens 300 --temperature 0.8 --show-routing
 
 test: install

@@ -158,7 +158,7 @@ class LearnedRouter(nn.Module):
         weight_BK = torch.gather(r_BT, 1, idx_BK)
         target_BT = topk_mask(idx_BK, T).float()
         aux = zero
-        stats: dict[str, torch.Tensor] = {"routed_frac": r_BT.new_tensor(k / T),
+        stats: dict[str, torch.Tensor] = {"routed_frac": zero + k / T,
                                           "r_mean_selected": weight_BK.detach().mean()}
         if self.use_aux:
             bce = F.binary_cross_entropy_with_logits(r_BT, target_BT)
