@@ -114,6 +114,16 @@ SCALES: dict[str, Scale] = {
         variant_budget=3.6e12, variant_shape=Shape(128, 4),
         settings=SweepSettings(seq_len=128, batch_size=16, head_dim=32, predictor_hidden=32, min_steps=60,
                                max_steps=3000, eval_batches=32, lr=2e-3), jobs=2),
+    # The default's grid, variants and settings at its two smaller budgets: ~0.44 of its FLOPs,
+    # about 25 minutes on a free 2-core CPU. Runs are shared with "default" when they use the
+    # same --results-dir, so a quick study can later be extended to the full one.
+    "quick": Scale(
+        name="quick", description="about 25 minutes on a free 2-core CPU (2 runs at once): the default grid at its "
+                                  "two smaller budgets",
+        budgets=(1.2e12, 3.6e12), shapes=_shapes("64x2,64x4,96x4,128x4,128x6,160x6,192x6,192x8"),
+        variant_budget=3.6e12, variant_shape=Shape(128, 4),
+        settings=SweepSettings(seq_len=128, batch_size=16, head_dim=32, predictor_hidden=32, min_steps=60,
+                               max_steps=3000, eval_batches=32, lr=2e-3), jobs=2),
     # A GPU: bigger models and sequences, bf16. NOTE: the bundled corpus is 2.7M bytes; at these
     # budgets it is repeated many times. Pass --data with a larger corpus for meaningful numbers.
     "gpu": Scale(
@@ -937,7 +947,7 @@ def run_reproduction(scale: Scale | str, results_dir: str | Path, report_dir: st
 def add_reproduce_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of `modlm reproduce`."""
     parser.add_argument("--scale", choices=sorted(SCALES), default="default",
-                        help="tiny (seconds; tests), default (~1 h on a free 2-core CPU), gpu (one GPU; bring --data)")
+                        help="tiny (seconds; tests), quick (~25 min on a free 2-core CPU), default (~1 h), gpu (one GPU; bring --data)")
     parser.add_argument("--results-dir", default=None, help="runs and results (default: results/reproduce-SCALE)")
     parser.add_argument("--report-dir", default=None, help="REPORT.md and plots (default: RESULTS_DIR/report)")
     parser.add_argument("--report-only", action="store_true", help="regenerate the report from existing results")
