@@ -14,6 +14,7 @@ This module knows nothing about tokenization: prompts and outputs are token ids.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +30,10 @@ PREFILL_ROUTING = ("causal", "topk")
 @dataclass
 class GenerationResult:
     """tokens: the new tokens of each row (stop token included, nothing after it).
-    routing: per row, per new token, the routed blocks it went through (only with trace=True).
-    seconds: wall-clock of prefill and of the decode loop.
+    routing: per row, per fed-back new token, the routed blocks it went through (trace=True).
+    prefill_s, decode_s: wall-clock of prefill and of the decode loop.
+    logits: (B, steps, V) float32 logits each new token was sampled from (return_logits=True).
+    cache: the RoutedKVCache after decoding (return_cache=True and use_cache=True).
     """
 
     tokens: list[list[int]]
@@ -38,6 +41,8 @@ class GenerationResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     routed_layers: tuple[int, ...] = ()
+    logits: torch.Tensor | None = None
+    cache: RoutedKVCache | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -46,28 +51,36 @@ class GenerationResult:
 
 def _validate(model: MoDTransformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float | None, prefill_routing: str) -> None:
+    """One-line ValueErrors that name the offending value."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an int >= 1 (or None)")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (or None)")
+    if prefill_routing not in PREFILL_ROUTING:
+        raise ValueError(f"prefill_routing={prefill_routing!r} must be one of {PREFILL_ROUTING}")
     if len(prompts) == 0:
-        raise ValueError("no prompts given")
+        raise ValueError("prompts is empty: give at least one prompt")
     V, ctx = model.config.vocab_size, model.config.max_seq_len
     for i, p in enumerate(prompts):
+        if isinstance(p, (int, str, bytes)) or not hasattr(p, "__len__"):
+            raise ValueError(f"prompt {i} is {p!r}: each prompt must be a sequence of token ids")
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token")
         if len(p) + max_new_tokens > ctx:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
-                             f"the model's context max_seq_len={ctx}")
-        bad = [t for t in p if not 0 <= int(t) < V]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {V})")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if prefill_routing not in PREFILL_ROUTING:
-        raise ValueError(f"prefill_routing={prefill_routing!r} must be one of {PREFILL_ROUTING}")
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{len(p) + max_new_tokens} > the model's context max_seq_len={ctx}")
+        for t in p:
+            try:
+                ok = not isinstance(t, bool) and float(t).is_integer() and 0 <= int(t) < V
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"prompt {i} has token id {t!r} outside the vocabulary [0, {V})")
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -103,95 +116,159 @@ def _left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, t
     return idx.to(device), mask.to(device), pos.to(device)
 
 
-@torch.no_grad()
 def generate(model: MoDTransformer, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_tokens: Sequence[int] = (), use_cache: bool = True,
              prefill_routing: str = "causal", stream: Callable[[int, int], None] | None = None,
-             trace: bool = False, return_logits: bool = False) -> GenerationResult:
+             trace: bool = False, return_logits: bool = False, return_cache: bool = False) -> GenerationResult:
     """Sample continuations of a batch of prompts (ragged lengths are left-padded).
 
     Args:
-        prompts: token-id lists (ragged) or a (B, T) tensor.
+        prompts: token-id lists (ragged), a (B, T) tensor, or one (T,) tensor.
         max_new_tokens: tokens to generate per row (fewer if a stop token comes).
         temperature: 0 = greedy; top_k / top_p: the usual filters.
         seed: seeds the sampler's own generator (same seed, same text).
         stop_tokens: a row ends after emitting any of these.
-        use_cache: the routed KV cache (fast); False recomputes the whole sequence per token.
+        use_cache: the routed KV cache (fast); False recomputes the whole sequence per token
+            (causal routing throughout, also for the prompt after the first step).
         prefill_routing: "causal" (default; prefill+decode equals a full causal forward) or "topk".
         stream: called as stream(row, token) for each new token as it is chosen.
-        trace: record which routed blocks each new token went through.
+        trace: record which routed blocks each new token went through when it was fed back
+            (every new token but the last, which is never fed).
         return_logits: keep each step's logits in ``result.logits`` (B, steps, V) for testing.
+        return_cache: keep the ``RoutedKVCache`` in ``result.cache`` (None without a cache). It
+            holds the prompt and every fed new token (all but the last), left padding included.
+
+    Runs under ``torch.inference_mode``. Per step there is one host sync for the sampled tokens
+    (to stream and to stop), plus one per routed block for its routing decision (see
+    ``RoutedBlock._decode_step``).
     """
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
-    _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, prefill_routing)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    stops = torch.tensor(sorted(set(int(s) for s in stop_tokens)), dtype=torch.long, device=device)
+    session = DecodeSession(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, use_cache,
+                            prefill_routing, stream, trace, return_logits, return_cache)
+    try:
+        while session.step():
+            pass
+        return session.result()
+    finally:
+        session.close()
 
-    idx_BT, mask_BT, pos_BT = _left_pad(prompts, device)
-    B, T0 = idx_BT.shape
-    routed = model.config.routed_layers
-    out_tokens: list[list[int]] = [[] for _ in range(B)]
-    routing: list[list[list[int]]] = [[] for _ in range(B)]
-    step_logits: list[torch.Tensor] = []
-    done_B = torch.zeros(B, dtype=torch.bool, device=device)
 
-    t0 = time.perf_counter()
-    cache = None
-    if use_cache:
-        cfg = model.config
-        cache = RoutedKVCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, capacity=T0 + max_new_tokens,
-                              device=device, dtype=next(model.parameters()).dtype)
-        out = model(idx_BT, routing=prefill_routing, cache=cache, pos_BT=pos_BT, token_mask_BT=mask_BT)
-    else:
-        out = model(idx_BT, routing=prefill_routing, pos_BT=pos_BT, token_mask_BT=mask_BT)
-    prefill_s = time.perf_counter() - t0
-    logits_BV = out.logits[:, -1]
+class DecodeSession:
+    """``generate`` one step at a time: prefill at construction, ``step()`` per new token.
 
-    t1 = time.perf_counter()
-    seq_idx, seq_mask, seq_pos = idx_BT, mask_BT, pos_BT
-    next_pos_B = pos_BT[:, -1] + 1
-    for step in range(max_new_tokens):
-        if return_logits:
-            step_logits.append(logits_BV.float().cpu())
-        tok_B = sample_next(logits_BV, temperature, top_k, top_p, gen)
-        tok_list = tok_B.tolist()  # one host sync per step: needed to stream and to stop
-        for b in range(B):
-            if not done_B[b]:
-                out_tokens[b].append(tok_list[b])
-                if stream is not None:
-                    stream(b, tok_list[b])
-        if stops.numel():
-            done_B |= torch.isin(tok_B, stops)
-        if step == max_new_tokens - 1 or bool(done_B.all()):
-            break
-        new_BT = tok_B.unsqueeze(1)
-        new_pos_BT = next_pos_B.unsqueeze(1)
+    For callers that drive decoding themselves (streaming servers, benchmarks that interleave
+    two models step by step). Arguments are those of ``generate``. The model is put in eval mode
+    until ``close()`` (called by ``result()``) restores its mode.
+
+        session = DecodeSession(model, prompts, 32, temperature=0)
+        while session.step():
+            ...
+        result = session.result()
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: MoDTransformer, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop_tokens: Sequence[int] = (), use_cache: bool = True,
+                 prefill_routing: str = "causal", stream: Callable[[int, int], None] | None = None,
+                 trace: bool = False, return_logits: bool = False, return_cache: bool = False):
+        if isinstance(prompts, torch.Tensor):
+            prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
+        _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, prefill_routing)
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.use_cache, self.stream, self.trace = use_cache, stream, trace
+        self.return_logits, self.return_cache = return_logits, return_cache
+        self._was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.stops = {int(s) for s in stop_tokens}
+
+        idx_BT, mask_BT, pos_BT = _left_pad(prompts, device)
+        B, T0 = idx_BT.shape
+        self.B = B
+        self.routed = model.config.routed_layers
+        self.out_tokens: list[list[int]] = [[] for _ in range(B)]
+        self.routing: list[list[list[int]]] = [[] for _ in range(B)]
+        self.step_logits: list[torch.Tensor] = []
+        self.done = [False] * B
+        self.n_done = 0
+        self.n_steps = 0
+        self.finished = False
+
+        t0 = time.perf_counter()
+        self.cache = None
         if use_cache:
-            out = model(new_BT, routing="causal", cache=cache, pos_BT=new_pos_BT)
-            logits_BV = out.logits[:, -1]
+            cfg = model.config
+            self.cache = RoutedKVCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, capacity=T0 + max_new_tokens,
+                                       device=device, dtype=next(model.parameters()).dtype)
+            out = model(idx_BT, routing=prefill_routing, cache=self.cache, pos_BT=pos_BT, token_mask_BT=mask_BT)
         else:
-            seq_idx = torch.cat([seq_idx, new_BT], 1)
-            seq_mask = torch.cat([seq_mask, torch.ones_like(new_BT, dtype=torch.bool)], 1)
-            seq_pos = torch.cat([seq_pos, new_pos_BT], 1)
-            out = model(seq_idx, routing="causal", pos_BT=seq_pos, token_mask_BT=seq_mask)
-            logits_BV = out.logits[:, -1]
-        if trace:
-            masks = {i: route_mask(r, new_BT.shape[1] if use_cache else seq_idx.shape[1])[:, -1] for i, r in
-                     out.routes.items()}
+            out = model(idx_BT, routing=prefill_routing, pos_BT=pos_BT, token_mask_BT=mask_BT)
+        self.logits_BV = out.logits[:, -1]
+        self.prefill_s = time.perf_counter() - t0
+        self.decode_s = 0.0
+        self.seq_idx, self.seq_mask, self.seq_pos = idx_BT, mask_BT, pos_BT
+        self.pos_B1 = pos_BT[:, -1:] + 1
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Choose one token per row (and feed it back unless decoding ends). False once finished."""
+        if self.finished:
+            return False
+        t0 = time.perf_counter()
+        B, model = self.B, self.model
+        if self.return_logits:
+            self.step_logits.append(self.logits_BV.float().cpu())
+        tok_B = sample_next(self.logits_BV, self.temperature, self.top_k, self.top_p, self.gen)
+        tok_list = tok_B.tolist()  # one host sync per step: needed to stream and to stop
+        for b, tok in enumerate(tok_list):
+            if not self.done[b]:
+                self.out_tokens[b].append(tok)
+                if self.stream is not None:
+                    self.stream(b, tok)
+                if tok in self.stops:
+                    self.done[b] = True
+                    self.n_done += 1
+        self.n_steps += 1
+        if self.n_steps == self.max_new_tokens or self.n_done == B:
+            self.finished = True
+            self.decode_s += time.perf_counter() - t0
+            return False
+        new_B1 = tok_B.unsqueeze(1)
+        if self.use_cache:
+            out = model(new_B1, routing="causal", cache=self.cache, pos_BT=self.pos_B1)
+        else:
+            self.seq_idx = torch.cat([self.seq_idx, new_B1], 1)
+            self.seq_mask = torch.cat([self.seq_mask, torch.ones_like(new_B1, dtype=torch.bool)], 1)
+            self.seq_pos = torch.cat([self.seq_pos, self.pos_B1], 1)
+            out = model(self.seq_idx, routing="causal", pos_BT=self.seq_pos, token_mask_BT=self.seq_mask)
+        self.logits_BV = out.logits[:, -1]
+        if self.trace:
+            T_out = 1 if self.use_cache else self.seq_idx.shape[1]
+            masks = {i: route_mask(r, T_out)[:, -1].tolist() for i, r in out.routes.items()}
             for b in range(B):
-                if len(routing[b]) < len(out_tokens[b]):
-                    routing[b].append([i for i in routed if bool(masks[i][b])])
-        next_pos_B = next_pos_B + 1
-    decode_s = time.perf_counter() - t1
-    if was_training:
-        model.train()
-    res = GenerationResult(out_tokens, routing if trace else [], prefill_s, decode_s, routed)
-    if return_logits:
-        res.logits = torch.stack(step_logits, 1)  # (B, steps, V)
-    return res
+                if len(self.routing[b]) < len(self.out_tokens[b]):
+                    self.routing[b].append([i for i in self.routed if masks[i][b]])
+        self.pos_B1 = self.pos_B1 + 1
+        self.decode_s += time.perf_counter() - t0
+        return True
+
+    def close(self) -> None:
+        """Restore the model's training mode (idempotent)."""
+        if self._was_training:
+            self.model.train()
+            self._was_training = False
+
+    def result(self) -> GenerationResult:
+        """What was generated so far (normally called once ``step()`` returned False)."""
+        self.close()
+        res = GenerationResult(self.out_tokens, self.routing if self.trace else [], self.prefill_s, self.decode_s,
+                               self.routed)
+        if self.return_logits:
+            res.logits = torch.stack(self.step_logits, 1)  # (B, steps, V)
+        if self.return_cache:
+            res.cache = self.cache
+        return res

@@ -174,23 +174,35 @@ class RoutedBlock(Block):
         """One new token per row: compute only the rows whose token routes into this block.
 
         Computing every row and masking would save nothing; gathering the routed rows makes a
-        skipped row cost only its router score. NOTE: ``nonzero`` syncs with the host once per
-        routed block and step; that is the price of a data-dependent batch size.
+        skipped row cost only its router score. When every row routes (always the case at batch
+        size 1 when the block runs) nothing is gathered and the cache hands back views.
+        NOTE: the decision is copied to the host (B booleans) once per routed block and step: a
+        sync on an accelerator, the price of a data-dependent batch size. The cache's positions
+        and slicing are then host arithmetic, with no further sync.
         """
         sel_B1, r_B1 = self.router.causal_decision(x_B1D)
         if token_mask_B1 is not None:
             sel_B1 = sel_B1 & token_mask_B1
-        rows_b = sel_B1[:, 0].nonzero().squeeze(1)
+        flags = sel_B1.view(-1).tolist()  # the decision on the host (the one sync)
         zero = x_B1D.new_zeros((), dtype=torch.float32)
         route = RouterOutput(torch.zeros_like(pos_B1), sel_B1, r_B1, zero, {"routed_frac": sel_B1.float().mean()})
-        if rows_b.numel() == 0:
+        b, B = sum(flags), len(flags)
+        if b == 0:
             return x_B1D, route
-        x_b1D = x_B1D.index_select(0, rows_b)
-        cos, sin = rotary(pos_B1.index_select(0, rows_b))
+        if b == B:
+            cos, sin = rotary(pos_B1)
+            f_B1D = super().forward(x_B1D, cos, sin, cache=cache.view())
+            if r_B1 is not None:
+                f_B1D = f_B1D * r_B1.unsqueeze(-1).to(f_B1D.dtype)
+            return x_B1D + f_B1D.to(x_B1D.dtype), route
+        rows_b = torch.tensor([i for i, f in enumerate(flags) if f])  # host indices of the routed rows
+        rows_d = rows_b.to(x_B1D.device)
+        x_b1D = x_B1D.index_select(0, rows_d)
+        cos, sin = rotary(pos_B1.index_select(0, rows_d))
         f_b1D = super().forward(x_b1D, cos, sin, cache=cache.view(rows=rows_b))
         if r_B1 is not None:
-            f_b1D = f_b1D * r_B1.index_select(0, rows_b).unsqueeze(-1).to(f_b1D.dtype)
-        return x_B1D.index_add(0, rows_b, f_b1D.to(x_B1D.dtype)), route
+            f_b1D = f_b1D * r_B1.index_select(0, rows_d).unsqueeze(-1).to(f_b1D.dtype)
+        return x_B1D.index_add(0, rows_d, f_b1D.to(x_B1D.dtype)), route
 
 
 def route_mask(route: RouterOutput, seq_len: int) -> torch.Tensor:

@@ -85,7 +85,7 @@ class CausalPredictor(nn.Module):
     @torch.no_grad()
     def update_stats(self, r_BT: torch.Tensor) -> None:
         """Track the router logit's mean and variance (EMA; the first batch sets them)."""
-        m, v = r_BT.float().mean(), r_BT.float().var()
+        m, v = r_BT.to(self.r_mean.dtype).mean(), r_BT.to(self.r_var.dtype).var()
         w = torch.where(self.stats_ready, torch.tensor(self.momentum, device=m.device), torch.ones((), device=m.device))
         self.r_mean.lerp_(m, w)
         self.r_var.lerp_(v, w)

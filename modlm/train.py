@@ -395,7 +395,9 @@ def _param_digest(model) -> int:
     import torch
 
     h = hashlib.sha256()
-    for _, p in sorted(model.state_dict().items()):
+    # Parameters only: buffers such as the predictors' running statistics of r are updated from
+    # each rank's own batch after DDP broadcast them (as BatchNorm's are) and may differ at the end.
+    for _, p in sorted(model.named_parameters()):
         h.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "little") >> 1
 

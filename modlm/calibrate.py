@@ -1,0 +1,193 @@
+"""The inference-time compute knob: thresholds on the causal routing signal.
+
+When decoding, a routed block takes a token iff its causal logit (the predictor's, or the
+aux-loss router's r) exceeds the block's ``router.threshold`` buffer (0 by default, i.e.
+probability 0.5). Raising a threshold routes fewer tokens: less compute, usually a higher loss.
+``calibrate_thresholds`` picks, layer by layer, the threshold that routes a target fraction of
+the tokens of a calibration sample; ``sweep_knob`` reports speed against quality over several
+fractions.
+
+The threshold is a persistent buffer, so a calibrated model saves and loads with it.
+
+Calibration goes in layer order: the input of a routed block depends on which tokens the
+earlier routed blocks processed, hence on their thresholds, so block l is calibrated on the
+stream produced with blocks < l already calibrated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from modlm.model import MoDTransformer, RoutedBlock, route_mask
+
+__all__ = ["calibrate_thresholds", "causal_val_loss", "get_thresholds", "measure_routed_fraction", "set_thresholds",
+           "sweep_knob"]
+
+
+def _thresholded_blocks(model: MoDTransformer) -> dict[int, RoutedBlock]:
+    """Routed blocks whose router thresholds a causal logit (learned, token-choice); error otherwise."""
+    blocks = {i: b for i, b in enumerate(model.blocks) if isinstance(b, RoutedBlock)}
+    for i, b in blocks.items():
+        if not hasattr(b.router, "threshold"):
+            raise ValueError(f"block {i} uses router {model.config.router!r}, which has no causal threshold")
+    return blocks
+
+
+def _check_tokens(model: MoDTransformer, tokens_BT: torch.Tensor) -> torch.Tensor:
+    if not isinstance(tokens_BT, torch.Tensor) or tokens_BT.dim() != 2 or tokens_BT.numel() == 0:
+        shape = tuple(tokens_BT.shape) if isinstance(tokens_BT, torch.Tensor) else type(tokens_BT).__name__
+        raise ValueError(f"tokens must be a non-empty (B, T) tensor of token ids, got {shape}")
+    if tokens_BT.shape[1] > model.config.max_seq_len:
+        raise ValueError(f"calibration sequence length {tokens_BT.shape[1]} exceeds "
+                         f"max_seq_len={model.config.max_seq_len}")
+    V = model.config.vocab_size
+    if int(tokens_BT.min()) < 0 or int(tokens_BT.max()) >= V:
+        raise ValueError(f"token ids must be in [0, {V}), got range [{int(tokens_BT.min())}, {int(tokens_BT.max())}]")
+    return tokens_BT.to(next(model.parameters()).device)
+
+
+def _threshold_for_fraction(logits_N: torch.Tensor, fraction: float) -> float:
+    """A threshold t with round(fraction * N) of the logits strictly above it.
+
+    t sits midway between the k-th and (k+1)-th largest logits, so the same decision holds for
+    logits a little off the sample (the calibration generalises, rather than sitting on a value).
+    """
+    v = torch.sort(logits_N.double().flatten(), descending=True).values
+    N = v.numel()
+    k = min(N, max(0, round(fraction * N)))
+    if k == 0:
+        return float(v[0]) + 1.0  # nothing is above the largest logit (+ margin)
+    if k == N:
+        return float(v[-1]) - 1.0
+    return float(0.5 * (v[k - 1] + v[k]))
+
+
+def get_thresholds(model: MoDTransformer) -> dict[int, float]:
+    """Current threshold of every routed block."""
+    return {i: float(b.router.threshold) for i, b in _thresholded_blocks(model).items()}
+
+
+def set_thresholds(model: MoDTransformer, thresholds: Mapping[int, float] | float) -> None:
+    """Set routed blocks' ``router.threshold``: one value for all, or a {layer: value} dict."""
+    blocks = _thresholded_blocks(model)
+    if not isinstance(thresholds, Mapping):
+        thresholds = {i: float(thresholds) for i in blocks}
+    for i, t in thresholds.items():
+        if i not in blocks:
+            raise ValueError(f"layer {i} is not a routed layer; routed layers: {sorted(blocks)}")
+        t = float(t)
+        if t != t:  # NaN would route nothing and hide a bug
+            raise ValueError(f"threshold for layer {i} is NaN")
+        blocks[i].router.threshold.fill_(t)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: MoDTransformer, tokens_BT: torch.Tensor, target_fraction: float) -> dict[int, float]:
+    """Set each routed block's threshold so causal routing takes ~``target_fraction`` of the tokens.
+
+    Layer by layer, in order: run a causal forward (earlier blocks already calibrated), collect
+    the causal logits at block l's input over every token of ``tokens_BT``, and put block l's
+    threshold at their (1 - target_fraction) quantile. Returns {layer: threshold}.
+    """
+    if not isinstance(target_fraction, (int, float)) or not 0.0 <= target_fraction <= 1.0:
+        raise ValueError(f"target_fraction={target_fraction!r} must be in [0, 1]")
+    blocks = _thresholded_blocks(model)
+    tokens_BT = _check_tokens(model, tokens_BT)
+    was_training = model.training
+    model.eval()
+    captured: dict[int, torch.Tensor] = {}
+    try:
+        for i, blk in blocks.items():
+            def grab(module, args, kwargs, i=i):
+                x = args[0] if args else kwargs["x_BTD"]
+                captured[i] = module.router.causal_logits(x, module.router.scores(x))
+
+            handle = blk.register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                model(tokens_BT, routing="causal")
+            finally:
+                handle.remove()
+            blk.router.threshold.fill_(_threshold_for_fraction(captured.pop(i), float(target_fraction)))
+    finally:
+        model.train(was_training)
+    return get_thresholds(model)
+
+
+@torch.no_grad()
+def measure_routed_fraction(model: MoDTransformer, tokens_BT: torch.Tensor) -> dict[int, float]:
+    """Fraction of the tokens each routed block processes under causal routing: {layer: fraction}."""
+    tokens_BT = _check_tokens(model, tokens_BT)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(tokens_BT, routing="causal")
+    finally:
+        model.train(was_training)
+    T = tokens_BT.shape[1]
+    return {i: float(route_mask(r, T).float().mean()) for i, r in out.routes.items()}
+
+
+@torch.no_grad()
+def causal_val_loss(model: MoDTransformer, windows_BT1: torch.Tensor) -> float:
+    """Mean next-token loss (nats) over (B, T+1) windows, routing causally (as when decoding)."""
+    if not isinstance(windows_BT1, torch.Tensor) or windows_BT1.dim() != 2 or windows_BT1.shape[1] < 2:
+        raise ValueError("validation windows must be a (B, T+1) tensor of token ids with T >= 1")
+    inputs = _check_tokens(model, windows_BT1[:, :-1])
+    targets = windows_BT1[:, 1:].to(inputs.device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(inputs, targets_BT=targets, routing="causal")
+    finally:
+        model.train(was_training)
+    return float(out.lm_loss)
+
+
+@torch.no_grad()
+def sweep_knob(model: MoDTransformer, val_tokens: torch.Tensor, fractions: Sequence[float],
+               calib_tokens: torch.Tensor | None = None, prompt_len: int = 64, new_tokens: int = 64,
+               batch_size: int = 1, seed: int = 0) -> list[dict[str, float]]:
+    """Speed against quality over target routed fractions.
+
+    For each fraction: calibrate the thresholds on ``calib_tokens`` (default: the inputs of
+    ``val_tokens``), measure the routed fraction and the causal-routing loss on ``val_tokens``
+    ((B, T+1) windows: inputs and their next tokens), and time cached decoding of
+    ``new_tokens`` tokens after a ``prompt_len`` prompt cut from ``val_tokens`` (``batch_size``
+    rows, temperature 1, fixed seed). The model's thresholds are restored afterwards.
+
+    Returns one dict per fraction: fraction, routed_fraction (mean over routed blocks, on the
+    validation inputs), routed_fraction_per_layer, val_loss (nats/token), decode_tokens_per_s,
+    thresholds.
+    """
+    from modlm.generate import generate
+
+    if not isinstance(val_tokens, torch.Tensor) or val_tokens.dim() != 2 or val_tokens.shape[1] < 2:
+        raise ValueError("val_tokens must be a (B, T+1) tensor of token windows with T >= 1")
+    inputs = _check_tokens(model, val_tokens[:, :-1])
+    windows = val_tokens.to(inputs.device)
+    calib = inputs if calib_tokens is None else calib_tokens
+    if prompt_len < 1 or prompt_len > inputs.shape[1]:
+        raise ValueError(f"prompt_len={prompt_len} must be in [1, {inputs.shape[1]}] (the val window length)")
+    rows = torch.arange(batch_size) % inputs.shape[0]
+    prompts = inputs[rows.to(inputs.device), :prompt_len]
+    saved = get_thresholds(model)
+    results = []
+    try:
+        for f in fractions:
+            th = calibrate_thresholds(model, calib, f)
+            per_layer = measure_routed_fraction(model, inputs)
+            loss = causal_val_loss(model, windows)
+            res = generate(model, prompts, new_tokens, temperature=1.0, seed=seed)
+            results.append({
+                "fraction": float(f),
+                "routed_fraction": sum(per_layer.values()) / max(1, len(per_layer)),
+                "routed_fraction_per_layer": per_layer,
+                "val_loss": loss,
+                "decode_tokens_per_s": res.new_tokens / max(res.decode_s, 1e-9),
+                "thresholds": th,
+            })
+    finally:
+        set_thresholds(model, saved)
+    return results

@@ -1,0 +1,220 @@
+"""Decoding: the routed KV cache path equals full recomputation, and generate() behaves."""
+
+import pytest
+import torch
+
+from modlm import ModelConfig, MoDTransformer
+from modlm.calibrate import calibrate_thresholds
+from modlm.dispatch import capacity_k
+from modlm.generate import DecodeSession, generate
+from modlm.model import RoutedBlock, route_mask
+
+N_NEW = 64
+PROMPT_LENS = (5, 17, 30)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Decoding tiny models is all small ops: threads only add contention on a 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _prompts(seed=0, lens=PROMPT_LENS, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def _mod_model(causal_routing, **kw):
+    """A double-precision tiny MoD model whose causal decisions route about half the tokens."""
+    torch.manual_seed(0)
+    model = MoDTransformer(ModelConfig.from_name("tiny", causal_routing=causal_routing, max_seq_len=160, **kw))
+    model = model.double().eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            if isinstance(blk, RoutedBlock) and blk.router.predictor is not None:
+                blk.router.predictor.fc2.weight.mul_(50.0)
+                blk.router.predictor.fc2.bias.zero_()
+    # Put each threshold at the median of its causal logits, so decisions are mixed (not all 0/1).
+    calibrate_thresholds(model, torch.randint(0, 256, (4, 96), generator=torch.Generator().manual_seed(9)), 0.5)
+    return model
+
+
+@pytest.mark.parametrize("causal_routing", ["predictor", "aux_loss"])
+def test_cached_decoding_equals_recomputation_and_full_causal_forward(causal_routing):
+    model = _mod_model(causal_routing)
+    prompts = _prompts()
+    # Sampling (same seed on both paths) gives varied text, hence varied routing decisions.
+    cached = generate(model, prompts, N_NEW, seed=0, return_logits=True, return_cache=True, trace=True)
+    full = generate(model, prompts, N_NEW, seed=0, use_cache=False, return_logits=True)
+    assert cached.tokens == full.tokens
+    assert all(len(t) == N_NEW for t in cached.tokens)
+    torch.testing.assert_close(cached.logits, full.logits, rtol=1e-6, atol=1e-6)
+
+    cache, routed = cached.cache, model.config.routed_layers
+    routed_BL = {layer: [] for layer in routed}
+    for b, p in enumerate(prompts):
+        # every new token but the last was fed back: the sequence the cache has seen
+        seq = torch.tensor([p + cached.tokens[b][:-1]])
+        T = seq.shape[1]
+        out = model(seq, routing="causal")
+        torch.testing.assert_close(cached.logits[b], out.logits[0, len(p) - 1:].float(), rtol=1e-6, atol=1e-6)
+        for layer in range(model.config.n_layers):
+            held = int(cache.layer_lengths(layer)[b])
+            if layer in routed:
+                sel = route_mask(out.routes[layer], T)[0]
+                assert held == int(sel.sum()), (layer, b)
+                routed_BL[layer].append(sel.float().mean().item())
+                # the trace names the routed blocks each fed-back token went through
+                assert [layer in r for r in cached.routing[b]] == sel[len(p):].tolist()
+            else:
+                assert held == T, (layer, b)  # dense layers hold every real token
+    # decisions were really mixed: every routed layer takes some tokens and skips others, and
+    # rows route different numbers of tokens (a ragged cache)
+    for layer, fr in routed_BL.items():
+        assert 0.1 < sum(fr) / len(fr) < 0.9 and len(set(fr)) > 1, (layer, fr)
+
+    # a row alone (batch of one: a routed block runs on all rows or none) decodes as in the batch
+    greedy_alone = generate(model, [prompts[1]], N_NEW, temperature=0, return_logits=True)
+    greedy_batch = generate(model, prompts, N_NEW, temperature=0, return_logits=True)
+    assert greedy_alone.tokens[0] == greedy_batch.tokens[1]
+    torch.testing.assert_close(greedy_alone.logits[0], greedy_batch.logits[1], rtol=1e-6, atol=1e-6)
+
+
+def test_gqa_mod_model_cached_equals_uncached():
+    model = _mod_model("predictor", n_kv_heads=2)
+    prompts = _prompts(seed=1, lens=(3, 11))
+    a = generate(model, prompts, 24, temperature=0, return_logits=True)
+    b = generate(model, prompts, 24, temperature=0, use_cache=False, return_logits=True)
+    assert a.tokens == b.tokens
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_model_cached_equals_uncached():
+    torch.manual_seed(0)
+    model = MoDTransformer(ModelConfig.from_name("tiny", router="none")).double()
+    prompts = _prompts(lens=(4, 19))
+    a = generate(model, prompts, 32, temperature=0, return_logits=True, return_cache=True)
+    b = generate(model, prompts, 32, temperature=0, use_cache=False, return_logits=True)
+    assert a.tokens == b.tokens
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+    for layer in range(model.config.n_layers):
+        assert a.cache.layer_lengths(layer).tolist() == [4 + 31, 19 + 31]
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return MoDTransformer(ModelConfig.from_name("tiny", **kw))
+
+
+def test_greedy_is_deterministic_and_seeds_control_sampling():
+    model = _tiny()
+    prompts = _prompts(lens=(6, 9))
+    g1 = generate(model, prompts, 20, temperature=0, seed=1)
+    g2 = generate(model, prompts, 20, temperature=0, seed=2)
+    assert g1.tokens == g2.tokens
+    s1 = generate(model, prompts, 20, temperature=1.0, seed=7)
+    s2 = generate(model, prompts, 20, temperature=1.0, seed=7)
+    s3 = generate(model, prompts, 20, temperature=1.0, seed=8)
+    assert s1.tokens == s2.tokens
+    assert s1.tokens != s3.tokens  # a near-uniform 256-way sampler: equal 40 tokens is ~impossible
+    # filters keep sampling in range and reproducible
+    f1 = generate(model, prompts, 10, temperature=0.8, top_k=5, top_p=0.9, seed=3)
+    f2 = generate(model, prompts, 10, temperature=0.8, top_k=5, top_p=0.9, seed=3)
+    assert f1.tokens == f2.tokens
+    # the model is left in the mode it was in
+    model.train()
+    generate(model, prompts, 2, temperature=0)
+    assert model.training
+
+
+def test_top_k_one_is_greedy():
+    model = _tiny()
+    prompts = _prompts(lens=(8,))
+    assert generate(model, prompts, 12, top_k=1, seed=0).tokens == generate(model, prompts, 12, temperature=0).tokens
+
+
+def test_stop_tokens_end_a_row():
+    model = _tiny()
+    prompts = _prompts(lens=(6, 9, 4))
+    ref = generate(model, prompts, 24, temperature=0).tokens
+    stop = ref[0][3]
+    got = generate(model, prompts, 24, temperature=0, stop_tokens=[stop], stream=None)
+    for r, g in zip(ref, got.tokens):
+        expect = r[: r.index(stop) + 1] if stop in r else r
+        assert g == expect
+    assert got.tokens[0][-1] == stop and len(got.tokens[0]) <= 4
+    # every row stopping ends the loop; stream sees exactly the kept tokens
+    seen = {0: [], 1: [], 2: []}
+    all_stop = generate(model, prompts, 24, temperature=0, stop_tokens=[r[0] for r in ref],
+                        stream=lambda b, t: seen[b].append(t))
+    assert all_stop.tokens == [[r[0]] for r in ref]
+    assert [seen[b] for b in range(3)] == all_stop.tokens
+
+
+def test_prefill_topk_routes_the_prompt_by_topk():
+    model = _tiny(capacity=0.25).double().eval()
+    prompts = _prompts(lens=(8, 21, 13))
+    # one new token: nothing is fed back, so the cache holds exactly the prompt's routes
+    res = generate(model, prompts, 1, temperature=0, prefill_routing="topk", return_logits=True, return_cache=True)
+    for layer in model.config.routed_layers:
+        assert res.cache.layer_lengths(layer).tolist() == [capacity_k(0.25, len(p)) for p in prompts]
+    for b, p in enumerate(prompts):  # each row as if alone, routed by top-k over its real tokens
+        ref = model(torch.tensor([p]), routing="topk").logits[0, -1]
+        torch.testing.assert_close(res.logits[b, 0], ref.float(), rtol=1e-6, atol=1e-6)
+    # and decoding continues causally from there
+    long = generate(model, prompts, 16, temperature=0, prefill_routing="topk", return_cache=True)
+    assert all(len(t) == 16 for t in long.tokens)
+    for layer in model.config.routed_layers:
+        grown = long.cache.layer_lengths(layer) - res.cache.layer_lengths(layer)
+        assert bool(((grown >= 0) & (grown <= 15)).all())
+
+
+def test_decode_session_steps_equal_generate():
+    model = _tiny()
+    prompts = _prompts(lens=(6, 9))
+    ref = generate(model, prompts, 10, seed=4, return_logits=True)
+    session = DecodeSession(model, prompts, 10, seed=4, return_logits=True)
+    steps = 0
+    while session.step():
+        steps += 1
+    assert steps == 9 and not session.step()  # the 10th token is chosen but never fed back
+    res = session.result()
+    assert res.tokens == ref.tokens
+    torch.testing.assert_close(res.logits, ref.logits)
+
+
+def test_tensor_prompts_and_random_router():
+    model = _tiny(router="random")
+    res = generate(model, torch.randint(0, 256, (2, 7)), 5, seed=0)
+    assert [len(t) for t in res.tokens] == [5, 5]
+    res = generate(model, torch.randint(0, 256, (7,)), 3, seed=0)
+    assert len(res.tokens) == 1 and len(res.tokens[0]) == 3
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1] * 100], max_new_tokens=29), "129 > the model's context max_seq_len=128"),
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens=2.5"),
+    (dict(temperature=-0.5), "temperature=-0.5"),
+    (dict(temperature=float("nan")), "temperature=nan"),
+    (dict(top_k=0), "top_k=0"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(prompts=[[1, 256]]), "token id 256"),
+    (dict(prompts=[[-1, 3]]), "token id -1"),
+    (dict(prompts=[[1, 2.5]]), "token id 2.5"),
+    (dict(prefill_routing="random"), "prefill_routing='random'"),
+])
+def test_bad_inputs_are_one_line_value_errors_naming_the_value(kwargs, fragment):
+    model = _tiny()
+    args = dict(prompts=[[1, 2, 3]], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError) as e:
+        generate(model, **args)
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg, msg
