@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from modlm.config import ModelConfig
 from modlm.dispatch import capacity_k, mask_to_padded_indices

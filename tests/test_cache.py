@@ -9,13 +9,6 @@ from modlm.cache import RoutedKVCache
 G, E = 2, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _kv(b, K, seed):
     g = torch.Generator().manual_seed(seed)

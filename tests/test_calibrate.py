@@ -8,13 +8,6 @@ from modlm.calibrate import (calibrate_thresholds, causal_val_loss, get_threshol
                              set_thresholds, sweep_knob)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(**kw):
     torch.manual_seed(0)

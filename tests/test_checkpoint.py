@@ -38,15 +38,6 @@ def _trained(config: ModelConfig, steps: int = 2, seed: int = 0):
     return model, opt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP spin-waits make them
-    # many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def tiny():

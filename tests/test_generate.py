@@ -13,14 +13,6 @@ N_NEW = 64
 PROMPT_LENS = (5, 17, 30)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Decoding tiny models is all small ops: threads only add contention on a 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _prompts(seed=0, lens=PROMPT_LENS, vocab=256):
     g = torch.Generator().manual_seed(seed)

@@ -21,16 +21,6 @@ from modlm.isoflop import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds contention (and is badly slower on a busy machine).
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _shapes(text=DEFAULT_SHAPES):
     return [Shape.parse(s) for s in text.split(",")]

@@ -12,15 +12,6 @@ from modlm.reproduce import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _corpus(tmp_path):
     rng = random.Random(1)

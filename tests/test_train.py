@@ -35,15 +35,6 @@ from modlm.train import (
 SUBPROCESS_TIMEOUT = 240  # generous: a busy 2-core CI box runs these several times slower
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP spin-waits make them
-    # many times slower; subprocesses get OMP_NUM_THREADS=1 for the same reason.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
