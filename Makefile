@@ -14,9 +14,10 @@ RUN_SECONDS ?= 300
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	# The default corpus: the Wikipedia sample inside gensim's wheel (no gensim import, no deps).
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps gensim==4.4.0
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	# The default corpus: the Wikipedia sample inside gensim's wheel; modlm reads the file and never
+	# imports gensim, so its dependencies are not installed (installed last: no resolver warning).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gensim==4.4.0
 	touch $@
 
 install: $(VENV)/.installed
