@@ -289,6 +289,19 @@ class MoDTransformer(nn.Module):
             elif name.endswith("norm.weight"):
                 nn.init.ones_(p)
 
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, **kwargs):
+        """Sample continuations with causal routing and the routed KV cache.
+
+        A thin convenience over ``modlm.generate.generate`` (see it for every option: stop
+        tokens, streaming, prefill routing, routing trace). ``idx``: a (B, T) tensor or lists of
+        token ids. Returns a ``GenerationResult``.
+        """
+        from modlm.generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        **kwargs)
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n

@@ -210,3 +210,14 @@ def test_bad_inputs_are_one_line_value_errors_naming_the_value(kwargs, fragment)
         generate(model, **args)
     msg = str(e.value)
     assert fragment in msg and "\n" not in msg, msg
+
+
+def test_model_generate_method_is_the_library_function():
+    from modlm import ModelConfig, MoDTransformer
+    from modlm.generate import generate
+
+    model = MoDTransformer(ModelConfig.from_name("tiny"))
+    prompts = [[5, 6, 7], [8, 9]]
+    a = model.generate(prompts, 12, temperature=0.9, top_k=20, seed=3)
+    b = generate(model, prompts, 12, temperature=0.9, top_k=20, seed=3)
+    assert a.tokens == b.tokens and all(len(t) == 12 for t in a.tokens)
