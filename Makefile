@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/modlm train --model small --out-dir $(RUN_DIR) --resume --max-time-s $(RUN_SECONDS) \
 		--batch-size 8 --seq-len 256 --max-steps 250 --warmup-steps 25 --eval-interval 50 --ckpt-interval 50
-	$(VENV)/bin/modlm generate --ckpt $(RUN_DIR) --prompt "The history of " --max-new-tokens 300 --temperature 0.8 --show-routing
+	$(VENV)/bin/modlm generate --ckpt $(RUN_DIR) --prompt "The history of " --max-new-tokens 200 --temperature 0.8 --show-routing
 
 test: install
 	$(PY) -m pytest -q

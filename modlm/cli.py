@@ -100,11 +100,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stop = [tok.encode(s)[0] for s in args.stop] if args.stop else []
     streaming = len(prompts) == 1
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    if streaming:
-        sys.stdout.write(prompts_text[0])
-        sys.stdout.flush()
+    started = []
 
     def stream(row: int, token: int) -> None:
+        if not started:  # the prompt is echoed once generation has really begun (inputs were valid)
+            sys.stdout.write(prompts_text[0])
+            started.append(True)
         sys.stdout.write(decoder.decode(bytes([token])))
         sys.stdout.flush()
 

@@ -42,3 +42,30 @@ def test_help_explains_itself(capsys):
     out = capsys.readouterr().out
     for word in ("train", "generate", "flops", "examples"):
         assert word in out
+
+
+def test_generate_from_a_checkpoint_streams_and_traces(tmp_path, capsys):
+    import torch
+
+    from modlm import ModelConfig, MoDTransformer
+    from modlm.checkpoint import save_checkpoint
+
+    cfg = ModelConfig.from_name("tiny")
+    torch.manual_seed(0)
+    model = MoDTransformer(cfg)
+    save_checkpoint(tmp_path / "ckpt", model, cfg)
+    assert main(["generate", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max-new-tokens", "8",
+                 "--temperature", "0", "--show-routing"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hello")
+    assert "L1" in out and "L3" in out and "depth" in out  # the routing table
+    # a prompt too long for the context: one line, nothing echoed
+    assert main(["generate", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "x" * 100, "--max-new-tokens", "50"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and "max_seq_len=128" in cap.err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo two\n")
+    assert main(["generate", "--ckpt", str(tmp_path / "ckpt"), "--prompts-file", str(prompts),
+                 "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [d["prompt"] for d in lines] == ["one", "two two"]
