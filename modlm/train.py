@@ -794,7 +794,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
     total_s = elapsed()
     summary = {
         "step": step, "max_steps": cfg.max_steps, "stop_reason": stop_reason, "resumed_from": start_step if state is not None else None,
-        "train_loss": last_train.get("loss"), "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
+        "train_loss": last_train.get("lm_loss"), "train_aux_loss": last_train.get("aux_loss"), "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
         "val_loss_causal": last_eval.get("val_loss_causal"), "val_bpb_causal": last_eval.get("val_bpb_causal"),
         "causal_routed_frac": last_eval.get("causal_routed_frac"), "tokens_seen": tokens_seen, "elapsed_s": total_s,
         "tokens_per_s": (step - start_step) * tokens_per_step / max(time.monotonic() - t0, 1e-9),
