@@ -440,13 +440,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         FileNotFoundError: no such directory (one line naming it).
         ValueError: a file is truncated, corrupted, or does not match the config (names the file).
     """
-    manifest = read_checkpoint_config(path)
-    ckpt = Path(manifest["path"])
-    try:
-        config = ModelConfig.from_dict(manifest["model"])
-    except (TypeError, ValueError) as e:
-        raise _corrupted(ckpt / CONFIG_FILE, f"bad model config: {e}") from None
-    model = _build_model(config, ckpt, manifest, device, verify_hash)
+    model, config, manifest, ckpt = _read_model(path, device, verify_hash)
     rng = _load_tensors(_check_file(ckpt, manifest, RNG_FILE, verify_hash)) if RNG_FILE in manifest["files"] else {}
     state = {
         "step": int(manifest["step"]),
@@ -462,10 +456,16 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", verify_hash: bool = True) -> nn.Module:
     """Just the model of a checkpoint (or run directory), in eval mode; optimizer/RNG files are not read."""
+    return _read_model(path, device, verify_hash)[0].eval()
+
+
+def _read_model(path: str | os.PathLike, device: str | torch.device, verify_hash: bool
+                ) -> tuple[nn.Module, ModelConfig, dict[str, Any], Path]:
+    """The model, its config, the checked manifest and the checkpoint directory."""
     manifest = read_checkpoint_config(path)
     ckpt = Path(manifest["path"])
     try:
         config = ModelConfig.from_dict(manifest["model"])
     except (TypeError, ValueError) as e:
         raise _corrupted(ckpt / CONFIG_FILE, f"bad model config: {e}") from None
-    return _build_model(config, ckpt, manifest, device, verify_hash).eval()
+    return _build_model(config, ckpt, manifest, device, verify_hash), config, manifest, ckpt
