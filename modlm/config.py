@@ -15,6 +15,15 @@ ROUTER_KINDS = ("learned", "random", "token_choice", "none")
 CAUSAL_ROUTING = ("aux_loss", "predictor", "both")
 
 
+def dataclass_from_dict(cls, d: dict[str, Any]):
+    """``cls(**d)``, refusing unknown keys with one line that names them (configs from JSON files)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**d)
+
+
 def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ValueError(f"ModelConfig.{name}={value!r} is invalid: {allowed}")
@@ -132,11 +141,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":

@@ -33,7 +33,7 @@ from typing import Any
 
 # torch is imported inside functions: `modlm --help` and config validation import this module and
 # should stay instant (as modlm.config does).
-from modlm.config import ModelConfig, preset_names
+from modlm.config import ModelConfig, dataclass_from_dict, preset_names
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
@@ -137,11 +137,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 def _is_cuda_index(device: str) -> bool:
