@@ -102,7 +102,7 @@ def calibrate_thresholds(model: MoDTransformer, tokens_BT: torch.Tensor, target_
         for i, blk in blocks.items():
             def grab(module, args, kwargs, i=i):
                 x = args[0] if args else kwargs["x_BTD"]
-                captured[i] = module.router.causal_logits(x, module.router.scores(x))
+                captured[i] = module.router.decision_logits(x)[0]  # as the causal decision computes it
 
             handle = blk.register_forward_pre_hook(grab, with_kwargs=True)
             try:

@@ -140,6 +140,8 @@ class RoutedBlock(Block):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.router = build_router(config)
+        self._decode_const_key: tuple | None = None
+        self._decode_const: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x_BTD: torch.Tensor, rotary: Rotary, pos_BT: torch.Tensor, mode: str = "topk",
                 route: RouterOutput | None = None, cache=None,
@@ -184,8 +186,10 @@ class RoutedBlock(Block):
         if token_mask_B1 is not None:
             sel_B1 = sel_B1 & token_mask_B1
         flags = sel_B1.view(-1).tolist()  # the decision on the host (the one sync)
-        zero = x_B1D.new_zeros((), dtype=torch.float32)
-        route = RouterOutput(torch.zeros_like(pos_B1), sel_B1, r_B1, zero, {"routed_frac": sel_B1.float().mean()})
+        # A skipped block costs only the lines above and below, so the RouterOutput reuses
+        # constant tensors and carries no statistics (a decode step logs nothing).
+        idx_B1, zero = self._decode_constants(len(flags), x_B1D.device)
+        route = RouterOutput(idx_B1, sel_B1, r_B1, zero, {})
         b, B = sum(flags), len(flags)
         if b == 0:
             return x_B1D, route
@@ -203,6 +207,16 @@ class RoutedBlock(Block):
         if r_B1 is not None:
             f_b1D = f_b1D * r_B1.index_select(0, rows_d).unsqueeze(-1).to(f_b1D.dtype)
         return x_B1D.index_add(0, rows_d, f_b1D.to(x_B1D.dtype)), route
+
+
+    def _decode_constants(self, B: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx_B1 zeros, fp32 zero scalar) for decode-step RouterOutputs, built once per (B, device)."""
+        key = (B, device)
+        if self._decode_const_key != key:
+            self._decode_const = (torch.zeros(B, 1, dtype=torch.long, device=device),
+                                  torch.zeros((), dtype=torch.float32, device=device))
+            self._decode_const_key = key
+        return self._decode_const
 
 
 def route_mask(route: RouterOutput, seq_len: int) -> torch.Tensor:

@@ -98,6 +98,25 @@ class CausalPredictor(nn.Module):
             r_hat_BT = (r_BT.detach().float() - self.r_mean) * torch.rsqrt(self.r_var + 1e-12)
             return mlp_BT + self.r_gain * r_hat_BT + self.r_bias  # (B, T)
 
+    @torch.no_grad()
+    def fold(self, router_w_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The router and this predictor as two matmuls (inference only, no gradients).
+
+        r = w·x and the standardisation of r are linear, so with ``a = r_gain / std(r)``:
+
+            z = [fc1.weight; w] x + [fc1.bias; 0]          (h + 1 values: hidden, then r)
+            logit = [fc2.weight, a] · [silu(z_h), r] + fc2.bias + r_bias - a * r_mean
+
+        which equals ``forward(x, w·x)`` up to float rounding. Returns (W_in (h+1, D), b_in (h+1,),
+        w_out (1, h+1), b_out (1,)), all fp32.
+        """
+        a = self.r_gain.float() * torch.rsqrt(self.r_var.float() + 1e-12)
+        W_in = torch.cat([self.fc1.weight.float(), router_w_D.float().view(1, -1)], 0)
+        b_in = torch.cat([self.fc1.bias.float(), self.fc1.bias.new_zeros(1, dtype=torch.float32)])
+        w_out = torch.cat([self.fc2.weight.float().view(-1), a.view(1)]).view(1, -1)
+        b_out = (self.fc2.bias.float() + self.r_bias.float() - a * self.r_mean.float()).view(1)
+        return W_in.contiguous(), b_in, w_out.contiguous(), b_out
+
 
 class LearnedRouter(nn.Module):
     """MoD's learned expert-choice router: r = w·x, top-k of r per sequence.
@@ -119,6 +138,7 @@ class LearnedRouter(nn.Module):
         # Logit threshold for causal decisions: 0 <=> probability 0.5. Raising it routes fewer
         # tokens (an inference-time compute knob); it is a buffer so it travels with checkpoints.
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
+        self._fold_cache: tuple | None = None  # (source tensors, their versions, folded weights)
 
     def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Router logits r_BT in fp32 (routing decisions are precision-sensitive)."""
@@ -129,10 +149,62 @@ class LearnedRouter(nn.Module):
         """The causal routing signal: predictor logit if present, else the router logit."""
         return self.predictor(x_BTD, r_BT) if self.predictor is not None else r_BT
 
+    def decision_logits(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(causal logit_BT, router logit r_BT), fp32. Each token's values depend on it alone.
+
+        Without gradients (decoding, evaluation, calibration) a predictor router runs folded:
+        one matmul gives the predictor's hidden layer and r together, a second the logit
+        (see ``CausalPredictor.fold``), instead of ~15 small operators. At batch size 1 a skipped
+        routed block costs only this, so it sets how much of MoD's saving decoding keeps. The
+        folded weights are cached and rebuilt when any parameter or buffer they come from
+        changes (an optimizer step, a load, new running statistics).
+        """
+        if self.predictor is None or torch.is_grad_enabled():
+            r_BT = self.scores(x_BTD)
+            return self.causal_logits(x_BTD, r_BT), r_BT
+        W_in, b_in, w_out, b_out = self._folded()
+        h = W_in.shape[0] - 1
+        if torch.is_autocast_enabled(x_BTD.device.type):  # entering the context costs more than the math
+            with torch.autocast(device_type=x_BTD.device.type, enabled=False):
+                return self._folded_logits(x_BTD.float(), W_in, b_in, w_out, b_out, h)
+        return self._folded_logits(x_BTD.float(), W_in, b_in, w_out, b_out, h)
+
+    @staticmethod
+    def _folded_logits(x_BTD, W_in, b_in, w_out, b_out, h):
+        z_BTH = F.linear(x_BTD, W_in, b_in)  # (B, T, h + 1): hidden pre-activations, then r
+        F.silu(z_BTH[..., :h], inplace=True)
+        return F.linear(z_BTH, w_out, b_out).squeeze(-1), z_BTH[..., h]
+
+    def _folded(self) -> tuple[torch.Tensor, ...]:
+        # NOTE: validity is checked by the version counters of the tensors the fold was built
+        # from (bumped by every in-place change: optimizer steps, load_state_dict's copy_,
+        # running-statistics updates). Replacing a tensor object instead (.to(), assign=True
+        # loads, train()/eval()) drops the cache through _apply / _load_from_state_dict / train.
+        cache = self._fold_cache
+        if cache is not None and cache[1] == tuple(t._version for t in cache[0]):
+            return cache[2]
+        p = self.predictor
+        srcs = (self.weight, p.fc1.weight, p.fc1.bias, p.fc2.weight, p.fc2.bias, p.r_gain, p.r_bias, p.r_mean, p.r_var)
+        folded = p.fold(self.weight)
+        self._fold_cache = (srcs, tuple(t._version for t in srcs), folded)
+        return folded
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fold_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._fold_cache = None
+        return super().train(mode)
+
     def causal_decision(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token causal routing: (sel_BT bool, weight_BT = r). Depends on each token alone."""
-        r_BT = self.scores(x_BTD)
-        return self.causal_logits(x_BTD, r_BT) > self.threshold, r_BT
+        logit_BT, r_BT = self.decision_logits(x_BTD)
+        return logit_BT > self.threshold, r_BT
 
     def forward(self, x_BTD: torch.Tensor, mode: str = "topk", token_mask_BT: torch.Tensor | None = None) -> RouterOutput:
         """Route a (B, T, D) stream. ``token_mask_BT`` marks real tokens (left padding is never routed)."""

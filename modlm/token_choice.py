@@ -94,6 +94,11 @@ class TokenChoiceRouter(nn.Module):
         """The decision signal is the router logit itself."""
         return r_BT
 
+    def decision_logits(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(causal logit_BT, router logit r_BT): both are r here."""
+        r_BT = self.scores(x_BTD)
+        return r_BT, r_BT
+
     def causal_decision(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sel_BT = r > threshold, weight_BT = sigmoid(r)); each token decides alone."""
         r_BT = self.scores(x_BTD)
