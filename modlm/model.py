@@ -141,7 +141,7 @@ class RoutedBlock(Block):
         super().__init__(config, layer_idx)
         self.router = build_router(config)
         self._decode_const_key: tuple | None = None
-        self._decode_const: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._decode_const: tuple[torch.Tensor, ...] | None = None
 
     def forward(self, x_BTD: torch.Tensor, rotary: Rotary, pos_BT: torch.Tensor, mode: str = "topk",
                 route: RouterOutput | None = None, cache=None,
@@ -176,21 +176,30 @@ class RoutedBlock(Block):
         """One new token per row: compute only the rows whose token routes into this block.
 
         Computing every row and masking would save nothing; gathering the routed rows makes a
-        skipped row cost only its router score. When every row routes (always the case at batch
+        skipped row cost only its causal decision (``decide_on_host`` where the router has it). When every row routes (always the case at batch
         size 1 when the block runs) nothing is gathered and the cache hands back views.
         NOTE: the decision is copied to the host (B booleans) once per routed block and step: a
         sync on an accelerator, the price of a data-dependent batch size. The cache's positions
         and slicing are then host arithmetic, with no further sync.
         """
-        sel_B1, r_B1 = self.router.causal_decision(x_B1D)
-        if token_mask_B1 is not None:
-            sel_B1 = sel_B1 & token_mask_B1
-        flags = sel_B1.view(-1).tolist()  # the decision on the host (the one sync)
-        # A skipped block costs only the lines above and below, so the RouterOutput reuses
-        # constant tensors and carries no statistics (a decode step logs nothing).
-        idx_B1, zero = self._decode_constants(len(flags), x_B1D.device)
-        route = RouterOutput(idx_B1, sel_B1, r_B1, zero, {})
+        if hasattr(self.router, "decide_on_host"):
+            flags, r_B1 = self.router.decide_on_host(x_B1D)  # the decision on the host (the one sync)
+            if token_mask_B1 is not None:
+                flags = [f and m for f, m in zip(flags, token_mask_B1.view(-1).tolist())]
+            sel_B1 = None
+        else:
+            sel_B1, r_B1 = self.router.causal_decision(x_B1D)
+            if token_mask_B1 is not None:
+                sel_B1 = sel_B1 & token_mask_B1
+            flags = sel_B1.view(-1).tolist()  # the decision on the host (the one sync)
         b, B = sum(flags), len(flags)
+        # A skipped block costs only the lines above and below, so the RouterOutput reuses
+        # constant tensors (no row / every row routed) and carries no statistics.
+        idx_B1, zero, none_B1, all_B1 = self._decode_constants(B, x_B1D.device)
+        if sel_B1 is None:
+            sel_B1 = none_B1 if b == 0 else all_B1 if b == B else \
+                torch.tensor(flags, dtype=torch.bool).view(B, 1).to(x_B1D.device)
+        route = RouterOutput(idx_B1, sel_B1, r_B1, zero, {})
         if b == 0:
             return x_B1D, route
         if b == B:
@@ -209,12 +218,15 @@ class RoutedBlock(Block):
         return x_B1D.index_add(0, rows_d, f_b1D.to(x_B1D.dtype)), route
 
 
-    def _decode_constants(self, B: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(idx_B1 zeros, fp32 zero scalar) for decode-step RouterOutputs, built once per (B, device)."""
+    def _decode_constants(self, B: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(idx_B1 zeros, fp32 zero, all-False sel_B1, all-True sel_B1) for decode-step
+        RouterOutputs, built once per (B, device). Read-only: callers must not modify them."""
         key = (B, device)
         if self._decode_const_key != key:
             self._decode_const = (torch.zeros(B, 1, dtype=torch.long, device=device),
-                                  torch.zeros((), dtype=torch.float32, device=device))
+                                  torch.zeros((), dtype=torch.float32, device=device),
+                                  torch.zeros(B, 1, dtype=torch.bool, device=device),
+                                  torch.ones(B, 1, dtype=torch.bool, device=device))
             self._decode_const_key = key
         return self._decode_const
 

@@ -107,15 +107,15 @@ class CausalPredictor(nn.Module):
             z = [fc1.weight; w] x + [fc1.bias; 0]          (h + 1 values: hidden, then r)
             logit = [fc2.weight, a] · [silu(z_h), r] + fc2.bias + r_bias - a * r_mean
 
-        which equals ``forward(x, w·x)`` up to float rounding. Returns (W_in (h+1, D), b_in (h+1,),
-        w_out (1, h+1), b_out (1,)), all fp32.
+        which equals ``forward(x, w·x)`` up to float rounding. Returns (W_in^T (D, h+1), b_in (h+1,),
+        w_out (h+1,), b_out (1,)), all fp32 and contiguous, laid out for ``addmm`` / ``addmv``.
         """
         a = self.r_gain.float() * torch.rsqrt(self.r_var.float() + 1e-12)
         W_in = torch.cat([self.fc1.weight.float(), router_w_D.float().view(1, -1)], 0)
         b_in = torch.cat([self.fc1.bias.float(), self.fc1.bias.new_zeros(1, dtype=torch.float32)])
-        w_out = torch.cat([self.fc2.weight.float().view(-1), a.view(1)]).view(1, -1)
+        w_out = torch.cat([self.fc2.weight.float().view(-1), a.view(1)])
         b_out = (self.fc2.bias.float() + self.r_bias.float() - a * self.r_mean.float()).view(1)
-        return W_in.contiguous(), b_in, w_out.contiguous(), b_out
+        return W_in.t().contiguous(), b_in.contiguous(), w_out.contiguous(), b_out.contiguous()
 
 
 class LearnedRouter(nn.Module):
@@ -139,6 +139,7 @@ class LearnedRouter(nn.Module):
         # tokens (an inference-time compute knob); it is a buffer so it travels with checkpoints.
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
         self._fold_cache: tuple | None = None  # (source tensors, their versions, folded weights)
+        self._thr_cache: tuple | None = None  # (threshold tensor, its version, its value as a float)
 
     def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Router logits r_BT in fp32 (routing decisions are precision-sensitive)."""
@@ -162,18 +163,37 @@ class LearnedRouter(nn.Module):
         if self.predictor is None or torch.is_grad_enabled():
             r_BT = self.scores(x_BTD)
             return self.causal_logits(x_BTD, r_BT), r_BT
-        W_in, b_in, w_out, b_out = self._folded()
-        h = W_in.shape[0] - 1
+        W_in_t, b_in, w_out, b_out = self._folded()
         if torch.is_autocast_enabled(x_BTD.device.type):  # entering the context costs more than the math
             with torch.autocast(device_type=x_BTD.device.type, enabled=False):
-                return self._folded_logits(x_BTD.float(), W_in, b_in, w_out, b_out, h)
-        return self._folded_logits(x_BTD.float(), W_in, b_in, w_out, b_out, h)
+                return self._folded_logits(x_BTD, W_in_t, b_in, w_out, b_out)
+        return self._folded_logits(x_BTD, W_in_t, b_in, w_out, b_out)
 
     @staticmethod
-    def _folded_logits(x_BTD, W_in, b_in, w_out, b_out, h):
-        z_BTH = F.linear(x_BTD, W_in, b_in)  # (B, T, h + 1): hidden pre-activations, then r
-        F.silu(z_BTH[..., :h], inplace=True)
-        return F.linear(z_BTH, w_out, b_out).squeeze(-1), z_BTH[..., h]
+    def _folded_logits(x_BTD, W_in_t, b_in, w_out, b_out):
+        B, T, D = x_BTD.shape
+        h = W_in_t.shape[1] - 1
+        z_NH = torch.addmm(b_in, x_BTD.reshape(B * T, D).float(), W_in_t)  # hidden pre-activations, then r
+        F.silu(z_NH.narrow(1, 0, h), inplace=True)
+        logit_N = torch.addmv(b_out, z_NH, w_out)
+        return logit_N.view(B, T), z_NH[:, h].view(B, T)
+
+    def decide_on_host(self, x_BTD: torch.Tensor) -> tuple[list[bool], torch.Tensor]:
+        """``causal_decision`` with the decisions as host booleans (row-major over B, T) and r_BT.
+
+        Decoding needs the decisions on the host anyway (to pick the rows to compute);
+        comparing the copied logits there saves a device op. Same decisions as
+        ``causal_decision``: both compare the same fp32 logits with the same fp32 threshold.
+        """
+        logit_BT, r_BT = self.decision_logits(x_BTD)
+        thr = self._threshold_value()
+        return [v > thr for v in logit_BT.view(-1).tolist()], r_BT
+
+    def _threshold_value(self) -> float:
+        cache, t = self._thr_cache, self.threshold
+        if cache is None or cache[0] is not t or cache[1] != t._version:
+            cache = self._thr_cache = (t, t._version, float(t))
+        return cache[2]
 
     def _folded(self) -> tuple[torch.Tensor, ...]:
         # NOTE: validity is checked by the version counters of the tensors the fold was built
