@@ -163,31 +163,44 @@ class LearnedRouter(nn.Module):
         if self.predictor is None or torch.is_grad_enabled():
             r_BT = self.scores(x_BTD)
             return self.causal_logits(x_BTD, r_BT), r_BT
+        B, T, _ = x_BTD.shape
+        logit_N, r_N1 = self._folded_logits(x_BTD)
+        return logit_N.view(B, T), r_N1.view(B, T)
+
+    def _folded_logits(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat (B*T,) causal logits and (B*T, 1) router logits from the folded weights."""
         W_in_t, b_in, w_out, b_out = self._folded()
         if torch.is_autocast_enabled(x_BTD.device.type):  # entering the context costs more than the math
             with torch.autocast(device_type=x_BTD.device.type, enabled=False):
-                return self._folded_logits(x_BTD, W_in_t, b_in, w_out, b_out)
-        return self._folded_logits(x_BTD, W_in_t, b_in, w_out, b_out)
+                return self._folded_math(x_BTD, W_in_t, b_in, w_out, b_out)
+        return self._folded_math(x_BTD, W_in_t, b_in, w_out, b_out)
 
     @staticmethod
-    def _folded_logits(x_BTD, W_in_t, b_in, w_out, b_out):
-        B, T, D = x_BTD.shape
+    def _folded_math(x_BTD, W_in_t, b_in, w_out, b_out):
         h = W_in_t.shape[1] - 1
-        z_NH = torch.addmm(b_in, x_BTD.reshape(B * T, D).float(), W_in_t)  # hidden pre-activations, then r
+        z_NH = torch.addmm(b_in, x_BTD.reshape(-1, W_in_t.shape[0]).float(), W_in_t)  # hidden, then r
         F.silu(z_NH.narrow(1, 0, h), inplace=True)
-        logit_N = torch.addmv(b_out, z_NH, w_out)
-        return logit_N.view(B, T), z_NH[:, h].view(B, T)
+        return torch.addmv(b_out, z_NH, w_out), z_NH[:, h:]
 
-    def decide_on_host(self, x_BTD: torch.Tensor) -> tuple[list[bool], torch.Tensor]:
-        """``causal_decision`` with the decisions as host booleans (row-major over B, T) and r_BT.
+    def decide_on_host(self, x_B1D: torch.Tensor) -> tuple[list[bool], torch.Tensor]:
+        """The causal decisions of one new token per row as host booleans, and r_B1.
 
         Decoding needs the decisions on the host anyway (to pick the rows to compute);
-        comparing the copied logits there saves a device op. Same decisions as
-        ``causal_decision``: both compare the same fp32 logits with the same fp32 threshold.
+        comparing the copied logits there saves a device op, and at batch size 1 a skipped
+        block costs nothing but this call, so it is kept to a handful of operators. Same
+        decisions as ``causal_decision``: both compare the same fp32 logits with the same fp32
+        threshold.
         """
-        logit_BT, r_BT = self.decision_logits(x_BTD)
+        if x_B1D.shape[1] != 1:
+            raise ValueError(f"decide_on_host takes one token per row, got shape {tuple(x_B1D.shape)}")
+        if self.predictor is None or torch.is_grad_enabled():
+            logit_B1, r_B1 = self.decision_logits(x_B1D)
+            logits = logit_B1.view(-1).tolist()
+        else:
+            logit_B, r_B1 = self._folded_logits(x_B1D)  # r: (B*1, 1) = (B, 1)
+            logits = logit_B.tolist()
         thr = self._threshold_value()
-        return [v > thr for v in logit_BT.view(-1).tolist()], r_BT
+        return [v > thr for v in logits], r_B1
 
     def _threshold_value(self) -> float:
         cache, t = self._thr_cache, self.threshold

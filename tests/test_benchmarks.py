@@ -1,0 +1,93 @@
+"""The benchmark scripts run end to end on a tiny model and report what they promise.
+
+Their numbers are not checked here (timings belong to benchmarks, never to tests); what is
+checked is that each script runs, prints its JSON line last, and that the quantities that do
+not depend on timing are right (routed fractions, ideal speed-ups, parts adding up).
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _last_json(capsys):
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_decode_runs_and_reports(capsys):
+    bench = _load("bench_decode")
+    res = bench.main(["--preset", "tiny", "--batch-sizes", "1", "3", "--prompt-len", "16", "--new-tokens", "8",
+                      "--repeats", "1", "--warmup", "0", "--calib-rows", "8", "--no-sync-probe"])
+    assert _last_json(capsys) == json.loads(json.dumps(res))
+    assert res["speedup_b1"] > 0 and set(res["speedup"]) == {"1", "3"}
+    assert abs(res["routed_fraction"] - 0.125) < 0.1  # calibrated on one sample, measured on another
+    # The ideal speed-ups depend only on shapes and routed fractions: MoD saves, but less than
+    # skipping every routed block would.
+    cfg_layers = 4
+    for B in ("1", "3"):
+        assert 1.0 < res["ideal_speedup_flops"][B] < cfg_layers / 2
+        assert 1.0 <= res["ideal_speedup_bytes"][B] < cfg_layers / 2
+
+
+def test_bench_decode_ideal_bytes_reads_weights_whenever_any_row_routes():
+    bench = _load("bench_decode")
+    from modlm.config import ModelConfig
+
+    cfg = ModelConfig.from_name("base")
+    frac = {i: 0.125 for i in cfg.routed_layers}
+    W = bench.block_params(cfg) * 4
+    one_row = bench.bytes_per_step(cfg, frac, 1, 128, 256, 4)
+    many = bench.bytes_per_step(cfg, frac, 16, 128, 256, 4)
+    # weights only (no cache) to check the 1 - (1 - f)^B rule
+    none = bench.bytes_per_step(cfg, frac, 16, 0, 1, 4)
+    routed, dense = len(cfg.routed_layers), cfg.n_layers - len(cfg.routed_layers)
+    assert none == pytest.approx(dense * W + routed * (1 - 0.875 ** 16) * W, rel=1e-3)
+    assert many > one_row
+
+
+def test_profile_decode_parts_add_up(capsys):
+    prof = _load("profile_decode")
+    res = prof.main(["--preset", "tiny", "--batch-size", "2", "--prompt-len", "16", "--steps", "6"])
+    assert _last_json(capsys)["bench"] == "profile_decode"
+    parts = res["parts"]
+    # every decode step calls each dense block once, and each routed block once (some kind)
+    assert parts["dense/dense block"]["calls_per_step"] == 4
+    assert parts["mod/dense block"]["calls_per_step"] == 2
+    routed_calls = sum(v["calls_per_step"] for k, v in parts.items() if k.startswith("mod/routed:"))
+    assert routed_calls == 2
+    for m in ("mod", "dense"):
+        assert 0 < res["rest_ms"][m] < res["step_ms"][m]
+
+
+def test_bench_train_runs_and_reports(capsys):
+    bench = _load("bench_train")
+    res = bench.main(["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--steps", "1", "--warmup", "0",
+                      "--threads", "1"])
+    out = _last_json(capsys)
+    assert out["flop_ratio"] == pytest.approx(res["flop_ratio"])
+    assert 0 < res["flop_ratio"] < 1
