@@ -176,17 +176,19 @@ class RoutedBlock(Block):
         """One new token per row: compute only the rows whose token routes into this block.
 
         Computing every row and masking would save nothing; gathering the routed rows makes a
-        skipped row cost only its causal decision (``decide_on_host`` where the router has it). When every row routes (always the case at batch
-        size 1 when the block runs) nothing is gathered and the cache hands back views.
+        skipped row cost only its causal decision (``decide_on_host`` where the router has it).
+        When every row routes (always the case at batch size 1 when the block runs) nothing is
+        gathered and the cache hands back views.
         NOTE: the decision is copied to the host (B booleans) once per routed block and step: a
         sync on an accelerator, the price of a data-dependent batch size. The cache's positions
         and slicing are then host arithmetic, with no further sync.
         """
-        if hasattr(self.router, "decide_on_host"):
-            flags, r_B1 = self.router.decide_on_host(x_B1D)  # the decision on the host (the one sync)
+        on_host = hasattr(self.router, "decide_on_host")
+        if on_host:
+            flags = self.router.decide_on_host(x_B1D)  # the decision on the host (the one sync)
             if token_mask_B1 is not None:
                 flags = [f and m for f, m in zip(flags, token_mask_B1.view(-1).tolist())]
-            sel_B1 = None
+            sel_B1 = r_B1 = None  # r is computed below, for the rows that run only
         else:
             sel_B1, r_B1 = self.router.causal_decision(x_B1D)
             if token_mask_B1 is not None:
@@ -199,22 +201,29 @@ class RoutedBlock(Block):
         if sel_B1 is None:
             sel_B1 = none_B1 if b == 0 else all_B1 if b == B else \
                 torch.tensor(flags, dtype=torch.bool).view(B, 1).to(x_B1D.device)
-        route = RouterOutput(idx_B1, sel_B1, r_B1, zero, {})
         if b == 0:
-            return x_B1D, route
+            return x_B1D, RouterOutput(idx_B1, sel_B1, r_B1, zero, {})
         if b == B:
+            if on_host:
+                r_B1 = self.router.scores(x_B1D)
             cos, sin = rotary(pos_B1)
             f_B1D = super().forward(x_B1D, cos, sin, cache=cache.view())
             if r_B1 is not None:
                 f_B1D = f_B1D * r_B1.unsqueeze(-1).to(f_B1D.dtype)
-            return x_B1D + f_B1D.to(x_B1D.dtype), route
+            return x_B1D + f_B1D.to(x_B1D.dtype), RouterOutput(idx_B1, sel_B1, r_B1, zero, {})
         rows_b = torch.tensor([i for i, f in enumerate(flags) if f])  # host indices of the routed rows
         rows_d = rows_b.to(x_B1D.device)
         x_b1D = x_B1D.index_select(0, rows_d)
+        if on_host:  # r of the routed rows only; the route reports it for every row
+            r_b1 = self.router.scores(x_b1D)
+            r_B1 = torch.zeros(B, 1, dtype=r_b1.dtype, device=r_b1.device).index_copy_(0, rows_d, r_b1)
+        else:
+            r_b1 = None if r_B1 is None else r_B1.index_select(0, rows_d)
+        route = RouterOutput(idx_B1, sel_B1, r_B1, zero, {})
         cos, sin = rotary(pos_B1.index_select(0, rows_d))
         f_b1D = super().forward(x_b1D, cos, sin, cache=cache.view(rows=rows_b))
-        if r_B1 is not None:
-            f_b1D = f_b1D * r_B1.index_select(0, rows_d).unsqueeze(-1).to(f_b1D.dtype)
+        if r_b1 is not None:
+            f_b1D = f_b1D * r_b1.unsqueeze(-1).to(f_b1D.dtype)
         return x_B1D.index_add(0, rows_d, f_b1D.to(x_B1D.dtype)), route
 
 

@@ -99,23 +99,28 @@ class CausalPredictor(nn.Module):
             return mlp_BT + self.r_gain * r_hat_BT + self.r_bias  # (B, T)
 
     @torch.no_grad()
-    def fold(self, router_w_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The router and this predictor as two matmuls (inference only, no gradients).
+    def fold(self, router_w_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The router and this predictor as two matrix products (inference only, no gradients).
 
-        r = w·x and the standardisation of r are linear, so with ``a = r_gain / std(r)``:
+        r = w·x and its standardisation are linear, and silu(t) - silu(-t) = t exactly
+        (sigmoid(t) + sigmoid(-t) = 1), so r can ride through the hidden activation as a pair of
+        units. With ``a = r_gain / std(r)``:
 
-            z = [fc1.weight; w] x + [fc1.bias; 0]          (h + 1 values: hidden, then r)
-            logit = [fc2.weight, a] · [silu(z_h), r] + fc2.bias + r_bias - a * r_mean
+            z = silu([fc1.weight; w; -w] x + [fc1.bias; 0; 0])          (h + 2 units)
+            logit = [fc2.weight, a, -a] · z + fc2.bias + r_bias - a * r_mean
 
-        which equals ``forward(x, w·x)`` up to float rounding. Returns (W_in^T (D, h+1), b_in (h+1,),
-        w_out (h+1,), b_out (1,)), all fp32 and contiguous, laid out for ``addmm`` / ``addmv``.
+        which equals ``forward(x, w·x)`` up to float rounding: a product, one activation over
+        the whole vector, a product. Returns (W_in (h+2, D), W_in^T (D, h+2), b_in (h+2,),
+        w_out (h+2,), b_out (1,)), fp32 and contiguous: W_in for ``addmv`` (one token),
+        W_in^T for ``addmm`` (many).
         """
         a = self.r_gain.float() * torch.rsqrt(self.r_var.float() + 1e-12)
-        W_in = torch.cat([self.fc1.weight.float(), router_w_D.float().view(1, -1)], 0)
-        b_in = torch.cat([self.fc1.bias.float(), self.fc1.bias.new_zeros(1, dtype=torch.float32)])
-        w_out = torch.cat([self.fc2.weight.float().view(-1), a.view(1)])
-        b_out = (self.fc2.bias.float() + self.r_bias.float() - a * self.r_mean.float()).view(1)
-        return W_in.t().contiguous(), b_in.contiguous(), w_out.contiguous(), b_out.contiguous()
+        w = router_w_D.float().view(1, -1)
+        W_in = torch.cat([self.fc1.weight.float(), w, -w], 0).contiguous()
+        b_in = torch.cat([self.fc1.bias.float(), self.fc1.bias.new_zeros(2, dtype=torch.float32)]).contiguous()
+        w_out = torch.cat([self.fc2.weight.float().view(-1), a.view(1), -a.view(1)]).contiguous()
+        b_out = (self.fc2.bias.float() + self.r_bias.float() - a * self.r_mean.float()).view(1).contiguous()
+        return W_in, W_in.t().contiguous(), b_in, w_out, b_out
 
 
 class LearnedRouter(nn.Module):
@@ -164,43 +169,43 @@ class LearnedRouter(nn.Module):
             r_BT = self.scores(x_BTD)
             return self.causal_logits(x_BTD, r_BT), r_BT
         B, T, _ = x_BTD.shape
-        logit_N, r_N1 = self._folded_logits(x_BTD)
-        return logit_N.view(B, T), r_N1.view(B, T)
+        return self._folded_logits(x_BTD).view(B, T), self.scores(x_BTD)
 
-    def _folded_logits(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat (B*T,) causal logits and (B*T, 1) router logits from the folded weights."""
-        W_in_t, b_in, w_out, b_out = self._folded()
+    def _folded_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Flat (B*T,) causal logits from the folded weights (see ``CausalPredictor.fold``)."""
+        folded = self._folded()
         if torch.is_autocast_enabled(x_BTD.device.type):  # entering the context costs more than the math
             with torch.autocast(device_type=x_BTD.device.type, enabled=False):
-                return self._folded_math(x_BTD, W_in_t, b_in, w_out, b_out)
-        return self._folded_math(x_BTD, W_in_t, b_in, w_out, b_out)
+                return self._folded_math(x_BTD, *folded)
+        return self._folded_math(x_BTD, *folded)
 
     @staticmethod
-    def _folded_math(x_BTD, W_in_t, b_in, w_out, b_out):
-        h = W_in_t.shape[1] - 1
-        z_NH = torch.addmm(b_in, x_BTD.reshape(-1, W_in_t.shape[0]).float(), W_in_t)  # hidden, then r
-        F.silu(z_NH.narrow(1, 0, h), inplace=True)
-        return torch.addmv(b_out, z_NH, w_out), z_NH[:, h:]
+    def _folded_math(x_BTD, W_in, W_in_t, b_in, w_out, b_out):
+        x_ND = x_BTD.reshape(-1, W_in.shape[1]).float()
+        if x_ND.shape[0] == 1:  # one token (decoding at batch size 1): matrix-vector products only
+            z_H = F.silu(torch.addmv(b_in, W_in, x_ND[0]), inplace=True)
+            return torch.addmv(b_out, z_H.unsqueeze(0), w_out)
+        z_NH = F.silu(torch.addmm(b_in, x_ND, W_in_t), inplace=True)
+        return torch.addmv(b_out, z_NH, w_out)
 
-    def decide_on_host(self, x_B1D: torch.Tensor) -> tuple[list[bool], torch.Tensor]:
-        """The causal decisions of one new token per row as host booleans, and r_B1.
+    def decide_on_host(self, x_B1D: torch.Tensor) -> list[bool]:
+        """The causal decisions of one new token per row, as host booleans.
 
         Decoding needs the decisions on the host anyway (to pick the rows to compute);
         comparing the copied logits there saves a device op, and at batch size 1 a skipped
-        block costs nothing but this call, so it is kept to a handful of operators. Same
+        block costs nothing but this call, so it is kept to a handful of operators (the
+        routed rows' weights r come from ``scores`` afterwards, for those rows only). Same
         decisions as ``causal_decision``: both compare the same fp32 logits with the same fp32
         threshold.
         """
         if x_B1D.shape[1] != 1:
             raise ValueError(f"decide_on_host takes one token per row, got shape {tuple(x_B1D.shape)}")
         if self.predictor is None or torch.is_grad_enabled():
-            logit_B1, r_B1 = self.decision_logits(x_B1D)
-            logits = logit_B1.view(-1).tolist()
+            logits = self.decision_logits(x_B1D)[0].view(-1).tolist()
         else:
-            logit_B, r_B1 = self._folded_logits(x_B1D)  # r: (B*1, 1) = (B, 1)
-            logits = logit_B.tolist()
+            logits = self._folded_logits(x_B1D).tolist()
         thr = self._threshold_value()
-        return [v > thr for v in logits], r_B1
+        return [v > thr for v in logits]
 
     def _threshold_value(self) -> float:
         cache, t = self._thr_cache, self.threshold
