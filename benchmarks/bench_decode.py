@@ -14,8 +14,8 @@ is given) or a random-init preset whose routed blocks are calibrated with
 tokens. The routed fraction is printed per layer on the calibration sample, on a held-out
 sample, and for the tokens actually decoded.
 
-Host syncs: each decode step copies one routing decision (B booleans) per routed block to the
-host, plus the sampled tokens once; the per-call cost of such a copy is measured in isolation
+Host syncs: each decode step copies one routing decision (B causal logits, compared with the
+threshold on the host) per routed block, plus the sampled tokens once; the per-call cost of such a copy is measured in isolation
 and reported per step and as a share of the MoD step.
 
 Ideal speedups: ``ideal_speedup_flops`` counts matmul FLOPs per decoded token (attention over the
@@ -232,19 +232,19 @@ def timed_pair(models: dict, prompts: torch.Tensor, args, seed: int, first: str,
 
 def sync_probe(mod, batch: int, device: torch.device, step_s: float) -> dict:
     """Cost of the host copies a decode step makes: the routing decision of each routed block
-    (B booleans, ``tolist`` as in ``RoutedBlock._decode_step``) and the sampled tokens.
+    (B fp32 logits, ``tolist`` as in ``LearnedRouter.decide_on_host``) and the sampled tokens.
 
     The per-call time is measured in isolation (median of 5 x 200 calls); on an accelerator a
     copy in a real step also waits for the queued kernels, which this does not include.
     """
-    sel = torch.rand(batch, 1, device=device) < 0.125
+    logits = torch.randn(batch, device=device)
     n_calls = 200
     per_call = []
     for _ in range(5):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(n_calls):
-            sel.view(-1).tolist()
+            logits.tolist()
         per_call.append((time.perf_counter() - t0) / n_calls)
     call_s = statistics.median(per_call)
     n_sync = len(mod.config.routed_layers) + 1

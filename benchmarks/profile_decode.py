@@ -63,6 +63,7 @@ class Timer:
         self.s = collections.defaultdict(float)
         self.n = collections.Counter()
         self.on = False
+        self.rows_routed = 0  # rows that ran a routed block, summed over calls
 
     def wrap(self, obj, attr: str, key, classify=None):
         fn = getattr(obj, attr)
@@ -81,9 +82,10 @@ class Timer:
         setattr(obj, attr, timed)
 
 
-def routed_kind(B: int):
+def routed_kind(timer: Timer, B: int):
     def classify(out):
         b = int(out[1].valid_BK.sum())  # rows routed in this step (a host read, outside the timed call)
+        timer.rows_routed += b
         return "routed: no row" if b == 0 else "routed: all rows" if b == B else "routed: some rows"
     return classify
 
@@ -91,7 +93,7 @@ def routed_kind(B: int):
 def instrument(timer: Timer, name: str, model, B: int) -> None:
     for blk in model.blocks:
         if isinstance(blk, RoutedBlock):
-            timer.wrap(blk, "_decode_step", (name, "routed"), routed_kind(B))
+            timer.wrap(blk, "_decode_step", (name, "routed"), routed_kind(timer, B))
             timer.wrap(blk.router, "decide_on_host" if hasattr(blk.router, "decide_on_host") else "causal_decision",
                        (name, "  decision"))
             timer.wrap(blk.attn, "forward", (name, "  attention (routed rows)"))
@@ -143,10 +145,11 @@ def main(argv=None) -> dict:
     blocks_ms = {m: sum(r[4] for r in rows if r[0] == m and not r[1].startswith("  ")) for m in step_ms}
     rest_ms = {m: step_ms[m] - blocks_ms[m] for m in step_ms}
     skip = per_step.get("mod/routed: no row", {"ms_per_step": 0.0})["ms_per_step"]
+    routed_fraction = timer.rows_routed / (len(cfg.routed_layers) * B * args.steps)
 
     print(f"modlm profile_decode: torch {torch.__version__}, cpu, {torch.get_num_threads()} thread(s); "
           f"{args.preset if not args.ckpt else args.ckpt}, batch {B}, prompt {args.prompt_len}, {args.steps} steps, "
-          f"routed blocks calibrated to {args.target_fraction}")
+          f"routed blocks calibrated to {args.target_fraction}, routing {routed_fraction:.3f} of these tokens")
     print(f"{'model':6s} {'part':28s} {'calls/step':>10s} {'us/call':>9s} {'ms/step':>8s}")
     print("-" * 66)
     for model, part, calls, us, ms in rows:
@@ -157,7 +160,7 @@ def main(argv=None) -> dict:
     print(f"step: MoD {step_ms['mod']:.2f} ms, dense {step_ms['dense']:.2f} ms, speedup "
           f"{step_ms['dense'] / step_ms['mod']:.2f}x; with free skips (no-row calls cost 0): "
           f"{step_ms['dense'] / (step_ms['mod'] - skip):.2f}x")
-    result = {"bench": "profile_decode", "batch": B, "step_ms": step_ms, "rest_ms": rest_ms,
+    result = {"bench": "profile_decode", "batch": B, "routed_fraction": routed_fraction, "step_ms": step_ms, "rest_ms": rest_ms,
               "speedup": step_ms["dense"] / step_ms["mod"],
               "speedup_free_skips": step_ms["dense"] / (step_ms["mod"] - skip), "parts": per_step,
               "threads": torch.get_num_threads(), "torch": torch.__version__}

@@ -82,6 +82,10 @@ def test_profile_decode_parts_add_up(capsys):
     assert routed_calls == 2
     for m in ("mod", "dense"):
         assert 0 < res["rest_ms"][m] < res["step_ms"][m]
+    all_rows = parts.get("mod/routed: all rows", {}).get("calls_per_step", 0.0)
+    some = parts.get("mod/routed: some rows", {}).get("calls_per_step", 0.0)
+    # batch 2: an "all rows" call runs 2 rows, a "some rows" call 1; 2 routed blocks x 2 rows per step
+    assert res["routed_fraction"] == pytest.approx((2 * all_rows + some) / (2 * 2))
 
 
 def test_bench_train_runs_and_reports(capsys):
