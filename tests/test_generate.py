@@ -221,3 +221,18 @@ def test_model_generate_method_is_the_library_function():
     a = model.generate(prompts, 12, temperature=0.9, top_k=20, seed=3)
     b = generate(model, prompts, 12, temperature=0.9, top_k=20, seed=3)
     assert a.tokens == b.tokens and all(len(t) == 12 for t in a.tokens)
+
+
+def test_token_choice_router_decodes_through_the_generic_path_and_matches_recomputation():
+    # TokenChoiceRouter has no decide_on_host: its decisions come from causal_decision and its
+    # weights are sigmoid(r); cached decoding must still equal full recomputation.
+    torch.manual_seed(0)
+    model = MoDTransformer(ModelConfig.from_name("tiny", router="token_choice", max_seq_len=160)).double().eval()
+    calibrate_thresholds(model, torch.randint(0, 256, (4, 96), generator=torch.Generator().manual_seed(9)), 0.5)
+    prompts = _prompts()
+    cached = generate(model, prompts, 32, seed=0, return_logits=True, trace=True)
+    full = generate(model, prompts, 32, seed=0, use_cache=False, return_logits=True)
+    assert cached.tokens == full.tokens
+    torch.testing.assert_close(cached.logits, full.logits, rtol=1e-6, atol=1e-6)
+    used = [layer for row in cached.routing for tok in row for layer in tok]
+    assert 0 < len(used) < sum(len(row) for row in cached.routing) * len(model.config.routed_layers)
