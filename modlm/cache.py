@@ -49,8 +49,9 @@ class RoutedKVCache:
         # slot_ok[l][b, s]: slot s of row b holds a real token (left-padding slots and slots past
         # the row's end do not).
         self.slot_ok = [torch.zeros(batch_size, capacity, dtype=torch.bool, device=device) for _ in range(n_layers)]
-        # Slots used per row (padding included), on the host: (B,) int64 CPU tensors.
-        self.lengths = [torch.zeros(batch_size, dtype=torch.long) for _ in range(n_layers)]
+        # Slots used per row (padding included), on the host as plain ints: the per-token path
+        # does its position arithmetic in Python rather than with tiny tensor operators.
+        self.lengths = [[0] * batch_size for _ in range(n_layers)]
         self._max_len = [0] * n_layers  # host-side max of lengths[l]
         self._uniform = [True] * n_layers  # every row of layer l has length _max_len[l]
         # Flat scratch buffers that receive row-subset gathers of keys and values. Reusing them
@@ -64,7 +65,7 @@ class RoutedKVCache:
 
     def slot_lengths(self, layer_idx: int) -> torch.Tensor:
         """Slots used per row in this layer (B,), padding slots included (host tensor)."""
-        return self.lengths[layer_idx].clone()
+        return torch.tensor(self.lengths[layer_idx], dtype=torch.long)
 
     def _grow(self, layer_idx: int, needed: int) -> None:
         cap = self.capacity[layer_idx]
@@ -114,7 +115,7 @@ class RoutedKVCache:
             self.k[L][:, :, start:S] = k_new
             self.v[L][:, :, start:S] = v_new
             self.slot_ok[L][:, start:S] = True if valid_bK is None else valid_bK
-            self.lengths[L] += K
+            self.lengths[L] = [S] * B
             self._max_len[L] = S
             ok_bS = self.slot_ok[L][:, :S]
             if K == 1 and valid_bK is None:
@@ -130,25 +131,41 @@ class RoutedKVCache:
             return self.k[L][:, :, :S], self.v[L][:, :, :S], mask
 
         # Ragged rows: positions per row from the host-side lengths.
-        rows_h = torch.arange(B) if rows is None else rows.to("cpu", torch.long)
-        start_h = self.lengths[L][rows_h]  # (b,) host
-        end_h = start_h + K
-        S = int(end_h.max()) if b > 0 else 0
+        if rows is None:
+            rows_l = list(range(B))
+        else:
+            rows_l = rows.tolist()  # host indices are free; device ones cost a copy (a sync)
+        lens = self.lengths[L]
+        start_l = [lens[r] for r in rows_l]
+        S = max(start_l) + K if b > 0 else 0
         self._grow(L, S)
-        self.lengths[L][rows_h] = end_h
+        for r, s0 in zip(rows_l, start_l):
+            lens[r] = s0 + K
         self._max_len[L] = max(self._max_len[L], S)
         if rows is not None and 0 < b < B:
             self._uniform[L] = False
         if b == 0:
             empty = self.k[L][:0, :, :0]
             return empty, empty, torch.zeros(0, 1, K, 0, dtype=torch.bool, device=self.device)
-        rows_d = rows_h.to(self.device)
-        slot_bK = (start_h[:, None] + torch.arange(K)).to(self.device)  # (b, K)
-        r_bK = rows_d[:, None].expand(b, K)
-        # Advanced indexing (b, K) on dims 0 and 2 puts those dims first: (b, K, G, E).
-        self.k[L][r_bK, :, slot_bK] = k_new.permute(0, 2, 1, 3)
-        self.v[L][r_bK, :, slot_bK] = v_new.permute(0, 2, 1, 3)
-        self.slot_ok[L][r_bK, slot_bK] = True if valid_bK is None else valid_bK
+        if rows is not None and rows.device == self.device and rows.dtype == torch.long:
+            rows_d = rows
+        else:
+            rows_d = torch.tensor(rows_l, device=self.device)
+        if K == 1:
+            # One new token per row (decoding): index (row, slot) pairs directly. With the two
+            # advanced indices around a slice, the indexed view is (b, G, E).
+            slot_b = torch.tensor(start_l, device=self.device)
+            self.k[L][rows_d, :, slot_b] = k_new[:, :, 0]
+            self.v[L][rows_d, :, slot_b] = v_new[:, :, 0]
+            self.slot_ok[L][rows_d, slot_b] = True if valid_bK is None else valid_bK[:, 0]
+            slot_bK = slot_b[:, None]
+        else:
+            slot_bK = torch.tensor(start_l, device=self.device)[:, None] + torch.arange(K, device=self.device)
+            r_bK = rows_d[:, None].expand(b, K)
+            # Advanced indexing (b, K) on dims 0 and 2 puts those dims first: (b, K, G, E).
+            self.k[L][r_bK, :, slot_bK] = k_new.permute(0, 2, 1, 3)
+            self.v[L][r_bK, :, slot_bK] = v_new.permute(0, 2, 1, 3)
+            self.slot_ok[L][r_bK, slot_bK] = True if valid_bK is None else valid_bK
         if rows is None:
             k_all, v_all, ok_bS = self.k[L][:, :, :S], self.v[L][:, :, :S], self.slot_ok[L][:, :S]
         else:

@@ -110,3 +110,16 @@ def scatter_add_weighted(x_BTD: torch.Tensor, idx_BK: torch.Tensor, f_BKD: torch
     upd_BKD = f_BKD if weight_BK is None else f_BKD * weight_BK.unsqueeze(-1).to(f_BKD.dtype)
     D = x_BTD.shape[-1]
     return x_BTD.scatter_add(1, idx_BK.unsqueeze(-1).expand(-1, -1, D), upd_BKD.to(x_BTD.dtype))
+
+
+def router_scores(x_BTD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
+    """Router logits r = w·x per token, (B, T), in fp32 even under autocast.
+
+    Routing decisions are precision-sensitive (a top-k boundary or a threshold), so they are
+    computed from fp32 copies. The autocast context is entered only when autocast is on:
+    entering it costs more than this product when a decode step scores one token.
+    """
+    if torch.is_autocast_enabled(x_BTD.device.type):
+        with torch.autocast(device_type=x_BTD.device.type, enabled=False):
+            return x_BTD.float() @ w_D.float()
+    return x_BTD.float() @ w_D.float()

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.dispatch import capacity_k, mask_to_padded_indices, select_topk, select_topk_masked, topk_mask
+from modlm.dispatch import (capacity_k, mask_to_padded_indices, router_scores, select_topk, select_topk_masked,
+                            topk_mask)
 
 ROUTING_MODES = ("topk", "causal")
 
@@ -148,8 +149,7 @@ class LearnedRouter(nn.Module):
 
     def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Router logits r_BT in fp32 (routing decisions are precision-sensitive)."""
-        with torch.autocast(device_type=x_BTD.device.type, enabled=False):
-            return x_BTD.float() @ self.weight.float()
+        return router_scores(x_BTD, self.weight)
 
     def causal_logits(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
         """The causal routing signal: predictor logit if present, else the router logit."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from modlm.config import ModelConfig
-from modlm.dispatch import capacity_k, mask_to_padded_indices
+from modlm.dispatch import capacity_k, mask_to_padded_indices, router_scores
 
 # NOTE: modlm.routing imports this module to register the router, so this module imports
 # modlm.routing only inside functions: either module can then be imported first.
@@ -87,8 +87,7 @@ class TokenChoiceRouter(nn.Module):
 
     def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Router logits r_BT in fp32."""
-        with torch.autocast(device_type=x_BTD.device.type, enabled=False):
-            return x_BTD.float() @ self.weight.float()
+        return router_scores(x_BTD, self.weight)
 
     def causal_logits(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
         """The decision signal is the router logit itself."""

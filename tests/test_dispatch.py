@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from modlm.dispatch import (capacity_k, gather_tokens, mask_to_padded_indices, scatter_add_weighted, select_topk,
-                            topk_mask)
+from modlm.dispatch import (capacity_k, gather_tokens, mask_to_padded_indices, router_scores, scatter_add_weighted,
+                            select_topk, topk_mask)
 
 
 def test_capacity_k_rounds_and_never_zero():
@@ -73,3 +73,14 @@ def test_mask_to_padded_indices():
     assert idx[0].tolist() == [1, 3, 4]
     assert idx[2, 0].item() == 0
     assert torch.all((idx >= 0) & (idx < 5))
+
+
+def test_router_scores_are_fp32_even_under_autocast():
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    w = torch.randn(16)
+    ref = x.float() @ w
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router_scores(x, w)
+    assert r.dtype == torch.float32 and r.shape == (2, 5)
+    torch.testing.assert_close(r, ref)
+    torch.testing.assert_close(router_scores(x, w), ref)
