@@ -52,6 +52,17 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"routing mode {mode!r} is invalid: must be one of {ROUTING_MODES}")
 
 
+def _causal_output(sel_BT: torch.Tensor, weight_BT: torch.Tensor | None, token_mask_BT: torch.Tensor | None,
+                   zero: torch.Tensor) -> RouterOutput:
+    """RouterOutput of per-token causal decisions: every selected real token, each row padded
+    to the batch's largest count (``valid_BK`` marks real slots); weights gathered if given."""
+    if token_mask_BT is not None:
+        sel_BT = sel_BT & token_mask_BT
+    idx_BK, valid_BK = mask_to_padded_indices(sel_BT)
+    weight_BK = None if weight_BT is None else torch.gather(weight_BT, 1, idx_BK)
+    return RouterOutput(idx_BK, valid_BK, weight_BK, zero, {"routed_frac": sel_BT.float().mean().detach()})
+
+
 class CausalPredictor(nn.Module):
     """Small MLP predicting top-k membership from the token's own state (paper §3.5, method 2).
 
@@ -250,13 +261,7 @@ class LearnedRouter(nn.Module):
         B, T, _ = x_BTD.shape
         zero = x_BTD.new_zeros((), dtype=torch.float32)
         if mode == "causal":
-            sel_BT, r_BT = self.causal_decision(x_BTD)
-            if token_mask_BT is not None:
-                sel_BT = sel_BT & token_mask_BT
-            idx_BK, valid_BK = mask_to_padded_indices(sel_BT)
-            weight_BK = torch.gather(r_BT, 1, idx_BK)
-            stats = {"routed_frac": sel_BT.float().mean().detach()}
-            return RouterOutput(idx_BK, valid_BK, weight_BK, zero, stats)
+            return _causal_output(*self.causal_decision(x_BTD), token_mask_BT, zero)
 
         r_BT = self.scores(x_BTD)
         if token_mask_BT is not None:  # a padded batch of known prompts: top-k over each row's real tokens
@@ -308,11 +313,7 @@ class RandomRouter(nn.Module):
         B, T, _ = x_BTD.shape
         zero = x_BTD.new_zeros((), dtype=torch.float32)
         if mode == "causal":
-            sel_BT, _ = self.causal_decision(x_BTD)
-            if token_mask_BT is not None:
-                sel_BT = sel_BT & token_mask_BT
-            idx_BK, valid_BK = mask_to_padded_indices(sel_BT)
-            return RouterOutput(idx_BK, valid_BK, None, zero, {"routed_frac": sel_BT.float().mean()})
+            return _causal_output(*self.causal_decision(x_BTD), token_mask_BT, zero)
         u_BT = torch.rand(B, T, device=x_BTD.device)
         if token_mask_BT is not None:
             idx_BK, valid_BK = select_topk_masked(u_BT, token_mask_BT, self.capacity)
