@@ -170,11 +170,11 @@ class LearnedRouter(nn.Module):
         """(causal logit_BT, router logit r_BT), fp32. Each token's values depend on it alone.
 
         Without gradients (decoding, evaluation, calibration) a predictor router runs folded:
-        one matmul gives the predictor's hidden layer and r together, a second the logit
-        (see ``CausalPredictor.fold``), instead of ~15 small operators. At batch size 1 a skipped
-        routed block costs only this, so it sets how much of MoD's saving decoding keeps. The
-        folded weights are cached and rebuilt when any parameter or buffer they come from
-        changes (an optimizer step, a load, new running statistics).
+        one product gives the predictor's hidden units and ±r, one SiLU, a second product the
+        logit (see ``CausalPredictor.fold``), instead of ~15 small operators. At batch size 1 a
+        skipped routed block costs only this, so it sets how much of MoD's saving decoding
+        keeps. The folded weights are cached and rebuilt when any parameter or buffer they come
+        from changes (an optimizer step, a load, new running statistics).
         """
         if self.predictor is None or torch.is_grad_enabled():
             r_BT = self.scores(x_BTD)
