@@ -140,8 +140,7 @@ class RoutedBlock(Block):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.router = build_router(config)
-        self._decode_const_key: tuple | None = None
-        self._decode_const: tuple[torch.Tensor, ...] | None = None
+        self._decode_const: tuple | None = None  # ((B, device), constant tensors) for decode steps
 
     def forward(self, x_BTD: torch.Tensor, rotary: Rotary, pos_BT: torch.Tensor, mode: str = "topk",
                 route: RouterOutput | None = None, cache=None,
@@ -179,8 +178,8 @@ class RoutedBlock(Block):
         skipped row cost only its causal decision (``decide_on_host`` where the router has it).
         When every row routes (always the case at batch size 1 when the block runs) nothing is
         gathered and the cache hands back views.
-        NOTE: the decision is copied to the host (B booleans) once per routed block and step: a
-        sync on an accelerator, the price of a data-dependent batch size. The cache's positions
+        NOTE: the decision is copied to the host (B logits or booleans) once per routed block and
+        step: a sync on an accelerator, the price of a data-dependent batch size. The cache's positions
         and slicing are then host arithmetic, with no further sync.
         """
         on_host = hasattr(self.router, "decide_on_host")
@@ -226,18 +225,15 @@ class RoutedBlock(Block):
             f_b1D = f_b1D * r_b1.unsqueeze(-1).to(f_b1D.dtype)
         return x_B1D.index_add(0, rows_d, f_b1D.to(x_B1D.dtype)), route
 
-
     def _decode_constants(self, B: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(idx_B1 zeros, fp32 zero, all-False sel_B1, all-True sel_B1) for decode-step
         RouterOutputs, built once per (B, device). Read-only: callers must not modify them."""
-        key = (B, device)
-        if self._decode_const_key != key:
-            self._decode_const = (torch.zeros(B, 1, dtype=torch.long, device=device),
-                                  torch.zeros((), dtype=torch.float32, device=device),
-                                  torch.zeros(B, 1, dtype=torch.bool, device=device),
-                                  torch.ones(B, 1, dtype=torch.bool, device=device))
-            self._decode_const_key = key
-        return self._decode_const
+        if self._decode_const is None or self._decode_const[0] != (B, device):
+            self._decode_const = ((B, device), (torch.zeros(B, 1, dtype=torch.long, device=device),
+                                                torch.zeros((), dtype=torch.float32, device=device),
+                                                torch.zeros(B, 1, dtype=torch.bool, device=device),
+                                                torch.ones(B, 1, dtype=torch.bool, device=device)))
+        return self._decode_const[1]
 
 
 def route_mask(route: RouterOutput, seq_len: int) -> torch.Tensor:
