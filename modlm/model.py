@@ -16,9 +16,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modlm import kernels
 from modlm.config import ModelConfig
 from modlm.dispatch import gather_tokens, scatter_add_weighted
 from modlm.routing import RouterOutput, build_router
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose few-row fp32 products without gradients (decoding on a CPU) go to
+    ``modlm.kernels``; training and everything else is ``F.linear``. Same parameters and names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -69,8 +78,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.qkv = Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
+        self.proj = Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
@@ -101,8 +110,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(config.d_model, 2 * config.d_mlp, bias=False)
-        self.down = nn.Linear(config.d_mlp, config.d_model, bias=False)
+        self.gate_up = Linear(config.d_model, 2 * config.d_mlp, bias=False)
+        self.down = Linear(config.d_mlp, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -282,7 +291,7 @@ class MoDTransformer(nn.Module):
             RoutedBlock(config, i) if config.is_routed(i) else Block(config, i) for i in range(config.n_layers)
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.rotary = Rotary(config.head_dim, config.max_seq_len, config.rope_base)
