@@ -42,6 +42,7 @@ import time
 
 import torch
 
+from modlm import kernels
 from modlm.calibrate import calibrate_thresholds, measure_routed_fraction
 from modlm.config import ModelConfig
 from modlm.generate import DecodeSession
@@ -73,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "OpenMP contention on a shared machine (0: leave torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and KV cache dtype")
+    p.add_argument("--kernels", default="native", choices=["native", "torch"],
+                   help="few-row linear products: modlm.kernels' native CPU kernel where it applies (both "
+                        "models alike), or torch's F.linear everywhere")
     p.add_argument("--no-sync-probe", action="store_true", help="skip the host-sync measurement")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -256,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kernels.set_enabled(args.kernels == "native")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
@@ -277,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     threads = torch.get_num_threads() if device.type == "cpu" else None
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"modlm bench_decode: torch {torch.__version__}, python {platform.python_version()}, device {device} "
-          f"({dev_name}), dtype {args.dtype}" + (f", {threads} threads (nproc {os.cpu_count()})" if threads else ""))
+          f"({dev_name}), dtype {args.dtype}" + (f", {threads} threads (nproc {os.cpu_count()})" if threads else "")
+          + f", linear kernels: {kernels.describe()}")
     src = f"checkpoint {args.ckpt}" if args.ckpt else f"preset {args.preset} (random init, seed {args.seed})"
     print(f"model   {src}: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} vocab={cfg.vocab_size} "
           f"routed blocks={routed} causal_routing={cfg.causal_routing}")
@@ -362,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         "routed_layers": routed, "causal_routing": cfg.causal_routing,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "dtype": args.dtype, "threads": threads, "nproc": os.cpu_count(),
+        "native_kernels": kernels.enabled() and device.type == "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
     }
     print(json.dumps(result))

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402  (same models, data and calibration as the benchmark)
 
+from modlm import kernels  # noqa: E402
 from modlm.calibrate import calibrate_thresholds  # noqa: E402
 from modlm.generate import DecodeSession  # noqa: E402
 from modlm.model import RoutedBlock  # noqa: E402
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--target-fraction", type=float, default=0.125)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kernels", default="native", choices=["native", "torch"],
+                   help="few-row linear products: modlm.kernels' native CPU kernel or torch's F.linear")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 2 or args.prompt_len < 1:
         p.error("need --batch-size >= 1, --steps >= 2, --prompt-len >= 1")
@@ -106,6 +109,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kernels.set_enabled(args.kernels == "native")
     bargs = bd.parse_args(["--preset", args.preset, "--prompt-len", str(args.prompt_len),
                            "--new-tokens", str(args.steps + 2), "--seed", str(args.seed)]
                           + (["--ckpt", args.ckpt] if args.ckpt else []))
@@ -148,6 +152,7 @@ def main(argv=None) -> dict:
     routed_fraction = timer.rows_routed / (len(cfg.routed_layers) * B * args.steps)
 
     print(f"modlm profile_decode: torch {torch.__version__}, cpu, {torch.get_num_threads()} thread(s); "
+          f"linear kernels: {kernels.describe()}; "
           f"{args.preset if not args.ckpt else args.ckpt}, batch {B}, prompt {args.prompt_len}, {args.steps} steps, "
           f"routed blocks calibrated to {args.target_fraction}, routing {routed_fraction:.3f} of these tokens")
     print(f"{'model':6s} {'part':28s} {'calls/step':>10s} {'us/call':>9s} {'ms/step':>8s}")
@@ -163,7 +168,7 @@ def main(argv=None) -> dict:
     result = {"bench": "profile_decode", "batch": B, "routed_fraction": routed_fraction, "step_ms": step_ms, "rest_ms": rest_ms,
               "speedup": step_ms["dense"] / step_ms["mod"],
               "speedup_free_skips": step_ms["dense"] / (step_ms["mod"] - skip), "parts": per_step,
-              "threads": torch.get_num_threads(), "torch": torch.__version__}
+              "threads": torch.get_num_threads(), "native_kernels": kernels.enabled(), "torch": torch.__version__}
     print(json.dumps(result))
     return result
 

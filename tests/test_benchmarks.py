@@ -95,3 +95,15 @@ def test_bench_train_runs_and_reports(capsys):
     out = _last_json(capsys)
     assert out["flop_ratio"] == pytest.approx(res["flop_ratio"])
     assert 0 < res["flop_ratio"] < 1
+
+
+def test_bench_kernels_runs_and_reports(capsys):
+    from modlm import kernels
+    bench = _load("bench_kernels")
+    before = (kernels.MAX_ROWS, kernels.enabled())
+    res = bench.main(["--preset", "tiny", "--rows", "1", "3", "--threads", "1", "--blocks", "2", "--iters", "2"])
+    assert _last_json(capsys) == json.loads(json.dumps(res))
+    assert [(r["threads"], r["rows"]) for r in res["results"]] == [(1, 1), (1, 3)]
+    assert all(r["torch_ms"] > 0 for r in res["results"])
+    assert all((r["native_ms"] is not None) == kernels.available() for r in res["results"])
+    assert (kernels.MAX_ROWS, kernels.enabled()) == before  # settings restored
