@@ -20,6 +20,7 @@ EPILOG = """examples:
   modlm train --model small-dense --out-dir runs/dense   # the dense twin, for comparison
   modlm generate --ckpt runs/mod --prompt "The history of" --show-routing
   modlm flops --model small --seq-len 256
+  modlm bench decode --batch-sizes 1 16          # decode tokens/s, MoD vs dense twin
   modlm isoflop --budgets 1e12,4e12 --family dense --family mod
   modlm reproduce --scale default --report-dir docs/results
 """
@@ -163,13 +164,30 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark (MoD vs its dense twin, side by side): a table, then one JSON line."""
+    import importlib
+
+    from modlm.bench import BENCHMARKS
+
+    module = importlib.import_module(f"modlm.bench.{BENCHMARKS[args.name][0]}")
+    # The benchmark parses its own options; its --help and errors then read "modlm bench NAME".
+    prog, sys.argv[0] = sys.argv[0], f"modlm bench {args.name}"
+    try:
+        module.main(args.bench_args)
+    finally:
+        sys.argv[0] = prog
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from modlm import __version__
 
     parser = argparse.ArgumentParser(
         prog="modlm", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Mixture-of-Depths language models: train, sample, count FLOPs.")
+        description="Mixture-of-Depths language models: train, sample, count FLOPs, benchmark.")
     parser.add_argument("--version", action="version", version=f"modlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -202,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=float, default=None, help="override the routed fraction")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
     p.set_defaults(func=cmd_flops)
+
+    from modlm.bench import BENCHMARKS
+
+    p = sub.add_parser(
+        "bench", help=cmd_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=cmd_bench.__doc__ + "\n\nbenchmarks:\n" + "\n".join(
+            f"  {name:15s} {desc}" for name, (_, desc) in BENCHMARKS.items())
+        + "\n\nOptions after NAME go to the benchmark: modlm bench decode --help lists them. Method and figures:"
+          " benchmarks/README.md.")
+    p.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help="one of: " + ", ".join(BENCHMARKS))
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options for the benchmark")
+    p.set_defaults(func=cmd_bench)
 
     from modlm.isoflop import add_isoflop_args, cmd_isoflop
     from modlm.reproduce import add_reproduce_args, cmd_reproduce

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on the install
 MAX_ROWS = 16
 
 _AVAILABLE = bool(_fewrow is not None and _fewrow.available())
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 _enabled = os.environ.get("MODLM_KERNELS", "1") != "0"
 
 
@@ -83,7 +84,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False  # training: autograd needs F.linear
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu") or _is_compiling():
         return False  # autocast would compute in bf16; compiled graphs cannot take raw pointers
     rows = x.numel() // max(1, x.shape[-1])
     return 0 < rows <= MAX_ROWS

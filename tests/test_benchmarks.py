@@ -1,30 +1,27 @@
-"""The benchmark scripts run end to end on a tiny model and report what they promise.
+"""The benchmarks (modlm.bench, run by ``modlm bench`` and benchmarks/*.py) run end to end on a tiny model and report what they promise.
 
 Their numbers are not checked here (timings belong to benchmarks, never to tests); what is
 checked is that each script runs, prints its JSON line last, and that the quantities that do
 not depend on timing are right (routed fractions, ideal speed-ups, parts adding up).
 """
 
-import importlib.util
+import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from modlm.bench import BENCHMARKS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    """A benchmark module of modlm.bench by its script name (bench_decode -> modlm.bench.decode)."""
+    return importlib.import_module(f"modlm.bench.{name.removeprefix('bench_')}")
 
 
 def _last_json(capsys):
@@ -107,3 +104,24 @@ def test_bench_kernels_runs_and_reports(capsys):
     assert all(r["torch_ms"] > 0 for r in res["results"])
     assert all((r["native_ms"] is not None) == kernels.available() for r in res["results"])
     assert (kernels.MAX_ROWS, kernels.enabled()) == before  # settings restored
+
+
+def test_cli_bench_runs_a_benchmark_and_scripts_are_thin_entry_points(capsys):
+    from modlm.cli import main
+    assert main(["bench", "kernels", "--preset", "tiny", "--rows", "2", "--threads", "1", "--blocks", "1",
+                 "--iters", "1"]) == 0
+    assert _last_json(capsys)["bench"] == "kernels"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "kernels", "--rows", "0"])
+    assert e.value.code == 2
+    assert "modlm bench kernels: error: --rows" in capsys.readouterr().err
+    # every benchmark has its script under benchmarks/, and a script is only an entry point
+    scripts = {"train": "bench_train", "decode": "bench_decode", "profile-decode": "profile_decode",
+               "kernels": "bench_kernels"}
+    assert set(scripts) == set(BENCHMARKS)
+    for name, script in scripts.items():
+        text = (ROOT / "benchmarks" / f"{script}.py").read_text()
+        assert f"from modlm.bench.{BENCHMARKS[name][0]} import main" in text
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--rows" in out.stdout

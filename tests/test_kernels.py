@@ -123,3 +123,13 @@ def test_fp32_decoding_with_and_without_kernel_agree(spy):
     assert native.tokens == reference.tokens
     assert native.routing == reference.routing
     torch.testing.assert_close(native.logits, reference.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_without_the_extension_everything_is_f_linear(monkeypatch):
+    monkeypatch.setattr(kernels, "_fewrow", None)
+    monkeypatch.setattr(kernels, "_AVAILABLE", False)
+    assert not kernels.available() and not kernels.enabled()
+    assert kernels.describe() == "torch (native kernel not built)"
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with torch.no_grad():
+        assert torch.equal(kernels.linear(x, w), F.linear(x, w))

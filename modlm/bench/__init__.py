@@ -1,0 +1,14 @@
+"""Benchmarks: MoD against its dense twin, measured side by side in one process.
+
+Each benchmark prints a readable table and, as its last line, one JSON object. Run them as
+``modlm bench NAME [options]`` or ``python benchmarks/bench_NAME.py [options]`` from a
+checkout; ``benchmarks/README.md`` explains the method and records the figures.
+"""
+
+# name -> (module under modlm.bench, one line for `modlm bench --help`)
+BENCHMARKS = {
+    "train": ("train", "training-step time and FLOPs, MoD vs dense twin"),
+    "decode": ("decode", "decode tokens/s at batch 1 and 16, MoD vs dense twin"),
+    "profile-decode": ("profile_decode", "where a decode step's time goes, block by block"),
+    "kernels": ("kernels", "few-row linear products: torch vs modlm's native kernel"),
+}
