@@ -2,8 +2,8 @@
 
 Decoding multiplies a few rows (one new token per sequence; in a routed block, only the rows
 routed in) by every weight matrix: a memory-bound read of the weights. torch's CPU ``mm`` is
-tuned for large products; for 2-16 rows it spends 1.6-1.9x the time of a one-row
-matrix-vector product on the AVX2 CPUs we measured (benchmarks/README.md), which taxes exactly
+tuned for large products; for 2-16 rows it spent 1.5-2x the time of a one-row
+matrix-vector product on the AVX2 CPU of our figures (benchmarks/README.md), which taxes exactly
 what MoD saves at batch size > 1. ``linear`` sends such products to a small native kernel
 (``modlm/csrc/fewrow.c``, built at install where a C compiler is present) that streams each
 weight matrix once, and everything else to ``F.linear``.
@@ -65,7 +65,7 @@ def describe() -> str:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the few-row kernel where it applies."""
-    if not _enabled or not _AVAILABLE or not _applies(x, weight):
+    if not _enabled or not _AVAILABLE or not _applies(x, weight, bias):
         return F.linear(x, weight, bias)
     N, K = weight.shape
     x_MK = x.reshape(-1, K).contiguous()
@@ -77,8 +77,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y_MN.view(*x.shape[:-1], N)
 
 
-def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
         return False
     if weight.dim() != 2 or not weight.is_contiguous() or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         return False

@@ -87,6 +87,12 @@ def test_kernel_is_used_only_where_it_applies(spy):
     for xi, wi in cases:
         torch.testing.assert_close(kernels.linear(xi, wi), F.linear(xi, wi))
     assert len(spy.calls) == 1
+    b64 = torch.randn(8, dtype=torch.float64)  # F.linear rejects the mix; so must we, the same way
+    with pytest.raises(RuntimeError):
+        F.linear(x, wd, b64)
+    with pytest.raises(RuntimeError):
+        kernels.linear(x, wd, b64)
+    assert len(spy.calls) == 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert kernels.linear(x, wd).dtype == torch.bfloat16  # autocast semantics kept
     kernels.set_enabled(False)
