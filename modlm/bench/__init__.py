@@ -12,3 +12,17 @@ BENCHMARKS = {
     "profile-decode": ("profile_decode", "where a decode step's time goes, block by block"),
     "kernels": ("kernels", "few-row linear products: torch vs modlm's native kernel"),
 }
+
+
+def environment(device=None) -> dict:
+    """The JSON fields every benchmark reports about where it ran: device, nproc, torch, python."""
+    import os
+    import platform
+
+    import torch
+
+    out = {}
+    if device is not None:
+        out["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
+    out.update(nproc=os.cpu_count(), torch=torch.__version__, python=platform.python_version())
+    return out

@@ -43,6 +43,7 @@ import time
 import torch
 
 from modlm import kernels
+from modlm.bench import environment
 from modlm.calibrate import calibrate_thresholds, measure_routed_fraction
 from modlm.config import ModelConfig
 from modlm.generate import DecodeSession
@@ -366,10 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
         "temperature": args.temperature, "data": data_desc,
         "model": args.ckpt or args.preset, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
         "routed_layers": routed, "causal_routing": cfg.causal_routing,
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "dtype": args.dtype, "threads": threads, "nproc": os.cpu_count(),
+        "dtype": args.dtype, "threads": threads,
         "native_kernels": kernels.enabled() and device.type == "cpu",
-        "torch": torch.__version__, "python": platform.python_version(),
+        **environment(device),
     }
     print(json.dumps(result))
     sys.stdout.flush()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from modlm import kernels
+from modlm.bench import environment
 from modlm.config import ModelConfig
 
 
@@ -110,8 +111,7 @@ def main(argv=None) -> dict:
         native_bw = f"{r['native_gb_s']:12.1f}" if r["native_gb_s"] is not None else f"{'-':>12s}"
         print(f"{r['threads']:7d} {r['rows']:5d} {r['torch_ms']:9.3f} {native} {r['torch_gb_s']:11.1f} {native_bw}")
     out = {"bench": "kernels", "preset": args.preset, "block_bytes": block_bytes, "max_rows": rows_limit,
-           "available": kernels.available(), "results": results, "nproc": os.cpu_count(),
-           "torch": torch.__version__, "python": platform.python_version()}
+           "available": kernels.available(), "results": results, **environment()}
     print(json.dumps(out))
     sys.stdout.flush()
     return out

@@ -36,6 +36,7 @@ from contextlib import nullcontext
 
 import torch
 
+from modlm.bench import environment
 from modlm.config import ModelConfig
 from modlm.flops import flops, format_flops, train_flops
 from modlm.model import MoDTransformer
@@ -215,9 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         "n_layers": mod_cfg.n_layers, "n_heads": mod_cfg.n_heads, "vocab_size": mod_cfg.vocab_size,
         "capacity": mod_cfg.capacity, "k": k, "routed_layers": list(mod_cfg.routed_layers),
         "causal_routing": mod_cfg.causal_routing, "steps": args.steps, "warmup": args.warmup,
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "dtype": args.dtype, "tf32": device.type == "cuda", "threads": threads, "nproc": os.cpu_count(),
-        "torch": torch.__version__, "python": platform.python_version(),
+        "dtype": args.dtype, "tf32": device.type == "cuda", "threads": threads,
+        **environment(device),
     }
     print(json.dumps(result))
     sys.stdout.flush()

@@ -118,8 +118,12 @@ static TGT void sgemm_nt(const float *x, const float *w, float *y, int64_t M, in
 
 static int cpu_ok(void) {
 #ifdef FEWROW_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    static int ok = -1;  /* probed once: every product checks it */
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return ok;
 #else
     return 0;
 #endif
