@@ -34,7 +34,7 @@ def _fail(msg: str) -> int:
 # ------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a Mixture-of-Depths (or dense) language model; checkpoints and metrics go to --out-dir."""
-    from modlm.train import train, train_config_from_args
+    from modlm.training.trainer import train, train_config_from_args
 
     cfg = train_config_from_args(args)
     summary = train(cfg, resume=args.resume, progress=args.progress)
@@ -65,9 +65,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Sample text from a checkpoint with causal routing and the routed KV cache."""
     import torch
 
-    from modlm.checkpoint import load_model
-    from modlm.data import ByteTokenizer
-    from modlm.generate import generate
+    from modlm.training.checkpoint import load_model
+    from modlm.training.data import ByteTokenizer
+    from modlm.inference.generate import generate
 
     if args.prompt is None and args.prompts_file is None:
         return _fail("give --prompt TEXT or --prompts-file FILE")
@@ -85,8 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = ByteTokenizer()
     cfg = model.config
     if args.routed_fraction is not None:
-        from modlm.calibrate import calibrate_thresholds
-        from modlm.data import prepare_corpus
+        from modlm.inference.calibrate import calibrate_thresholds
+        from modlm.training.data import prepare_corpus
 
         if not 0.0 < args.routed_fraction <= 1.0:
             return _fail(f"--routed-fraction={args.routed_fraction} must be in (0, 1]")
@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
 
-    from modlm.isoflop import add_isoflop_args, cmd_isoflop
-    from modlm.reproduce import add_reproduce_args, cmd_reproduce
+    from modlm.experiments.isoflop import add_isoflop_args, cmd_isoflop
+    from modlm.experiments.reproduce import add_reproduce_args, cmd_reproduce
 
     p = sub.add_parser("isoflop", help=" ".join(cmd_isoflop.__doc__.split()), description=cmd_isoflop.__doc__)
     add_isoflop_args(p)
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_args_lazily(p: argparse.ArgumentParser) -> None:
-    from modlm.train import add_train_args
+    from modlm.training.trainer import add_train_args
 
     add_train_args(p)
 

@@ -122,7 +122,7 @@ class ModelConfig:
 
     def capacity_tokens(self, seq_len: int) -> int:
         """k = max(1, round(capacity * T)): exactly k tokens per sequence in a routed block."""
-        from modlm.dispatch import capacity_k
+        from modlm.routing.ops import capacity_k
 
         return capacity_k(self.capacity, seq_len)
 

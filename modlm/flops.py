@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modlm.config import ModelConfig
-from modlm.dispatch import capacity_k
+from modlm.routing.ops import capacity_k
 
 # Routers whose decision is a learned score r = w·x over every token of the sequence.
 SCORED_ROUTERS = ("learned", "token_choice")

@@ -48,7 +48,7 @@ def test_generate_from_a_checkpoint_streams_and_traces(tmp_path, capsys):
     import torch
 
     from modlm import ModelConfig, MoDTransformer
-    from modlm.checkpoint import save_checkpoint
+    from modlm.training.checkpoint import save_checkpoint
 
     cfg = ModelConfig.from_name("tiny")
     torch.manual_seed(0)

@@ -7,9 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.flops import flops, param_count, router_score_flops, train_flops
-from modlm.token_choice import register
 
-register()  # router="token_choice" (idempotent once modlm.routing registers it itself)
 
 B, T = 2, 64
 CONFIGS = {

@@ -2,7 +2,7 @@
 
 Both models live in one process and share every weight but the routers (the dense twin is
 ``cfg.dense_twin()`` loaded from the MoD state dict). For each batch size and repeat, both decode
-the same fresh prompts in lock-step through ``modlm.generate.DecodeSession``: one step of MoD,
+the same fresh prompts in lock-step through ``modlm.inference.generate.DecodeSession``: one step of MoD,
 one of dense, then dense, MoD, ... so load changes on a shared machine hit both alike.
 
     tokens/s = new tokens / summed wall clock of the decode steps (prefill excluded)
@@ -10,7 +10,7 @@ one of dense, then dense, MoD, ... so load changes on a shared machine hit both 
 
 The MoD model is a checkpoint (``--ckpt DIR``, thresholds as saved unless ``--target-fraction``
 is given) or a random-init preset whose routed blocks are calibrated with
-``modlm.calibrate.calibrate_thresholds`` to route ``--target-fraction`` (default 12.5%) of the
+``modlm.inference.calibrate.calibrate_thresholds`` to route ``--target-fraction`` (default 12.5%) of the
 tokens. The routed fraction is printed per layer on the calibration sample, on a held-out
 sample, and for the tokens actually decoded.
 
@@ -42,12 +42,12 @@ import time
 
 import torch
 
-from modlm import kernels
+from modlm.inference import kernels
 from modlm.bench import environment
-from modlm.calibrate import calibrate_thresholds, measure_routed_fraction
+from modlm.inference.calibrate import calibrate_thresholds, measure_routed_fraction
 from modlm.config import ModelConfig
-from modlm.generate import DecodeSession
-from modlm.model import MoDTransformer, RoutedBlock
+from modlm.inference.generate import DecodeSession
+from modlm.model.transformer import MoDTransformer, RoutedBlock
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and KV cache dtype")
     p.add_argument("--kernels", default="native", choices=["native", "torch"],
-                   help="few-row linear products: modlm.kernels' native CPU kernel where it applies (both "
+                   help="few-row linear products: modlm.inference.kernels' native CPU kernel where it applies (both "
                         "models alike), or torch's F.linear everywhere")
     p.add_argument("--no-sync-probe", action="store_true", help="skip the host-sync measurement")
     p.add_argument("--seed", type=int, default=0)
@@ -96,9 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     if args.ckpt is not None:
         try:
-            from modlm.checkpoint import load_model
+            from modlm.training.checkpoint import load_model
         except ImportError as e:  # pragma: no cover - depends on the checkout
-            raise SystemExit(f"--ckpt needs modlm.checkpoint.load_model: {e}") from None
+            raise SystemExit(f"--ckpt needs modlm.training.checkpoint.load_model: {e}") from None
         mod = load_model(args.ckpt, device="cpu")
         cfg = mod.config
         if cfg.router == "none":
@@ -128,7 +128,7 @@ def token_pool(args: argparse.Namespace, cfg: ModelConfig, rows: int, length: in
     g = torch.Generator().manual_seed(args.seed + 1)
     if kind == "enwiki":
         try:
-            from modlm.data import prepare_corpus
+            from modlm.training.data import prepare_corpus
 
             val = torch.from_numpy(prepare_corpus().val.astype("int64"))
             if val.numel() > length + 1 and int(val.max()) < cfg.vocab_size:

@@ -1,4 +1,4 @@
-"""Few-row linear products: torch's F.linear against modlm's native kernel (modlm.kernels).
+"""Few-row linear products: torch's F.linear against modlm's native kernel (modlm.inference.kernels).
 
 Decoding multiplies a few rows by every weight matrix of a block. This times one block's four
 matrices (qkv, attention output, SwiGLU gate+up, down) of a preset, for M rows, with the
@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modlm import kernels
+from modlm.inference import kernels
 from modlm.bench import environment
 from modlm.config import ModelConfig
 

@@ -29,11 +29,11 @@ import time
 
 import torch
 
-from modlm import kernels
+from modlm.inference import kernels
 from modlm.bench import decode as bd  # same models, data and calibration as the benchmark
-from modlm.calibrate import calibrate_thresholds
-from modlm.generate import DecodeSession
-from modlm.model import RoutedBlock
+from modlm.inference.calibrate import calibrate_thresholds
+from modlm.inference.generate import DecodeSession
+from modlm.model.transformer import RoutedBlock
 
 
 def parse_args(argv=None):
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", default="native", choices=["native", "torch"],
-                   help="few-row linear products: modlm.kernels' native CPU kernel or torch's F.linear")
+                   help="few-row linear products: modlm.inference.kernels' native CPU kernel or torch's F.linear")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 2 or args.prompt_len < 1:
         p.error("need --batch-size >= 1, --steps >= 2, --prompt-len >= 1")

@@ -39,7 +39,7 @@ import torch
 from modlm.bench import environment
 from modlm.config import ModelConfig
 from modlm.flops import flops, format_flops, train_flops
-from modlm.model import MoDTransformer
+from modlm.model.transformer import MoDTransformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

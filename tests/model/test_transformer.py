@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.dispatch import topk_mask
-from modlm.model import Block, RoutedBlock, Rotary
-from modlm.routing import RouterOutput
+from modlm.routing.ops import topk_mask
+from modlm.model.transformer import Block, RoutedBlock, Rotary
+from modlm.routing.expert_choice import RouterOutput
 
 
 def tiny(**kw):

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.dispatch import (capacity_k, mask_to_padded_indices, router_scores, select_topk, select_topk_masked,
+from modlm.routing.ops import (capacity_k, mask_to_padded_indices, router_scores, select_topk, select_topk_masked,
                             topk_mask)
 
 ROUTING_MODES = ("topk", "causal")
@@ -324,7 +324,7 @@ class RandomRouter(nn.Module):
 
 ROUTERS: dict[str, type[nn.Module]] = {"learned": LearnedRouter, "random": RandomRouter}
 
-from modlm.token_choice import TokenChoiceRouter  # noqa: E402  (it imports RouterOutput from this module)
+from modlm.routing.token_choice import TokenChoiceRouter  # noqa: E402  (it imports RouterOutput from this module)
 
 ROUTERS["token_choice"] = TokenChoiceRouter
 

@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 
 from modlm.config import ModelConfig
-from modlm.dispatch import capacity_k, mask_to_padded_indices, router_scores
+from modlm.routing.ops import capacity_k, mask_to_padded_indices, router_scores
 
-# NOTE: modlm.routing imports this module to register the router, so this module imports
+# NOTE: modlm.routing.expert_choice imports this module to register the router, so this module imports
 # modlm.routing only inside functions: either module can then be imported first.
 
 __all__ = ["TokenChoiceRouter", "capped_selection"]
@@ -82,7 +82,7 @@ class TokenChoiceRouter(nn.Module):
         self.balance_weight = config.aux_loss_weight
         self.weight = nn.Parameter(torch.zeros(config.d_model))  # init by MoDTransformer.init_weights
         # Logit threshold of the decision (0 <=> g = 0.5); a buffer like LearnedRouter.threshold,
-        # so modlm.calibrate can move it.
+        # so modlm.inference.calibrate can move it.
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
 
     def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ class TokenChoiceRouter(nn.Module):
         slots (``valid_BK`` marks the real ones). ``"causal"``: every token that asks, padded to
         the batch's largest count, as the learned router's causal mode does.
         """
-        from modlm.routing import RouterOutput, _check_mode
+        from modlm.routing.expert_choice import RouterOutput, _check_mode
 
         _check_mode(mode)
         B, T, _ = x_BTD.shape
@@ -144,13 +144,3 @@ class TokenChoiceRouter(nn.Module):
             stats["balance"] = balance.detach()
         return RouterOutput(idx_BK, valid_BK, weight_BK, aux, stats)
 
-
-def register() -> None:
-    """Make ``router="token_choice"`` buildable (idempotent): a no-op once modlm.routing and
-    modlm.config list the router themselves."""
-    from modlm import config as _config
-    from modlm import routing as _routing
-
-    _routing.ROUTERS.setdefault("token_choice", TokenChoiceRouter)
-    if "token_choice" not in _config.ROUTER_KINDS:
-        _config.ROUTER_KINDS = (*_config.ROUTER_KINDS, "token_choice")

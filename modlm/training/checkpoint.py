@@ -385,7 +385,7 @@ def _check_file(ckpt: Path, manifest: dict[str, Any], name: str, verify_hash: bo
 
 def _build_model(config: ModelConfig, ckpt: Path, manifest: dict[str, Any], device: str | torch.device,
                  verify_hash: bool) -> nn.Module:
-    from modlm.model import MoDTransformer
+    from modlm.model.transformer import MoDTransformer
 
     path = _check_file(ckpt, manifest, MODEL_FILE, verify_hash)
     weights = _load_tensors(path)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import modlm.checkpoint as ckpt_mod
-from modlm.checkpoint import (
+import modlm.training.checkpoint as ckpt_mod
+from modlm.training.checkpoint import (
     capture_rng_state,
     find_checkpoint,
     load_checkpoint,
@@ -20,7 +20,7 @@ from modlm.checkpoint import (
     save_checkpoint,
 )
 from modlm.config import ModelConfig
-from modlm.model import MoDTransformer
+from modlm.model.transformer import MoDTransformer
 
 T = 32
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modlm.dispatch import (capacity_k, gather_tokens, mask_to_padded_indices, router_scores, scatter_add_weighted,
+from modlm.routing.ops import (capacity_k, gather_tokens, mask_to_padded_indices, router_scores, scatter_add_weighted,
                             select_topk, topk_mask)
 
 

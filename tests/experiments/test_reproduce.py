@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from modlm.isoflop import read_results
-from modlm.reproduce import (
+from modlm.experiments.isoflop import read_results
+from modlm.experiments.reproduce import (
     CLAIMS_FILE, REPORT_FILE, SCALES, build_claims, expected_claim_ids, pearson, run_reproduction, spearman, verdict,
 )
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.calibrate import calibrate_thresholds
-from modlm.dispatch import capacity_k
-from modlm.generate import DecodeSession, generate
-from modlm.model import RoutedBlock, route_mask
+from modlm.inference.calibrate import calibrate_thresholds
+from modlm.routing.ops import capacity_k
+from modlm.inference.generate import DecodeSession, generate
+from modlm.model.transformer import RoutedBlock, route_mask
 
 N_NEW = 64
 PROMPT_LENS = (5, 17, 30)
@@ -214,7 +214,7 @@ def test_bad_inputs_are_one_line_value_errors_naming_the_value(kwargs, fragment)
 
 def test_model_generate_method_is_the_library_function():
     from modlm import ModelConfig, MoDTransformer
-    from modlm.generate import generate
+    from modlm.inference.generate import generate
 
     model = MoDTransformer(ModelConfig.from_name("tiny"))
     prompts = [[5, 6, 7], [8, 9]]

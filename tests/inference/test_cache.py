@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modlm.cache import RoutedKVCache
+from modlm.inference.cache import RoutedKVCache
 
 G, E = 2, 4
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.routing import LearnedRouter
+from modlm.routing.expert_choice import LearnedRouter
 
 
 def _router(dtype=torch.float64):

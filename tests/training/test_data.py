@@ -1,4 +1,4 @@
-"""Tests for modlm.data: tokenizer, wikitext cleanup, corpus preparation and caching, batching."""
+"""Tests for modlm.training.data: tokenizer, wikitext cleanup, corpus preparation and caching, batching."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from modlm.data import (
+from modlm.training.data import (
     ByteTokenizer,
     bits_per_byte,
     clean_wikitext,

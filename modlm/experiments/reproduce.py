@@ -2,7 +2,7 @@
 
     modlm reproduce --scale default --results-dir results/reproduce --report-dir docs/results
 
-One resumable sweep (``modlm.isoflop``) trains every run the claims need, a routing analysis
+One resumable sweep (``modlm.experiments.isoflop``) trains every run the claims need, a routing analysis
 reads back a few trained models, and ``REPORT.md`` with its PNG plots is generated from the
 results alone (``--report-only`` regenerates it). Every number in the report is computed from
 ``runs.jsonl`` and ``analysis.json``; nothing is typed in by hand except what the paper says.
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from modlm.isoflop import (
-    PLAN_FILE, RUNS_DIR, PlannedRun, Shape, SweepSettings, add_settings_args, apply_threads, ensure_routers_registered,
+from modlm.experiments.isoflop import (
+    PLAN_FILE, RUNS_DIR, PlannedRun, Shape, SweepSettings, add_settings_args, apply_threads,
     format_budget, merge_plans, plan_run, plan_sweep, read_results, run_sweep, settings_from_args,
 )
 
@@ -138,7 +138,6 @@ SCALES: dict[str, Scale] = {
 
 def plan_reproduction(scale: Scale, settings: SweepSettings | None = None) -> list[PlannedRun]:
     """Every run the claims need; a run shared by two experiments is trained once (tags merged)."""
-    ensure_routers_registered()
     s = settings or scale.settings
     iso = plan_sweep(scale.budgets, ["dense", "mod"], scale.shapes, s, tags=("isoflop",))
     variants = [plan_run(scale.variant_budget, v.family, scale.variant_shape, s, tags=(f"variant:{v.key}",))
@@ -160,7 +159,7 @@ def measure_flops_per_second(run: PlannedRun, settings: SweepSettings, steps: in
     """
     import torch
 
-    from modlm.model import MoDTransformer
+    from modlm.model.transformer import MoDTransformer
 
     device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if settings.device == "auto" else settings.device))
@@ -277,9 +276,9 @@ def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSett
     import numpy as np
     import torch
 
-    from modlm.checkpoint import load_model
-    from modlm.data import iter_eval_batches
-    from modlm.model import route_mask
+    from modlm.training.checkpoint import load_model
+    from modlm.training.data import iter_eval_batches
+    from modlm.model.transformer import route_mask
 
     model = load_model(run_dir, device="cpu")
     cfg = model.config
@@ -327,7 +326,7 @@ def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSett
 def run_analysis(results_dir: str | Path, scale: Scale, settings: SweepSettings,
                  runs: Sequence[PlannedRun]) -> dict[str, Any]:
     """Analyse the trained reference MoD and every-block MoD models; writes analysis.json."""
-    from modlm.data import prepare_corpus
+    from modlm.training.data import prepare_corpus
 
     results = Path(results_dir)
     corpus = prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.seed)
@@ -706,7 +705,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_report(results_dir: str | Path, report_dir: str | Path, scale: Scale, command: str,
                  settings: SweepSettings | None = None) -> Path:
     """REPORT.md + PNG plots + claims.json in ``report_dir``, from ``results_dir`` alone."""
-    from modlm.plots import (
+    from modlm.experiments.plots import (
         plot_depth_entropy, plot_isoflop, plot_loss_vs_flops, plot_router_accuracy, plot_routing_heatmap, plot_variants,
     )
 
@@ -864,7 +863,7 @@ def _render(records, claims: list[Claim], noise, figs, scale: Scale, settings: S
 def _train_tokens(settings: SweepSettings) -> int:
     """Size of the training split (tokens), for the epochs column; 0 if the corpus cannot be read."""
     try:
-        from modlm.data import prepare_corpus  # cached after the first call
+        from modlm.training.data import prepare_corpus  # cached after the first call
 
         return len(prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.seed).train)
     except (OSError, ValueError):

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modlm.cache import RoutedKVCache
-from modlm.model import MoDTransformer, route_mask
+from modlm.inference.cache import RoutedKVCache
+from modlm.model.transformer import MoDTransformer, route_mask
 
 PREFILL_ROUTING = ("causal", "topk")
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from modlm.flops import train_flops
-from modlm.isoflop import (
+from modlm.experiments.isoflop import (
     DEFAULT_SHAPES, RUNS_FILE, Family, Shape, SweepSettings, append_result, plan_run, plan_sweep, read_results,
     run_sweep,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 
@@ -95,7 +95,7 @@ _CHILD = """
 import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
-from modlm.isoflop import Shape, SweepSettings, plan_sweep, run_sweep
+from modlm.experiments.isoflop import Shape, SweepSettings, plan_sweep, run_sweep
 settings = SweepSettings(**{settings!r})
 runs = plan_sweep([2.5e8], ["dense", "mod"], [Shape(16, 2)], settings)
 run_sweep(runs, {results!r}, settings, progress=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.calibrate import (calibrate_thresholds, causal_val_loss, get_thresholds, measure_routed_fraction,
+from modlm.inference.calibrate import (calibrate_thresholds, causal_val_loss, get_thresholds, measure_routed_fraction,
                              set_thresholds, sweep_knob)
 
 

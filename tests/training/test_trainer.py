@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modlm.checkpoint import load_checkpoint, read_checkpoint_config
-from modlm.train import (
+from modlm.training.checkpoint import load_checkpoint, read_checkpoint_config
+from modlm.training.trainer import (
     STEP_DELAY_ENV,
     TrainConfig,
     _StopSignal,
@@ -264,12 +264,12 @@ def _train_events(out_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(corpus, tmp_path):
-    """Random router (draws from the global torch RNG) + grad accumulation: a `python -m modlm.train`
+    """Random router (draws from the global torch RNG) + grad accumulation: a `python -m modlm.training`
     process SIGKILLed between checkpoints, then `--resume`d, ends bit-identical to a straight run."""
     flags = dict(router="random", grad_accum=2, max_steps=12, ckpt_interval=4, log_interval=2, eval_interval=6)
     args = [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    victim = subprocess.Popen([sys.executable, "-m", "modlm.train", *_cli_args(corpus, killed, *args)],
+    victim = subprocess.Popen([sys.executable, "-m", "modlm.training.trainer", *_cli_args(corpus, killed, *args)],
                               env=_env(**{STEP_DELAY_ENV: "0.15"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Kill between checkpoints: after the step-6 log line, i.e. past the step-4 checkpoint.
@@ -309,7 +309,7 @@ def _safe_train_events(out_dir: Path) -> list[tuple[int, float]]:
 def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "modlm.train", *_cli_args(corpus, out, "--grad-accum", "2", "--max-steps", "4",
+           "-m", "modlm.training.trainer", *_cli_args(corpus, out, "--grad-accum", "2", "--max-steps", "4",
                                             "--ckpt-interval", "2", "--log-interval", "2", "--eval-interval", "4")]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -16,15 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modlm import kernels
+from modlm.inference import kernels
 from modlm.config import ModelConfig
-from modlm.dispatch import gather_tokens, scatter_add_weighted
-from modlm.routing import RouterOutput, build_router
+from modlm.routing.ops import gather_tokens, scatter_add_weighted
+from modlm.routing.expert_choice import RouterOutput, build_router
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` whose few-row fp32 products without gradients (decoding on a CPU) go to
-    ``modlm.kernels``; training and everything else is ``F.linear``. Same parameters and names."""
+    ``modlm.inference.kernels``; training and everything else is ``F.linear``. Same parameters and names."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)
@@ -333,11 +333,11 @@ class MoDTransformer(nn.Module):
                  top_p: float | None = None, seed: int | None = None, **kwargs):
         """Sample continuations with causal routing and the routed KV cache.
 
-        A thin convenience over ``modlm.generate.generate`` (see it for every option: stop
+        A thin convenience over ``modlm.inference.generate.generate`` (see it for every option: stop
         tokens, streaming, prefill routing, routing trace). ``idx``: a (B, T) tensor or lists of
         token ids. Returns a ``GenerationResult``.
         """
-        from modlm.generate import generate
+        from modlm.inference.generate import generate
 
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         **kwargs)
@@ -357,7 +357,7 @@ class MoDTransformer(nn.Module):
             routing: "topk" (expert-choice over each sequence; training) or "causal" (each token
                 routes by the causal signal, as when decoding).
             routes: replay these per-layer routes instead of asking the routers.
-            cache: a ``modlm.cache.RoutedKVCache`` to read and extend (prefill and decoding).
+            cache: a ``modlm.inference.cache.RoutedKVCache`` to read and extend (prefill and decoding).
             pos_BT: positions of the tokens (default 0..T-1); needed with a cache.
             token_mask_BT: real tokens of a left-padded batch (padding is never routed and never
                 attended to).

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from modlm.model import MoDTransformer, RoutedBlock, route_mask
+from modlm.model.transformer import MoDTransformer, RoutedBlock, route_mask
 
 __all__ = ["calibrate_thresholds", "causal_val_loss", "get_thresholds", "measure_routed_fraction", "set_thresholds",
            "sweep_knob"]
@@ -161,7 +161,7 @@ def sweep_knob(model: MoDTransformer, val_tokens: torch.Tensor, fractions: Seque
     validation inputs), routed_fraction_per_layer, val_loss (nats/token), decode_tokens_per_s,
     thresholds.
     """
-    from modlm.generate import generate
+    from modlm.inference.generate import generate
 
     if not isinstance(val_tokens, torch.Tensor) or val_tokens.dim() != 2 or val_tokens.shape[1] < 2:
         raise ValueError("val_tokens must be a (B, T+1) tensor of token windows with T >= 1")

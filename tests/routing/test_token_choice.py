@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.token_choice import TokenChoiceRouter, capped_selection, register
+from modlm.routing.token_choice import TokenChoiceRouter, capped_selection
 
-register()
 
 
 def _reference(scores_BT, chosen_BT, k):

@@ -15,7 +15,7 @@ The results folder::
     results_dir/runs/<run_id>/      each run's out_dir: metrics.jsonl, train.log, checkpoints/
 
 Resume: a restarted sweep skips the runs already in runs.jsonl and continues the others from
-their own checkpoints (``modlm.train.train(..., resume=True)``, which is exact). A run killed
+their own checkpoints (``modlm.training.trainer.train(..., resume=True)``, which is exact). A run killed
 mid-way therefore loses at most 1/``ckpts_per_run`` of its steps. Ctrl-C (or SIGTERM) stops the
 running runs at a step boundary with a checkpoint, and the sweep exits; run the same command
 again to go on.
@@ -56,16 +56,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "dense": {"router": "none"},
     "mod": {"router": "learned", "capacity": 0.125, "route_every": 2, "route_start": 1, "causal_routing": "predictor"},
     "mod-random": {"router": "random", "capacity": 0.125, "route_every": 2, "route_start": 1},
-    # Token choice (modlm.token_choice); aux_loss_weight is its balancing-loss weight there.
+    # Token choice (modlm.routing.token_choice); aux_loss_weight is its balancing-loss weight there.
     "mod-tc": {"router": "token_choice", "capacity": 0.125, "route_every": 2, "route_start": 1, "aux_loss_weight": 1.0},
 }
-
-
-def ensure_routers_registered() -> None:
-    """Make router="token_choice" usable even before modlm.routing registers it itself."""
-    from modlm.token_choice import register
-
-    register()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +221,7 @@ class PlannedRun:
 
     def train_config(self, settings: SweepSettings, out_dir: str | Path):
         """The TrainConfig of this run: cosine over exactly ``steps`` steps, checkpoints for resume."""
-        from modlm.train import TrainConfig
+        from modlm.training.trainer import TrainConfig
 
         warmup = min(200, max(10, round(settings.warmup_frac * self.steps)), self.steps)
         return TrainConfig(
@@ -269,8 +262,6 @@ def plan_run(budget: float, family: Family | str, shape: Shape, settings: SweepS
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget={budget!r} is invalid: must be a positive number of FLOPs")
     over = model_overrides(shape, fam, settings)
-    if over.get("router") == "token_choice":
-        ensure_routers_registered()
     cfg = ModelConfig.from_name("tiny", **over)
     rep = flops(cfg, settings.seq_len)
     fps = settings.batch_size * rep.train
@@ -521,15 +512,13 @@ def train_run(run: PlannedRun, settings: SweepSettings, run_dir: str | Path) -> 
 
     Holds an exclusive lock on ``run_dir/run.lock`` while training, so two processes never write
     one run's checkpoint (e.g. a worker orphaned by a killed sweep and the restarted sweep: the
-    second waits for the first). Returns ``modlm.train.train``'s summary, also written to
+    second waits for the first). Returns ``modlm.training.trainer.train``'s summary, also written to
     ``run_dir/summary.json``.
     """
     import fcntl
 
-    from modlm.train import train
+    from modlm.training.trainer import train
 
-    if run.overrides.get("router") == "token_choice":
-        ensure_routers_registered()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run.train_config(settings, run_dir)
@@ -569,8 +558,6 @@ def run_sweep(runs: Sequence[PlannedRun], results_dir: str | Path, settings: Swe
     """
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid: must be an int >= 1")
-    if any(r.overrides.get("router") == "token_choice" for r in runs):
-        ensure_routers_registered()
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
     tmp = results / (PLAN_FILE + ".tmp")
@@ -650,7 +637,7 @@ def _run_parallel(todo: Sequence[PlannedRun], results: Path, settings: SweepSett
         job.write_text(json.dumps({"run": run.as_dict(), "settings": dataclasses.asdict(settings),
                                    "run_dir": str(run_dir), "threads": threads}))
         log = open(run_dir / "worker.log", "ab")
-        code = f"from modlm.isoflop import _child_main; _child_main({str(job)!r})"
+        code = f"from modlm.experiments.isoflop import _child_main; _child_main({str(job)!r})"
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
         active[run.run_id] = (proc, run, log)
@@ -802,7 +789,7 @@ def cmd_isoflop(args: argparse.Namespace) -> int:
     if not result.complete:
         return 130
     if args.plots:
-        from modlm.plots import plot_isoflop, plot_loss_vs_flops
+        from modlm.experiments.plots import plot_isoflop, plot_loss_vs_flops
 
         out = Path(args.results_dir)
         plot_isoflop(result.records, out / "isoflop.png")

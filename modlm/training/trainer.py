@@ -1,8 +1,8 @@
 """Training loop: AdamW, warmup + cosine, grad accumulation, eval (top-k and causal routing),
 metrics.jsonl, atomic checkpoints, exact resume, and DDP under ``torchrun``.
 
-    python -m modlm.train --model tiny --data path/to/texts --max-steps 200 --out-dir runs/tiny
-    torchrun --nproc_per_node=2 -m modlm.train --model tiny --max-steps 200   # CPU: gloo
+    python -m modlm.training --model tiny --data path/to/texts --max-steps 200 --out-dir runs/tiny
+    torchrun --nproc_per_node=2 -m modlm.training --model tiny --max-steps 200   # CPU: gloo
 
 Resume is exact: a checkpoint holds the weights, the optimizer state, the step (the schedule is a
 pure function of it) and every RNG the loop draws from (the data generator of each rank and the
@@ -424,7 +424,7 @@ def evaluate(model, data, cfg: TrainConfig, device, dtype: str = "fp32", tokens_
     """
     import torch
 
-    from modlm.data import bits_per_byte, iter_eval_batches
+    from modlm.training.data import bits_per_byte, iter_eval_batches
 
     was_training = model.training
     model.eval()
@@ -507,13 +507,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
-    from modlm.checkpoint import (
+    from modlm.training.checkpoint import (
         RUN_CHECKPOINT, capture_rng_state, find_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
     )
-    from modlm.data import get_batch, prepare_corpus
+    from modlm.training.data import get_batch, prepare_corpus
     from modlm.flops import flops as flop_report
     from modlm.flops import format_flops, train_flops
-    from modlm.model import MoDTransformer
+    from modlm.model.transformer import MoDTransformer
 
     def say(msg: str) -> None:
         if info.main:
@@ -806,8 +806,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m modlm.train``: parse flags, train, print the summary as JSON (rank 0)."""
-    parser = argparse.ArgumentParser(prog="python -m modlm.train", description="Train a Mixture-of-Depths LM.")
+    """``python -m modlm.training``: parse flags, train, print the summary as JSON (rank 0)."""
+    parser = argparse.ArgumentParser(prog="python -m modlm.training", description="Train a Mixture-of-Depths LM.")
     add_train_args(parser)
     args = parser.parse_args(argv)
     try:

@@ -16,7 +16,7 @@ import torch
 
 from modlm.bench import BENCHMARKS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(name):
@@ -95,7 +95,7 @@ def test_bench_train_runs_and_reports(capsys):
 
 
 def test_bench_kernels_runs_and_reports(capsys):
-    from modlm import kernels
+    from modlm.inference import kernels
     bench = _load("bench_kernels")
     before = (kernels.MAX_ROWS, kernels.enabled())
     res = bench.main(["--preset", "tiny", "--rows", "1", "3", "--threads", "1", "--blocks", "2", "--iters", "2"])
