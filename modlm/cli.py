@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from modlm.config import ModelConfig, preset_names
+from modlm.config import ModelConfig, parse_assignments, preset_names
 
 EPILOG = """examples:
   modlm train                                   # the default MoD model on the bundled corpus
@@ -134,15 +134,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     """Forward and training FLOPs of a config (routed blocks at their capacity) beside its dense twin."""
     from modlm.flops import flops, format_flops
 
-    overrides = {}
-    for text in args.model_arg:
-        key, sep, raw = text.partition("=")
-        if not sep:
-            return _fail(f"--model-arg {text!r} is invalid: expected KEY=VALUE")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
+    overrides = parse_assignments(args.model_arg)
     if args.capacity is not None:
         overrides["capacity"] = args.capacity
     cfg = ModelConfig.from_name(args.model, **overrides)

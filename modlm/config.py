@@ -24,6 +24,26 @@ def dataclass_from_dict(cls, d: dict[str, Any]):
     return cls(**d)
 
 
+def parse_assignments(items: list[str] | tuple[str, ...], flag: str = "--model-arg") -> dict[str, Any]:
+    """``["d_model=128", "router=random"]`` -> ``{"d_model": 128, "router": "random"}``.
+
+    Values are read as JSON where they parse (numbers, true/false, null, lists), else kept as
+    bare strings. The one parser of KEY=VALUE overrides for every command; the config that
+    receives the values checks them. A malformed item is a one-line ValueError naming ``flag``.
+    """
+    out: dict[str, Any] = {}
+    for text in items:
+        key, sep, raw = str(text).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {text!r} is invalid: expected KEY=VALUE, e.g. d_model=128")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
 def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ValueError(f"ModelConfig.{name}={value!r} is invalid: {allowed}")

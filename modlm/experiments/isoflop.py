@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from modlm.config import ModelConfig
+from modlm.config import ModelConfig, parse_assignments
 
 RUNS_FILE = "runs.jsonl"
 PLAN_FILE = "plan.json"
@@ -111,16 +111,13 @@ class Family:
                              f"(optionally ':KEY=VALUE,...' ModelConfig overrides)")
         over = dict(FAMILIES[base])
         known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "d_model", "n_layers", "n_heads"}
-        for item in filter(None, (s.strip() for s in rest.split(","))):
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not sep or key not in known:
-                raise ValueError(f"family {spec!r} is invalid: {item!r} must be KEY=VALUE with KEY a ModelConfig "
-                                 f"field other than the shape's ({', '.join(sorted(known))})")
-            try:
-                over[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                over[key] = raw.strip()
+        items = [s.strip() for s in rest.split(",") if s.strip()]
+        given = parse_assignments(items, flag=f"family {spec!r}:")
+        for key, value in given.items():
+            if key not in known:
+                raise ValueError(f"family {spec!r} is invalid: {key!r} must be a ModelConfig field other than "
+                                 f"the shape's ({', '.join(sorted(known))})")
+            over[key] = value.strip() if isinstance(value, str) else value
         return cls(spec.strip(), tuple(sorted(over.items())))
 
 

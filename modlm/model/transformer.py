@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from modlm.inference import kernels
 from modlm.config import ModelConfig
+from modlm.model import roles
 from modlm.routing.ops import gather_tokens, scatter_add_weighted
 from modlm.routing.expert_choice import RouterOutput, build_router
 
@@ -31,6 +32,8 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
+    param_roles = {"weight": roles.NORM}
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
@@ -74,6 +77,8 @@ class Attention(nn.Module):
     positions, so a token that skipped this block is invisible here to every later token.
     """
 
+    param_roles = {"qkv.weight": roles.MATRIX, "proj.weight": roles.OUT_MATRIX}
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -107,6 +112,8 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU feed-forward."""
+
+    param_roles = {"gate_up.weight": roles.MATRIX, "down.weight": roles.OUT_MATRIX}
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -283,6 +290,8 @@ class MoDTransformer(nn.Module):
     (minus routers), so MoD and dense can be compared shape for shape.
     """
 
+    param_roles = {"tok_emb.weight": roles.EMBEDDING, "lm_head.weight": roles.LM_HEAD}
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -310,24 +319,25 @@ class MoDTransformer(nn.Module):
         | router.weight (r = w·x)            | normal(0, 1 / sqrt(d_model))           |
         | predictor fc1/fc2                  | PyTorch default (kaiming-uniform)      |
 
+        Each row is a ``modlm.model.roles`` role, declared by the module owning the parameter.
+
         NOTE: the router is initialised so r = w·x is O(1) once the residual stream is O(1):
         an r near 0 would multiply the routed block's update (x + r·f) and its gradients
         towards zero, and the block would barely learn.
         """
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
-        nn.init.normal_(self.tok_emb.weight, 0.0, std)
-        if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, 0.0, std)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.qkv.weight", "mlp.gate_up.weight")):
-                nn.init.normal_(p, 0.0, std)
-            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, 0.0, out_std)
-            elif name.endswith("router.weight"):
-                nn.init.normal_(p, 0.0, 1.0 / math.sqrt(self.config.d_model))
-            elif name.endswith("norm.weight"):
-                nn.init.ones_(p)
+        init = {"normal": lambda p: nn.init.normal_(p, 0.0, std),
+                "scaled_normal": lambda p: nn.init.normal_(p, 0.0, out_std),
+                "router": lambda p: nn.init.normal_(p, 0.0, 1.0 / math.sqrt(self.config.d_model)),
+                "ones": nn.init.ones_, "zeros": nn.init.zeros_, "module": lambda p: None}
+        params = list(roles.named_parameters_with_roles(self))
+        # The embedding (and an untied head) first, then the rest in order: the RNG draws stay
+        # those of every earlier version, so a seed gives the same model as before.
+        first = [t for t in params if t[2] in (roles.EMBEDDING, roles.LM_HEAD)]
+        rest = [t for t in params if t[2] not in (roles.EMBEDDING, roles.LM_HEAD)]
+        for _, p, role in first + rest:
+            init[role.init](p)
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, **kwargs):

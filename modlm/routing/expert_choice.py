@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
+from modlm.model import roles
 from modlm.routing.ops import (capacity_k, mask_to_padded_indices, router_scores, select_topk, select_topk_masked,
                             topk_mask)
 
@@ -81,6 +82,10 @@ class CausalPredictor(nn.Module):
     never from the tokens being scored, so a causal decision depends on its own token alone.
     Runs in fp32: the logit is thresholded at 0, where bf16 rounding would flip decisions.
     """
+
+    param_roles = {"fc1.weight": roles.PREDICTOR_MATRIX, "fc1.bias": roles.PREDICTOR_VECTOR,
+                   "fc2.weight": roles.PREDICTOR_MATRIX, "fc2.bias": roles.PREDICTOR_VECTOR,
+                   "r_gain": roles.PREDICTOR_VECTOR, "r_bias": roles.PREDICTOR_VECTOR}
 
     def __init__(self, d_model: int, hidden: int, capacity: float, momentum: float = 0.2, gain: float = 4.0):
         super().__init__()
@@ -142,6 +147,8 @@ class LearnedRouter(nn.Module):
     top-k membership; in {predictor, both} a stop-gradient predictor learns the same target.
     Causal decisions use the predictor when there is one, else the router logit.
     """
+
+    param_roles = {"weight": roles.ROUTER}
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from modlm.config import ModelConfig
+from modlm.model import roles
 from modlm.routing.ops import capacity_k, mask_to_padded_indices, router_scores
 
 # NOTE: modlm.routing.expert_choice imports this module to register the router, so this module imports
@@ -75,6 +76,8 @@ def capped_selection(scores_BT: torch.Tensor, chosen_BT: torch.Tensor, k: int) -
 
 class TokenChoiceRouter(nn.Module):
     """Per-token sigmoid gate with a balancing loss and a K-slot cap (see the module docstring)."""
+
+    param_roles = {"weight": roles.ROUTER}
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -33,7 +33,7 @@ from typing import Any
 
 # torch is imported inside functions: `modlm --help` and config validation import this module and
 # should stay instant (as modlm.config does).
-from modlm.config import ModelConfig, dataclass_from_dict, preset_names
+from modlm.config import ModelConfig, dataclass_from_dict, parse_assignments, preset_names
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
@@ -170,17 +170,6 @@ def stream_seed(seed: int, rank: int, stream: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_model_arg(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--model-arg {text!r} is invalid: expected KEY=VALUE, e.g. d_model=128")
-    try:
-        value = json.loads(raw)  # numbers, true/false, null
-    except json.JSONDecodeError:
-        value = raw  # bare strings: router=random
-    return key.strip(), value
-
-
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the training flags (defaults from TrainConfig) plus --resume / --no-progress."""
     d = TrainConfig.__dataclass_fields__
@@ -230,10 +219,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from parsed ``add_train_args`` flags (raises the one-line ValueError of bad values)."""
-    overrides: dict[str, Any] = {}
-    for text in args.model_arg or []:
-        key, value = _parse_model_arg(text)
-        overrides[key] = value
+    overrides = parse_assignments(args.model_arg or [])
     if args.router is not None:
         overrides["router"] = args.router
     if args.capacity is not None:
