@@ -1,23 +1,42 @@
 """Model configuration: one validated dataclass, presets by name.
 
-No torch import here, so ``modlm --help`` and config validation stay instant.
+No torch import here, so ``modlm --help`` and config validation stay instant. Router names come
+from the router registry (``modlm.routing.registry``) and layer kinds from the block registry
+(``modlm.model.kinds``), both torch-free.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROUTER_KINDS = ("learned", "random", "token_choice", "none")
+from modlm.model.kinds import block_kinds, block_spec
+from modlm.routing.registry import NO_ROUTER, router_names, router_spec
+
 CAUSAL_ROUTING = ("aux_loss", "predictor", "both")
+# Fields computed from others when not given. ``replace`` recomputes them unless the change
+# names them, so a copy with another d_model never keeps the old model's d_mlp.
+DERIVED_FIELDS = ("n_kv_heads", "d_mlp", "layer_types")
+
+
+def capacity_k(capacity: float, seq_len: int) -> int:
+    """Tokens a routed block takes per sequence: k = max(1, round(capacity * T)), at most T.
+
+    NOTE: ``int(c * T)`` gives k = 0 at T = 1 (a common bug when decoding); we round half up
+    and never go below one token.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    return min(seq_len, max(1, math.floor(capacity * seq_len + 0.5)))
 
 
 def dataclass_from_dict(cls, d: dict[str, Any]):
     """``cls(**d)``, refusing unknown keys with one line that names them (configs from JSON files)."""
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
@@ -56,6 +75,10 @@ class ModelConfig:
     A routed block (MoD, Raposo et al. 2024, §3) processes only the top-k tokens of each
     sequence, k = max(1, round(capacity * T)); the other tokens pass on the residual stream.
     ``router="none"`` gives the dense transformer with identical parameters minus routers.
+
+    ``layer_types`` names each layer's block kind (``modlm.model.kinds``: "dense", "routed");
+    left unset it is derived from ``router``, ``route_every`` and ``route_start``. Derived
+    fields (``DERIVED_FIELDS``) are recomputed by ``replace`` unless the change names them.
     """
 
     name: str = "custom"
@@ -80,14 +103,19 @@ class ModelConfig:
     aux_loss_weight: float = 0.01  # weight of the router BCE (aux_loss / both)
     predictor_loss_weight: float = 1.0  # weight of the predictor BCE (its input is detached)
     predictor_hidden: int = 64
+    layer_types: tuple[str, ...] | None = None  # None: from router / route_every / route_start
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried with checkpoints
+    # Which DERIVED_FIELDS were computed rather than given (not part of equality).
+    _derived: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        derived = {n for n in DERIVED_FIELDS if getattr(self, n) is None}
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_mlp is None:
             self.d_mlp = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+        self._derived = frozenset(derived)
         _require(isinstance(self.vocab_size, int) and self.vocab_size > 0, "vocab_size", self.vocab_size, "must be a positive int")
         _require(isinstance(self.d_model, int) and self.d_model > 0, "d_model", self.d_model, "must be a positive int")
         _require(isinstance(self.n_layers, int) and self.n_layers > 0, "n_layers", self.n_layers, "must be a positive int")
@@ -103,7 +131,8 @@ class ModelConfig:
         _require(self.rope_base > 1, "rope_base", self.rope_base, "must be > 1")
         _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
         _require(self.init_std > 0, "init_std", self.init_std, "must be > 0")
-        _require(self.router in ROUTER_KINDS, "router", self.router, f"must be one of {ROUTER_KINDS}")
+        routers = (*router_names(), NO_ROUTER)
+        _require(self.router in routers, "router", self.router, f"must be one of {routers}")
         _require(isinstance(self.capacity, (int, float)) and 0.0 < self.capacity <= 1.0, "capacity", self.capacity,
                  "must be in (0, 1]; 0.125 routes 12.5% of each sequence through a routed block")
         _require(isinstance(self.route_every, int) and self.route_every >= 1, "route_every", self.route_every,
@@ -116,6 +145,15 @@ class ModelConfig:
         _require(self.predictor_loss_weight >= 0, "predictor_loss_weight", self.predictor_loss_weight, "must be >= 0")
         _require(isinstance(self.predictor_hidden, int) and self.predictor_hidden > 0, "predictor_hidden",
                  self.predictor_hidden, "must be a positive int")
+        if self.layer_types is None:
+            routed = set() if self.router == NO_ROUTER else set(range(self.route_start, self.n_layers, self.route_every))
+            self.layer_types = tuple("routed" if i in routed else "dense" for i in range(self.n_layers))
+        _require(isinstance(self.layer_types, (list, tuple)) and len(self.layer_types) == self.n_layers
+                 and all(t in block_kinds() for t in self.layer_types), "layer_types", self.layer_types,
+                 f"must list one of {block_kinds()} for each of the n_layers={self.n_layers} layers")
+        self.layer_types = tuple(self.layer_types)
+        _require(self.router != NO_ROUTER or not any(block_spec(t).routed for t in self.layer_types), "layer_types",
+                 self.layer_types, "has routed layers but router='none' (give a router, or only dense layers)")
 
     # --- derived ---
     @property
@@ -125,43 +163,62 @@ class ModelConfig:
     @property
     def routed_layers(self) -> tuple[int, ...]:
         """Indices of the blocks that route (empty for a dense model)."""
-        if self.router == "none":
-            return ()
-        return tuple(range(self.route_start, self.n_layers, self.route_every))
+        return tuple(i for i, t in enumerate(self.layer_types) if block_spec(t).routed)
 
     def is_routed(self, layer_idx: int) -> bool:
         return layer_idx in self.routed_layers
 
     @property
     def uses_predictor(self) -> bool:
-        return self.router == "learned" and self.causal_routing in ("predictor", "both")
+        """Routed blocks carry a causal predictor MLP (the router's registry spec decides)."""
+        return self.router != NO_ROUTER and router_spec(self.router).predictor(self)
 
     @property
     def uses_aux_loss(self) -> bool:
-        return self.router == "learned" and self.causal_routing in ("aux_loss", "both")
+        """The router trains an auxiliary BCE on its own logit (the router's registry spec decides)."""
+        return self.router != NO_ROUTER and router_spec(self.router).aux_loss(self)
 
     def capacity_tokens(self, seq_len: int) -> int:
         """k = max(1, round(capacity * T)): exactly k tokens per sequence in a routed block."""
-        from modlm.routing.ops import capacity_k
-
         return capacity_k(self.capacity, seq_len)
 
     # --- construction ---
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+        """A validated copy with some fields changed; derived fields not named in ``changes``
+        are recomputed from the new values."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        for name in self._derived:
+            d[name] = None
+        d.update(changes)
+        return type(self)(**d)
 
     def dense_twin(self) -> "ModelConfig":
         """The same transformer with no routing (the isoshape dense baseline)."""
         name = self.name if self.name.endswith("-dense") else f"{self.name}-dense"
-        return self.replace(router="none", name=name)
+        if "layer_types" in self._derived:
+            return self.replace(router=NO_ROUTER, name=name)
+        return self.replace(router=NO_ROUTER, name=name,
+                            layer_types=tuple(block_spec(t).dense_kind for t in self.layer_types))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field with its value, plus ``"derived"``: the fields that were computed (a
+        config read back with ``from_dict`` keeps the values and recomputes those on ``replace``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        d["layer_types"] = list(self.layer_types)
+        d["extra"] = dict(self.extra)
+        d["derived"] = sorted(self._derived)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        return dataclass_from_dict(cls, d)
+        d = dict(d)
+        derived = d.pop("derived", [])
+        cfg = dataclass_from_dict(cls, d)
+        bad = sorted(set(derived) - set(DERIVED_FIELDS)) if isinstance(derived, list) else derived
+        if bad:
+            raise ValueError(f"ModelConfig.derived={derived!r} is invalid: entries must be among {DERIVED_FIELDS}")
+        cfg._derived = frozenset(derived) | cfg._derived
+        return cfg
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":

@@ -32,11 +32,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modlm.config import ModelConfig
-from modlm.routing.ops import capacity_k
+from modlm.config import ModelConfig, capacity_k
+from modlm.routing.registry import NO_ROUTER, router_spec
 
-# Routers whose decision is a learned score r = w·x over every token of the sequence.
-SCORED_ROUTERS = ("learned", "token_choice")
+
+
+def _scores_tokens(config: ModelConfig) -> bool:
+    """The router computes a learned score r = w·x over every token (its registry spec says so)."""
+    return config.router != NO_ROUTER and router_spec(config.router).scores_tokens
 
 
 def block_params(config: ModelConfig) -> int:
@@ -65,7 +68,7 @@ def block_flops(config: ModelConfig, tokens: int, causal_attention: bool = False
 
 def router_score_flops(config: ModelConfig, seq_len: int) -> int:
     """Forward FLOPs of one routed block's score r = w·x over T tokens (0 for the random router)."""
-    return 2 * seq_len * config.d_model if config.router in SCORED_ROUTERS else 0
+    return 2 * seq_len * config.d_model if _scores_tokens(config) else 0
 
 
 def predictor_flops(config: ModelConfig, seq_len: int) -> int:
@@ -176,7 +179,7 @@ def param_count(config: ModelConfig, exclude_embeddings: bool = False) -> int:
     n_routed = len(config.routed_layers)
     per_block = block_params(config) + 2 * D  # matmuls + two RMSNorm gains
     n = config.n_layers * per_block + D  # + the final norm
-    if config.router in SCORED_ROUTERS:
+    if _scores_tokens(config):
         n += n_routed * D  # router vector w
     if config.uses_predictor:
         h = config.predictor_hidden

@@ -47,7 +47,7 @@ from modlm.bench import environment
 from modlm.inference.calibrate import calibrate_thresholds, measure_routed_fraction
 from modlm.config import ModelConfig
 from modlm.inference.generate import DecodeSession
-from modlm.model.transformer import MoDTransformer, RoutedBlock
+from modlm.model.transformer import MoDTransformer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,10 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     if args.ckpt is not None:
-        try:
-            from modlm.training.checkpoint import load_model
-        except ImportError as e:  # pragma: no cover - depends on the checkout
-            raise SystemExit(f"--ckpt needs modlm.training.checkpoint.load_model: {e}") from None
+        from modlm.training.checkpoint import load_model
+
         mod = load_model(args.ckpt, device="cpu")
         cfg = mod.config
         if cfg.router == "none":
@@ -237,7 +235,7 @@ def timed_pair(models: dict, prompts: torch.Tensor, args, seed: int, first: str,
 
 def sync_probe(mod, batch: int, device: torch.device, step_s: float) -> dict:
     """Cost of the host copies a decode step makes: the routing decision of each routed block
-    (B fp32 logits, ``tolist`` as in ``LearnedRouter.decide_on_host``) and the sampled tokens.
+    (B fp32 logits, ``tolist`` as in ``modlm.inference.decode.HostDecisions``) and the sampled tokens.
 
     The per-call time is measured in isolation (median of 5 x 200 calls); on an accelerator a
     copy in a real step also waits for the queued kernels, which this does not include.
@@ -276,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     target = args.target_fraction if (args.target_fraction is not None or args.ckpt) else 0.125
     thresholds = calibrate_thresholds(mod, calib, target) if target is not None else \
-        {i: float(mod.blocks[i].router.threshold) for i in routed if isinstance(mod.blocks[i], RoutedBlock)}
+        {i: float(mod.blocks[i].router.threshold) for i in routed}
     frac_calib = measure_routed_fraction(mod, calib)
     frac_held = measure_routed_fraction(mod, heldout)
 

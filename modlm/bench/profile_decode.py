@@ -33,7 +33,7 @@ from modlm.inference import kernels
 from modlm.bench import decode as bd  # same models, data and calibration as the benchmark
 from modlm.inference.calibrate import calibrate_thresholds
 from modlm.inference.generate import DecodeSession
-from modlm.model.transformer import RoutedBlock
+from modlm.model.kinds import block_spec
 
 
 def parse_args(argv=None):
@@ -89,16 +89,17 @@ def routed_kind(timer: Timer, B: int):
     return classify
 
 
-def instrument(timer: Timer, name: str, model, B: int) -> None:
-    for blk in model.blocks:
-        if isinstance(blk, RoutedBlock):
-            timer.wrap(blk, "_decode_step", (name, "routed"), routed_kind(timer, B))
-            timer.wrap(blk.router, "decide_on_host" if hasattr(blk.router, "decide_on_host") else "causal_decision",
-                       (name, "  decision"))
+def instrument(timer: Timer, name: str, session, B: int) -> None:
+    model = session.model
+    for kind, blk in zip(model.config.layer_types, model.blocks):
+        if block_spec(kind).routed:
+            timer.wrap(blk, "forward", (name, "routed"), routed_kind(timer, B))
             timer.wrap(blk.attn, "forward", (name, "  attention (routed rows)"))
             timer.wrap(blk.mlp, "forward", (name, "  MLP (routed rows)"))
         else:
             timer.wrap(blk, "forward", (name, "dense block"))
+    if model.config.routed_layers:
+        timer.wrap(session.policy, "flags", (name, "  decision"))  # the causal decisions (modlm.inference.decode)
 
 
 def main(argv=None) -> dict:
@@ -116,10 +117,10 @@ def main(argv=None) -> dict:
     prompts = pool[32:32 + B, :args.prompt_len]
 
     timer = Timer()
-    instrument(timer, "mod", mod, B)
-    instrument(timer, "dense", dense, B)
     sessions = {"mod": DecodeSession(mod, prompts, args.steps + 2, seed=args.seed),
                 "dense": DecodeSession(dense, prompts, args.steps + 2, seed=args.seed)}
+    for name, session in sessions.items():
+        instrument(timer, name, session, B)
     for s in sessions.values():
         s.step()  # warm-up step, untimed
     step_s = dict.fromkeys(sessions, 0.0)

@@ -20,18 +20,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from modlm.model.transformer import MoDTransformer, RoutedBlock, route_mask
+from modlm.inference.generate import generate
+from modlm.model.block import route_mask
+from modlm.model.transformer import MoDTransformer
+from modlm.routing.registry import router_spec
 
 __all__ = ["calibrate_thresholds", "causal_val_loss", "get_thresholds", "measure_routed_fraction", "set_thresholds",
            "sweep_knob"]
 
 
-def _thresholded_blocks(model: MoDTransformer) -> dict[int, RoutedBlock]:
-    """Routed blocks whose router thresholds a causal logit (learned, token-choice); error otherwise."""
-    blocks = {i: b for i, b in enumerate(model.blocks) if isinstance(b, RoutedBlock)}
-    for i, b in blocks.items():
-        if not hasattr(b.router, "threshold"):
-            raise ValueError(f"block {i} uses router {model.config.router!r}, which has no causal threshold")
+def _thresholded_blocks(model: MoDTransformer) -> dict:
+    """Routed blocks, if their router thresholds a causal logit (learned, token-choice); error otherwise."""
+    blocks = {i: model.blocks[i] for i in model.config.routed_layers}
+    if blocks and not router_spec(model.config.router).thresholded:
+        raise ValueError(f"router {model.config.router!r} has no causal threshold to calibrate")
     return blocks
 
 
@@ -102,7 +104,7 @@ def calibrate_thresholds(model: MoDTransformer, tokens_BT: torch.Tensor, target_
         for i, blk in blocks.items():
             def grab(module, args, kwargs, i=i):
                 x = args[0] if args else kwargs["x_BTD"]
-                captured[i] = module.router.decision_logits(x)[0]  # as the causal decision computes it
+                captured[i] = module.router.causal_logits(x)  # as the causal decision computes it
 
             handle = blk.register_forward_pre_hook(grab, with_kwargs=True)
             try:
@@ -161,7 +163,6 @@ def sweep_knob(model: MoDTransformer, val_tokens: torch.Tensor, fractions: Seque
     validation inputs), routed_fraction_per_layer, val_loss (nats/token), decode_tokens_per_s,
     thresholds.
     """
-    from modlm.inference.generate import generate
 
     if not isinstance(val_tokens, torch.Tensor) or val_tokens.dim() != 2 or val_tokens.shape[1] < 2:
         raise ValueError("val_tokens must be a (B, T+1) tensor of token windows with T >= 1")

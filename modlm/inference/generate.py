@@ -14,17 +14,90 @@ This module knows nothing about tokenization: prompts and outputs are token ids.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from modlm.inference.cache import RoutedKVCache
-from modlm.model.transformer import MoDTransformer, route_mask
+from modlm.inference.cache import ModelCache
+from modlm.inference.decode import HostDecisions
+from modlm.model.block import Phase, route_mask
+from modlm.model.transformer import MoDTransformer
 
 PREFILL_ROUTING = ("causal", "topk")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class GenerationConfig:
+    """How to sample: every option of ``generate`` and ``DecodeSession`` in one validated place.
+
+    max_new_tokens: tokens to generate per row (fewer if a stop token comes).
+    temperature: 0 = greedy; top_k / top_p: the usual filters (None: off).
+    seed: seeds the sampler's own generator (same seed, same text; None: a random seed).
+    stop_tokens: a row ends after emitting any of these.
+    use_cache: the routed KV cache (fast); False recomputes the whole sequence per token
+        (causal routing throughout, also for the prompt after the first step).
+    prefill_routing: "causal" (default; prefill+decode equals a full causal forward) or "topk".
+    trace: record which routed blocks each new token went through when it was fed back
+        (every new token but the last, which is never fed).
+    return_logits: keep each step's logits in ``result.logits`` (B, steps, V) for testing.
+    return_cache: keep the ``ModelCache`` in ``result.cache`` (None without a cache). It
+        holds the prompt and every fed new token (all but the last), left padding included.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_tokens: Sequence[int] = ()
+    use_cache: bool = True
+    prefill_routing: str = "causal"
+    trace: bool = False
+    return_logits: bool = False
+    return_cache: bool = False
+
+    def __post_init__(self) -> None:
+        """One-line ValueErrors that name the offending value."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
+        if not _is_num(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k!r} must be an int >= 1 (or None)")
+        if self.top_p is not None and (not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1] (or None)")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed={self.seed!r} must be an int in [0, 2**63) (or None)")
+        if self.prefill_routing not in PREFILL_ROUTING:
+            raise ValueError(f"prefill_routing={self.prefill_routing!r} must be one of {PREFILL_ROUTING}")
+        for t in self.stop_tokens:
+            if not _is_int(t):
+                raise ValueError(f"stop_tokens has {t!r}: stop tokens must be token ids (ints)")
+
+    @classmethod
+    def resolve(cls, config: "GenerationConfig | None", max_new_tokens: int | None,
+                options: dict[str, Any]) -> "GenerationConfig":
+        """``config`` with ``max_new_tokens`` and keyword ``options`` applied on top."""
+        if max_new_tokens is not None:
+            options = dict(options, max_new_tokens=max_new_tokens)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown generation option(s) {unknown}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(config or cls(), **options)
 
 
 @dataclass
@@ -33,7 +106,7 @@ class GenerationResult:
     routing: per row, per fed-back new token, the routed blocks it went through (trace=True).
     prefill_s, decode_s: wall-clock of prefill and of the decode loop.
     logits: (B, steps, V) float32 logits each new token was sampled from (return_logits=True).
-    cache: the RoutedKVCache after decoding (return_cache=True and use_cache=True).
+    cache: the ModelCache after decoding (return_cache=True and use_cache=True).
     """
 
     tokens: list[list[int]]
@@ -42,27 +115,15 @@ class GenerationResult:
     decode_s: float = 0.0
     routed_layers: tuple[int, ...] = ()
     logits: torch.Tensor | None = None
-    cache: RoutedKVCache | None = None
+    cache: ModelCache | None = None
 
     @property
     def new_tokens(self) -> int:
         return sum(len(t) for t in self.tokens)
 
 
-def _validate(model: MoDTransformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
-              top_k: int | None, top_p: float | None, prefill_routing: str) -> None:
-    """One-line ValueErrors that name the offending value."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature < 0:
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be an int >= 1 (or None)")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (or None)")
-    if prefill_routing not in PREFILL_ROUTING:
-        raise ValueError(f"prefill_routing={prefill_routing!r} must be one of {PREFILL_ROUTING}")
+def _validate_prompts(model: MoDTransformer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """One-line ValueErrors that name the offending prompt or token."""
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one prompt")
     V, ctx = model.config.vocab_size, model.config.max_seq_len
@@ -116,35 +177,23 @@ def _left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, t
     return idx.to(device), mask.to(device), pos.to(device)
 
 
-def generate(model: MoDTransformer, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, stop_tokens: Sequence[int] = (), use_cache: bool = True,
-             prefill_routing: str = "causal", stream: Callable[[int, int], None] | None = None,
-             trace: bool = False, return_logits: bool = False, return_cache: bool = False) -> GenerationResult:
+def generate(model: MoDTransformer, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int | None = None,
+             *, config: GenerationConfig | None = None, stream: Callable[[int, int], None] | None = None,
+             **options: Any) -> GenerationResult:
     """Sample continuations of a batch of prompts (ragged lengths are left-padded).
 
     Args:
         prompts: token-id lists (ragged), a (B, T) tensor, or one (T,) tensor.
-        max_new_tokens: tokens to generate per row (fewer if a stop token comes).
-        temperature: 0 = greedy; top_k / top_p: the usual filters.
-        seed: seeds the sampler's own generator (same seed, same text).
-        stop_tokens: a row ends after emitting any of these.
-        use_cache: the routed KV cache (fast); False recomputes the whole sequence per token
-            (causal routing throughout, also for the prompt after the first step).
-        prefill_routing: "causal" (default; prefill+decode equals a full causal forward) or "topk".
+        max_new_tokens, **options: ``GenerationConfig`` fields (temperature, top_k, top_p, seed,
+            stop_tokens, use_cache, prefill_routing, trace, return_logits, return_cache),
+            applied on top of ``config``.
         stream: called as stream(row, token) for each new token as it is chosen.
-        trace: record which routed blocks each new token went through when it was fed back
-            (every new token but the last, which is never fed).
-        return_logits: keep each step's logits in ``result.logits`` (B, steps, V) for testing.
-        return_cache: keep the ``RoutedKVCache`` in ``result.cache`` (None without a cache). It
-            holds the prompt and every fed new token (all but the last), left padding included.
 
     Runs under ``torch.inference_mode``. Per step there is one host sync for the sampled tokens
     (to stream and to stop), plus one per routed block for its routing decision (see
-    ``RoutedBlock._decode_step``).
+    ``modlm.inference.decode``).
     """
-    session = DecodeSession(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, use_cache,
-                            prefill_routing, stream, trace, return_logits, return_cache)
+    session = DecodeSession(model, prompts, max_new_tokens, config=config, stream=stream, **options)
     try:
         while session.step():
             pass
@@ -167,24 +216,24 @@ class DecodeSession:
     """
 
     @torch.inference_mode()
-    def __init__(self, model: MoDTransformer, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop_tokens: Sequence[int] = (), use_cache: bool = True,
-                 prefill_routing: str = "causal", stream: Callable[[int, int], None] | None = None,
-                 trace: bool = False, return_logits: bool = False, return_cache: bool = False):
+    def __init__(self, model: MoDTransformer, prompts: Sequence[Sequence[int]] | torch.Tensor,
+                 max_new_tokens: int | None = None, *, config: GenerationConfig | None = None,
+                 stream: Callable[[int, int], None] | None = None, **options: Any):
+        cfg = self.config = GenerationConfig.resolve(config, max_new_tokens, options)
         if isinstance(prompts, torch.Tensor):
             prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
-        _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, prefill_routing)
-        self.model, self.max_new_tokens = model, max_new_tokens
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.use_cache, self.stream, self.trace = use_cache, stream, trace
-        self.return_logits, self.return_cache = return_logits, return_cache
+        _validate_prompts(model, prompts, cfg.max_new_tokens)
+        self.model, self.max_new_tokens = model, cfg.max_new_tokens
+        self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
+        self.use_cache, self.stream, self.trace = cfg.use_cache, stream, cfg.trace
+        self.return_logits, self.return_cache = cfg.return_logits, cfg.return_cache
         self._was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        self.stops = {int(s) for s in stop_tokens}
+        self.gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.stops = {int(s) for s in cfg.stop_tokens}
+        prefill_routing = cfg.prefill_routing
 
         idx_BT, mask_BT, pos_BT = _left_pad(prompts, device)
         B, T0 = idx_BT.shape
@@ -200,11 +249,12 @@ class DecodeSession:
 
         t0 = time.perf_counter()
         self.cache = None
-        if use_cache:
-            cfg = model.config
-            self.cache = RoutedKVCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, capacity=T0 + max_new_tokens,
-                                       device=device, dtype=next(model.parameters()).dtype)
-            out = model(idx_BT, routing=prefill_routing, cache=self.cache, pos_BT=pos_BT, token_mask_BT=mask_BT)
+        if self.use_cache:
+            self.cache = ModelCache.for_config(model.config, B, capacity=T0 + self.max_new_tokens, device=device,
+                                               dtype=next(model.parameters()).dtype)
+            self.policy = HostDecisions(model.config.router)
+            out = model(idx_BT, routing=prefill_routing, cache=self.cache, pos_BT=pos_BT, token_mask_BT=mask_BT,
+                        phase=Phase.PREFILL)
         else:
             out = model(idx_BT, routing=prefill_routing, pos_BT=pos_BT, token_mask_BT=mask_BT)
         self.logits_BV = out.logits[:, -1]
@@ -239,7 +289,8 @@ class DecodeSession:
             return False
         new_B1 = tok_B.unsqueeze(1)
         if self.use_cache:
-            out = model(new_B1, routing="causal", cache=self.cache, pos_BT=self.pos_B1)
+            out = model(new_B1, routing="causal", cache=self.cache, pos_BT=self.pos_B1, phase=Phase.DECODE,
+                        decode=self.policy)
         else:
             self.seq_idx = torch.cat([self.seq_idx, new_B1], 1)
             self.seq_mask = torch.cat([self.seq_mask, torch.ones_like(new_B1, dtype=torch.bool)], 1)

@@ -1,68 +1,25 @@
-"""Routers: decide which tokens a routed block processes, and return their weights and losses.
+"""MoD's learned expert-choice router (Raposo et al. 2024, §3) and its causal predictor (§3.5).
 
 Axis legend: B batch, T sequence length, K tokens routed into the block, D model width.
 
-Two routing modes:
-- ``"topk"``: expert-choice top-k over each sequence (training, and scoring a known text).
-  Non-causal: whether token t is chosen depends on later tokens.
-- ``"causal"``: each token decides from its own state only (decoding; Raposo et al. 2024 §3.5).
-  The learned router uses its causal signal: the small predictor's logit, or, with the
-  auxiliary BCE loss, the router logit itself (sigmoid(r) > 0.5 <=> r > 0).
-
-Routers return a ``RouterOutput`` with their aux loss and detached statistics explicitly:
-nothing is stashed in globals.
+Top-k picks the k tokens of each sequence with the largest r = w·x. For decoding, each token
+decides causally from its own state: with the small stop-gradient predictor's logit, or, with
+the auxiliary BCE loss, from the router logit itself (sigmoid(r) > 0.5 <=> r > 0).
 """
 
 from __future__ import annotations
 
 from statistics import NormalDist
-from typing import NamedTuple
 
 import torch
+import torch.nn as nn
 import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
 from modlm.model import roles
-from modlm.routing.ops import (capacity_k, mask_to_padded_indices, router_scores, select_topk, select_topk_masked,
-                            topk_mask)
-
-ROUTING_MODES = ("topk", "causal")
-
-
-class RouterOutput(NamedTuple):
-    """What a router hands the routed block.
-
-    idx_BK: positions processed, ascending per row (causal order).
-    valid_BK: None when every slot is a real selection (top-k); else a bool mask of real slots
-        (causal routing selects a different number of tokens per row).
-    weight_BK: multiplies the block's update (x + r * f); None means unit weight.
-    aux_loss: scalar, already weighted; add it to the LM loss.
-    stats: detached scalars for logging (no host sync inside forward).
-    """
-
-    idx_BK: torch.Tensor
-    valid_BK: torch.Tensor | None
-    weight_BK: torch.Tensor | None
-    aux_loss: torch.Tensor
-    stats: dict[str, torch.Tensor]
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in ROUTING_MODES:
-        raise ValueError(f"routing mode {mode!r} is invalid: must be one of {ROUTING_MODES}")
-
-
-def _causal_output(sel_BT: torch.Tensor, weight_BT: torch.Tensor | None, token_mask_BT: torch.Tensor | None,
-                   zero: torch.Tensor) -> RouterOutput:
-    """RouterOutput of per-token causal decisions: every selected real token, each row padded
-    to the batch's largest count (``valid_BK`` marks real slots); weights gathered if given."""
-    if token_mask_BT is not None:
-        sel_BT = sel_BT & token_mask_BT
-    idx_BK, valid_BK = mask_to_padded_indices(sel_BT)
-    weight_BK = None if weight_BT is None else torch.gather(weight_BT, 1, idx_BK)
-    return RouterOutput(idx_BK, valid_BK, weight_BK, zero, {"routed_frac": sel_BT.float().mean().detach()})
-
+from modlm.routing.base import Router, RouterOutput
+from modlm.routing.ops import capacity_k, router_scores, select_topk, select_topk_masked, topk_mask
 
 class CausalPredictor(nn.Module):
     """Small MLP predicting top-k membership from the token's own state (paper §3.5, method 2).
@@ -140,7 +97,7 @@ class CausalPredictor(nn.Module):
         return W_in, W_in.t().contiguous(), b_in, w_out, b_out
 
 
-class LearnedRouter(nn.Module):
+class LearnedRouter(Router):
     """MoD's learned expert-choice router: r = w·x, top-k of r per sequence.
 
     With ``causal_routing`` in {aux_loss, both} an auxiliary BCE pulls sigmoid(r) towards
@@ -151,8 +108,7 @@ class LearnedRouter(nn.Module):
     param_roles = {"weight": roles.ROUTER}
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.capacity = config.capacity
+        super().__init__(config)
         self.weight = nn.Parameter(torch.zeros(config.d_model))
         self.use_aux = config.uses_aux_loss
         self.aux_weight = config.aux_loss_weight
@@ -163,15 +119,26 @@ class LearnedRouter(nn.Module):
         # tokens (an inference-time compute knob); it is a buffer so it travels with checkpoints.
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
         self._fold_cache: tuple | None = None  # (source tensors, their versions, folded weights)
-        self._thr_cache: tuple | None = None  # (threshold tensor, its version, its value as a float)
 
     def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Router logits r_BT in fp32 (routing decisions are precision-sensitive)."""
         return router_scores(x_BTD, self.weight)
 
-    def causal_logits(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
-        """The causal routing signal: predictor logit if present, else the router logit."""
+    def signal(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
+        """The causal routing signal from x and its router logit: the predictor's logit if there
+        is a predictor, else r itself (aux-loss routing)."""
         return self.predictor(x_BTD, r_BT) if self.predictor is not None else r_BT
+
+    def causal_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The causal logit (B, T) in fp32, thresholded by ``threshold`` (folded without gradients)."""
+        if self.predictor is None or torch.is_grad_enabled():
+            return self.signal(x_BTD, self.scores(x_BTD))
+        B, T, _ = x_BTD.shape
+        return self._folded_logits(x_BTD).view(B, T)
+
+    def token_weights(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """r = w·x: a processed token becomes x + r·f(x)."""
+        return self.scores(x_BTD)
 
     def decision_logits(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(causal logit_BT, router logit r_BT), fp32. Each token's values depend on it alone.
@@ -185,9 +152,8 @@ class LearnedRouter(nn.Module):
         """
         if self.predictor is None or torch.is_grad_enabled():
             r_BT = self.scores(x_BTD)
-            return self.causal_logits(x_BTD, r_BT), r_BT
-        B, T, _ = x_BTD.shape
-        return self._folded_logits(x_BTD).view(B, T), self.scores(x_BTD)
+            return self.signal(x_BTD, r_BT), r_BT
+        return self.causal_logits(x_BTD), self.scores(x_BTD)
 
     def _folded_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Flat (B*T,) causal logits from the folded weights (see ``CausalPredictor.fold``)."""
@@ -205,31 +171,6 @@ class LearnedRouter(nn.Module):
             return torch.addmv(b_out, z_H.unsqueeze(0), w_out)
         z_NH = F.silu(torch.addmm(b_in, x_ND, W_in_t), inplace=True)
         return torch.addmv(b_out, z_NH, w_out)
-
-    def decide_on_host(self, x_B1D: torch.Tensor) -> list[bool]:
-        """The causal decisions of one new token per row, as host booleans.
-
-        Decoding needs the decisions on the host anyway (to pick the rows to compute);
-        comparing the copied logits there saves a device op, and at batch size 1 a skipped
-        block costs nothing but this call, so it is kept to a handful of operators (the
-        routed rows' weights r come from ``scores`` afterwards, for those rows only). Same
-        decisions as ``causal_decision``: both compare the same fp32 logits with the same fp32
-        threshold.
-        """
-        if x_B1D.shape[1] != 1:
-            raise ValueError(f"decide_on_host takes one token per row, got shape {tuple(x_B1D.shape)}")
-        if self.predictor is None or torch.is_grad_enabled():
-            logits = self.decision_logits(x_B1D)[0].view(-1).tolist()
-        else:
-            logits = self._folded_logits(x_B1D).tolist()
-        thr = self._threshold_value()
-        return [v > thr for v in logits]
-
-    def _threshold_value(self) -> float:
-        cache, t = self._thr_cache, self.threshold
-        if cache is None or cache[0] is not t or cache[1] != t._version:
-            cache = self._thr_cache = (t, t._version, float(t))
-        return cache[2]
 
     def _folded(self) -> tuple[torch.Tensor, ...]:
         # NOTE: validity is checked by the version counters of the tensors the fold was built
@@ -257,19 +198,15 @@ class LearnedRouter(nn.Module):
         self._fold_cache = None
         return super().train(mode)
 
-    def causal_decision(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decide(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token causal routing: (sel_BT bool, weight_BT = r). Depends on each token alone."""
         logit_BT, r_BT = self.decision_logits(x_BTD)
         return logit_BT > self.threshold, r_BT
 
-    def forward(self, x_BTD: torch.Tensor, mode: str = "topk", token_mask_BT: torch.Tensor | None = None) -> RouterOutput:
-        """Route a (B, T, D) stream. ``token_mask_BT`` marks real tokens (left padding is never routed)."""
-        _check_mode(mode)
+    def route_topk(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
+        """Top-k of r per sequence; the aux BCE and the predictor learn its membership."""
         B, T, _ = x_BTD.shape
         zero = x_BTD.new_zeros((), dtype=torch.float32)
-        if mode == "causal":
-            return _causal_output(*self.causal_decision(x_BTD), token_mask_BT, zero)
-
         r_BT = self.scores(x_BTD)
         if token_mask_BT is not None:  # a padded batch of known prompts: top-k over each row's real tokens
             idx_BK, valid_BK = select_topk_masked(r_BT.detach(), token_mask_BT, self.capacity)
@@ -298,48 +235,3 @@ class LearnedRouter(nn.Module):
             # Recall on the routed tokens: accuracy alone is 87.5% for "never route" at 12.5%.
             stats["pred_recall"] = ((p_BT.detach() > 0).float() * target_BT).sum() / target_BT.sum()
         return RouterOutput(idx_BK, None, weight_BK, aux, stats)
-
-
-class RandomRouter(nn.Module):
-    """Baseline: a random k tokens per sequence (stochastic top-k), unit weight, no parameters.
-
-    The paper reports it drastically worse than learned routing. In causal mode each token is
-    routed independently with probability ``capacity``.
-    """
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.capacity = config.capacity
-
-    def causal_decision(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, None]:
-        B, T, _ = x_BTD.shape
-        return torch.rand(B, T, device=x_BTD.device) < self.capacity, None
-
-    def forward(self, x_BTD: torch.Tensor, mode: str = "topk", token_mask_BT: torch.Tensor | None = None) -> RouterOutput:
-        _check_mode(mode)
-        B, T, _ = x_BTD.shape
-        zero = x_BTD.new_zeros((), dtype=torch.float32)
-        if mode == "causal":
-            return _causal_output(*self.causal_decision(x_BTD), token_mask_BT, zero)
-        u_BT = torch.rand(B, T, device=x_BTD.device)
-        if token_mask_BT is not None:
-            idx_BK, valid_BK = select_topk_masked(u_BT, token_mask_BT, self.capacity)
-            return RouterOutput(idx_BK, valid_BK, None, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()})
-        k = capacity_k(self.capacity, T)
-        return RouterOutput(select_topk(u_BT, k), None, None, zero, {"routed_frac": zero + k / T})
-
-
-ROUTERS: dict[str, type[nn.Module]] = {"learned": LearnedRouter, "random": RandomRouter}
-
-from modlm.routing.token_choice import TokenChoiceRouter  # noqa: E402  (it imports RouterOutput from this module)
-
-ROUTERS["token_choice"] = TokenChoiceRouter
-
-
-def build_router(config: ModelConfig) -> nn.Module:
-    """The router for a routed block of this config (``config.router`` names it)."""
-    try:
-        cls = ROUTERS[config.router]
-    except KeyError:
-        raise ValueError(f"router {config.router!r} has no implementation; available: {sorted(ROUTERS)}") from None
-    return cls(config)

@@ -9,20 +9,12 @@ and the unselected rows are never touched (they leave the block bit-for-bit unch
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from modlm.config import capacity_k
 
-def capacity_k(capacity: float, seq_len: int) -> int:
-    """Tokens a routed block takes per sequence: k = max(1, round(capacity * T)), at most T.
-
-    NOTE: ``int(c * T)`` gives k = 0 at T = 1 (a common bug when decoding); we round half up
-    and never go below one token.
-    """
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
-    return min(seq_len, max(1, math.floor(capacity * seq_len + 0.5)))
+__all__ = ["capacity_k", "gather_tokens", "mask_to_padded_indices", "router_scores", "scatter_add_weighted",
+           "select_topk", "select_topk_masked", "topk_mask"]
 
 
 def select_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
@@ -92,11 +84,6 @@ def gather_tokens(x_BTD: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
     """x_BKD = x_BTD[b, idx_BK[b, k]] for every row at once (no Python loop over the batch)."""
     D = x_BTD.shape[-1]
     return torch.gather(x_BTD, 1, idx_BK.unsqueeze(-1).expand(-1, -1, D))
-
-
-def gather_scores(s_BT: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
-    """s_BK = s_BT[b, idx_BK[b, k]]."""
-    return torch.gather(s_BT, 1, idx_BK)
 
 
 def scatter_add_weighted(x_BTD: torch.Tensor, idx_BK: torch.Tensor, f_BKD: torch.Tensor,

@@ -3,7 +3,7 @@
 The MoD paper (Raposo et al. 2024, §3.1-3.2) considered this and chose expert-choice top-k
 instead: token choice needs a balancing loss, its load varies from sequence to sequence, and a
 fixed compute budget means dropping or padding. This router exists to measure that trade-off
-at equal FLOPs (``modlm reproduce``). Register it as ``router="token_choice"``.
+at equal FLOPs (``modlm reproduce``). It is ``router="token_choice"`` in the registry.
 
 Axis legend: B batch, T sequence length, K slots of the routed block, D model width.
 
@@ -37,10 +37,8 @@ import torch.nn as nn
 
 from modlm.config import ModelConfig
 from modlm.model import roles
-from modlm.routing.ops import capacity_k, mask_to_padded_indices, router_scores
-
-# NOTE: modlm.routing.expert_choice imports this module to register the router, so this module imports
-# modlm.routing only inside functions: either module can then be imported first.
+from modlm.routing.base import Router, RouterOutput
+from modlm.routing.ops import capacity_k, router_scores
 
 __all__ = ["TokenChoiceRouter", "capped_selection"]
 
@@ -74,14 +72,13 @@ def capped_selection(scores_BT: torch.Tensor, chosen_BT: torch.Tensor, k: int) -
     return idx_BK, valid_BK
 
 
-class TokenChoiceRouter(nn.Module):
+class TokenChoiceRouter(Router):
     """Per-token sigmoid gate with a balancing loss and a K-slot cap (see the module docstring)."""
 
     param_roles = {"weight": roles.ROUTER}
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.capacity = config.capacity
+        super().__init__(config)
         self.balance_weight = config.aux_loss_weight
         self.weight = nn.Parameter(torch.zeros(config.d_model))  # init by MoDTransformer.init_weights
         # Logit threshold of the decision (0 <=> g = 0.5); a buffer like LearnedRouter.threshold,
@@ -92,30 +89,22 @@ class TokenChoiceRouter(nn.Module):
         """Router logits r_BT in fp32."""
         return router_scores(x_BTD, self.weight)
 
-    def causal_logits(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
+    def causal_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The decision signal is the router logit itself."""
-        return r_BT
+        return self.scores(x_BTD)
 
-    def decision_logits(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(causal logit_BT, router logit r_BT): both are r here."""
-        r_BT = self.scores(x_BTD)
-        return r_BT, r_BT
+    def token_weights(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The gate g = sigmoid(r): a processed token becomes x + g·f(x)."""
+        return torch.sigmoid(self.scores(x_BTD))
 
-    def causal_decision(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sel_BT = r > threshold, weight_BT = sigmoid(r)); each token decides alone."""
+    def decide(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sel_BT = r > threshold, weight_BT = sigmoid(r)); each token decides alone. In causal
+        mode there is no cap: every token that asks is processed."""
         r_BT = self.scores(x_BTD)
         return r_BT > self.threshold, torch.sigmoid(r_BT)
 
-    def forward(self, x_BTD: torch.Tensor, mode: str = "topk", token_mask_BT: torch.Tensor | None = None):
-        """Route a (B, T, D) stream; returns a ``modlm.routing.RouterOutput``.
-
-        ``"topk"`` mode (training, scoring a known text): at most K tokens per row, in exactly K
-        slots (``valid_BK`` marks the real ones). ``"causal"``: every token that asks, padded to
-        the batch's largest count, as the learned router's causal mode does.
-        """
-        from modlm.routing.expert_choice import RouterOutput, _check_mode
-
-        _check_mode(mode)
+    def route_topk(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
+        """At most K tokens per row, in exactly K slots (``valid_BK`` marks the real ones)."""
         B, T, _ = x_BTD.shape
         zero = x_BTD.new_zeros((), dtype=torch.float32)
         r_BT = self.scores(x_BTD)
@@ -124,11 +113,6 @@ class TokenChoiceRouter(nn.Module):
         real_BT = torch.ones_like(chosen_BT) if token_mask_BT is None else token_mask_BT
         chosen_BT = chosen_BT & real_BT
         n_real = real_BT.sum().clamp(min=1)
-        if mode == "causal":
-            idx_BK, valid_BK = mask_to_padded_indices(chosen_BT)
-            weight_BK = torch.gather(g_BT, 1, idx_BK)
-            return RouterOutput(idx_BK, valid_BK, weight_BK, zero, {"routed_frac": chosen_BT.sum() / n_real})
-
         k = capacity_k(self.capacity, T)
         idx_BK, valid_BK = capped_selection(r_BT.detach(), chosen_BT, k)
         weight_BK = torch.gather(g_BT, 1, idx_BK)

@@ -1,10 +1,10 @@
-"""RoutedKVCache: ragged per-layer, per-row storage of only the tokens a layer processed."""
+"""ModelCache: per-layer caches; routed layers hold, per row, only the tokens they processed."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from modlm.inference.cache import RoutedKVCache
+from modlm.inference.cache import ModelCache
 
 G, E = 2, 4
 
@@ -16,12 +16,12 @@ def _kv(b, K, seed):
 
 
 def test_all_rows_append_returns_views_and_causal_mask():
-    c = RoutedKVCache(n_layers=2, batch_size=3, n_kv_heads=G, head_dim=E, capacity=8)
+    c = ModelCache(["ragged"] * 2, batch_size=3, n_kv_heads=G, head_dim=E, capacity=8)
     k, v = _kv(3, 5, 0)
     k_all, v_all, mask = c.update(k, v, 1)
     assert k_all.shape == (3, G, 5, E) and mask.shape == (3, 1, 5, 5)
     assert torch.equal(k_all, k) and torch.equal(v_all, v)
-    assert k_all.data_ptr() == c.k[1].data_ptr()  # a view of the buffer, no copy
+    assert k_all.data_ptr() == c.layers[1].k.data_ptr()  # a view of the buffer, no copy
     assert torch.equal(mask[:, 0], torch.ones(5, 5, dtype=torch.bool).tril().expand(3, 5, 5))
     # one more token per row: it sees every real slot, including its own
     k1, v1 = _kv(3, 1, 1)
@@ -32,7 +32,7 @@ def test_all_rows_append_returns_views_and_causal_mask():
 
 def test_row_subset_updates_are_ragged_and_match_a_reference():
     B = 4
-    c = RoutedKVCache(n_layers=1, batch_size=B, n_kv_heads=G, head_dim=E, capacity=2)
+    c = ModelCache(["ragged"] * 1, batch_size=B, n_kv_heads=G, head_dim=E, capacity=2)
     ref_k = [[] for _ in range(B)]
     ref_v = [[] for _ in range(B)]
     g = torch.Generator().manual_seed(0)
@@ -68,30 +68,30 @@ def test_row_subset_updates_are_ragged_and_match_a_reference():
 
 
 def test_growth_by_doubling_keeps_contents():
-    c = RoutedKVCache(n_layers=1, batch_size=2, n_kv_heads=G, head_dim=E, capacity=2)
+    c = ModelCache(["ragged"] * 1, batch_size=2, n_kv_heads=G, head_dim=E, capacity=2)
     ks = []
     caps = []
     for t in range(9):
         k, v = _kv(2, 1, t)
         ks.append(k)
         k_all, _, _ = c.update(k, v, 0)
-        caps.append(c.capacity[0])
+        caps.append(c.layers[0].capacity)
         assert torch.equal(k_all, torch.cat(ks, 2))
     assert caps == [2, 2, 4, 4, 8, 8, 8, 8, 16]
     # a big chunk grows straight to what it needs
     k, v = _kv(2, 40, 50)
     c.update(k, v, 0)
-    assert c.capacity[0] == 49 and c.layer_lengths(0).tolist() == [49, 49]
+    assert c.layers[0].capacity == 49 and c.layer_lengths(0).tolist() == [49, 49]
     # row subsets grow too, and keep the other rows' contents
     for t in range(3):
         k, v = _kv(1, 1, 60 + t)
         c.update(k, v, 0, rows=torch.tensor([1]))
-    assert c.capacity[0] == 98 and c.layer_lengths(0).tolist() == [49, 52]
-    assert torch.equal(c.k[0][0, :, :9], torch.cat(ks, 2)[0])
+    assert c.layers[0].capacity == 98 and c.layer_lengths(0).tolist() == [49, 52]
+    assert torch.equal(c.layers[0].k[0, :, :9], torch.cat(ks, 2)[0])
 
 
 def test_padding_slots_are_seen_by_no_one_but_themselves():
-    c = RoutedKVCache(n_layers=1, batch_size=2, n_kv_heads=G, head_dim=E, capacity=4)
+    c = ModelCache(["ragged"] * 1, batch_size=2, n_kv_heads=G, head_dim=E, capacity=4)
     valid = torch.tensor([[False, False, True, True], [True, True, True, True]])  # row 0 left-padded
     k, v = _kv(2, 4, 0)
     _, _, mask = c.update(k, v, 0, valid_bK=valid)
@@ -123,7 +123,7 @@ def test_cached_attention_equals_full_causal_attention():
     v = torch.randn(B, G, T, E, generator=g)
     takes = torch.rand(B, T, generator=g) < 0.6
     takes[:, :4] = True  # the prefill chunk goes to every row
-    c = RoutedKVCache(n_layers=1, batch_size=B, n_kv_heads=G, head_dim=E, capacity=3)
+    c = ModelCache(["ragged"] * 1, batch_size=B, n_kv_heads=G, head_dim=E, capacity=3)
     got = {b: [] for b in range(B)}
     k_all, v_all, mask = c.update(k[:, :, :4], v[:, :, :4], 0)
     y = F.scaled_dot_product_attention(q[:, :, :4], k_all, v_all, attn_mask=mask)
@@ -146,11 +146,33 @@ def test_cached_attention_equals_full_causal_attention():
 
 
 def test_dtype_and_bad_arguments():
-    c = RoutedKVCache(n_layers=1, batch_size=1, n_kv_heads=G, head_dim=E, dtype=torch.float64)
+    c = ModelCache(["ragged"] * 1, batch_size=1, n_kv_heads=G, head_dim=E, dtype=torch.float64)
     k, v = _kv(1, 2, 0)
     k_all, _, _ = c.update(k, v, 0)
     assert k_all.dtype == torch.float64
     with pytest.raises(ValueError, match="capacity=0"):
-        RoutedKVCache(1, 1, G, E, capacity=0)
+        ModelCache(["ragged"], 1, G, E, capacity=0)
     with pytest.raises(ValueError, match="batch_size=0"):
-        RoutedKVCache(1, 0, G, E)
+        ModelCache(["ragged"], 0, G, E)
+
+
+def test_for_config_builds_one_layout_per_layer_kind():
+    from modlm.config import ModelConfig
+
+    cfg = ModelConfig.from_name("tiny")  # dense, routed, dense, routed
+    c = ModelCache.for_config(cfg, batch_size=2, capacity=4)
+    assert [type(layer).__name__ for layer in c.layers] == ["ContiguousLayerCache", "RaggedLayerCache"] * 2
+    dense = ModelCache.for_config(cfg.dense_twin(), batch_size=2)
+    assert {type(layer).__name__ for layer in dense.layers} == {"ContiguousLayerCache"}
+
+
+def test_contiguous_layer_refuses_row_subsets():
+    c = ModelCache(["contiguous"], batch_size=2, n_kv_heads=G, head_dim=E)
+    k, v = _kv(1, 1, 0)
+    with pytest.raises(ValueError, match="rows must be None"):
+        c.update(k, v, 0, rows=torch.tensor([1]))
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="unknown"):
+        ModelCache(["sparse"], batch_size=1, n_kv_heads=G, head_dim=E)

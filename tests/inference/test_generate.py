@@ -7,7 +7,7 @@ from modlm import ModelConfig, MoDTransformer
 from modlm.inference.calibrate import calibrate_thresholds
 from modlm.routing.ops import capacity_k
 from modlm.inference.generate import DecodeSession, generate
-from modlm.model.transformer import RoutedBlock, route_mask
+from modlm.model.block import route_mask
 
 N_NEW = 64
 PROMPT_LENS = (5, 17, 30)
@@ -25,8 +25,8 @@ def _mod_model(causal_routing, **kw):
     model = MoDTransformer(ModelConfig.from_name("tiny", causal_routing=causal_routing, max_seq_len=160, **kw))
     model = model.double().eval()
     with torch.no_grad():
-        for blk in model.blocks:
-            if isinstance(blk, RoutedBlock) and blk.router.predictor is not None:
+        for blk in (model.blocks[i] for i in model.config.routed_layers):
+            if blk.router.predictor is not None:
                 blk.router.predictor.fc2.weight.mul_(50.0)
                 blk.router.predictor.fc2.bias.zero_()
     # Put each threshold at the median of its causal logits, so decisions are mixed (not all 0/1).
@@ -212,20 +212,22 @@ def test_bad_inputs_are_one_line_value_errors_naming_the_value(kwargs, fragment)
     assert fragment in msg and "\n" not in msg, msg
 
 
-def test_model_generate_method_is_the_library_function():
-    from modlm import ModelConfig, MoDTransformer
-    from modlm.inference.generate import generate
+def test_top_level_generate_and_a_generation_config_give_the_same_text():
+    import modlm
+    from modlm.inference.generate import GenerationConfig
 
     model = MoDTransformer(ModelConfig.from_name("tiny"))
     prompts = [[5, 6, 7], [8, 9]]
-    a = model.generate(prompts, 12, temperature=0.9, top_k=20, seed=3)
-    b = generate(model, prompts, 12, temperature=0.9, top_k=20, seed=3)
+    a = modlm.generate(model, prompts, 12, temperature=0.9, top_k=20, seed=3)
+    b = generate(model, prompts, config=GenerationConfig(max_new_tokens=12, temperature=0.9, top_k=20, seed=3))
     assert a.tokens == b.tokens and all(len(t) == 12 for t in a.tokens)
+    with pytest.raises(ValueError, match="unknown generation option"):
+        generate(model, prompts, 4, temprature=0.5)
 
 
 def test_token_choice_router_decodes_through_the_generic_path_and_matches_recomputation():
-    # TokenChoiceRouter has no decide_on_host: its decisions come from causal_decision and its
-    # weights are sigmoid(r); cached decoding must still equal full recomputation.
+    # TokenChoiceRouter's decisions threshold r itself and its weights are sigmoid(r); cached
+    # decoding must still equal full recomputation.
     torch.manual_seed(0)
     model = MoDTransformer(ModelConfig.from_name("tiny", router="token_choice", max_seq_len=160)).double().eval()
     calibrate_thresholds(model, torch.randint(0, 256, (4, 96), generator=torch.Generator().manual_seed(9)), 0.5)

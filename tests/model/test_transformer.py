@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer
+from modlm.model.block import BlockContext, DenseBlock, Phase, RoutedBlock
+from modlm.model.layers import Rotary
+from modlm.routing.base import RouterOutput
 from modlm.routing.ops import topk_mask
-from modlm.model.transformer import Block, RoutedBlock, Rotary
-from modlm.routing.expert_choice import RouterOutput
 
 
 def tiny(**kw):
@@ -15,6 +16,13 @@ def tiny(**kw):
 
 def _rotary(cfg):
     return Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+
+
+def _ctx(rot, pos_BT, route=None, layer_idx=1, routing="topk"):
+    """The context a block gets from the model in a training forward (rotary at pos_BT)."""
+    cos, sin = rot(pos_BT)
+    return BlockContext(Phase.TRAIN, routing, rot, pos_BT, cos, sin,
+                        replay=None if route is None else {layer_idx: route})
 
 
 def _routed_block(cfg, layer_idx=1):
@@ -34,9 +42,9 @@ def test_capacity_one_unit_weight_equals_dense_block():
     x = torch.randn(B, T, cfg.d_model)
     pos = torch.arange(T)
     route = RouterOutput(torch.arange(T).expand(B, T), None, None, x.new_zeros(()), {})
-    y, _ = blk(x, rot, pos.expand(B, T), route=route)
+    y, _ = blk(x, _ctx(rot, pos.expand(B, T), route))
     cos, sin = rot(pos)
-    dense = x + Block.forward(blk, x, cos, sin)
+    dense = x + DenseBlock.update(blk, x, cos, sin)
     assert torch.equal(y, dense)  # bit-for-bit: same ops, same order
 
 
@@ -54,7 +62,7 @@ def test_unselected_unchanged_and_exactly_k_processed():
     blk = _routed_block(cfg)
     B, T = 4, 32
     x = torch.randn(B, T, cfg.d_model)
-    y, route = blk(x, _rotary(cfg), torch.arange(T).expand(B, T))
+    y, route = blk(x, _ctx(_rotary(cfg), torch.arange(T).expand(B, T)))
     k = 8
     assert route.idx_BK.shape == (B, k)
     sel = topk_mask(route.idx_BK, T)
@@ -72,18 +80,18 @@ def test_selected_output_equals_dense_block_on_gathered_subsequence_at_true_posi
     rot = _rotary(cfg)
     B, T = 3, 40
     x = torch.randn(B, T, cfg.d_model)
-    y, route = blk(x, rot, torch.arange(T).expand(B, T))
+    y, route = blk(x, _ctx(rot, torch.arange(T).expand(B, T)))
     r = blk.router.scores(x)
     for b in range(B):  # reference: one row at a time, as a plain dense block
         idx = route.idx_BK[b]
         xs = x[b:b + 1, idx]
         cos, sin = rot(idx)  # true positions, not 0..k-1
-        ref = xs + r[b, idx].view(1, -1, 1) * Block.forward(blk, xs, cos, sin)
+        ref = xs + r[b, idx].view(1, -1, 1) * DenseBlock.update(blk, xs, cos, sin)
         torch.testing.assert_close(y[b:b + 1, idx], ref, rtol=1e-5, atol=1e-5)
     # compacted positions would give a different answer (guards against the RoPE bug)
     idx = route.idx_BK[0]
     cos, sin = rot(torch.arange(len(idx)))
-    wrong = x[:1, idx] + r[0, idx].view(1, -1, 1) * Block.forward(blk, x[:1, idx], cos, sin)
+    wrong = x[:1, idx] + r[0, idx].view(1, -1, 1) * DenseBlock.update(blk, x[:1, idx], cos, sin)
     assert not torch.allclose(y[:1, idx], wrong, atol=1e-4)
 
 
@@ -93,10 +101,10 @@ def test_selected_tokens_see_only_selected_tokens():
     rot = _rotary(cfg)
     B, T = 2, 32
     x = torch.randn(B, T, cfg.d_model)
-    y, route = blk(x, rot, torch.arange(T).expand(B, T))
+    y, route = blk(x, _ctx(rot, torch.arange(T).expand(B, T)))
     sel = topk_mask(route.idx_BK, T)
     x2 = torch.where(sel.unsqueeze(-1), x, torch.randn_like(x))  # change every unselected token
-    y2, _ = blk(x2, rot, torch.arange(T).expand(B, T), route=route)  # same routes
+    y2, _ = blk(x2, _ctx(rot, torch.arange(T).expand(B, T), route))  # same routes
     assert torch.equal(y2[sel], y[sel])
 
 
@@ -214,13 +222,13 @@ def test_routed_block_flops_scale_with_k():
 
     cfg = tiny(capacity=0.125)
     blk = _routed_block(cfg)
-    dense = Block(cfg, 1)
+    dense = DenseBlock(cfg, 1)
     x = torch.randn(2, 128, cfg.d_model)
     rot = _rotary(cfg)
     with FlopCounterMode(display=False) as fc_r:
-        blk(x, rot, torch.arange(128).expand(2, 128))
+        blk(x, _ctx(rot, torch.arange(128).expand(2, 128)))
     cos, sin = rot(torch.arange(128))
     with FlopCounterMode(display=False) as fc_d:
-        dense(x, cos, sin)
+        dense.update(x, cos, sin)
     ratio = fc_r.get_total_flops() / fc_d.get_total_flops()
     assert ratio < 0.125 + 0.05, ratio  # 1/8 of the matmuls plus the router and predictor

@@ -22,7 +22,7 @@ def _router(dtype=torch.float64):
 def _plain(router, x):
     with torch.enable_grad():  # gradients on: the unfolded path, operator by operator
         r = router.scores(x)
-        return router.causal_logits(x, r).detach(), r.detach()
+        return router.signal(x, r).detach(), r.detach()
 
 
 def _folded(router, x):
@@ -38,7 +38,7 @@ def test_folded_decision_equals_router_plus_predictor():
     torch.testing.assert_close(lf, lp.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rf, rp.float(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        sel, weight = router.causal_decision(x)
+        sel, weight = router.decide(x)
     assert torch.equal(sel, lf > router.threshold) and torch.equal(weight, rf)
 
 
@@ -87,24 +87,3 @@ def test_model_decisions_use_the_fold_without_gradients_and_agree_with_training_
         assert torch.equal(fast.routes[i].idx_BK, slow.routes[i].idx_BK)
         assert torch.equal(fast.routes[i].valid_BK, slow.routes[i].valid_BK)
     torch.testing.assert_close(fast.logits, slow.logits.detach(), rtol=1e-5, atol=1e-5)
-
-
-def test_decide_on_host_equals_causal_decision_for_both_causal_signals():
-    for causal_routing in ("predictor", "aux_loss"):
-        cfg = ModelConfig.from_name("tiny", causal_routing=causal_routing)
-        torch.manual_seed(5)
-        router = LearnedRouter(cfg).eval()
-        with torch.no_grad():
-            router.weight.normal_()
-            router.threshold.fill_(0.1)
-            x = torch.randn(64, 1, cfg.d_model)
-            sel, _ = router.causal_decision(x)
-            flags = router.decide_on_host(x)
-        assert flags == sel.view(-1).tolist()
-        assert 0 < sum(flags) < len(flags), causal_routing  # a mixed batch, or the check is empty
-
-
-def test_decide_on_host_rejects_more_than_one_token_per_row():
-    cfg = ModelConfig.from_name("tiny")
-    with torch.no_grad(), pytest.raises(ValueError, match=r"one token per row, got shape \(2, 3, 64\)"):
-        LearnedRouter(cfg).decide_on_host(torch.randn(2, 3, cfg.d_model))

@@ -1,0 +1,95 @@
+"""Decode policy: how routed blocks decide, one new token per row, which rows they compute.
+
+Axis legend: B batch rows, b rows that route into the block this step, D model width.
+
+A decoded token routes causally (Raposo et al. 2024, §3.5): by the router's causal signal, never
+by top-k over tokens that do not exist yet. ``HostDecisions`` brings each routed block's B
+decisions to the host once (a copy of B fp32 logits, or B booleans), because the block must know
+*which* rows to compute: computing every row and masking would save nothing. The block then runs
+attention + MLP on those rows only (``RoutedBlock.compute_rows``) and the ragged cache stores
+only their keys and values.
+
+NOTE: that copy is one host sync per routed block and step on an accelerator, the price of a
+data-dependent batch size. The cache's positions and slicing are host arithmetic afterwards.
+
+A skipped block costs only the decision, so this path is kept to a handful of operators: for a
+thresholded router (``RouterSpec.thresholded``) the fp32 logits are compared with the threshold
+on the host (the learned router computes them folded, two products and one SiLU), and the
+routed rows' weights are computed for those rows only; the RouterOutput reported for tracing
+reuses constant tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modlm.model.block import RowPlan
+from modlm.routing.base import Router, RouterOutput
+from modlm.routing.registry import NO_ROUTER, router_spec
+
+__all__ = ["HostDecisions"]
+
+
+class HostDecisions:
+    """The decode policy of ``DecodeSession``: decisions on the host, routed rows computed.
+
+    Args:
+        router_name: ``ModelConfig.router`` (its registry spec says whether decisions threshold
+            a logit; "none", a dense model, has no routed block to plan).
+    """
+
+    def __init__(self, router_name: str):
+        self.thresholded = router_name != NO_ROUTER and router_spec(router_name).thresholded
+        self._const: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = {}
+        self._thr: dict[int, tuple[torch.Tensor, int, float]] = {}  # layer -> (buffer, version, value)
+
+    def flags(self, layer_idx: int, router: Router, x_B1D: torch.Tensor) -> list[bool]:
+        """The causal decision of each row's new token, as host booleans."""
+        if self.thresholded:
+            logits = router.causal_logits(x_B1D).view(-1).tolist()  # the one sync
+            thr = self._threshold(layer_idx, router)
+            return [v > thr for v in logits]
+        sel_B1, _ = router.decide(x_B1D)
+        return sel_B1.view(-1).tolist()
+
+    def plan(self, layer_idx: int, router: Router, x_B1D: torch.Tensor,
+             token_mask_B1: torch.Tensor | None) -> RowPlan:
+        if x_B1D.shape[1] != 1:
+            raise ValueError(f"decoding takes one new token per row, got shape {tuple(x_B1D.shape)}")
+        flags = self.flags(layer_idx, router, x_B1D)
+        if token_mask_B1 is not None:
+            flags = [f and m for f, m in zip(flags, token_mask_B1.view(-1).tolist())]
+        b, B = sum(flags), len(flags)
+        idx_B1, zero, none_B1, all_B1 = self._constants(B, x_B1D.device)
+        if b == 0:
+            return RowPlan([], 0, None, None, None, RouterOutput(idx_B1, none_B1, None, zero, {}))
+        if b == B:
+            w_B1 = router.token_weights(x_B1D)
+            return RowPlan(None, B, None, None, w_B1, RouterOutput(idx_B1, all_B1, w_B1, zero, {}))
+        rows = [i for i, f in enumerate(flags) if f]
+        rows_host = torch.tensor(rows)
+        rows_dev = rows_host.to(x_B1D.device)
+        sel_B1 = torch.tensor(flags, dtype=torch.bool).view(B, 1).to(x_B1D.device)
+        w_b1 = router.token_weights(x_B1D.index_select(0, rows_dev))  # the routed rows' weights only
+        w_B1 = None if w_b1 is None else \
+            torch.zeros(B, 1, dtype=w_b1.dtype, device=w_b1.device).index_copy_(0, rows_dev, w_b1)
+        return RowPlan(rows, b, rows_host, rows_dev, w_b1, RouterOutput(idx_B1, sel_B1, w_B1, zero, {}))
+
+    def _threshold(self, layer_idx: int, router: Router) -> float:
+        # The threshold as a Python float, re-read only when the buffer changes (calibration).
+        t = router.threshold
+        cached = self._thr.get(layer_idx)
+        if cached is None or cached[0] is not t or cached[1] != t._version:
+            cached = self._thr[layer_idx] = (t, t._version, float(t))
+        return cached[2]
+
+    def _constants(self, B: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(idx_B1 zeros, fp32 zero, all-False sel_B1, all-True sel_B1), built once per (B, device).
+        Read-only: callers must not modify them."""
+        key = (B, device)
+        if key not in self._const:
+            self._const[key] = (torch.zeros(B, 1, dtype=torch.long, device=device),
+                                torch.zeros((), dtype=torch.float32, device=device),
+                                torch.zeros(B, 1, dtype=torch.bool, device=device),
+                                torch.ones(B, 1, dtype=torch.bool, device=device))
+        return self._const[key]

@@ -1,0 +1,192 @@
+"""The block contract, and the two block kinds behind it: dense and MoD-routed.
+
+Axis legend: B batch, T sequence length, K tokens routed into a block, D model width,
+b rows computed in a decode step.
+
+Every block kind has one signature::
+
+    x_BTD, aux = block(x_BTD, ctx)
+
+``ctx`` (a ``BlockContext``, built once per forward by the model) carries the phase and what
+every layer may need: positions and rotary tables, the token mask, the KV cache, routes to
+replay and, when decoding, the decode policy. ``aux`` is None or an object with ``aux_loss``
+(a weighted scalar to add to the loss) and ``stats`` (detached scalars); a routed block returns
+its ``RouterOutput``. The phase is given by the caller, never inferred from shapes:
+
+- ``Phase.TRAIN``: whole known sequences and no cache (training, evaluation, scoring).
+- ``Phase.PREFILL``: a prompt entering the cache.
+- ``Phase.DECODE``: one new token per row, routed causally; the decode policy
+  (``modlm.inference.decode``) decides which rows a routed block computes, the block only
+  computes them.
+
+A new kind is a new class here (or in its own module) plus a ``modlm.model.kinds`` entry.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Protocol
+
+import torch
+import torch.nn as nn
+
+from modlm.config import ModelConfig
+from modlm.model.attention import Attention
+from modlm.model.layers import MLP, RMSNorm, Rotary
+from modlm.routing.base import RouterOutput, build_router
+from modlm.routing.ops import gather_tokens, scatter_add_weighted
+
+
+class Phase(str, enum.Enum):
+    TRAIN = "train"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+PHASES = tuple(p.value for p in Phase)
+
+
+class RowPlan(NamedTuple):
+    """A decode policy's answer for one routed block and step: which rows to compute.
+
+    rows: host list of the rows that route into the block (ascending), or None for every row.
+    n_rows: how many rows run (0: the block is skipped for the whole batch).
+    rows_host / rows_dev: the same rows as int64 tensors on the host (for the cache's
+        host-side lengths) and on the model's device (for gathers); None when rows is None.
+    weight_b1: the routed rows' weights (b, 1), None for unit weight.
+    route: the RouterOutput reported for this block (decisions of every row).
+    """
+
+    rows: list[int] | None
+    n_rows: int
+    rows_host: torch.Tensor | None
+    rows_dev: torch.Tensor | None
+    weight_b1: torch.Tensor | None
+    route: RouterOutput
+
+
+class DecodePolicy(Protocol):
+    """How routed blocks decide, one new token per row (see ``modlm.inference.decode``)."""
+
+    def plan(self, layer_idx: int, router: nn.Module, x_B1D: torch.Tensor,
+             token_mask_B1: torch.Tensor | None) -> RowPlan: ...
+
+
+@dataclass
+class BlockContext:
+    """What every block of one forward call is told.
+
+    phase: see the module docstring. routing: how routed blocks route whole sequences in
+    TRAIN and PREFILL ("topk" or "causal"). pos_BT: every token's true position; cos/sin: the
+    rotary tables at ``pos_BT`` ((T, E/2) when shared by all rows, else (B, T, E/2)).
+    token_mask_BT: real tokens of a left-padded batch (padding is never routed or attended to).
+    attn_mask: the padding mask of dense attention without a cache. cache: the model's KV cache
+    (``modlm.inference.cache.ModelCache``) in PREFILL and DECODE. replay: per-layer routes to
+    reuse instead of asking the routers. decode: the decode policy (DECODE only).
+    """
+
+    phase: Phase
+    routing: str
+    rotary: Rotary
+    pos_BT: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    token_mask_BT: torch.Tensor | None = None
+    attn_mask: torch.Tensor | None = None
+    cache: Any = None
+    replay: dict[int, RouterOutput] | None = None
+    decode: DecodePolicy | None = None
+
+
+class DenseBlock(nn.Module):
+    """Pre-norm transformer block: x + f(x), f = attention then SwiGLU MLP (each pre-normed)."""
+
+    kind: ClassVar[str] = "dense"
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def update(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """f(x), the block's update of the residual stream, over whatever tokens it is given."""
+        a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask=attn_mask, cache=cache)
+        m_BTD = self.mlp(self.mlp_norm(x_BTD + a_BTD))
+        return a_BTD + m_BTD
+
+    def forward(self, x_BTD: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, None]:
+        cache = None if ctx.cache is None else ctx.cache.view(valid=ctx.token_mask_BT)
+        return x_BTD + self.update(x_BTD, ctx.cos, ctx.sin, cache=cache, attn_mask=ctx.attn_mask), None
+
+
+class RoutedBlock(DenseBlock):
+    """A block behind a Mixture-of-Depths router.
+
+    select -> gather (B, K, D) -> f on the K tokens only -> x + r * f scattered back.
+    Shapes are static under top-k (K = round(capacity * T)); nothing loops over the batch.
+    It subclasses ``DenseBlock`` so its parameters keep the dense names (``blocks.{i}.attn...``):
+    a dense checkpoint loads into a MoD model, only the router is new.
+    """
+
+    kind: ClassVar[str] = "routed"
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.router = build_router(config)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, RouterOutput]:
+        """Returns the new residual stream and the router's output (indices, weights, losses)."""
+        if ctx.phase is Phase.DECODE:
+            plan = ctx.decode.plan(self.layer_idx, self.router, x_BTD, ctx.token_mask_BT)
+            return self.compute_rows(x_BTD, ctx, plan), plan.route
+        route = ctx.replay.get(self.layer_idx) if ctx.replay is not None else None
+        if route is None:
+            route = self.router(x_BTD, ctx.routing, ctx.token_mask_BT)
+        idx_BK, valid_BK, weight_BK = route.idx_BK, route.valid_BK, route.weight_BK
+        pos_BK = torch.gather(ctx.pos_BT, 1, idx_BK)  # true positions of the routed tokens, for RoPE
+        cos, sin = ctx.rotary(pos_BK)
+        x_BKD = gather_tokens(x_BTD, idx_BK)
+        # Padded slots (causal routing) sit after every real one, so the causal mask already
+        # hides them from real queries; their own outputs are dropped below.
+        cache = None if ctx.cache is None else ctx.cache.view(valid=valid_BK)
+        f_BKD = self.update(x_BKD, cos, sin, cache=cache)
+        if valid_BK is not None:
+            f_BKD = f_BKD.masked_fill(~valid_BK.unsqueeze(-1), 0.0)
+            if weight_BK is not None:
+                weight_BK = weight_BK.masked_fill(~valid_BK, 0.0)
+        return scatter_add_weighted(x_BTD, idx_BK, f_BKD, weight_BK), route
+
+    def compute_rows(self, x_B1D: torch.Tensor, ctx: BlockContext, plan: RowPlan) -> torch.Tensor:
+        """One new token per row: compute exactly the rows the plan names, x + w·f(x) for them.
+
+        Computing every row and masking would save nothing. When every row runs (always the
+        case at batch size 1 when the block runs) nothing is gathered and the cache hands back
+        views; a skipped block costs nothing here.
+        """
+        if plan.n_rows == 0:
+            return x_B1D
+        if plan.rows is None:
+            cos, sin = ctx.rotary(ctx.pos_BT)
+            f_B1D = self.update(x_B1D, cos, sin, cache=ctx.cache.view())
+            if plan.weight_b1 is not None:
+                f_B1D = f_B1D * plan.weight_b1.unsqueeze(-1).to(f_B1D.dtype)
+            return x_B1D + f_B1D.to(x_B1D.dtype)
+        x_b1D = x_B1D.index_select(0, plan.rows_dev)
+        cos, sin = ctx.rotary(ctx.pos_BT.index_select(0, plan.rows_dev))
+        f_b1D = self.update(x_b1D, cos, sin, cache=ctx.cache.view(rows=plan.rows_host))
+        if plan.weight_b1 is not None:
+            f_b1D = f_b1D * plan.weight_b1.unsqueeze(-1).to(f_b1D.dtype)
+        return x_B1D.index_add(0, plan.rows_dev, f_b1D.to(x_B1D.dtype))
+
+
+def route_mask(route: RouterOutput, seq_len: int) -> torch.Tensor:
+    """Which tokens (B, T) a route processed (padding slots excluded)."""
+    ones = torch.ones_like(route.idx_BK, dtype=torch.int32)
+    hits = ones if route.valid_BK is None else route.valid_BK.to(torch.int32)
+    counts = torch.zeros(route.idx_BK.shape[0], seq_len, dtype=torch.int32, device=route.idx_BK.device)
+    return counts.scatter_add_(1, route.idx_BK, hits) > 0

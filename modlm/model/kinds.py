@@ -1,0 +1,59 @@
+"""The registry of block kinds: ``ModelConfig.layer_types`` names -> ``BlockSpec``. No torch import.
+
+Every block kind implements one contract (``modlm.model.block``); this table says, without
+building anything, what config validation, FLOP accounting and the per-layer caches need to know
+about each kind. A new kind (MoE, MoDE, early exit ...) is a module plus one ``register_block``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """name: the ``layer_types`` entry. target: "module:Class" of the block.
+    routed: a MoD router decides which tokens the block processes (it needs
+        ``ModelConfig.router != "none"``, and its FLOPs run at the capacity).
+    cache_layout: the KV cache this layer needs when decoding: "contiguous" (every row holds
+        every token) or "ragged" (rows hold only the tokens processed there).
+    dense_kind: the kind this layer takes in the dense twin (same parameters, no routing).
+    """
+
+    name: str
+    target: str
+    routed: bool
+    cache_layout: str
+    dense_kind: str
+
+    def load(self) -> type:
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+_BLOCKS: dict[str, BlockSpec] = {}
+
+
+def register_block(spec: BlockSpec) -> BlockSpec:
+    if spec.name in _BLOCKS:
+        raise ValueError(f"block kind {spec.name!r} is already registered")
+    _BLOCKS[spec.name] = spec
+    return spec
+
+
+def block_kinds() -> tuple[str, ...]:
+    return tuple(_BLOCKS)
+
+
+def block_spec(name: str) -> BlockSpec:
+    try:
+        return _BLOCKS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"block kind {name!r} is not registered; available: {', '.join(_BLOCKS)}") from None
+
+
+register_block(BlockSpec("dense", "modlm.model.block:DenseBlock", routed=False, cache_layout="contiguous",
+                         dense_kind="dense"))
+register_block(BlockSpec("routed", "modlm.model.block:RoutedBlock", routed=True, cache_layout="ragged",
+                         dense_kind="dense"))

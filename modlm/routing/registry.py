@@ -1,0 +1,85 @@
+"""The one registry of routers: name -> ``RouterSpec``. No torch import.
+
+Config validation (``ModelConfig.router``), the CLI's ``--router`` choices and FLOP accounting
+all read this table, and ``build_router`` builds from it, so a new router is one module plus one
+``register_router`` call here: nothing else names routers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# ``ModelConfig.router`` value meaning "no router": every block is dense.
+NO_ROUTER = "none"
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """What the rest of the library needs to know about a router without building it.
+
+    name: the ``ModelConfig.router`` value.
+    target: "module:Class" of the implementation (imported on first build).
+    summary: one line for ``--help``.
+    scores_tokens: the router computes a learned score r = w·x for every token (a D-vector of
+        parameters, 2·T·D forward FLOPs per routed block).
+    thresholded: its causal decision thresholds a logit (``router.threshold``), so calibration
+        can move it (the inference-time compute knob).
+    predictor: ``predictor(config)`` is True when the router carries a causal predictor MLP
+        (``config.predictor_hidden`` units; its FLOPs and parameters are counted).
+    aux_loss: ``aux_loss(config)`` is True when the router trains an auxiliary BCE on its logit.
+    """
+
+    name: str
+    target: str
+    summary: str
+    scores_tokens: bool
+    thresholded: bool
+    predictor: Callable[[Any], bool] = lambda config: False
+    aux_loss: Callable[[Any], bool] = lambda config: False
+
+    def load(self) -> type:
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+_ROUTERS: dict[str, RouterSpec] = {}
+
+
+def register_router(spec: RouterSpec) -> RouterSpec:
+    """Add a router to the registry (a name may be registered once)."""
+    if spec.name in _ROUTERS or spec.name == NO_ROUTER:
+        raise ValueError(f"router {spec.name!r} is already registered")
+    _ROUTERS[spec.name] = spec
+    return spec
+
+
+def router_names() -> tuple[str, ...]:
+    """Registered router names, in registration order."""
+    return tuple(_ROUTERS)
+
+
+def router_spec(name: str) -> RouterSpec:
+    """The spec of a registered router; one-line ValueError naming the value otherwise."""
+    try:
+        return _ROUTERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"router {name!r} is not registered; available: {', '.join(_ROUTERS)}") from None
+
+
+register_router(RouterSpec(
+    "learned", "modlm.routing.expert_choice:LearnedRouter",
+    "MoD expert-choice top-k on a learned score r = w·x (the paper's router)",
+    scores_tokens=True, thresholded=True,
+    predictor=lambda c: c.causal_routing in ("predictor", "both"),
+    aux_loss=lambda c: c.causal_routing in ("aux_loss", "both")))
+register_router(RouterSpec(
+    "random", "modlm.routing.stochastic:RandomRouter",
+    "baseline: a random k tokens per sequence, unit weight, no parameters",
+    scores_tokens=False, thresholded=False))
+register_router(RouterSpec(
+    "token_choice", "modlm.routing.token_choice:TokenChoiceRouter",
+    "baseline: each token decides with a sigmoid gate, capped at k slots, balancing loss",
+    scores_tokens=True, thresholded=True))
