@@ -55,3 +55,50 @@ def test_dense_twin_and_routed_layers():
     assert twin.router == "none" and twin.d_model == cfg.d_model and twin.n_layers == cfg.n_layers
     assert ModelConfig.from_name("tiny", route_every=1, route_start=0).routed_layers == (0, 1, 2, 3)
     assert set(PRESETS) >= {"tiny", "small"}
+
+
+def test_replace_recomputes_derived_fields_unless_given():
+    # The bug this guards: replace() kept d_mlp=704 and n_kv_heads=8 of the 256-wide model.
+    cfg = ModelConfig(d_model=256).replace(d_model=512, n_heads=16)
+    assert cfg == ModelConfig(d_model=512, n_heads=16)
+    assert cfg.d_mlp == 1408 and cfg.n_kv_heads == 16
+    # Given values stay given: an explicit d_mlp survives a change of width.
+    pinned = ModelConfig(d_model=256, d_mlp=512).replace(d_model=512, n_heads=16)
+    assert pinned.d_mlp == 512 and pinned.n_kv_heads == 16
+    # layer_types follows route_every when derived...
+    assert ModelConfig.from_name("tiny").replace(route_every=1, route_start=0).routed_layers == (0, 1, 2, 3)
+    # ...and a config read back from JSON behaves as the one written.
+    back = ModelConfig.from_dict(json.loads(json.dumps(ModelConfig(d_model=256).to_dict())))
+    assert back.replace(d_model=512, n_heads=16) == ModelConfig(d_model=512, n_heads=16)
+
+
+def test_a_checkpoint_config_without_derived_entries_keeps_its_values():
+    d = ModelConfig.from_name("tiny").to_dict()
+    d.pop("derived")
+    d.pop("layer_types")  # written before layer_types existed
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.d_mlp == 192 and cfg.layer_types == ("dense", "routed", "dense", "routed")
+
+
+def test_layer_types_explicit_and_validated():
+    cfg = ModelConfig.from_name("tiny", layer_types=["routed", "dense", "routed", "routed"])
+    assert cfg.layer_types == ("routed", "dense", "routed", "routed") and cfg.routed_layers == (0, 2, 3)
+    assert cfg.dense_twin().layer_types == ("dense",) * 4 and cfg.dense_twin().routed_layers == ()
+    assert ModelConfig.from_name("tiny-dense").layer_types == ("dense",) * 4
+    for bad, fragment in [(["dense"] * 3, "layer_types"), (["dense", "moe", "dense", "dense"], "layer_types")]:
+        with pytest.raises(ValueError, match=fragment) as e:
+            ModelConfig.from_name("tiny", layer_types=bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="router='none'"):
+        ModelConfig.from_name("tiny", router="none", layer_types=["dense", "routed", "dense", "dense"])
+
+
+def test_config_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, modlm, modlm.config, modlm.flops, modlm.routing.registry, modlm.model.kinds, modlm.model.roles; "
+            "modlm.config.ModelConfig.from_name('small').replace(d_model=128); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

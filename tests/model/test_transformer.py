@@ -232,3 +232,30 @@ def test_routed_block_flops_scale_with_k():
         dense.update(x, cos, sin)
     ratio = fc_r.get_total_flops() / fc_d.get_total_flops()
     assert ratio < 0.125 + 0.05, ratio  # 1/8 of the matmuls plus the router and predictor
+
+
+def test_the_phase_is_explicit_and_checked():
+    from modlm.inference.cache import ModelCache
+    from modlm.inference.decode import HostDecisions
+
+    cfg = tiny()
+    model = MoDTransformer(cfg).eval()
+    idx = torch.randint(0, 256, (2, 8))
+    cache = ModelCache.for_config(cfg, 2, capacity=16)
+    with pytest.raises(ValueError, match="phase='train' runs whole sequences without a cache"):
+        model(idx, cache=cache, pos_BT=torch.arange(8).expand(2, 8))
+    with pytest.raises(ValueError, match="phase='prefill' needs a cache"):
+        model(idx, phase="prefill")
+    with pytest.raises(ValueError, match="phase='sample' is invalid"):
+        model(idx, phase="sample")
+    with torch.no_grad():
+        model(idx, cache=cache, pos_BT=torch.arange(8).expand(2, 8), phase="prefill", routing="causal")
+        one = torch.randint(0, 256, (2, 1))
+        pos = torch.full((2, 1), 8)
+        # one token per row is NOT enough to decode: the caller says so, with a policy
+        with pytest.raises(ValueError, match="needs a decode policy"):
+            model(one, cache=cache, pos_BT=pos, phase="decode")
+        with pytest.raises(ValueError, match="one new token per row"):
+            model(idx, cache=cache, pos_BT=pos, phase="decode", decode=HostDecisions(cfg.router))
+        out = model(one, cache=cache, pos_BT=pos, phase="decode", decode=HostDecisions(cfg.router))
+    assert out.logits.shape == (2, 1, cfg.vocab_size) and sorted(out.routes) == [1, 3]
