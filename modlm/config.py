@@ -16,8 +16,10 @@ from typing import Any
 
 from modlm.model.kinds import block_kinds, block_spec
 from modlm.routing.registry import NO_ROUTER, router_names, router_spec
+from modlm.validation import is_int, is_number, require
 
 CAUSAL_ROUTING = ("aux_loss", "predictor", "both")
+MAX_SEQ_LEN = 1 << 20
 # Fields computed from others when not given. ``replace`` recomputes them unless the change
 # names them, so a copy with another d_model never keeps the old model's d_mlp.
 DERIVED_FIELDS = ("n_kv_heads", "d_mlp", "layer_types")
@@ -64,8 +66,7 @@ def parse_assignments(items: list[str] | tuple[str, ...], flag: str = "--model-a
 
 
 def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ValueError(f"ModelConfig.{name}={value!r} is invalid: {allowed}")
+    require(cond, "ModelConfig", name, value, allowed)
 
 
 @dataclass
@@ -110,40 +111,45 @@ class ModelConfig:
     _derived: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.name, str), "name", self.name, "must be a string")
+        _require(is_int(self.vocab_size) and self.vocab_size > 0, "vocab_size", self.vocab_size, "must be a positive int")
+        _require(is_int(self.d_model) and self.d_model > 0, "d_model", self.d_model, "must be a positive int")
+        _require(is_int(self.n_layers) and self.n_layers > 0, "n_layers", self.n_layers, "must be a positive int")
+        _require(is_int(self.n_heads) and self.n_heads > 0, "n_heads", self.n_heads, "must be a positive int")
+        # Derived values need the fields above to be valid first.
         derived = {n for n in DERIVED_FIELDS if getattr(self, n) is None}
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_mlp is None:
             self.d_mlp = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
         self._derived = frozenset(derived)
-        _require(isinstance(self.vocab_size, int) and self.vocab_size > 0, "vocab_size", self.vocab_size, "must be a positive int")
-        _require(isinstance(self.d_model, int) and self.d_model > 0, "d_model", self.d_model, "must be a positive int")
-        _require(isinstance(self.n_layers, int) and self.n_layers > 0, "n_layers", self.n_layers, "must be a positive int")
-        _require(isinstance(self.n_heads, int) and self.n_heads > 0, "n_heads", self.n_heads, "must be a positive int")
         _require(self.d_model % self.n_heads == 0, "n_heads", self.n_heads, f"must divide d_model={self.d_model}")
         _require((self.d_model // self.n_heads) % 2 == 0, "n_heads", self.n_heads,
                  f"head size d_model/n_heads={self.d_model / self.n_heads:g} must be even for RoPE")
-        _require(isinstance(self.n_kv_heads, int) and 0 < self.n_kv_heads <= self.n_heads
+        _require(is_int(self.n_kv_heads) and 0 < self.n_kv_heads <= self.n_heads
                  and self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
                  f"must be a positive divisor of n_heads={self.n_heads}")
-        _require(isinstance(self.d_mlp, int) and self.d_mlp > 0, "d_mlp", self.d_mlp, "must be a positive int")
-        _require(isinstance(self.max_seq_len, int) and self.max_seq_len > 1, "max_seq_len", self.max_seq_len, "must be an int > 1")
-        _require(self.rope_base > 1, "rope_base", self.rope_base, "must be > 1")
-        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
-        _require(self.init_std > 0, "init_std", self.init_std, "must be > 0")
+        _require(is_int(self.d_mlp) and self.d_mlp > 0, "d_mlp", self.d_mlp, "must be a positive int")
+        _require(is_int(self.max_seq_len) and 1 < self.max_seq_len <= MAX_SEQ_LEN, "max_seq_len", self.max_seq_len,
+                 f"must be an int in (1, {MAX_SEQ_LEN}] (the rotary tables are allocated for all of it)")
+        _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", self.tie_embeddings, "must be true or false")
+        _require(isinstance(self.extra, dict), "extra", self.extra, "must be a dict")
+        _require(is_number(self.rope_base) and self.rope_base > 1, "rope_base", self.rope_base, "must be > 1")
+        _require(is_number(self.norm_eps) and self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        _require(is_number(self.init_std) and self.init_std > 0, "init_std", self.init_std, "must be > 0")
         routers = (*router_names(), NO_ROUTER)
         _require(self.router in routers, "router", self.router, f"must be one of {routers}")
-        _require(isinstance(self.capacity, (int, float)) and 0.0 < self.capacity <= 1.0, "capacity", self.capacity,
+        _require(is_number(self.capacity) and 0.0 < self.capacity <= 1.0, "capacity", self.capacity,
                  "must be in (0, 1]; 0.125 routes 12.5% of each sequence through a routed block")
-        _require(isinstance(self.route_every, int) and self.route_every >= 1, "route_every", self.route_every,
+        _require(is_int(self.route_every) and self.route_every >= 1, "route_every", self.route_every,
                  "must be an int >= 1 (1 routes every block, 2 every other block)")
-        _require(isinstance(self.route_start, int) and 0 <= self.route_start < self.n_layers, "route_start",
+        _require(is_int(self.route_start) and 0 <= self.route_start < self.n_layers, "route_start",
                  self.route_start, f"must be a block index in [0, {self.n_layers - 1}]")
         _require(self.causal_routing in CAUSAL_ROUTING, "causal_routing", self.causal_routing,
                  f"must be one of {CAUSAL_ROUTING}")
-        _require(self.aux_loss_weight >= 0, "aux_loss_weight", self.aux_loss_weight, "must be >= 0")
-        _require(self.predictor_loss_weight >= 0, "predictor_loss_weight", self.predictor_loss_weight, "must be >= 0")
-        _require(isinstance(self.predictor_hidden, int) and self.predictor_hidden > 0, "predictor_hidden",
+        _require(is_number(self.aux_loss_weight) and self.aux_loss_weight >= 0, "aux_loss_weight", self.aux_loss_weight, "must be >= 0")
+        _require(is_number(self.predictor_loss_weight) and self.predictor_loss_weight >= 0, "predictor_loss_weight", self.predictor_loss_weight, "must be >= 0")
+        _require(is_int(self.predictor_hidden) and self.predictor_hidden > 0, "predictor_hidden",
                  self.predictor_hidden, "must be a positive int")
         if self.layer_types is None:
             routed = set() if self.router == NO_ROUTER else set(range(self.route_start, self.n_layers, self.route_every))

@@ -15,7 +15,6 @@ This module knows nothing about tokenization: prompts and outputs are token ids.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,16 +26,9 @@ from modlm.inference.cache import ModelCache
 from modlm.inference.decode import HostDecisions
 from modlm.model.block import Phase, route_mask
 from modlm.model.transformer import MoDTransformer
+from modlm.validation import is_int, is_number
 
 PREFILL_ROUTING = ("causal", "topk")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -71,20 +63,20 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         """One-line ValueErrors that name the offending value."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
-        if not _is_num(self.temperature) or self.temperature < 0:
+        if not is_number(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 = greedy)")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k={self.top_k!r} must be an int >= 1 (or None)")
-        if self.top_p is not None and (not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0):
+        if self.top_p is not None and (not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1] (or None)")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed={self.seed!r} must be an int in [0, 2**63) (or None)")
         if self.prefill_routing not in PREFILL_ROUTING:
             raise ValueError(f"prefill_routing={self.prefill_routing!r} must be one of {PREFILL_ROUTING}")
         for t in self.stop_tokens:
-            if not _is_int(t):
+            if not is_int(t):
                 raise ValueError(f"stop_tokens has {t!r}: stop tokens must be token ids (ints)")
 
     @classmethod
