@@ -66,7 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from modlm.training.checkpoint import load_model
-    from modlm.training.data import ByteTokenizer
+    from modlm.training.tokenizers import ByteTokenizer
     from modlm.inference.generate import generate
 
     if args.prompt is None and args.prompts_file is None:
@@ -86,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = model.config
     if args.routed_fraction is not None:
         from modlm.inference.calibrate import calibrate_thresholds
-        from modlm.training.data import prepare_corpus
+        from modlm.training.corpus import prepare_corpus
 
         if not 0.0 < args.routed_fraction <= 1.0:
             return _fail(f"--routed-fraction={args.routed_fraction} must be in (0, 1]")

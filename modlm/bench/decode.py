@@ -128,7 +128,7 @@ def token_pool(args: argparse.Namespace, cfg: ModelConfig, rows: int, length: in
     g = torch.Generator().manual_seed(args.seed + 1)
     if kind == "enwiki":
         try:
-            from modlm.training.data import prepare_corpus
+            from modlm.training.corpus import prepare_corpus
 
             val = torch.from_numpy(prepare_corpus().val.astype("int64"))
             if val.numel() > length + 1 and int(val.max()) < cfg.vocab_size:
