@@ -5,7 +5,7 @@ The pipeline is ``source -> documents -> split by document -> token ids on disk`
 documents, shuffles them deterministically, holds out whole documents for validation, tokenizes
 once and caches ``train.bin`` / ``val.bin`` (flat token streams) plus ``meta.json``. The cache
 folder is named after a fingerprint of everything that decides the ids (source files, split
-settings, the tokenizer), so a changed input is never served a stale cache.
+settings, the tokenizer's identity), so a changed input is never served a stale cache.
 
 Shape suffixes: D = number of documents, N = number of tokens in a split.
 """
@@ -140,11 +140,11 @@ def split_documents(sizes: Sequence[int], val_fraction: float, seed: int) -> tup
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
-    if vocab_size <= 2**8:
-        return np.dtype(np.uint8)
-    if vocab_size <= 2**16:
-        return np.dtype(np.uint16)
-    raise ValueError(f"vocab_size {vocab_size} does not fit the uint16 token cache")
+    """The narrowest unsigned dtype that holds every id: the cache is read at memory speed."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise ValueError(f"vocab_size {vocab_size} does not fit the uint32 token cache")
 
 
 def _default_cache_root() -> Path:
@@ -178,13 +178,14 @@ def _encode_stream(
 
     Fills ``counts["tokens"]`` and ``counts["bytes"]`` (UTF-8 bytes of the text) as it goes.
     """
-    limit = np.iinfo(dtype).max
     for i, doc in enumerate(docs):
         text = doc if i == 0 else DOC_SEPARATOR + doc
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() > limit):
+        # vocab_size bounds the ids a model can embed, and (via _token_dtype) what the dtype holds.
+        if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
             bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-            raise ValueError(f"tokenizer {tokenizer.name!r} produced id {bad}, outside {dtype.name}")
+            raise ValueError(f"tokenizer {tokenizer.name!r} produced id {bad}, outside its vocabulary "
+                             f"[0, {tokenizer.vocab_size})")
         counts["tokens"] += int(ids.size)
         counts["bytes"] += len(text.encode("utf-8"))
         yield ids.astype(dtype).tobytes()
@@ -271,6 +272,7 @@ def prepare_corpus(
     cache_dir: str | Path | None = None,
     val_fraction: float = 0.05,
     seed: int = 0,
+    tokenizer: Tokenizer | None = None,
 ) -> PreparedCorpus:
     """Load, split by document, tokenize and cache a corpus; reuse the cache when inputs are unchanged.
 
@@ -279,9 +281,12 @@ def prepare_corpus(
             file or a folder searched recursively for *.txt, *.md and *.text files (one document per
             file; a lone file is cut into ~20k-character documents on blank lines).
         cache_dir: cache root; default ``$MODLM_CACHE`` or ``~/.cache/modlm``. The corpus lives in a
-            subfolder named after a hash of the inputs' fingerprint (paths, sizes, mtimes, settings).
+            subfolder named after a hash of the inputs' fingerprint (paths, sizes, mtimes, settings,
+            the tokenizer's ``name``).
         val_fraction: share of the bytes (whole documents) held out for validation, in (0, 1).
         seed: seed of the document shuffle that decides the split.
+        tokenizer: turns documents into ids; None is the byte tokenizer. The cache dtype is the
+            narrowest that holds its vocabulary (uint8 for bytes, uint16 up to 65536 ids, else uint32).
     Returns:
         PreparedCorpus with ``train`` (N_train,) and ``val`` (N_val,) read-only token memmaps.
     Raises:
@@ -290,11 +295,13 @@ def prepare_corpus(
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    tokenizer = ByteTokenizer()
+    tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
     source_fp, label, source_path = _source_fingerprint(source)
     fingerprint = {
         "format_version": _FORMAT_VERSION,
         "source": source_fp,
+        # The name is the tokenizer's identity (for a tokenizer.json, a hash of the file), so two
+        # tokenizers never share a cache; the byte tokenizer's stays "byte", keeping old caches valid.
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
         "val_fraction": val_fraction,
@@ -307,10 +314,19 @@ def prepare_corpus(
     cached = _load_cached(folder, fp_hash, tokenizer)
     if cached is not None:
         return cached
+    _write_cache(folder, source_path, fingerprint, fp_hash, tokenizer)
+    loaded = _load_cached(folder, fp_hash, tokenizer)
+    assert loaded is not None, f"cache just written to {folder} does not load"
+    return loaded
 
+
+def _write_cache(folder: Path, source_path: Path | None, fingerprint: dict[str, Any], fp_hash: str,
+                 tokenizer: Tokenizer) -> None:
+    """Read, split and tokenize the source into ``folder`` (train.bin, val.bin, then meta.json)."""
     display = "enwiki" if source_path is None else str(source_path)
     docs = _load_documents(source_path, display)
     sizes = [len(d.encode("utf-8")) for d in docs]
+    val_fraction, seed = fingerprint["val_fraction"], fingerprint["seed"]
     train_ids, val_ids = split_documents(sizes, val_fraction, seed)
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -339,6 +355,3 @@ def prepare_corpus(
     }
     # meta.json goes last: its presence (with matching sizes) is what marks the cache as complete.
     _atomic_write_bytes(folder / "meta.json", iter([json.dumps(meta, indent=2).encode()]))
-    loaded = _load_cached(folder, fp_hash, tokenizer)
-    assert loaded is not None, f"cache just written to {folder} does not load"
-    return loaded

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modlm.training.corpus import prepare_corpus, split_documents
-from modlm.training.tokenizers import ByteTokenizer
+from modlm.training.tokenizers import ByteTokenizer, load_tokenizer
 from modlm.training.wiki import default_corpus_path
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +154,57 @@ def test_bad_sources(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="1.5"):
         prepare_corpus(str(one_line), cache_dir=tmp_path / "cache", val_fraction=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Other tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def test_hf_tokenizer_gets_its_own_cache(tmp_path: Path, bpe_tokenizer_file: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):  # prose like the tokenizer's training text, so its merges apply
+        (src / f"doc{i:02d}.txt").write_text(f"DOC{i:02d} The history of the city café. " * (10 + i))
+    cache = tmp_path / "cache"
+    tok = load_tokenizer(str(bpe_tokenizer_file))
+    by_bytes = prepare_corpus(str(src), cache_dir=cache, seed=2)
+    by_bpe = prepare_corpus(str(src), cache_dir=cache, seed=2, tokenizer=tok)
+    assert by_bpe.path != by_bytes.path
+    assert by_bpe.meta["fingerprint_hash"] != by_bytes.meta["fingerprint_hash"]
+    assert by_bpe.meta["tokenizer"] == tok.name and by_bpe.meta["vocab_size"] == 400
+    assert by_bpe.train.dtype == np.uint16 and by_bpe.tokenizer is tok
+    # Same documents on each side of the split; fewer tokens than bytes.
+    assert tok.decode(by_bpe.val) == ByteTokenizer().decode(by_bytes.val)
+    assert tok.decode(by_bpe.train) == ByteTokenizer().decode(by_bytes.train)
+    assert by_bpe.meta["val_bytes"] == by_bytes.meta["val_bytes"]
+    assert 0 < by_bpe.tokens_per_byte < 0.75
+    # The same tokenizer.json loaded again (e.g. from a checkpoint) reuses the cache.
+    stamp = (by_bpe.path / "train.bin").stat().st_mtime_ns
+    again = prepare_corpus(str(src), cache_dir=cache, seed=2, tokenizer=load_tokenizer(str(bpe_tokenizer_file)))
+    assert again.path == by_bpe.path and (again.path / "train.bin").stat().st_mtime_ns == stamp
+
+
+class _WideTokenizer(ByteTokenizer):
+    """Byte ids moved up by ``shift`` in a vocabulary of ``vocab_size``: checks dtype and range."""
+
+    name = "wide"
+
+    def __init__(self, vocab_size: int, shift: int):
+        self.vocab_size = vocab_size
+        self.shift = shift
+
+    def encode(self, text: str) -> list[int]:
+        return [i + self.shift for i in super().encode(text)]
+
+
+def test_token_dtype_follows_the_vocabulary(tmp_path: Path) -> None:
+    src = _make_folder(tmp_path, n_docs=4)
+    wide = prepare_corpus(str(src), cache_dir=tmp_path / "cache", tokenizer=_WideTokenizer(70_000, shift=66_000))
+    assert wide.train.dtype == np.uint32 and int(np.asarray(wide.train).min()) >= 66_000
+    # An id the vocabulary does not hold is an error, not a silently wrapped value.
+    with pytest.raises(ValueError, match=r"produced id 66\d+, outside its vocabulary \[0, 300\)"):
+        prepare_corpus(str(src), cache_dir=tmp_path / "cache", tokenizer=_WideTokenizer(300, shift=66_000))
 
 
 # --------------------------------------------------------------------------------------------
