@@ -4,6 +4,9 @@ A tokenizer travels with what it produced: ``spec()`` is a JSON description (sto
 checkpoint's ``config.json``), ``save(directory)`` writes the files that description names, and
 ``tokenizer_from_spec(spec, directory)`` rebuilds it. ``name`` is its identity: two tokenizers with
 equal names give equal ids for every text, so the token cache keys on it.
+
+``StreamDecoder`` turns a stream of sampled ids into text that can be printed as it comes, even
+when one character spans several tokens (a byte tokenizer, byte-level BPE).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
+    "StreamDecoder",
     "Tokenizer",
     "load_tokenizer",
     "tokenizer_from_spec",
@@ -206,3 +210,55 @@ def load_tokenizer(spec: str | None) -> Tokenizer:
     if not path.is_file():
         raise ValueError(f"tokenizer={spec!r} is neither 'byte' nor a {HF_FILENAME} file or a directory holding one")
     return HFTokenizer.from_file(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming
+# --------------------------------------------------------------------------------------------
+
+
+class StreamDecoder:
+    """Incremental detokenization: the text each new token completes, ready to print.
+
+    A token can end mid-character (one byte of a 3-byte character, a byte-level BPE piece), and
+    some decoders change how a token reads depending on what precedes it (a word-initial space).
+    So each step decodes a short window that starts a few tokens before the unprinted ones, and
+    prints the part beyond the window's already-printed text once it no longer ends in U+FFFD.
+    This is the prefix/read-offset scheme of Hugging Face text-generation-inference; the window
+    keeps each step O(window) instead of re-decoding everything.
+
+    Args:
+        tokenizer: decodes the ids.
+        context: ids that precede the stream (the prompt); they are never printed but give the
+            first generated tokens their left context.
+        context_tokens: how many tokens of already-printed text each window keeps.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = (), context_tokens: int = 5):
+        self._tok = tokenizer
+        self._ids = [int(t) for t in context]
+        self._context_tokens = context_tokens
+        self._prefix = max(0, len(self._ids) - context_tokens)  # window start
+        self._read = len(self._ids)  # ids before this are printed
+
+    def _pending(self) -> tuple[str, str]:
+        """(decoded printed part of the window, decoded whole window)."""
+        printed = self._tok.decode(self._ids[self._prefix : self._read])
+        return printed, self._tok.decode(self._ids[self._prefix :])
+
+    def push(self, token: int) -> str:
+        """Add one token; returns the text it completes ('' while a character is still partial)."""
+        self._ids.append(int(token))
+        printed, text = self._pending()
+        if len(text) <= len(printed) or text.endswith("\ufffd"):
+            return ""
+        self._read = len(self._ids)
+        self._prefix = max(0, self._read - self._context_tokens)
+        return text[len(printed) :]
+
+    def flush(self) -> str:
+        """The text of tokens still held back (an incomplete character decodes to U+FFFD)."""
+        printed, text = self._pending()
+        self._read = len(self._ids)
+        self._prefix = max(0, self._read - self._context_tokens)
+        return text[len(printed) :]

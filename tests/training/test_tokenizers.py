@@ -1,4 +1,4 @@
-"""Tokenizers: exact round trips, identity by content, rebuilding from a spec."""
+"""Tokenizers: exact round trips, identity by content, rebuilding from a spec, streaming decode."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from modlm.training.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
+    StreamDecoder,
     load_tokenizer,
     tokenizer_from_spec,
 )
@@ -134,3 +135,44 @@ def test_spec_errors(bpe_tokenizer_file: Path, tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text(bpe_tokenizer_file.read_text().replace("<|endoftext|>", "<|eot|>"))
     with pytest.raises(ValueError, match="sha256"):
         tokenizer_from_spec(tok.spec(), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming decode
+# --------------------------------------------------------------------------------------------
+
+
+def test_stream_decoder_waits_for_a_whole_character() -> None:
+    tok = ByteTokenizer()
+    stream = StreamDecoder(tok)
+    first, second = tok.encode("é")
+    assert stream.push(ord("a")) == "a"  # printed at once
+    assert stream.push(first) == ""  # half a character: held back
+    assert stream.push(second) == "é"
+    assert stream.flush() == ""
+
+
+@pytest.mark.parametrize("make", ["byte", "bpe"])
+def test_stream_decoder_pieces_join_to_the_whole_decode(make: str, bpe_tokenizer_file: Path) -> None:
+    tok = load_tokenizer(None if make == "byte" else str(bpe_tokenizer_file))
+    prompt, text = "Ein naïve", " café in 東京 🚀 and Zürich."
+    context, whole = tok.encode(prompt), tok.encode(prompt + text)
+    assert whole[: len(context)] == context
+    ids = whole[len(context) :]
+    assert any(tok.decode([i]).endswith("\ufffd") for i in ids)  # some character spans several tokens
+    stream = StreamDecoder(tok, context=context)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(bool(p) for p in pieces) > len(pieces) // 2  # incremental, not all at the end
+
+
+def test_stream_decoder_flushes_an_incomplete_character() -> None:
+    tok = ByteTokenizer()
+    stream = StreamDecoder(tok, context=tok.encode("x"))
+    assert stream.push(tok.encode("東")[0]) == ""
+    assert stream.flush() == "\ufffd"
+    # A stray continuation byte is garbage, printed as U+FFFD once text follows it.
+    stream = StreamDecoder(tok, context=tok.encode("x"))
+    assert stream.push(0x80) == ""
+    assert stream.push(ord("b")) == "\ufffdb"
