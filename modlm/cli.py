@@ -7,7 +7,6 @@ Each subcommand prints its resolved settings first. Bad input ends with one line
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import sys
 from pathlib import Path
@@ -43,71 +42,103 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- generate
-def _routing_table(text_tokens: list[int], routing: list[list[int]], routed_layers: tuple[int, ...],
+def _routing_table(tokenizer, text_tokens: list[int], routing: list[list[int]], routed_layers: tuple[int, ...],
                    color: bool) -> str:
     """A column view: one line per generated token, a mark per routed block it went through."""
     on = "\033[1;32m●\033[0m" if color else "#"
     off = "\033[2m·\033[0m" if color else "."
-    head = "token   " + " ".join(f"L{i:<2}" for i in routed_layers) + "  depth"
+    head = "token    " + " ".join(f"L{i:<2}" for i in routed_layers) + "  depth"
     lines = [head]
     for tok, used in zip(text_tokens, routing):
-        ch = bytes([tok]).decode("latin-1") if tok < 256 else "?"
-        shown = repr(ch)[1:-1][:6]
+        # One token alone: part of a multi-token character shows as U+FFFD.
+        shown = repr(tokenizer.decode([tok]))[1:-1][:8]
         marks = " ".join(f"{on if i in used else off}  " for i in routed_layers)
-        lines.append(f"{shown:<8}{marks} {len(used)}/{len(routed_layers)}")
+        lines.append(f"{shown:<9}{marks} {len(used)}/{len(routed_layers)}")
     if routing:
         fracs = [sum(i in u for u in routing) / len(routing) for i in routed_layers]
-        lines.append("routed  " + " ".join(f"{f:>3.0%}" for f in fracs))
+        lines.append("routed   " + " ".join(f"{f:>3.0%}" for f in fracs))
     return "\n".join(lines)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Sample text from a checkpoint with causal routing and the routed KV cache."""
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompt texts of ``--prompt`` or ``--prompts-file`` (ValueError naming what is wrong)."""
+    if args.prompt is None and args.prompts_file is None:
+        raise ValueError("give --prompt TEXT or --prompts-file FILE")
+    if args.prompts_file is None:
+        return [args.prompt]
+    p = Path(args.prompts_file)
+    if not p.is_file():
+        raise ValueError(f"prompts file not found: {p}")
+    prompts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {p} has no non-empty line")
+    return prompts
+
+
+def _stop_tokens(tokenizer, stops: list[str]) -> list[int]:
+    """The token id of each ``--stop`` text; each must be exactly one token of ``tokenizer``."""
+    ids = []
+    for text in stops:
+        toks = tokenizer.encode(text)
+        if len(toks) != 1:
+            raise ValueError(f"--stop {text!r} encodes to {len(toks)} tokens with the {tokenizer.name} tokenizer; "
+                             "a stop text must be exactly one token")
+        ids.append(toks[0])
+    return ids
+
+
+def _calibrate(model, tokenizer, routed_fraction: float, device) -> None:
+    """Set causal-routing thresholds so routed blocks take ``routed_fraction`` of the bundled corpus' tokens."""
     import torch
 
-    from modlm.training.checkpoint import load_model
-    from modlm.training.data import ByteTokenizer
-    from modlm.inference.generate import generate
+    from modlm.inference.calibrate import calibrate_thresholds
+    from modlm.training.corpus import prepare_corpus
 
-    if args.prompt is None and args.prompts_file is None:
-        return _fail("give --prompt TEXT or --prompts-file FILE")
-    if args.prompts_file is not None:
-        p = Path(args.prompts_file)
-        if not p.is_file():
-            return _fail(f"prompts file not found: {p}")
-        prompts_text = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts_text:
-            return _fail(f"prompts file {p} has no non-empty line")
-    else:
-        prompts_text = [args.prompt]
+    if not 0.0 < routed_fraction <= 1.0:
+        raise ValueError(f"--routed-fraction={routed_fraction} must be in (0, 1]")
+    T = model.config.max_seq_len
+    # The model reads ids of its own tokenizer, so the calibration text is encoded with it too.
+    corpus = prepare_corpus(None, tokenizer=tokenizer)
+    if len(corpus.val) < T:
+        raise ValueError(f"the calibration text has {len(corpus.val)} tokens, fewer than max_seq_len={T}")
+    n = min(len(corpus.val) // T, 16) * T
+    sample = torch.as_tensor(corpus.val[:n].astype("int64")).view(-1, T).to(device)
+    calibrate_thresholds(model, sample, routed_fraction)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Sample text from a checkpoint with causal routing and the routed KV cache.
+
+    Prompts are encoded, and output decoded, with the tokenizer saved in the checkpoint.
+    """
+    import torch
+
+    from modlm.inference.generate import generate
+    from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
+    from modlm.training.tokenizers import StreamDecoder
+
+    prompts_text = _read_prompts(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.ckpt, device=device)
-    tok = ByteTokenizer()
+    tok = load_tokenizer_from_checkpoint(args.ckpt)
+    stop = _stop_tokens(tok, args.stop)
     cfg = model.config
     if args.routed_fraction is not None:
-        from modlm.inference.calibrate import calibrate_thresholds
-        from modlm.training.data import prepare_corpus
-
-        if not 0.0 < args.routed_fraction <= 1.0:
-            return _fail(f"--routed-fraction={args.routed_fraction} must be in (0, 1]")
-        corpus = prepare_corpus(None)
-        n = min(len(corpus.val), 16 * cfg.max_seq_len)
-        sample = torch.as_tensor(corpus.val[:n].astype("int64")).view(-1, cfg.max_seq_len)[:16].to(device)
-        calibrate_thresholds(model, sample, args.routed_fraction)
+        _calibrate(model, tok, args.routed_fraction, device)
     print(f"# model {cfg.name}: d={cfg.d_model} layers={cfg.n_layers} routed={list(cfg.routed_layers)} "
-          f"capacity={cfg.capacity} causal_routing={cfg.causal_routing} | temperature={args.temperature} "
-          f"top_k={args.top_k} top_p={args.top_p} seed={args.seed} cache={not args.no_cache}", file=sys.stderr)
+          f"capacity={cfg.capacity} causal_routing={cfg.causal_routing} tokenizer={tok.name} | "
+          f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed} "
+          f"cache={not args.no_cache}", file=sys.stderr)
     prompts = [tok.encode(t) for t in prompts_text]
-    stop = [tok.encode(s)[0] for s in args.stop] if args.stop else []
     streaming = len(prompts) == 1
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = StreamDecoder(tok, context=prompts[0])
     started = []
 
     def stream(row: int, token: int) -> None:
         if not started:  # the prompt is echoed once generation has really begun (inputs were valid)
             sys.stdout.write(prompts_text[0])
             started.append(True)
-        sys.stdout.write(decoder.decode(bytes([token])))
+        sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
 
     res = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -115,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    prefill_routing=args.prefill_routing, stream=stream if streaming else None,
                    trace=args.show_routing)
     if streaming:
-        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+        sys.stdout.write(decoder.flush() + "\n")
     else:
         for text, toks in zip(prompts_text, res.tokens):
             print(json.dumps({"prompt": text, "completion": tok.decode(toks)}, ensure_ascii=False))
@@ -125,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         color = sys.stdout.isatty()
         for row, toks in enumerate(res.tokens):
             print(f"\n# routing of prompt {row} (each generated token; {len(cfg.routed_layers)} routed blocks)")
-            print(_routing_table(toks, res.routing[row], cfg.routed_layers, color))
+            print(_routing_table(tok, toks, res.routing[row], cfg.routed_layers, color))
     return 0
 
 
@@ -196,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--stop", action="append", default=[], help="a character that ends a row (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="text that ends a row when generated; must be exactly one token (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (slow; for checking)")
     p.add_argument("--prefill-routing", choices=("causal", "topk"), default="causal",
                    help="route the prompt causally (default; equals a full causal forward) or by top-k")

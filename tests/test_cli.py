@@ -69,3 +69,121 @@ def test_generate_from_a_checkpoint_streams_and_traces(tmp_path, capsys):
                  "--max-new-tokens", "4", "--temperature", "0"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [d["prompt"] for d in lines] == ["one", "two two"]
+
+
+def _byte_checkpoint(tmp_path):
+    import torch
+
+    from modlm import ModelConfig, MoDTransformer
+    from modlm.training.checkpoint import save_checkpoint
+
+    cfg = ModelConfig.from_name("tiny")
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "ckpt", MoDTransformer(cfg), cfg)
+
+
+def _hf_checkpoint(tmp_path, tokenizer_file):
+    """A tiny random model whose vocabulary is the BPE tokenizer's, saved with that tokenizer."""
+    import torch
+
+    from modlm import ModelConfig, MoDTransformer
+    from modlm.training.checkpoint import save_checkpoint
+    from modlm.training.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_file))
+    cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    model = MoDTransformer(cfg).eval()
+    return save_checkpoint(tmp_path / "hf_ckpt", model, cfg, tokenizer=tok), model, tok
+
+
+def test_generate_encodes_and_decodes_with_the_checkpoints_tokenizer(tmp_path, capsys, bpe_tokenizer_file):
+    from modlm.inference.generate import generate
+
+    ckpt, model, tok = _hf_checkpoint(tmp_path, bpe_tokenizer_file)
+    prompt = "The history of the café"
+    expected = generate(model, [tok.encode(prompt)], 12, temperature=0.0).tokens[0]
+    assert max(expected) >= 256  # ids a byte tokenizer could not even decode
+
+    argv = ["generate", "--ckpt", str(ckpt), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert cap.out == prompt + tok.decode(expected) + "\n"  # streamed, then joined: the whole decode
+    assert f"tokenizer={tok.name}" in cap.err
+
+    assert main(argv + ["--show-routing"]) == 0
+    rows = capsys.readouterr().out.split("# routing of prompt 0")[1].strip().splitlines()[2:-1]
+    assert len(rows) == len(expected) - 1  # the last token is sampled, never fed back through the blocks
+    for t, row in zip(expected, rows):  # each token's own text, as the tokenizer decodes it
+        assert row.startswith(f"{repr(tok.decode([t]))[1:-1][:8]:<9}")
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("naïve 東京\nThe city\n", encoding="utf-8")
+    assert main(["generate", "--ckpt", str(ckpt), "--prompts-file", str(prompts), "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    batch = generate(model, [tok.encode("naïve 東京"), tok.encode("The city")], 5, temperature=0.0).tokens
+    assert [d["completion"] for d in lines] == [tok.decode(t) for t in batch]
+
+
+def test_generate_streams_a_multi_byte_character_whole(tmp_path, capsys, monkeypatch):
+    """The byte model's output goes through the tokenizer: a character split over bytes prints once, whole."""
+    import modlm.inference.generate as gen_mod
+
+    ckpt = _byte_checkpoint(tmp_path)
+    text = "é東🚀!"
+
+    def fake_generate(model, prompts, max_new_tokens, stream=None, **kwargs):
+        ids = list(text.encode("utf-8"))
+        for t in ids:
+            stream(0, t)
+        return gen_mod.GenerationResult(tokens=[ids])
+
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "a"]) == 0
+    assert capsys.readouterr().out == "a" + text + "\n"
+
+
+@pytest.mark.parametrize("stop,count", [("", 0), ("ab", 2), ("é", 2)])
+def test_stop_must_be_exactly_one_token(tmp_path, capsys, stop, count):
+    ckpt = _byte_checkpoint(tmp_path)
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "Hi", "--stop", stop]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("modlm: error: ")
+    assert f"--stop {stop!r}" in err[0] and f"encodes to {count} tokens" in err[0]
+
+
+def test_stop_ends_the_row_at_that_token(tmp_path, capsys, bpe_tokenizer_file):
+    from modlm.inference.generate import generate
+
+    ckpt, model, tok = _hf_checkpoint(tmp_path, bpe_tokenizer_file)
+    free = generate(model, [tok.encode("The")], 12, temperature=0.0).tokens[0]
+    # The first generated token whose text encodes back to that one token can be a --stop.
+    j = next(i for i, t in enumerate(free) if tok.decode([t]) and tok.encode(tok.decode([t])) == [t])
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "The", "--max-new-tokens", "12", "--temperature", "0",
+                 "--stop", tok.decode([free[j]])]) == 0
+    assert capsys.readouterr().out == "The" + tok.decode(free[: j + 1]) + "\n"
+
+
+def test_routed_fraction_calibrates_on_text_in_the_checkpoints_tokens(tmp_path, capsys, monkeypatch,
+                                                                     bpe_tokenizer_file):
+    import modlm.training.corpus as corpus_mod
+
+    ckpt, _, tok = _hf_checkpoint(tmp_path, bpe_tokenizer_file)
+    src = tmp_path / "text"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.txt").write_text(f"The history of the city {i}. " * 200)
+    real, seen = corpus_mod.prepare_corpus, []
+
+    def small_corpus(source=None, **kwargs):  # the bundled corpus, shrunk to a few KB
+        seen.append((source, kwargs["tokenizer"].name))
+        return real(str(src), cache_dir=tmp_path / "cache", tokenizer=kwargs["tokenizer"])
+
+    monkeypatch.setattr(corpus_mod, "prepare_corpus", small_corpus)
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "The", "--max-new-tokens", "4",
+                 "--routed-fraction", "0.5"]) == 0
+    assert seen == [(None, tok.name)]
+    assert capsys.readouterr().out.startswith("The")

@@ -126,9 +126,12 @@ def token_pool(args: argparse.Namespace, cfg: ModelConfig, rows: int, length: in
     g = torch.Generator().manual_seed(args.seed + 1)
     if kind == "enwiki":
         try:
-            from modlm.training.data import prepare_corpus
+            from modlm.training.checkpoint import load_tokenizer_from_checkpoint
+            from modlm.training.corpus import prepare_corpus
 
-            val = torch.from_numpy(prepare_corpus().val.astype("int64"))
+            # A checkpoint's model reads ids of its own tokenizer; a preset's random model, bytes.
+            tokenizer = load_tokenizer_from_checkpoint(args.ckpt) if args.ckpt else None
+            val = torch.from_numpy(prepare_corpus(tokenizer=tokenizer).val.astype("int64"))
             if val.numel() > length + 1 and int(val.max()) < cfg.vocab_size:
                 starts = torch.randint(0, val.numel() - length, (rows,), generator=g)
                 return torch.stack([val[s:s + length] for s in starts.tolist()]), "enwiki validation text"

@@ -277,7 +277,7 @@ def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSett
     import torch
 
     from modlm.training.checkpoint import load_model
-    from modlm.training.data import iter_eval_batches
+    from modlm.training.batching import iter_eval_batches
     from modlm.model.transformer import route_mask
 
     model = load_model(run_dir, device="cpu")
@@ -326,7 +326,7 @@ def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSett
 def run_analysis(results_dir: str | Path, scale: Scale, settings: SweepSettings,
                  runs: Sequence[PlannedRun]) -> dict[str, Any]:
     """Analyse the trained reference MoD and every-block MoD models; writes analysis.json."""
-    from modlm.training.data import prepare_corpus
+    from modlm.training.corpus import prepare_corpus
 
     results = Path(results_dir)
     corpus = prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.seed)
@@ -863,7 +863,7 @@ def _render(records, claims: list[Claim], noise, figs, scale: Scale, settings: S
 def _train_tokens(settings: SweepSettings) -> int:
     """Size of the training split (tokens), for the epochs column; 0 if the corpus cannot be read."""
     try:
-        from modlm.training.data import prepare_corpus  # cached after the first call
+        from modlm.training.corpus import prepare_corpus  # cached after the first call
 
         return len(prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.seed).train)
     except (OSError, ValueError):

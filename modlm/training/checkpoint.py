@@ -8,6 +8,11 @@ Layout of a checkpoint directory::
     optimizer.safetensors   optimizer state tensors, keyed ``state.{param_idx}.{name}``
     optimizer.json          optimizer type, param_groups hyperparameters, param names, non-tensor state
     rng.safetensors         RNG states as uint8 tensors (torch CPU, CUDA, named generators)
+    tokenizer.json          (only for a Hugging Face tokenizer) the tokenizer the model was trained with
+
+``config.json["tokenizer"]`` is the tokenizer's ``spec()`` ({"kind": "byte"} or {"kind": "hf",
+"file", "sha256", "vocab_size"}); checkpoints written before it existed have no entry and mean
+the byte tokenizer.
 
 Only tensors and JSON are stored, so loading never executes code (no pickle, no ``torch.load``).
 
@@ -32,6 +37,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from modlm.config import ModelConfig
+from modlm.training.tokenizers import ByteTokenizer, Tokenizer, tokenizer_from_spec
 
 FORMAT = "modlm-checkpoint"
 FORMAT_VERSION = 1
@@ -50,6 +56,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "load_model",
+    "load_tokenizer_from_checkpoint",
     "read_checkpoint_config",
     "restore_rng_state",
     "save_checkpoint",
@@ -228,6 +235,7 @@ def save_checkpoint(
     step: int = 0,
     extra_state: dict[str, Any] | None = None,
     rng_state: dict[str, torch.Tensor] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically; returns ``path``.
 
@@ -241,8 +249,11 @@ def save_checkpoint(
         extra_state: JSON-serialisable trainer state (elapsed time, tokens seen...).
         rng_state: flat dict of uint8 tensors for rng.safetensors; None captures this process's
             global CPU RNG (``capture_rng_state()``).
+        tokenizer: the tokenizer whose ids the model reads; its files are written into the
+            checkpoint and its ``spec()`` into ``config.json["tokenizer"]``. None is the byte tokenizer.
     Raises:
-        ValueError: a negative ``step``, or a ``config`` different from ``model.config``.
+        ValueError: a negative ``step``, a ``config`` different from ``model.config``, or a
+            tokenizer with more ids than the model's vocabulary.
         TypeError: ``train_config`` / ``extra_state`` not JSON-serialisable.
     """
     if not isinstance(step, int) or step < 0:
@@ -263,6 +274,10 @@ def save_checkpoint(
         # A manifest that disagrees with the weights would only fail later, at load time.
         raise ValueError(f"config={config.name!r} does not match the model's own config={own.name!r}; "
                          "pass model.config")
+    tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.name!r} has vocab_size={tokenizer.vocab_size} > the model's "
+                         f"vocab_size={config.vocab_size}: its ids would index past the embedding table")
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir honours the umask.
     tmp = parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -284,6 +299,7 @@ def save_checkpoint(
         rng = capture_rng_state() if rng_state is None else rng_state
         _save_tensors(rng, tmp / RNG_FILE, metadata={"format": "pt"})
         files.append(RNG_FILE)
+        files += tokenizer.save(tmp)
 
         from modlm import __version__
 
@@ -296,6 +312,7 @@ def save_checkpoint(
             "train": train_config,
             "extra": extra_state or {},
             "tied_weights": aliases,  # {alias: stored name}; the alias is restored by tying, not copying
+            "tokenizer": tokenizer.spec(),
             # Sizes catch truncation, hashes catch flipped bytes safetensors cannot see.
             "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
         }
@@ -457,6 +474,22 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", verify_hash: bool = True) -> nn.Module:
     """Just the model of a checkpoint (or run directory), in eval mode; optimizer/RNG files are not read."""
     return _read_model(path, device, verify_hash)[0].eval()
+
+
+def load_tokenizer_from_checkpoint(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a checkpoint (or run directory) was saved with; the byte tokenizer when it names none.
+
+    Raises:
+        FileNotFoundError: no such directory (one line naming it).
+        ValueError: the tokenizer's file is missing or differs from its recorded sha256, or its kind
+            is unknown.
+    """
+    manifest = read_checkpoint_config(path)
+    spec = manifest.get("tokenizer")
+    if spec is None:  # written before checkpoints carried their tokenizer: those all used bytes
+        return ByteTokenizer()
+    # The spec of a tokenizer with files carries their hash, so the tokenizer checks them itself.
+    return tokenizer_from_spec(spec, Path(manifest["path"]))
 
 
 def _read_model(path: str | os.PathLike, device: str | torch.device, verify_hash: bool

@@ -410,7 +410,7 @@ def evaluate(model, data, cfg: TrainConfig, device, dtype: str = "fp32", tokens_
     """
     import torch
 
-    from modlm.training.data import bits_per_byte, iter_eval_batches
+    from modlm.training.batching import bits_per_byte, iter_eval_batches
 
     was_training = model.training
     model.eval()
@@ -496,7 +496,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
     from modlm.training.checkpoint import (
         RUN_CHECKPOINT, capture_rng_state, find_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
     )
-    from modlm.training.data import get_batch, prepare_corpus
+    from modlm.training.batching import get_batch
+    from modlm.training.corpus import prepare_corpus
     from modlm.flops import flops as flop_report
     from modlm.flops import format_flops, train_flops
     from modlm.model.transformer import MoDTransformer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +16,14 @@ from modlm.training.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     load_model,
+    load_tokenizer_from_checkpoint,
     read_checkpoint_config,
     restore_rng_state,
     save_checkpoint,
 )
 from modlm.config import ModelConfig
 from modlm.model.transformer import MoDTransformer
+from modlm.training.tokenizers import ByteTokenizer, load_tokenizer
 
 T = 32
 
@@ -327,4 +330,64 @@ def test_config_must_be_the_models_own(tmp_path, tiny):
     model, _ = _trained(tiny, steps=0)
     with pytest.raises(ValueError, match="does not match the model's own config"):
         save_checkpoint(tmp_path / "c", model, tiny.replace(d_mlp=256), step=0)
+    assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_tiny"
+
+
+def test_byte_tokenizer_by_default_and_for_old_checkpoints(saved):
+    path, _, _ = saved
+    assert read_checkpoint_config(path)["tokenizer"] == {"kind": "byte"}
+    assert isinstance(load_tokenizer_from_checkpoint(path), ByteTokenizer)
+    # Written before checkpoints carried a tokenizer: no entry at all, still bytes, still loads.
+    assert "tokenizer" not in json.loads((LEGACY / "config.json").read_text())
+    assert isinstance(load_tokenizer_from_checkpoint(LEGACY), ByteTokenizer)
+    assert load_model(LEGACY).config.vocab_size == 256
+
+
+def test_hf_tokenizer_travels_with_the_checkpoint(tmp_path, bpe_tokenizer_file):
+    tok = load_tokenizer(str(bpe_tokenizer_file))
+    cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size)
+    model, opt = _trained(cfg, steps=1)
+    path = save_checkpoint(tmp_path / "run" / "checkpoints" / "latest", model, cfg, optimizer=opt, step=1,
+                           tokenizer=tok)
+    manifest = read_checkpoint_config(path)
+    assert manifest["tokenizer"] == tok.spec() and manifest["tokenizer"]["kind"] == "hf"
+    assert (path / "tokenizer.json").read_bytes() == bpe_tokenizer_file.read_bytes()
+    assert "tokenizer.json" in manifest["files"]
+    for where in (path, tmp_path / "run"):  # the checkpoint, or its run directory
+        again = load_tokenizer_from_checkpoint(where)
+        assert again.name == tok.name and again.encode("naïve café 東京") == tok.encode("naïve café 東京")
+    _assert_same_state(model.state_dict(), load_model(path).state_dict())
+
+    # Replacing the checkpoint with a byte-tokenizer one leaves no stale tokenizer.json behind.
+    byte_cfg = ModelConfig.from_name("tiny")
+    save_checkpoint(path, MoDTransformer(byte_cfg), byte_cfg)
+    assert not (path / "tokenizer.json").exists()
+    assert isinstance(load_tokenizer_from_checkpoint(path), ByteTokenizer)
+
+
+def test_corrupted_tokenizer_file(tmp_path, bpe_tokenizer_file):
+    tok = load_tokenizer(str(bpe_tokenizer_file))
+    cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size)
+    path = save_checkpoint(tmp_path / "c", MoDTransformer(cfg), cfg, tokenizer=tok)
+    text = (path / "tokenizer.json").read_text()
+    (path / "tokenizer.json").write_text(text.replace("<|endoftext|>", "<|xxxxxxxxx|>"))
+    with pytest.raises(ValueError, match="sha256") as err:
+        load_tokenizer_from_checkpoint(path)
+    assert str(path / "tokenizer.json") in _one_line(err)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        load_tokenizer_from_checkpoint(path)
+
+
+def test_tokenizer_larger_than_the_vocabulary(tmp_path, tiny, bpe_tokenizer_file):
+    model, _ = _trained(tiny, steps=0)
+    with pytest.raises(ValueError, match="vocab_size=400 > the model's vocab_size=256"):
+        save_checkpoint(tmp_path / "c", model, tiny, tokenizer=load_tokenizer(str(bpe_tokenizer_file)))
     assert not (tmp_path / "c").exists()

@@ -1,84 +1,16 @@
-"""Tests for modlm.training.data: tokenizer, wikitext cleanup, corpus preparation and caching, batching."""
+"""Corpora: split by document, folder and file sources, the token cache and its fingerprint."""
 
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from modlm.training.data import (
-    ByteTokenizer,
-    bits_per_byte,
-    clean_wikitext,
-    default_corpus_path,
-    get_batch,
-    iter_eval_batches,
-    prepare_corpus,
-    split_documents,
-)
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text", ["", "hello world\n", "naïve café — 東京 🚀", "\x00\xff"])
-def test_byte_tokenizer_round_trip(text: str) -> None:
-    tok = ByteTokenizer()
-    ids = tok.encode(text)
-    assert ids == list(text.encode("utf-8"))
-    assert all(0 <= i < tok.vocab_size for i in ids)
-    assert tok.decode(ids) == text
-    # Arrays and tensors (what the sampler hands over) decode the same way.
-    assert tok.decode(np.array(ids, dtype=np.uint8)) == text
-    assert tok.decode(torch.tensor(ids, dtype=torch.long)) == text
-
-
-def test_byte_tokenizer_partial_character_and_bad_id() -> None:
-    tok = ByteTokenizer()
-    ids = tok.encode("é")[:1]  # half of a 2-byte character
-    assert tok.decode(ids) == "\ufffd"
-    with pytest.raises(ValueError, match="300"):
-        tok.decode([65, 300])
-
-
-# --------------------------------------------------------------------------------------------
-# Wikitext cleanup
-# --------------------------------------------------------------------------------------------
-
-
-def test_clean_wikitext_constructs() -> None:
-    raw = (
-        "{{Infobox thing|name={{nested|x}}|y=1}}\n"
-        "'''Alpha''' is a [[Greek alphabet|letter]] of the [[alphabet]].<ref>Cite {{cite book|t=x}}</ref>"
-        ' It is common.<ref name="a"/> See [http://example.org the site] and [http://bare.example].\n'
-        "<!-- hidden comment -->\n"
-        "[[File:Alpha.png|thumb|An [[alpha]] in a [http://x.org caption] [sic]]]\n"
-        "== History ==\n"
-        "Used in ''antiquity'' &amp; today&nbsp;too.\n"
-        "{| class=wikitable\n|-\n| a || b\n{| \n| nested\n|}\n|}\n"
-        "\n\n\n\n"
-        "* A list <small>item</small>.\n"
-        "== References ==\n"
-        "* Some book.\n"
-        "[[Category:Letters]]\n[[de:Alpha]]\n"
-    )
-    text = clean_wikitext(raw)
-    assert text == (
-        "Alpha is a letter of the alphabet. It is common. See the site and.\n\n"
-        "History\nUsed in antiquity & today too.\n\nA list item."
-    )
-
-
-def test_clean_wikitext_drops_only_the_listed_section_and_its_subsections() -> None:
-    raw = "Intro.\n== Notes ==\nn1\n=== Sub ===\nn2\n== Legacy ==\nKept.\n"
-    assert clean_wikitext(raw) == "Intro.\nLegacy\nKept."
-
+from modlm.training.corpus import prepare_corpus, split_documents
+from modlm.training.tokenizers import ByteTokenizer, load_tokenizer
+from modlm.training.wiki import default_corpus_path
 
 # --------------------------------------------------------------------------------------------
 # Split
@@ -225,6 +157,57 @@ def test_bad_sources(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Other tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def test_hf_tokenizer_gets_its_own_cache(tmp_path: Path, bpe_tokenizer_file: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):  # prose like the tokenizer's training text, so its merges apply
+        (src / f"doc{i:02d}.txt").write_text(f"DOC{i:02d} The history of the city café. " * (10 + i))
+    cache = tmp_path / "cache"
+    tok = load_tokenizer(str(bpe_tokenizer_file))
+    by_bytes = prepare_corpus(str(src), cache_dir=cache, seed=2)
+    by_bpe = prepare_corpus(str(src), cache_dir=cache, seed=2, tokenizer=tok)
+    assert by_bpe.path != by_bytes.path
+    assert by_bpe.meta["fingerprint_hash"] != by_bytes.meta["fingerprint_hash"]
+    assert by_bpe.meta["tokenizer"] == tok.name and by_bpe.meta["vocab_size"] == 400
+    assert by_bpe.train.dtype == np.uint16 and by_bpe.tokenizer is tok
+    # Same documents on each side of the split; fewer tokens than bytes.
+    assert tok.decode(by_bpe.val) == ByteTokenizer().decode(by_bytes.val)
+    assert tok.decode(by_bpe.train) == ByteTokenizer().decode(by_bytes.train)
+    assert by_bpe.meta["val_bytes"] == by_bytes.meta["val_bytes"]
+    assert 0 < by_bpe.tokens_per_byte < 0.75
+    # The same tokenizer.json loaded again (e.g. from a checkpoint) reuses the cache.
+    stamp = (by_bpe.path / "train.bin").stat().st_mtime_ns
+    again = prepare_corpus(str(src), cache_dir=cache, seed=2, tokenizer=load_tokenizer(str(bpe_tokenizer_file)))
+    assert again.path == by_bpe.path and (again.path / "train.bin").stat().st_mtime_ns == stamp
+
+
+class _WideTokenizer(ByteTokenizer):
+    """Byte ids moved up by ``shift`` in a vocabulary of ``vocab_size``: checks dtype and range."""
+
+    name = "wide"
+
+    def __init__(self, vocab_size: int, shift: int):
+        self.vocab_size = vocab_size
+        self.shift = shift
+
+    def encode(self, text: str) -> list[int]:
+        return [i + self.shift for i in super().encode(text)]
+
+
+def test_token_dtype_follows_the_vocabulary(tmp_path: Path) -> None:
+    src = _make_folder(tmp_path, n_docs=4)
+    wide = prepare_corpus(str(src), cache_dir=tmp_path / "cache", tokenizer=_WideTokenizer(70_000, shift=66_000))
+    assert wide.train.dtype == np.uint32 and int(np.asarray(wide.train).min()) >= 66_000
+    # An id the vocabulary does not hold is an error, not a silently wrapped value.
+    with pytest.raises(ValueError, match=r"produced id 66\d+, outside its vocabulary \[0, 300\)"):
+        prepare_corpus(str(src), cache_dir=tmp_path / "cache", tokenizer=_WideTokenizer(300, shift=66_000))
+
+
+# --------------------------------------------------------------------------------------------
 # Default corpus
 # --------------------------------------------------------------------------------------------
 
@@ -256,75 +239,3 @@ def test_default_enwiki_corpus(tmp_path: Path) -> None:
     assert corpus.tokenizer.decode(corpus.train[:9]) == "Anarchism"
     # Same name → same cache.
     assert prepare_corpus("enwiki", cache_dir=tmp_path).path == corpus.path
-
-
-def test_missing_gensim_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps gensim==4.4.0"):
-        default_corpus_path()
-
-
-# --------------------------------------------------------------------------------------------
-# Batching and metrics
-# --------------------------------------------------------------------------------------------
-
-
-def test_get_batch_shapes_shift_and_reproducibility() -> None:
-    data = np.arange(1000, dtype=np.uint16)
-    x, y = get_batch(data, batch_size=4, seq_len=16, generator=torch.Generator().manual_seed(0))
-    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(y[:, :-1], x[:, 1:])
-    assert torch.equal(y, x + 1)  # data is a ramp, so each window is contiguous
-    x2, _ = get_batch(data, 4, 16, torch.Generator().manual_seed(0))
-    assert torch.equal(x, x2)
-
-    # Resuming from a saved generator state replays the same batches.
-    g = torch.Generator().manual_seed(1)
-    get_batch(data, 4, 16, g)
-    state = g.get_state()
-    nxt, _ = get_batch(data, 4, 16, g)
-    g.set_state(state)
-    assert torch.equal(get_batch(data, 4, 16, g)[0], nxt)
-
-
-def test_get_batch_covers_both_ends_and_rejects_short_data() -> None:
-    data = np.arange(10, dtype=np.uint8)
-    x, y = get_batch(data, 500, 9, torch.Generator().manual_seed(0))
-    assert x[:, 0].min() == 0 and y[:, -1].max() == 9  # exact fit: the only window is the whole array
-    with pytest.raises(ValueError, match=r"10 tokens.*11"):
-        get_batch(data, 2, 10, torch.Generator())
-
-
-def test_iter_eval_batches_are_deterministic_and_non_overlapping() -> None:
-    data = np.arange(101, dtype=np.uint8)
-    batches = list(iter_eval_batches(data, batch_size=3, seq_len=10))
-    assert [b[0].shape[0] for b in batches] == [3, 3, 3, 1]  # 10 windows
-    xs = torch.cat([x for x, _ in batches])
-    ys = torch.cat([y for _, y in batches])
-    assert torch.equal(ys, xs + 1)
-    assert torch.equal(xs[:, 0], torch.arange(0, 100, 10))  # each target used exactly once
-    capped = list(iter_eval_batches(data, batch_size=2, seq_len=10, max_batches=2))
-    starts = torch.cat([x[:, 0] for x, _ in capped])
-    assert len(starts) == 4 and starts[0] == 0 and starts[-1] == 90  # spread over the split
-    assert len(set(starts.tolist())) == 4
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(capped, iter_eval_batches(data, 2, 10, 2)))
-    with pytest.raises(ValueError, match="101 tokens"):
-        next(iter_eval_batches(data, 2, 200))
-
-
-def test_bits_per_byte() -> None:
-    assert bits_per_byte(math.log(2)) == pytest.approx(1.0)
-    assert bits_per_byte(math.log(256)) == pytest.approx(8.0)
-    assert bits_per_byte(2.0, tokens_per_byte=0.25) == pytest.approx(0.5 / math.log(2))
-    with pytest.raises(ValueError, match="0"):
-        bits_per_byte(1.0, tokens_per_byte=0)
-
-
-def test_memmap_windows_match_array(tmp_path: Path) -> None:
-    path = tmp_path / "t.bin"
-    np.arange(300, dtype=np.uint16).tofile(path)
-    mm = np.memmap(path, dtype=np.uint16, mode="r")
-    x, _ = get_batch(mm, 2, 8, torch.Generator().manual_seed(5))
-    x_arr, _ = get_batch(np.asarray(mm), 2, 8, torch.Generator().manual_seed(5))
-    assert torch.equal(x, x_arr)
-    assert os.path.getsize(path) == 600
