@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from modlm.experiments.isoflop import (
-    PLAN_FILE, RUNS_DIR, PlannedRun, Shape, SweepSettings, add_settings_args, apply_threads,
-    format_budget, merge_plans, plan_run, plan_sweep, read_results, run_sweep, settings_from_args,
+    PlannedRun, Shape, SweepSettings, add_settings_args, apply_threads, format_budget, merge_plans, plan_run,
+    plan_sweep, settings_from_args,
 )
+from modlm.experiments.results import PLAN_FILE, RUNS_DIR, read_results
+from modlm.experiments.sweep import run_sweep
 
 ANALYSIS_FILE = "analysis.json"
 REPORT_FILE = "REPORT.md"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from modlm.experiments.isoflop import read_results
+from modlm.experiments.results import read_results
 from modlm.experiments.reproduce import (
     CLAIMS_FILE, REPORT_FILE, SCALES, build_claims, expected_claim_ids, pearson, run_reproduction, spearman, verdict,
 )
