@@ -1,5 +1,5 @@
 """Running a sweep: an interrupted sweep (a process killed mid-run) continues where it stopped,
-and changed settings are refused."""
+parallel workers record what a sequential sweep does, and changed settings are refused."""
 
 import dataclasses
 import json
@@ -84,6 +84,20 @@ def test_interrupted_sweep_continues_where_it_stopped(tmp_path, make_corpus):
     assert rec["steps"] == second.steps and rec["val_loss"] is not None and rec["train_curve"][-1][0] == second.steps
     # a third call has nothing to do
     assert run_sweep(runs, results, settings, progress=False).ran == []
+
+
+@pytest.mark.slow
+def test_parallel_workers_record_what_a_sequential_sweep_does(tmp_path, make_corpus):
+    # jobs=2 trains each run in a worker process (python -c ..._child_main): same seeds, one
+    # thread each, so the same losses as training them one after another in this process.
+    settings, runs = _tiny_sweep(tmp_path, make_corpus)
+    one = run_sweep(runs, tmp_path / "one", settings, progress=False, jobs=1)
+    two = run_sweep(runs, tmp_path / "two", settings, progress=False, jobs=2, threads=1)
+    assert one.complete and two.complete and sorted(two.ran) == sorted(r.run_id for r in runs)
+    for a, b in zip(one.records, two.records):
+        assert a["run_id"] == b["run_id"]
+        assert (a["val_loss"], a["train_curve"], a["train"]) == (b["val_loss"], b["train_curve"], b["train"])
+    assert read_results(tmp_path / "two").keys() == {r.run_id for r in runs}
 
 
 def test_changed_settings_are_refused(tmp_path, make_corpus):
