@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
 
-    from modlm.experiments.isoflop import add_isoflop_args, cmd_isoflop
+    from modlm.experiments.sweep import add_isoflop_args, cmd_isoflop
     from modlm.experiments.reproduce import add_reproduce_args, cmd_reproduce
 
     p = sub.add_parser("isoflop", help=" ".join(cmd_isoflop.__doc__.split()), description=cmd_isoflop.__doc__)

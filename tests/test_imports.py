@@ -25,8 +25,11 @@ def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
-        skip = {id(n) for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "__getattr__"
-                and path.name == "__init__.py" for n in ast.walk(f)}
+        # Skipped: a package's lazy __getattr__ exports, and `if TYPE_CHECKING:` blocks (never run).
+        skip = {id(n) for f in tree.body
+                if (isinstance(f, ast.FunctionDef) and f.name == "__getattr__" and path.name == "__init__.py")
+                or (isinstance(f, ast.If) and isinstance(f.test, ast.Name) and f.test.id == "TYPE_CHECKING")
+                for n in ast.walk(f)}
         for node in ast.walk(tree):
             if id(node) in skip:
                 continue

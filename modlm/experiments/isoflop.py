@@ -1,4 +1,4 @@
-"""isoFLOP sweeps: plan runs that each spend a training-FLOP budget, run them resumably, record results.
+"""isoFLOP sweeps: plan runs that each spend a training-FLOP budget; `modlm isoflop` trains and summarizes them.
 
     modlm isoflop --budgets 1e12,4e12 --family dense --family mod --results-dir results/iso
 
@@ -8,45 +8,25 @@ budget to within half a step (the planner keeps only runs within 1% of it, i.e. 
 FLOPs are ``modlm.flops.train_flops`` (forward + backward, routed blocks at capacity,
 evaluation not counted).
 
-The results folder::
-
-    results_dir/plan.json           the planned runs (rewritten on every start)
-    results_dir/runs.jsonl          one line per FINISHED run, appended atomically
-    results_dir/runs/<run_id>/      each run's out_dir: metrics.jsonl, train.log, checkpoints/
-
-Resume: a restarted sweep skips the runs already in runs.jsonl and continues the others from
-their own checkpoints (``modlm.training.trainer.train(..., resume=True)``, which is exact). A run killed
-mid-way therefore loses at most 1/``ckpts_per_run`` of its steps. Ctrl-C (or SIGTERM) stops the
-running runs at a step boundary with a checkpoint, and the sweep exits; run the same command
-again to go on.
-
-Parallel runs: ``jobs > 1`` trains that many runs at once, each in its own process with
-``threads`` torch threads (default 1). Tiny models use a second core better as a second run
-than as a second thread. A per-run lock file keeps two processes off one run's checkpoint.
+Training a plan (resumable, optionally several runs at once) is ``modlm.experiments.sweep``;
+the folder it fills is ``modlm.experiments.results``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import re
-import signal
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from modlm.config import ModelConfig, parse_assignments
+from modlm.experiments.results import RUNS_FILE
 
-RUNS_FILE = "runs.jsonl"
-PLAN_FILE = "plan.json"
-RUNS_DIR = "runs"
 BUDGET_TOLERANCE = 0.01  # a run's FLOPs are within 1% of its budget
 
 # Families: ModelConfig overrides on top of a shape. "mod" is the paper's best setting (§4.1):
@@ -84,6 +64,11 @@ class Shape:
         if not m:
             raise ValueError(f"shape {text!r} is invalid: expected WIDTHxDEPTH, e.g. 128x4")
         return cls(int(m.group(1)), int(m.group(2)))
+
+
+def parse_shapes(text: str) -> tuple[Shape, ...]:
+    """'64x2,128x4' -> (Shape(64, 2), Shape(128, 4)): a grid of shapes."""
+    return tuple(Shape.parse(s) for s in text.split(",") if s.strip())
 
 
 @dataclass(frozen=True)
@@ -247,7 +232,7 @@ class PlannedRun:
                 "forward_flops_per_token": self.forward_flops_per_token, "seed": self.seed, "tags": list(self.tags)}
 
 
-def plan_run(budget: float, family: Family | str, shape: Shape, settings: SweepSettings, seed: int | None = None,
+def plan_run(budget: float, family: Family | str, shape: Shape, settings: SweepSettings,
              tags: Iterable[str] = ()) -> PlannedRun:
     """The run of ``shape`` in ``family`` that spends ``budget`` training FLOPs (to within 1%).
 
@@ -268,11 +253,10 @@ def plan_run(budget: float, family: Family | str, shape: Shape, settings: SweepS
                          f"{fps:.3g} FLOPs: outside [min_steps={settings.min_steps}, max_steps={settings.max_steps}]")
     if abs(steps * fps - budget) > BUDGET_TOLERANCE * budget:  # cannot happen for steps >= 50; kept as a guard
         raise ValueError(f"{fam.label} {shape.name}: {steps} steps miss the budget {budget:.3g} by more than 1%")
-    seed = settings.seed if seed is None else seed
-    run_id = f"B{format_budget(budget)}-{fam.slug}-{shape.name}" + (f"-s{seed}" if seed != settings.seed else "")
+    run_id = f"B{format_budget(budget)}-{fam.slug}-{shape.name}"
     return PlannedRun(run_id=run_id, budget=float(budget), family=fam.label, shape=shape, overrides=over, steps=steps,
                       flops_per_step=fps, params=param_count(cfg), non_embedding_params=param_count(cfg, True),
-                      forward_flops_per_token=rep.forward_per_token, seed=seed, tags=tuple(tags))
+                      forward_flops_per_token=rep.forward_per_token, seed=settings.seed, tags=tuple(tags))
 
 
 def plan_sweep(budgets: Sequence[float], families: Sequence[Family | str], shapes: Sequence[Shape],
@@ -317,375 +301,41 @@ def merge_plans(*plans: Iterable[PlannedRun]) -> list[PlannedRun]:
     return list(merged.values())
 
 
+def train_tokens(settings: SweepSettings) -> int:
+    """Size of the training split (tokens) that every run of ``settings`` draws from; 0 if the
+    corpus cannot be read. For the epochs a run makes over its data."""
+    try:
+        from modlm.training.corpus import prepare_corpus  # cached after the first call
+
+        return len(prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.seed).train)
+    except (OSError, ValueError):
+        return 0
+
+
 # ---------------------------------------------------------------------------------------------
-# Results
+# Results of a sweep
 # ---------------------------------------------------------------------------------------------
 
 
-def read_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Finished runs of a results folder: {run_id: record}. A line cut short by a crash is ignored."""
-    path = Path(results_dir) / RUNS_FILE
-    out: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "run_id" in rec:
-            out[rec["run_id"]] = rec
-    return out
+def isoflop_curves(records: Sequence[dict[str, Any]]) -> dict[tuple[float, str], list[dict[str, Any]]]:
+    """The measured runs of every isoFLOP curve: {(budget, family): records with a val loss}, in
+    record order. Callers choose the records (e.g. only those tagged "isoflop")."""
+    curves: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("val_loss") is not None:
+            curves.setdefault((r["budget"], r["family"]), []).append(r)
+    return curves
 
 
-def append_result(results_dir: str | Path, record: dict[str, Any]) -> None:
-    """Append one record to runs.jsonl as a single write, then fsync: a crash leaves the file
-    with or without the whole line (a torn last line is ignored by ``read_results``)."""
-    path = Path(results_dir) / RUNS_FILE
-    data = (json.dumps(record) + "\n").encode("utf-8")
-    # A previous crash may have left a torn line without its newline: start on a fresh line.
-    prefix = b""
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            prefix = b"" if f.read(1) == b"\n" else b"\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, prefix + data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def isoflop_optima(records: Sequence[dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
+    """The isoFLOP-optimal record (lowest final val loss; the first of equals) of every (budget, family)."""
+    return {key: min(recs, key=lambda r: r["val_loss"]) for key, recs in isoflop_curves(records).items()}
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _curves(run_dir: Path) -> dict[str, Any]:
-    """Training-loss curve, evaluations and per-layer router statistics from metrics.jsonl."""
-    train_pts, evals = [], []
-    router: dict[str, list[float]] = {}
-    router_steps: list[int] = []
-    for rec in _read_metrics(run_dir):
-        if rec.get("event") == "train":
-            train_pts.append([rec["step"], rec["lm_loss"]])
-            stats = rec.get("router") or {}
-            keep = {k: v for k, v in stats.items() if k.split("/")[-1] in
-                    ("pred_acc", "pred_recall", "aux_acc", "chosen_frac", "routed_frac", "dropped_frac", "empty_slot_frac")}
-            if keep:
-                router_steps.append(rec["step"])
-                for k, v in keep.items():
-                    router.setdefault(k, []).append(v)
-        elif rec.get("event") == "eval":
-            evals.append([rec["step"], rec.get("val_loss"), rec.get("val_loss_causal")])
-    # A resumed run logs its steps after the checkpoint again: keep the last record of each step.
-    train_pts = sorted({s: [s, v] for s, v in train_pts}.values())
-    evals = sorted({e[0]: e for e in evals}.values())
-    return {"train_curve": train_pts, "evals": evals,
-            "router_curve": {"step": router_steps, **router} if router_steps else {}}
-
-
-def _record(run: PlannedRun, cfg, summary: dict[str, Any], run_dir: Path, results_dir: Path) -> dict[str, Any]:
-    rec = run.as_dict()
-    rec.update({
-        "out_dir": str(run_dir.relative_to(results_dir)),
-        "train": {k: v for k, v in cfg.to_dict().items() if k != "out_dir"},
-        "val_loss": summary.get("val_loss"), "val_bpb": summary.get("val_bpb"),
-        "val_loss_causal": summary.get("val_loss_causal"), "val_bpb_causal": summary.get("val_bpb_causal"),
-        "causal_routed_frac": summary.get("causal_routed_frac"), "train_loss": summary.get("train_loss"),
-        "elapsed_s": summary.get("elapsed_s"), "tokens_seen": summary.get("tokens_seen"),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    })
-    rec.update(_curves(run_dir))
-    return rec
-
-
-class _Progress:
-    """One tqdm bar over the sweep's FLOPs, advanced within runs by polling their metrics.jsonl.
-
-    The ETA is (FLOPs left) / (FLOP rate so far): runs of one budget cost about the same time.
-    """
-
-    def __init__(self, total_flops: float, done_flops: float, enabled: bool, n_runs: int, n_done: int):
-        from tqdm import tqdm
-
-        self.scale = 1e12
-        self.done = done_flops
-        self.n_runs, self.n_done = n_runs, n_done
-        self.active: dict[str, tuple[PlannedRun, Path]] = {}
-        self.bar = tqdm(total=total_flops / self.scale, initial=done_flops / self.scale, disable=not enabled,
-                        unit="TFLOP", dynamic_ncols=True, desc="sweep",
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3g}/{total:.3g} TFLOP "
-                                   "[{elapsed}<{remaining}] {postfix}")
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if not self.bar.disable:
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(2.0):
-            with self._lock:
-                running = sum(min(_last_step(d / "metrics.jsonl") or 0, r.steps) * r.flops_per_step
-                              for r, d in self.active.values())
-                self.bar.n = (self.done + running) / self.scale
-                self.bar.refresh()
-
-    def write(self, msg: str) -> None:
-        if self.bar.disable:
-            print(msg, flush=True)
-        else:
-            self.bar.write(msg)
-
-    def _postfix(self) -> None:
-        names = ", ".join(self.active)
-        self.bar.set_postfix_str(f"{self.n_done}/{self.n_runs} runs done; {names}", refresh=True)
-
-    def watch(self, run: PlannedRun, run_dir: Path) -> None:
-        with self._lock:
-            self.active[run.run_id] = (run, run_dir)
-            self._postfix()
-
-    def finish_run(self, run: PlannedRun, finished: bool = True) -> None:
-        with self._lock:
-            self.active.pop(run.run_id, None)
-            if finished:
-                self.done += run.train_flops
-                self.n_done += 1
-            self.bar.n = self.done / self.scale
-            self._postfix()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.bar.close()
-
-
-def _last_step(path: Path) -> int | None:
-    """Step of the last record of a metrics.jsonl (reads only its tail)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            lines = f.read().decode("utf-8", errors="ignore").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("event") in ("train", "checkpoint", "eval", "end"):
-            return int(rec.get("step", 0))
-    return None
-
-
-@dataclass
-class SweepResult:
-    """What ``run_sweep`` returns: the records of every finished planned run, in plan order."""
-
-    records: list[dict[str, Any]]
-    complete: bool
-    ran: list[str] = field(default_factory=list)  # run ids trained (or finished) by this call
-
-
-SUMMARY_FILE = "summary.json"
-LOCK_FILE = "run.lock"
-
-
-def train_run(run: PlannedRun, settings: SweepSettings, run_dir: str | Path) -> dict[str, Any]:
-    """Train (or resume) one planned run in ``run_dir``; console output goes to ``run_dir/train.log``.
-
-    Holds an exclusive lock on ``run_dir/run.lock`` while training, so two processes never write
-    one run's checkpoint (e.g. a worker orphaned by a killed sweep and the restarted sweep: the
-    second waits for the first). Returns ``modlm.training.trainer.train``'s summary, also written to
-    ``run_dir/summary.json``.
-    """
-    import fcntl
-
-    from modlm.training.trainer import train
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = run.train_config(settings, run_dir)
-    with open(run_dir / LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process trains this run
-        with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-            summary = train(cfg, resume=True, progress=False)
-    tmp = run_dir / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary))
-    os.replace(tmp, run_dir / SUMMARY_FILE)
-    return summary
-
-
-JOB_FILE = "job.json"
-
-
-def _child_main(job_path: str) -> None:
-    """Entry point of a worker process (``jobs > 1``): ``python -c`` runs this on one job file."""
-    job = json.loads(Path(job_path).read_text())
-    if job.get("threads") is not None:
-        import torch
-
-        torch.set_num_threads(job["threads"])
-    train_run(PlannedRun.from_dict(job["run"]), SweepSettings(**job["settings"]), job["run_dir"])
-
-
-def run_sweep(runs: Sequence[PlannedRun], results_dir: str | Path, settings: SweepSettings, progress: bool = True,
-              jobs: int = 1, threads: int | None = None,
-              on_record: Callable[[dict[str, Any]], None] | None = None) -> SweepResult:
-    """Train every planned run not yet in ``results_dir/runs.jsonl``; resumable (see module docstring).
-
-    ``jobs == 1``: runs train one after another in this process (``threads``, if given, sets
-    torch's CPU threads). ``jobs > 1``: up to ``jobs`` runs train at once, each in its own
-    process with ``threads`` threads (default 1). Either way a run's console output goes to
-    ``runs/<run_id>/train.log``, and a run that stops early (Ctrl-C, SIGTERM) is not recorded:
-    the sweep returns ``complete=False`` and the next call continues it from its checkpoint.
-    """
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs={jobs!r} is invalid: must be an int >= 1")
-    results = Path(results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    tmp = results / (PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"settings": dataclasses.asdict(settings), "runs": [r.as_dict() for r in runs]}, indent=1))
-    os.replace(tmp, results / PLAN_FILE)
-
-    finished = read_results(results)
-    for run in runs:
-        rec = finished.get(run.run_id)
-        if rec is not None:
-            want = {k: v for k, v in run.train_config(settings, "x").to_dict().items() if k != "out_dir"}
-            if rec.get("train") != want:
-                diff = sorted(k for k in set(want) | set(rec.get("train", {})) if want.get(k) != rec.get("train", {}).get(k))
-                raise ValueError(f"{results / RUNS_FILE} holds run {run.run_id} trained with other settings "
-                                 f"(differs in {diff}); use another --results-dir")
-    todo = [r for r in runs if r.run_id not in finished]
-    done_flops = sum(r.train_flops for r in runs if r.run_id in finished)
-    bar = _Progress(sum(r.train_flops for r in runs), done_flops, progress, len(runs), len(runs) - len(todo))
-    if len(todo) < len(runs):
-        bar.write(f"isoflop: {len(runs) - len(todo)} of {len(runs)} runs already finished in {results}; "
-                  f"{len(todo)} to go")
-    ran: list[str] = []
-
-    def settle(run: PlannedRun, summary: dict[str, Any]) -> bool:
-        """Record a run that reached its last step; False (and a note) if it stopped early."""
-        run_dir = results / RUNS_DIR / run.run_id
-        if summary["step"] < run.steps:
-            bar.finish_run(run, finished=False)
-            bar.write(f"isoflop: {run.run_id} stopped at step {summary['step']}/{run.steps} "
-                      f"({summary['stop_reason']}); run the same command again to continue")
-            return False
-        rec = _record(run, run.train_config(settings, run_dir), summary, run_dir, results)
-        append_result(results, rec)
-        ran.append(run.run_id)
-        finished[run.run_id] = rec
-        bar.finish_run(run)
-        bar.write(f"isoflop: {run.run_id}: {run.steps} steps, {run.train_flops:.3g} FLOPs, "
-                  f"{run.params:,} params -> val loss {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb), "
-                  f"{rec['elapsed_s']:.0f}s")
-        if on_record is not None:
-            on_record(rec)
-        return True
-
-    try:
-        if jobs == 1:
-            complete = True
-            for run in todo:
-                run_dir = results / RUNS_DIR / run.run_id
-                bar.watch(run, run_dir)
-                if not settle(run, train_run(run, settings, run_dir)):
-                    complete = False
-                    break
-        else:
-            complete = _run_parallel(todo, results, settings, jobs, 1 if threads is None else threads, bar, settle)
-    finally:
-        bar.close()
-    return SweepResult([finished[r.run_id] for r in runs if r.run_id in finished], complete, ran)
-
-
-def _run_parallel(todo: Sequence[PlannedRun], results: Path, settings: SweepSettings, jobs: int, threads: int,
-                  bar: _Progress, settle: Callable[[PlannedRun, dict[str, Any]], bool]) -> bool:
-    """Up to ``jobs`` worker processes, one per run (``python -c``, so no ``__main__`` guard is
-    needed anywhere). Ctrl-C reaches the workers too (same process group): each stops at a step
-    boundary with a checkpoint; we wait for them, record nothing unfinished, and return False."""
-    import subprocess
-
-    queue = list(todo)
-    active: dict[str, tuple[subprocess.Popen, PlannedRun, Any]] = {}
-    complete = True
-
-    def start_next() -> None:
-        run = queue.pop(0)
-        run_dir = results / RUNS_DIR / run.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
-        job = run_dir / JOB_FILE
-        job.write_text(json.dumps({"run": run.as_dict(), "settings": dataclasses.asdict(settings),
-                                   "run_dir": str(run_dir), "threads": threads}))
-        log = open(run_dir / "worker.log", "ab")
-        code = f"from modlm.experiments.isoflop import _child_main; _child_main({str(job)!r})"
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
-        active[run.run_id] = (proc, run, log)
-        bar.watch(run, run_dir)
-
-    def reap(block: bool) -> None:
-        nonlocal complete
-        for rid, (proc, run, log) in list(active.items()):
-            if block:
-                proc.wait()
-            if proc.poll() is None:
-                continue
-            del active[rid]
-            log.close()
-            path = results / RUNS_DIR / rid / SUMMARY_FILE
-            if proc.returncode != 0 or not path.exists():
-                bar.finish_run(run, finished=False)
-                complete = False
-                tail = (results / RUNS_DIR / rid / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
-                bar.write(f"isoflop: {rid} failed (exit code {proc.returncode}): {' | '.join(tail)}")
-                continue
-            if not settle(run, json.loads(path.read_text())):
-                complete = False
-
-    def on_term(signum, frame):  # SIGTERM stops the sweep as Ctrl-C does (train() treats both alike)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
-    try:
-        while queue or active:
-            while queue and complete and len(active) < jobs:
-                start_next()
-            reap(block=False)
-            if not complete:
-                queue.clear()  # a run failed or was stopped: let the running ones finish, start nothing new
-            if active:
-                time.sleep(0.2)
-    except KeyboardInterrupt:
-        complete = False
-        queue.clear()
-        bar.write(f"isoflop: interrupted; waiting for {len(active)} running run(s) to checkpoint")
-        for proc, _, _ in active.values():
-            if proc.poll() is None:
-                # SIGTERM, not a second SIGINT: train() stops at a step boundary either way, but a second
-                # SIGINT (if the terminal's reached the worker too) would interrupt it mid-checkpoint.
-                proc.send_signal(signal.SIGTERM)
-        reap(block=True)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return complete
+def summarize_isoflop(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The isoFLOP-optimal run (lowest final val loss) of every (budget, family)."""
+    return [{"budget": b, "family": f, "run_id": r["run_id"], "val_loss": r["val_loss"], "val_bpb": r["val_bpb"],
+             "params": r["params"]} for (b, f), r in sorted(isoflop_optima(records).items())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,9 +343,12 @@ def _run_parallel(todo: Sequence[PlannedRun], results: Path, settings: SweepSett
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_SHAPES = "64x2,64x4,96x4,128x4,128x6,160x6,192x6,192x8"
+# The flags of add_settings_args that are SweepSettings fields (dest names).
+SETTINGS_FLAGS = ("seq_len", "batch_size", "lr", "head_dim", "min_steps", "max_steps", "eval_batches", "seed", "data",
+                  "cache_dir", "device", "dtype")
 
 
-def _floats(text: str) -> list[float]:
+def parse_floats(text: str) -> list[float]:
     try:
         vals = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -705,9 +358,9 @@ def _floats(text: str) -> list[float]:
     return vals
 
 
-def add_settings_args(parser: argparse.ArgumentParser, defaults: SweepSettings | None = None) -> None:
+def add_settings_args(parser: argparse.ArgumentParser) -> None:
     """Flags for SweepSettings (shared by `modlm isoflop` and `modlm reproduce`)."""
-    d = defaults or SweepSettings()
+    d = SweepSettings()
     g = parser.add_argument_group("training of each run")
     g.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default: {d.seq_len})")
     g.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default: {d.batch_size})")
@@ -731,10 +384,9 @@ def add_settings_args(parser: argparse.ArgumentParser, defaults: SweepSettings |
 
 
 def settings_from_args(args: argparse.Namespace, base: SweepSettings | None = None) -> SweepSettings:
+    """``base`` (default: SweepSettings()) with the settings flags given on the command line."""
     base = base or SweepSettings()
-    names = ("seq_len", "batch_size", "lr", "head_dim", "min_steps", "max_steps", "eval_batches", "seed", "data",
-             "cache_dir", "device", "dtype")
-    changes = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    changes = {n: getattr(args, n) for n in SETTINGS_FLAGS if getattr(args, n, None) is not None}
     return base.replace(**changes)
 
 
@@ -747,64 +399,3 @@ def apply_threads(threads: int | None) -> int:
 
     torch.set_num_threads(threads)
     return threads
-
-
-def add_isoflop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of `modlm isoflop`."""
-    parser.add_argument("--budgets", type=_floats, required=True, metavar="B1,B2,...",
-                        help="training-FLOP budgets, one isoFLOP curve each, e.g. 1e12,4e12")
-    parser.add_argument("--family", action="append", default=None, metavar="NAME[:KEY=VALUE,...]",
-                        help=f"model family (repeatable; default: dense and mod): one of {', '.join(sorted(FAMILIES))}, "
-                             "optionally with ModelConfig overrides, e.g. mod:capacity=0.25,route_every=1")
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, metavar="WxL,...",
-                        help="the grid of widths x depths (default: %(default)s)")
-    parser.add_argument("--results-dir", default="results/isoflop", help="runs.jsonl, plots and run folders (default: %(default)s)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots at the end")
-    add_settings_args(parser)
-    return parser
-
-
-def cmd_isoflop(args: argparse.Namespace) -> int:
-    """isoFLOP sweep: for each budget, a grid of model sizes trained for exactly that many FLOPs,
-    dense and MoD side by side; resumable; results in RESULTS_DIR/runs.jsonl and PNG plots."""
-    settings = settings_from_args(args)
-    threads = apply_threads(args.threads)
-    families = [Family.parse(f) for f in (args.family or ["dense", "mod"])]
-    shapes = [Shape.parse(s) for s in args.shapes.split(",") if s.strip()]
-    runs = plan_sweep(args.budgets, families, shapes, settings)
-    print(f"modlm isoflop: {len(runs)} runs, {sum(r.train_flops for r in runs):.3g} training FLOPs in all -> "
-          f"{args.results_dir}")
-    print("  settings: " + json.dumps(dataclasses.asdict(settings)))
-    for r in runs:
-        print(f"  {r.run_id:<40} {r.steps:>6} steps x {r.flops_per_step:.3g} = {r.train_flops:.4g} FLOPs "
-              f"({r.train_flops / r.budget - 1:+.2%}), {r.params:,} params")
-    sys.stdout.flush()
-    if args.dry_run:
-        return 0
-    result = run_sweep(runs, args.results_dir, settings, progress=args.progress, jobs=args.jobs or 1, threads=threads)
-    if not result.complete:
-        return 130
-    if args.plots:
-        from modlm.experiments.plots import plot_isoflop, plot_loss_vs_flops
-
-        out = Path(args.results_dir)
-        plot_isoflop(result.records, out / "isoflop.png")
-        plot_loss_vs_flops(result.records, out / "loss_vs_flops.png")
-        print(f"plots: {out / 'isoflop.png'}, {out / 'loss_vs_flops.png'}")
-    summary = summarize_isoflop(result.records)
-    print(json.dumps({"results": str(Path(args.results_dir) / RUNS_FILE), "optimal": summary}))
-    return 0
-
-
-def summarize_isoflop(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The isoFLOP-optimal run (lowest final val loss) of every (budget, family)."""
-    best: dict[tuple[float, str], dict[str, Any]] = {}
-    for r in records:
-        if r.get("val_loss") is None:
-            continue
-        key = (r["budget"], r["family"])
-        if key not in best or r["val_loss"] < best[key]["val_loss"]:
-            best[key] = r
-    return [{"budget": b, "family": f, "run_id": r["run_id"], "val_loss": r["val_loss"], "val_bpb": r["val_bpb"],
-             "params": r["params"]} for (b, f), r in sorted(best.items())]

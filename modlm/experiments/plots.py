@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from modlm.experiments.isoflop import isoflop_optima
+
 FAMILY_STYLE = {"dense": dict(color="#444444", marker="o", linestyle="--"),
                 "mod": dict(color="#d62728", marker="s", linestyle="-")}
 
@@ -43,14 +45,14 @@ def _budget_label(b: float) -> str:
     return f"{b:.2g} FLOPs"
 
 
-def plot_isoflop(records: Sequence[dict[str, Any]], path: str | Path, families: Sequence[str] | None = None) -> Path:
+def plot_isoflop(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Final validation loss vs parameters: one curve per (budget, family), the minimum starred.
 
     Colour shade = budget (darker = more FLOPs); line style and marker = family.
     """
     plt = _plt()
     recs = [r for r in records if r.get("val_loss") is not None and "isoflop" in r.get("tags", ["isoflop"])]
-    fams = list(families) if families else sorted({r["family"] for r in recs}, key=lambda f: (f != "dense", f))
+    fams = sorted({r["family"] for r in recs}, key=lambda f: (f != "dense", f))
     budgets = sorted({r["budget"] for r in recs})
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for fi, fam in enumerate(fams):
@@ -83,11 +85,7 @@ def plot_loss_vs_flops(records: Sequence[dict[str, Any]], path: str | Path) -> P
     plt = _plt()
     recs = [r for r in records if r.get("train_curve") and "isoflop" in r.get("tags", ["isoflop"])]
     fams = sorted({r["family"] for r in recs}, key=lambda f: (f != "dense", f))
-    best: dict[tuple[float, str], dict[str, Any]] = {}
-    for r in recs:
-        key = (r["budget"], r["family"])
-        if r.get("val_loss") is not None and (key not in best or r["val_loss"] < best[key]["val_loss"]):
-            best[key] = r
+    best = isoflop_optima(recs)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for fi, fam in enumerate(fams):
         st = _style(fam, fi)

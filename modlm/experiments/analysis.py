@@ -1,0 +1,139 @@
+"""Routing analysis of trained MoD models: which tokens the routed blocks process, and why.
+
+Reads a few trained checkpoints back: a routing heatmap over a text sample (paper Fig. 1), the
+number of routed blocks each token uses ("depth") and its correlation with the entropy of the
+model's next-token prediction (paper Fig. 5). ``run_analysis`` writes ``analysis.json`` next to
+``runs.jsonl``; the claims and the report read it from there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from modlm.experiments.isoflop import PlannedRun, SweepSettings
+from modlm.experiments.results import RUNS_DIR, read_results
+from modlm.experiments.scales import VARIANT_BY_KEY, Scale
+
+ANALYSIS_FILE = "analysis.json"
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Average ranks (ties share their mean rank), for Spearman's rho."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Pearson's correlation coefficient; nan for fewer than 2 points or a constant series."""
+    n = len(xs)
+    if n < 2:
+        return math.nan
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's on average ranks (ties share their mean rank)."""
+    return pearson(_ranks(xs), _ranks(ys))
+
+
+def _token_text(tok: int) -> str:
+    """A byte token as a character for the heatmap; a middle dot for bytes that do not print."""
+    return chr(tok) if 32 <= tok < 127 or tok in (9, 10) else "\u00b7"
+
+
+def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSettings, n_sequences: int,
+                heatmap_tokens: int) -> dict[str, Any]:
+    """Routing of a trained MoD model on validation text (top-k routing, as in training).
+
+    Returns the heatmap of one text sample (which routed block processed which token) and, over
+    ``n_sequences`` windows, the share of tokens by number of routed blocks used ("depth") and
+    Pearson / Spearman correlations of depth with the entropy of the model's next-token
+    prediction at that token.
+    """
+    import numpy as np
+    import torch
+
+    from modlm.training.checkpoint import load_model
+    from modlm.training.batching import iter_eval_batches
+    from modlm.model.block import route_mask
+
+    model = load_model(run_dir, device="cpu")
+    cfg = model.config
+    T = settings.seq_len
+    layers = list(cfg.routed_layers)
+    depth_all: list[float] = []
+    ent_all: list[float] = []
+    with torch.no_grad():
+        batches = iter_eval_batches(val_tokens, settings.batch_size, T, math.ceil(n_sequences / settings.batch_size))
+        for x_BT, _ in batches:
+            out = model(x_BT, routing="topk")
+            used_BT = torch.zeros_like(x_BT, dtype=torch.int64)
+            for i in layers:
+                used_BT += route_mask(out.routes[i], T).long()
+            logp_BTV = torch.log_softmax(out.logits.float(), dim=-1)
+            ent_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+            depth_all += used_BT.flatten().tolist()
+            ent_all += ent_BT.flatten().tolist()
+        # Heatmap sample: a window that starts a paragraph, so the text reads naturally.
+        val = np.asarray(val_tokens)
+        starts = np.flatnonzero((val[:-2] == 10) & (val[1:-1] == 10))
+        start = int(starts[min(len(starts) - 1, 3)] + 2) if len(starts) else 0
+        start = min(start, len(val) - T - 1)
+        x_1T = torch.as_tensor(val[start:start + T].astype("int64")).unsqueeze(0)
+        out = model(x_1T, routing="topk")
+        mask = [route_mask(out.routes[i], T)[0, :heatmap_tokens].int().tolist() for i in layers]
+    n = len(layers)
+    counts = [sum(1 for d in depth_all if d == k) for k in range(n + 1)]
+    ent_by_depth = []
+    for k in range(n + 1):
+        vals = [e for d, e in zip(depth_all, ent_all) if d == k]
+        ent_by_depth.append(sum(vals) / len(vals) if vals else None)
+    return {
+        "title": title, "run_dir": str(run_dir), "n_routed": n, "layers": layers, "capacity": cfg.capacity,
+        "n_tokens": len(depth_all), "depth_values": list(range(n + 1)),
+        "depth_share": [c / max(1, len(depth_all)) for c in counts],
+        "entropy_by_depth": ent_by_depth, "mean_depth": sum(depth_all) / max(1, len(depth_all)),
+        "pearson": pearson(depth_all, ent_all), "spearman": spearman(depth_all, ent_all),
+        "heatmap": {"title": f"{title}: routed blocks x tokens (dark = processed)",
+                    "tokens": [_token_text(t) for t in x_1T[0, :heatmap_tokens].tolist()], "layers": layers,
+                    "mask": mask},
+    }
+
+
+def run_analysis(results_dir: str | Path, scale: Scale, settings: SweepSettings,
+                 runs: Sequence[PlannedRun]) -> dict[str, Any]:
+    """Analyse the trained reference MoD and every-block MoD models; writes analysis.json."""
+    from modlm.training.corpus import prepare_corpus
+
+    results = Path(results_dir)
+    corpus = prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.seed)
+    finished = read_results(results)
+    out: dict[str, Any] = {"models": []}
+    for key in ("mod", "every-block"):
+        run = next((r for r in runs if f"variant:{key}" in r.tags), None)
+        if run is None or run.run_id not in finished:
+            continue
+        title = f"{VARIANT_BY_KEY[key].label} ({run.shape.name})"
+        a = analyze_run(results / RUNS_DIR / run.run_id, title, corpus.val, settings, scale.analysis_sequences,
+                        scale.heatmap_tokens)
+        a.update(run_id=run.run_id, variant=key)
+        out["models"].append(a)
+    (results / ANALYSIS_FILE).write_text(json.dumps(out, indent=1))
+    return out
+

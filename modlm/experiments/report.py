@@ -1,0 +1,266 @@
+"""REPORT.md, its PNG plots and claims.json of a reproduction, generated from the results folder alone.
+
+Every number in the report is computed from ``runs.jsonl`` and ``analysis.json`` (through
+``modlm.experiments.claims``); nothing is typed in by hand except what the paper says.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+from modlm.experiments.analysis import ANALYSIS_FILE
+from modlm.experiments.claims import (
+    S1, S2, S5, S6, Claim, build_claims, format_params, isoflop_runs, shape_name, variant_record,
+)
+from modlm.experiments.isoflop import SweepSettings, format_budget, isoflop_curves, train_tokens
+from modlm.experiments.results import PLAN_FILE, read_results
+from modlm.experiments.scales import VARIANT_BY_KEY, VARIANTS, Scale
+
+REPORT_FILE = "REPORT.md"
+CLAIMS_FILE = "claims.json"
+
+CAPTIONS = {
+    "isoflop": "isoFLOP curves: final validation loss vs parameters, one curve per budget, dense and MoD; "
+               "stars mark the isoFLOP-optimal runs.",
+    "loss_vs_flops": "Training loss vs training FLOPs for every isoFLOP run (thin) and the optimal runs (bold); "
+                     "markers are final validation losses.",
+    "variants": "Variants of one shape at equal training FLOPs; dashed line: the same shape dense; grey band: "
+                "the best variant +- noise.",
+    "router_accuracy": "Causal routing accuracy per routed block over training: predictor (left) and aux-loss "
+                       "router logit (right), against top-k membership.",
+    "heatmap": "Routing decisions over a validation text sample (paper Fig. 1): rows are routed blocks, "
+               "columns tokens (bytes; \u2423 space, \u21b5 newline); dark = processed by the block.",
+    "depth_entropy": "Share of tokens by the number of routed blocks that processed them (bars) and the mean "
+                     "entropy of the model's next-byte prediction at those tokens (line).",
+}
+FIGURES_OF_SECTION = {S1: ["isoflop", "loss_vs_flops"], S2: ["variants"], S5: ["router_accuracy"],
+                      S6: ["heatmap", "depth_entropy"]}
+
+
+def write_report(results_dir: str | Path, report_dir: str | Path, scale: Scale, command: str,
+                 settings: SweepSettings | None = None) -> Path:
+    """REPORT.md + PNG plots + claims.json in ``report_dir``, from ``results_dir`` alone."""
+    results = Path(results_dir)
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings or scale.settings
+    records = _tagged_records(results)
+    analysis = None
+    if (results / ANALYSIS_FILE).exists():
+        analysis = json.loads((results / ANALYSIS_FILE).read_text())
+    claims, noise = build_claims(records, analysis, scale.budgets)
+    figs = _plot(records, analysis, noise, scale, out)
+    md = _render(records, claims, noise, figs, scale, settings, command, results)
+    path = out / REPORT_FILE
+    path.write_text(md, encoding="utf-8")
+    (out / CLAIMS_FILE).write_text(json.dumps({"noise": noise, "claims": [c.as_dict() for c in claims]}, indent=1))
+    return path
+
+
+def _tagged_records(results: Path) -> list[dict[str, Any]]:
+    """The finished runs, each with the tags of the current plan (a run shared by two experiments
+    may have been recorded by a plan that knew only one of them)."""
+    try:
+        plan = json.loads((results / PLAN_FILE).read_text())
+        tags = {r["run_id"]: r.get("tags", []) for r in plan.get("runs", [])}
+    except (OSError, json.JSONDecodeError):
+        tags = {}
+    return [dict(rec, tags=tags.get(rid, rec.get("tags", []))) for rid, rec in read_results(results).items()]
+
+
+def _plot(records: list[dict[str, Any]], analysis: dict[str, Any] | None, noise: float | None, scale: Scale,
+          out: Path) -> dict[str, str]:
+    """Every figure the results allow, written to ``out``: {figure key: PNG file name}."""
+    from modlm.experiments.plots import (
+        plot_depth_entropy, plot_isoflop, plot_loss_vs_flops, plot_router_accuracy, plot_routing_heatmap, plot_variants,
+    )
+
+    figs: dict[str, str] = {}
+    iso = isoflop_runs(records)
+    if iso:
+        figs["isoflop"] = plot_isoflop(iso, out / "isoflop.png").name
+        figs["loss_vs_flops"] = plot_loss_vs_flops(iso, out / "loss_vs_flops.png").name
+    vrows = []
+    for v in VARIANTS:
+        r = variant_record(records, v.key)
+        if r is not None and v.key != "dense":
+            group = "random" if v.key.startswith("random") else "token choice" if v.key == "token-choice" else "mod"
+            vrows.append({"label": v.label, "val_loss": r["val_loss"], "group": group})
+    dense_v = variant_record(records, "dense")
+    if vrows:
+        figs["variants"] = plot_variants(
+            vrows, out / "variants.png", reference=dense_v["val_loss"] if dense_v else None, noise=noise,
+            title=f"{scale.variant_shape.name} at {format_budget(scale.variant_budget)} training FLOPs").name
+    curves = {}
+    for key in ("mod", "aux-loss"):
+        r = variant_record(records, key)
+        if r is not None and r.get("router_curve"):
+            curves[VARIANT_BY_KEY[key].label] = r["router_curve"]
+    if curves:
+        figs["router_accuracy"] = plot_router_accuracy(curves, out / "router_accuracy.png").name
+    models = (analysis or {}).get("models") or []
+    if models:
+        figs["heatmap"] = plot_routing_heatmap([a["heatmap"] for a in models], out / "routing_heatmap.png").name
+        figs["depth_entropy"] = plot_depth_entropy(models, out / "depth_entropy.png").name
+    return figs
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _render(records: list[dict[str, Any]], claims: list[Claim], noise: float | None, figs: dict[str, str],
+            scale: Scale, settings: SweepSettings, command: str, results: Path) -> str:
+    """The text of REPORT.md: how it was made, the setup, a summary table, one section per part
+    of the paper, our disagreements and every run."""
+    L = _introduction(records, command, scale, settings, results)
+    L += _setup(noise, scale, settings)
+    n_yes = sum(c.holds == "yes" for c in claims)
+    L.append(f"## Summary: {n_yes} of {len(claims)} claims hold at this scale\n")
+    L.append(_md_table(["section", "claim", "holds?"], [(c.section.split(". ", 1)[0], c.claim, c.holds) for c in claims]))
+    L.append("")
+    for sec in dict.fromkeys(c.section for c in claims):
+        L += _section(sec, [c for c in claims if c.section == sec], records, figs)
+    L += _disagreements(claims)
+    L += _all_runs(records, settings)
+    return "\n".join(L)
+
+
+def _introduction(records: list[dict[str, Any]], command: str, scale: Scale, settings: SweepSettings,
+                  results: Path) -> list[str]:
+    import torch
+
+    total_s = sum(r.get("elapsed_s") or 0 for r in records)
+    total_flops = sum(r["train_flops"] for r in records)
+    return [
+        "# Mixture-of-Depths at small scale: the paper's claims, checked\n",
+        f"Generated by `{command}` on {_dt.date.today().isoformat()} "
+        f"({platform.machine()}, torch {torch.__version__}, {settings.device} device setting). "
+        f"{len(records)} training runs, {total_flops:.3g} training FLOPs, {total_s / 60:.0f} min of training "
+        f"(sum over runs). Scale `{scale.name}`: {scale.description}.\n",
+        "Paper: Raposo et al. 2024, *Mixture-of-Depths: Dynamically allocating compute in transformer-based "
+        "language models*, arXiv 2404.02258. Figure numbers refer to its v1; values marked (approx.) are read "
+        "off plots. Every number under **ours** is computed from this run's results "
+        f"(`{results / 'runs.jsonl'}`, `{results / ANALYSIS_FILE}`).\n",
+    ]
+
+
+def _setup(noise: float | None, scale: Scale, settings: SweepSettings) -> list[str]:
+    noise_txt = f"{noise:.4f} nats" if noise is not None else "not measured (too few isoFLOP runs)"
+    return [
+        "## Setup\n",
+        f"- Data: the bundled enwiki sample ({'default' if settings.data in (None, 'enwiki') else settings.data}), "
+        "byte tokens (vocabulary 256), whole documents held out for validation; loss in nats per byte "
+        "(bits per byte = loss / ln 2).",
+        f"- Training: AdamW, peak lr {settings.lr:g}, warmup {settings.warmup_frac:.0%} of steps, cosine to "
+        f"{settings.min_lr_ratio:g} x lr over each run, batch {settings.batch_size} x {settings.seq_len} tokens, "
+        f"weight decay {settings.weight_decay:g}, seed {settings.seed}. The number of steps of each run is "
+        "round(budget / FLOPs per step), so each run spends its budget to within 1%.",
+        "- FLOPs: `modlm.flops` (matmuls only, attention as the full square, routed blocks at their capacity, "
+        "router and predictor included, training = forward + backward; checked against "
+        "`torch.utils.flop_counter` in `tests/test_flops.py`). Evaluation FLOPs are not counted.",
+        f"- isoFLOP budgets {', '.join(format_budget(b) for b in scale.budgets)}; shape grid "
+        f"{', '.join(s.name for s in scale.shapes)} (dLn = width n x depth L, head size {settings.head_dim}), "
+        f"kept where a run has {settings.min_steps}-{settings.max_steps} steps. MoD = learned expert-choice "
+        "routing, capacity 12.5%, every other block, causal predictor (the paper's best setting).",
+        f"- Variants: shape {scale.variant_shape.name} at {format_budget(scale.variant_budget)} FLOPs.",
+        "- Final validation loss: "
+        f"{settings.eval_batches * settings.batch_size} windows of {settings.seq_len} tokens spread over the "
+        "validation split, top-k routing unless stated.",
+        f"- Noise: {noise_txt}, the RMS residual of quadratic fits of loss vs log(parameters) to the isoFLOP "
+        "curves. **holds?** is *yes* when our difference has the paper's sign and exceeds it, *no* when it "
+        "has the opposite sign beyond it, *within noise* otherwise. One seed per configuration.\n",
+    ]
+
+
+def _section(sec: str, rows: list[Claim], records: list[dict[str, Any]], figs: dict[str, str]) -> list[str]:
+    """One part of the paper: its claim table, its figures and, for isoFLOP and variants, the runs."""
+    L = [f"## {sec}\n"]
+    L.append(_md_table(["claim", "paper", "ours", "holds?"], [(c.claim, c.paper, c.ours, c.holds) for c in rows]))
+    L.append("")
+    for key in FIGURES_OF_SECTION.get(sec, []):
+        if key in figs:
+            L.append(f"![{key}]({figs[key]})\n")
+            L.append(f"*{CAPTIONS[key]}*\n")
+    if sec == S1:
+        L.append(_isoflop_table(records))
+        L.extend(_edge_notes(records))
+    if sec == S2:
+        L.append(_variant_table(records))
+    return L
+
+
+def _disagreements(claims: list[Claim]) -> list[str]:
+    L = ["## Where ours disagrees with the paper, and why we think it does\n"]
+    off = [c for c in claims if c.holds not in ("yes", "n/a")]
+    if not off:
+        L.append("Every claim we could test holds at this scale.\n")
+    for c in off:
+        L.append(f"- **{c.claim}** — ours: {c.holds}. {c.why_not}")
+    missing = [c for c in claims if c.holds == "n/a"]
+    if missing:
+        L.append("\nNot run (the sweep is incomplete): " + "; ".join(c.claim for c in missing) + ".")
+    L.append("\nThese explanations are hypotheses about scale, not measurements; the `--scale gpu` setting "
+             "(with a larger corpus) is the way to test them.\n")
+    return L
+
+
+def _all_runs(records: list[dict[str, Any]], settings: SweepSettings) -> list[str]:
+    rows = []
+    n_train = train_tokens(settings)
+    for r in sorted(records, key=lambda r: (r["budget"], r["family"], r["params"])):
+        epochs = (r.get("tokens_seen") or 0) / max(1, n_train)
+        rows.append((r["run_id"], r["family"], format_params(r["params"]), r["steps"], f"{r['train_flops']:.3g}",
+                     f"{r['val_loss']:.4f}", f"{r['val_bpb']:.3f}",
+                     f"{r['val_loss_causal']:.4f}" if r.get("val_loss_causal") is not None else "",
+                     f"{epochs:.2f}", f"{(r.get('elapsed_s') or 0):.0f}"))
+    return ["## All runs\n",
+            _md_table(["run", "family", "params", "steps", "train FLOPs", "val loss", "val bpb", "val loss (causal)",
+                       "epochs", "seconds"], rows),
+            ""]
+
+
+def _edge_notes(records: list[dict[str, Any]]) -> list[str]:
+    """A warning for every isoFLOP optimum that sits at the edge of its curve's grid."""
+    notes = []
+    for (b, fam), recs in sorted(isoflop_curves(isoflop_runs(records)).items()):
+        if len(recs) < 3:
+            continue
+        best = min(recs, key=lambda r: r["val_loss"])
+        params = sorted(r["params"] for r in recs)
+        if best["params"] in (params[0], params[-1]):
+            side = "smallest" if best["params"] == params[0] else "largest"
+            notes.append(f"- Note: the {fam} optimum at {format_budget(b)} FLOPs is the {side} model of its grid "
+                         f"({shape_name(best)}); the true isoFLOP optimum may lie outside the grid.")
+    return notes + ([""] if notes else [])
+
+
+def _isoflop_table(records: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in sorted(isoflop_runs(records), key=lambda r: (r["budget"], r["params"], r["family"])):
+        rows.append((format_budget(r["budget"]), r["family"], shape_name(r), format_params(r["params"]), r["steps"],
+                     f"{r['forward_flops_per_token']:.3g}", f"{r['val_loss']:.4f}"))
+    return _md_table(["budget", "family", "shape", "params", "steps", "fwd FLOPs/token", "val loss"], rows) + "\n"
+
+
+def _variant_table(records: list[dict[str, Any]]) -> str:
+    rows = []
+    for v in VARIANTS:
+        r = variant_record(records, v.key)
+        if r is None:
+            continue
+        rows.append((v.label, r["steps"], f"{r['forward_flops_per_token']:.3g}", f"{r['val_loss']:.4f}",
+                     f"{r['val_loss_causal']:.4f}" if r.get("val_loss_causal") is not None else "",
+                     f"{r['causal_routed_frac']:.3f}" if r.get("causal_routed_frac") is not None else ""))
+    return _md_table(["variant", "steps", "fwd FLOPs/token", "val loss (top-k)", "val loss (causal)",
+                      "causal routed fraction"], rows) + "\n"
+
