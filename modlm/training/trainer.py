@@ -98,25 +98,6 @@ def _autocast(device, dtype: str):
     return contextlib.nullcontext()
 
 
-def build_optimizer(model, cfg: TrainConfig, device):
-    """AdamW with two groups: matrices decay; vectors (norm gains, biases, the router vector,
-    the predictor biases) and the token embedding (tied lm_head) do not.
-
-    Decaying a norm gain or the router vector only shrinks a scale the next layer must undo, and
-    decaying the embedding pulls rare tokens' rows to zero; the usual GPT recipe skips them.
-    """
-    import torch
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # deduplicated: a tied weight appears once
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or name == "tok_emb.weight" else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), **kwargs)
-
-
 class _Metrics:
     """metrics.jsonl writer: one JSON object per line, flushed at once (rank 0 only)."""
 
@@ -311,6 +292,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
     from modlm.flops import flops as flop_report
     from modlm.flops import format_flops, train_flops
     from modlm.model.transformer import MoDTransformer
+    from modlm.training.optim import apply_hyperparameters, build_optimizer, clip_gradients, clip_groups, set_lr
 
     def say(msg: str) -> None:
         if info.main:
@@ -364,7 +346,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
                          f"needs >= {corpus.tokenizer.vocab_size}")
     model.to(device)
     model.train()
-    optimizer = build_optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg)
     data_gen = torch.Generator()
     data_gen.manual_seed(stream_seed(cfg.seed, info.rank, "data"))
     torch.manual_seed(stream_seed(cfg.seed, info.rank, "torch"))
@@ -380,9 +362,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
         if opt_state["param_names"] != expected:
             raise ValueError(f"{ckpt_dir}/optimizer.json orders parameters differently from this model; cannot resume")
         optimizer.load_state_dict(opt_state["state_dict"])
-        # The current config's hyperparameters win over the saved ones (identical unless changed).
-        for group, wd in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
-            group["weight_decay"], group["betas"] = wd, (cfg.beta1, cfg.beta2)
+        apply_hyperparameters(optimizer, cfg)
         prefix = f"rank{info.rank}."
         local_rng = {k[len(prefix):]: v for k, v in state["rng"].items() if k.startswith(prefix)}
         if extra.get("world_size", 1) == info.world_size and local_rng:
@@ -484,10 +464,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
         return elapsed_before + time.monotonic() - t0
 
     # --- train ---
-    # The causal predictors are clipped on their own: their BCE never reaches the LM (its inputs
-    # are detached), and a spike in it must not shrink the LM's step through a shared global norm.
-    params = [p for n, p in model.named_parameters() if p.requires_grad and ".predictor." not in n]
-    predictor_params = [p for n, p in model.named_parameters() if p.requires_grad and ".predictor." in n]
+    grad_clip_groups = clip_groups(model)  # the causal predictors apart from the LM
     loss_sum = torch.zeros((), device=device)
     lm_sum = torch.zeros((), device=device)
     interval_steps, t_interval = 0, time.perf_counter()
@@ -497,8 +474,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
         with _StopSignal() as stop_signal:
             while step < cfg.max_steps:
                 lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 for micro in range(cfg.grad_accum):
                     x_BT, y_BT = get_batch(corpus.train, cfg.batch_size, cfg.seq_len, data_gen, device)
                     # Gradients are all-reduced only on the last micro-step of the accumulation.
@@ -510,9 +486,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
                         (out.loss / cfg.grad_accum).backward()
                     loss_sum += out.loss.detach()
                     lm_sum += out.lm_loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-                if cfg.grad_clip > 0 and predictor_params:
-                    torch.nn.utils.clip_grad_norm_(predictor_params, cfg.grad_clip)
+                grad_norm = clip_gradients(grad_clip_groups, cfg.grad_clip) if cfg.grad_clip > 0 else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
