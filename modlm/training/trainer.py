@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -25,14 +24,16 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # torch is imported inside functions: `python -m modlm.training --help` imports this module and
 # should stay instant (as modlm.config does).
 from modlm.config import ModelConfig
 from modlm.training.config import TrainConfig, add_train_args, lr_at, stream_seed, train_config_from_args
+
+if TYPE_CHECKING:
+    from modlm.training.distributed import DistInfo
 
 METRICS_FILE = "metrics.jsonl"
 # Test hook: seconds to sleep after every optimizer step, so a test can kill a tiny run mid-way.
@@ -43,59 +44,6 @@ STEP_DELAY_ENV = "MODLM_TRAIN_STEP_DELAY_S"
 # --------------------------------------------------------------------------------------------
 # Runtime pieces
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Dist:
-    """Process-group facts; world_size 1 means no torch.distributed at all."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _resolve_device(cfg: TrainConfig, local_rank: int):
-    import torch
-
-    if cfg.device == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        name = cfg.device
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"TrainConfig.device={cfg.device!r} is invalid: CUDA is not available here (use cpu or auto)")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        device = torch.device(name)
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def _resolve_dtype(cfg: TrainConfig, device) -> str:
-    import torch
-
-    if cfg.dtype == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if cfg.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"TrainConfig.dtype='bf16' is invalid: {torch.cuda.get_device_name(device)} has no bf16 support (use fp32)")
-    return cfg.dtype
-
-
-def _autocast(device, dtype: str):
-    import torch
-
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class _Metrics:
@@ -164,28 +112,6 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def _param_digest(model) -> int:
-    """A 63-bit hash of every parameter's bytes: equal on two ranks iff the weights are identical."""
-    import torch
-
-    h = hashlib.sha256()
-    # Parameters only: buffers such as the predictors' running statistics of r are updated from
-    # each rank's own batch after DDP broadcast them (as BatchNorm's are) and may differ at the end.
-    for _, p in sorted(model.named_parameters()):
-        h.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "little") >> 1
-
-
-def _all_gather(t, dist_info: _Dist, comm_device):
-    import torch
-    import torch.distributed as dist
-
-    t = t.to(comm_device)
-    parts = [torch.empty_like(t) for _ in range(dist_info.world_size)]
-    dist.all_gather(parts, t)
-    return [p.cpu() for p in parts]
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
@@ -203,6 +129,7 @@ def evaluate(model, data, cfg: TrainConfig, device, dtype: str = "fp32", tokens_
     import torch
 
     from modlm.training.data import bits_per_byte, iter_eval_batches
+    from modlm.training.device import autocast
 
     was_training = model.training
     model.eval()
@@ -214,7 +141,7 @@ def evaluate(model, data, cfg: TrainConfig, device, dtype: str = "fp32", tokens_
         with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(stream_seed(cfg.seed, 0, "eval"))
             for x_BT, y_BT in iter_eval_batches(data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device):
-                with _autocast(device, dtype):
+                with autocast(device, dtype):
                     out = model(x_BT, y_BT, routing=routing)
                 total += out.lm_loss.double() * y_BT.numel()
                 n_tokens += y_BT.numel()
@@ -244,19 +171,6 @@ def _router_summary(stats: dict[str, float]) -> tuple[str, float] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, Any]:
-    """Start the process group when launched by torchrun with WORLD_SIZE > 1; pick the device."""
-    import torch.distributed as dist
-
-    info = _Dist(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    device = _resolve_device(cfg, info.local_rank)
-    if info.enabled:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        info.rank, info.world_size = dist.get_rank(), dist.get_world_size()
-    return info, device
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or, with ``resume``, continue) the run in ``cfg.out_dir``; returns a summary dict.
 
@@ -268,21 +182,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(cfg).__name__}")
+    from modlm.training.device import resolve_device
+    from modlm.training.distributed import dist_info_from_env, process_group
+
     t0 = time.monotonic()
-    info, device = _init_distributed(cfg)
-    try:
+    info = dist_info_from_env()
+    device = resolve_device(cfg.device, info.local_rank)
+    with process_group(info, device) as info:
         return _train(cfg, resume, progress, info, device, t0)
-    finally:
-        if info.enabled:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, t0: float) -> dict[str, Any]:
+def _train(cfg: TrainConfig, resume: bool, progress: bool, info: DistInfo, device, t0: float) -> dict[str, Any]:
     import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
     from modlm.training.checkpoint import (
@@ -292,6 +203,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
     from modlm.flops import flops as flop_report
     from modlm.flops import format_flops, train_flops
     from modlm.model.transformer import MoDTransformer
+    from modlm.training.device import autocast, resolve_dtype
+    from modlm.training.distributed import (
+        all_gather, all_reduce_max, all_reduce_mean_, barrier, comm_device, compile_wrapped, param_digest, wrap_model,
+    )
     from modlm.training.optim import apply_hyperparameters, build_optimizer, clip_gradients, clip_groups, set_lr
 
     def say(msg: str) -> None:
@@ -300,16 +215,15 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
             sys.stdout.flush()
 
     bar = None
-    dtype = _resolve_dtype(cfg, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / RUN_CHECKPOINT
-    comm_device = device if device.type == "cuda" else torch.device("cpu")
+    comm_dev = comm_device(device)
 
     # --- data: rank 0 builds the token cache, the others read it once it is complete ---
     if info.main:
         corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    if info.enabled:
-        dist.barrier()
+    barrier(info)
     if not info.main:
         corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
     for split in ("train", "val"):
@@ -380,15 +294,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
             if changed:
                 say(f"note: resuming with changed settings {changed}; the run will differ from an uninterrupted one")
 
-    train_model = model
-    ddp_model = None
-    if info.enabled:
-        # Every parameter gets a gradient in top-k training (the router through r * f, the predictor
-        # through its own loss), so no unused-parameter search; the only buffers are constants.
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        train_model = ddp_model
+    wrapped = wrap_model(model, info, device)  # DDP under torchrun, else the model itself
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        wrapped = compile_wrapped(wrapped)
 
     # --- bookkeeping ---
     seqs_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
@@ -451,7 +359,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
         local = capture_rng_state({"data": data_gen}, cuda_dev)
         rng: dict[str, Any] = {}
         for key in sorted(local):  # same keys on every rank
-            parts = _all_gather(local[key], info, comm_device) if info.enabled else [local[key]]
+            parts = all_gather(local[key], info, comm_dev)
             rng.update({f"rank{r}.{key}": t for r, t in enumerate(parts)})
         if not info.main:
             return
@@ -478,11 +386,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
                 for micro in range(cfg.grad_accum):
                     x_BT, y_BT = get_batch(corpus.train, cfg.batch_size, cfg.seq_len, data_gen, device)
                     # Gradients are all-reduced only on the last micro-step of the accumulation.
-                    sync = ddp_model.no_sync() if ddp_model is not None and micro < cfg.grad_accum - 1 \
-                        else contextlib.nullcontext()
+                    sync = wrapped.no_sync() if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
                     with sync:
-                        with _autocast(device, dtype):
-                            out = train_model(x_BT, y_BT)
+                        with autocast(device, dtype):
+                            out = wrapped.module(x_BT, y_BT)
                         (out.loss / cfg.grad_accum).backward()
                     loss_sum += out.loss.detach()
                     lm_sum += out.lm_loss.detach()
@@ -498,10 +405,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
 
                 if step % cfg.log_interval == 0 or step == cfg.max_steps:
                     sums = torch.stack([loss_sum, lm_sum]) / (interval_steps * cfg.grad_accum)
-                    if info.enabled:
-                        dist.all_reduce(sums)
-                        sums /= info.world_size
-                    loss, lm_loss = sums.tolist()
+                    loss, lm_loss = all_reduce_mean_(sums, info).tolist()
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"training loss is {loss} at step {step}; lower --lr "
                                                  f"(now {cfg.lr}) or raise --warmup-steps")
@@ -533,9 +437,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
                 reason = stop_signal.reason or ("max_time" if cfg.max_time_s is not None
                                                 and time.monotonic() - t0 >= cfg.max_time_s else None)
                 if info.enabled:
-                    flag = torch.tensor([0 if reason is None else (1 if reason == "max_time" else 2)], device=comm_device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    reason = {0: None, 1: "max_time", 2: "signal"}[int(flag.item())]
+                    flag = all_reduce_max(0 if reason is None else (1 if reason == "max_time" else 2), info, comm_dev)
+                    reason = {0: None, 1: "max_time", 2: "signal"}[flag]
                 if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or reason is not None:
                     run_save()
                 if reason is not None:
@@ -553,7 +456,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, 
 
     in_sync = None
     if info.enabled:
-        digests = _all_gather(torch.tensor([_param_digest(model)], dtype=torch.int64), info, comm_device)
+        digests = all_gather(torch.tensor([param_digest(model)], dtype=torch.int64), info, comm_dev)
         in_sync = len({int(d.item()) for d in digests}) == 1
         say(f"DDP check: parameters {'identical' if in_sync else 'DIFFER'} on all {info.world_size} ranks "
             f"(digests {[hex(int(d.item())) for d in digests]})")
