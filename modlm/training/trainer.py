@@ -20,9 +20,7 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 # should stay instant (as modlm.config does).
 from modlm.config import ModelConfig
 from modlm.training.config import TrainConfig, add_train_args, lr_at, stream_seed, train_config_from_args
+from modlm.training.metrics import METRICS_FILE, MetricsWriter, truncate_metrics
+from modlm.training.signals import StopSignal
 
 if TYPE_CHECKING:
     from modlm.training.distributed import DistInfo
 
-METRICS_FILE = "metrics.jsonl"
 # Test hook: seconds to sleep after every optimizer step, so a test can kill a tiny run mid-way.
 # Sleeping changes no numerics.
 STEP_DELAY_ENV = "MODLM_TRAIN_STEP_DELAY_S"
@@ -44,117 +43,6 @@ STEP_DELAY_ENV = "MODLM_TRAIN_STEP_DELAY_S"
 # --------------------------------------------------------------------------------------------
 # Runtime pieces
 # --------------------------------------------------------------------------------------------
-
-
-class _Metrics:
-    """metrics.jsonl writer: one JSON object per line, flushed at once (rank 0 only)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.f = open(path, "a", encoding="utf-8") if path is not None else None
-
-    def log(self, event: str, **fields: Any) -> None:
-        if self.f is None:
-            return
-        self.f.write(json.dumps({"event": event, **fields}) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-
-
-def truncate_metrics(path: Path, max_step: int | None) -> int:
-    """Keep the metrics.jsonl records with ``step <= max_step`` (None keeps none); returns how many.
-
-    After a crash, the records written after the checkpoint being resumed would otherwise be
-    repeated by the resumed run; a line cut mid-write by the crash is dropped too.
-    """
-    if not path.exists():
-        return 0
-    kept = []
-    if max_step is not None:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("step", 0) <= max_step:
-                kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
-    return len(kept)
-
-
-class _StopSignal:
-    """SIGINT/SIGTERM set a flag the loop checks between steps (so a checkpoint is never taken
-    mid-update); a second SIGINT interrupts at once."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.reason = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-def evaluate(model, data, cfg: TrainConfig, device, dtype: str = "fp32", tokens_per_byte: float = 1.0,
-             routing: str = "topk") -> dict[str, float]:
-    """Mean validation LM loss (nats/token, aux losses excluded) and bits per byte.
-
-    ``routing="causal"`` routes each token by its own causal signal, as decoding does; top-k
-    routing looks at the whole sequence, so its loss is the optimistic one. Runs under a forked,
-    fixed-seed RNG: the random router gives the same estimate every time, and training's random
-    streams are not advanced (resume stays exact wherever evaluations fall).
-    """
-    import torch
-
-    from modlm.training.data import bits_per_byte, iter_eval_batches
-    from modlm.training.device import autocast
-
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = 0
-    fracs: list[float] = []
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(stream_seed(cfg.seed, 0, "eval"))
-            for x_BT, y_BT in iter_eval_batches(data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device):
-                with autocast(device, dtype):
-                    out = model(x_BT, y_BT, routing=routing)
-                total += out.lm_loss.double() * y_BT.numel()
-                n_tokens += y_BT.numel()
-                routed = [v for k, v in out.router_stats().items() if k.endswith("/routed_frac")]
-                if routed:
-                    fracs.append(sum(routed) / len(routed))
-    finally:
-        model.train(was_training)
-    loss = (total / max(1, n_tokens)).item()
-    result = {"loss": loss, "bpb": bits_per_byte(loss, tokens_per_byte), "tokens": n_tokens}
-    if fracs:
-        result["routed_frac"] = sum(fracs) / len(fracs)
-    return result
 
 
 def _router_summary(stats: dict[str, float]) -> tuple[str, float] | None:
@@ -204,6 +92,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: DistInfo, devic
     from modlm.flops import format_flops, train_flops
     from modlm.model.transformer import MoDTransformer
     from modlm.training.device import autocast, resolve_dtype
+    from modlm.training.evaluation import evaluate
     from modlm.training.distributed import (
         all_gather, all_reduce_max, all_reduce_mean_, barrier, comm_device, compile_wrapped, param_digest, wrap_model,
     )
@@ -304,11 +193,11 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: DistInfo, devic
     step_flops = train_flops(mcfg, cfg.seq_len, seqs_per_step)
     dense_flops = train_flops(mcfg.dense_twin(), cfg.seq_len, seqs_per_step)
     n_params = model.num_params()
-    metrics = _Metrics(None)
+    metrics = MetricsWriter(None)
     if info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out_dir / METRICS_FILE, start_step if state is not None else None)
-        metrics = _Metrics(out_dir / METRICS_FILE)
+        metrics = MetricsWriter(out_dir / METRICS_FILE)
         rep = flop_report(mcfg, cfg.seq_len)
         print(f"modlm train: {mcfg.name} (router={mcfg.router}, capacity={mcfg.capacity}, routed blocks "
               f"{list(mcfg.routed_layers)}) | params {n_params:,} (non-embedding {model.num_params(True):,})")
@@ -379,7 +268,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: DistInfo, devic
     bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not (progress and info.main), desc="train")
     try:
-        with _StopSignal() as stop_signal:
+        with StopSignal() as stop_signal:
             while step < cfg.max_steps:
                 lr = lr_at(step, cfg)
                 set_lr(optimizer, lr)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from modlm.training.checkpoint import load_checkpoint, read_checkpoint_config
 from modlm.training.config import TrainConfig
-from modlm.training.trainer import STEP_DELAY_ENV, _StopSignal, main, train, truncate_metrics
+from modlm.training.trainer import STEP_DELAY_ENV, main, train
 
 SUBPROCESS_TIMEOUT = 240  # generous: a busy 2-core CI box runs these several times slower
 
@@ -62,30 +62,6 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs"
     assert _final_files(a) == _final_files(b)  # optimizer and RNG state too, byte for byte
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def test_truncate_metrics_drops_records_past_the_checkpoint(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    lines = [{"event": "start", "step": 0}, {"event": "train", "step": 2}, {"event": "checkpoint", "step": 4},
-             {"event": "train", "step": 6}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"event": "train", "st')  # cut by a crash
-    assert truncate_metrics(path, 4) == 3
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 2, 4]
-    assert truncate_metrics(path, None) == 0 and path.read_text() == ""
-
-
-def test_stop_signal_sets_a_flag_and_restores_handlers():
-    before = signal.getsignal(signal.SIGTERM)
-    with _StopSignal() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
-        assert stop.reason == "SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # --------------------------------------------------------------------------------------------
