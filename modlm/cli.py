@@ -33,7 +33,8 @@ def _fail(msg: str) -> int:
 # ------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a Mixture-of-Depths (or dense) language model; checkpoints and metrics go to --out-dir."""
-    from modlm.training.trainer import train, train_config_from_args
+    from modlm.training.config import train_config_from_args
+    from modlm.training.trainer import train
 
     cfg = train_config_from_args(args)
     summary = train(cfg, resume=args.resume, progress=args.progress)
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_args_lazily(p: argparse.ArgumentParser) -> None:
-    from modlm.training.trainer import add_train_args
+    from modlm.training.config import add_train_args
 
     add_train_args(p)
 

@@ -203,7 +203,7 @@ class PlannedRun:
 
     def train_config(self, settings: SweepSettings, out_dir: str | Path):
         """The TrainConfig of this run: cosine over exactly ``steps`` steps, checkpoints for resume."""
-        from modlm.training.trainer import TrainConfig
+        from modlm.training.config import TrainConfig
 
         warmup = min(200, max(10, round(settings.warmup_frac * self.steps)), self.steps)
         return TrainConfig(

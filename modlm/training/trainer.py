@@ -10,8 +10,12 @@ global torch RNG the random router uses), so a run killed after a checkpoint and
 ``--resume`` ends with the same weights, bit for bit on CPU, as a run never interrupted.
 Evaluation runs under a forked RNG and never shifts the training random streams.
 
-Batch size semantics: ``batch_size`` sequences per micro-step per rank, so one optimizer step
-sees ``batch_size * grad_accum * world_size`` sequences of ``seq_len`` tokens.
+A run is a ``Trainer``: ``setup`` (data, model, optimizer, parallel wrapper), ``resume`` (the
+checkpoint's optimizer and RNG state), then ``run`` repeats ``step`` and, at their intervals,
+``log``, ``evaluate`` and ``save``. The pieces it is made of live beside it: ``config``
+(TrainConfig, schedule, flags), ``optim`` (groups and clipping by parameter role),
+``distributed`` (process group, parallel strategies), ``device``, ``evaluation``, ``metrics``,
+``signals``.
 """
 
 from __future__ import annotations
@@ -19,423 +23,427 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-# torch is imported inside functions: `modlm --help` and config validation import this module and
-# should stay instant (as modlm.config does).
-from modlm.config import ModelConfig, dataclass_from_dict, parse_assignments, preset_names
+import torch
+from tqdm import tqdm
 
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "fp32", "bf16")
-METRICS_FILE = "metrics.jsonl"
+from modlm.config import ModelConfig
+from modlm.flops import flops as flop_report
+from modlm.flops import format_flops, train_flops
+from modlm.model.transformer import ModelOutput, MoDTransformer
+from modlm.training import evaluation
+from modlm.training.checkpoint import (
+    RUN_CHECKPOINT,
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from modlm.training.config import TrainConfig, add_train_args, lr_at, stream_seed, train_config_from_args
+from modlm.training.batching import get_batch
+from modlm.training.corpus import prepare_corpus
+from modlm.training.device import autocast, resolve_device, resolve_dtype
+from modlm.training.distributed import (
+    DistInfo,
+    all_gather,
+    all_reduce_max,
+    all_reduce_mean_,
+    barrier,
+    comm_device,
+    compile_wrapped,
+    dist_info_from_env,
+    param_digest,
+    process_group,
+    wrap_model,
+)
+from modlm.training.metrics import METRICS_FILE, MetricsWriter, truncate_metrics
+from modlm.training.optim import apply_hyperparameters, build_optimizer, clip_gradients, clip_groups, set_lr
+from modlm.training.signals import StopSignal
+
 # Test hook: seconds to sleep after every optimizer step, so a test can kill a tiny run mid-way.
 # Sleeping changes no numerics.
 STEP_DELAY_ENV = "MODLM_TRAIN_STEP_DELAY_S"
+# Settings a resume may change without the note that the run will differ from an uninterrupted
+# one: where and how often it writes, its time budget, compile, the device.
+_QUIET_ON_RESUME = ("out_dir", "max_time_s", "eval_interval", "ckpt_interval", "log_interval", "compile", "device",
+                    "eval_batches")
+# How ranks agree on a stop: the largest code wins, so a signal on any rank beats the time budget.
+_STOP_CODES = {None: 0, "max_time": 1, "signal": 2}
+_STOP_REASONS = {code: reason for reason, code in _STOP_CODES.items()}
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+class StepResult(NamedTuple):
+    """What one optimizer step leaves for ``Trainer.log``."""
+
+    lr: float
+    grad_norm: torch.Tensor | None  # the LM group's norm before clipping; None with clipping off
+    out: ModelOutput  # the last micro-batch's (its router statistics are logged)
 
 
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+class Trainer:
+    """One training run of ``cfg`` on this process's rank; ``run()`` does it all.
 
-
-def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ValueError(f"TrainConfig.{name}={value!r} is invalid: {allowed}")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs besides ``resume`` and ``progress``.
-
-    The model is a preset (``ModelConfig.from_name``; ``<preset>-dense`` for the dense twin)
-    with ``model_overrides`` applied on top (any ModelConfig field, e.g. router, capacity).
+    Args:
+        cfg: the run.
+        info: process-group facts (``modlm.training.distributed.process_group``).
+        device: where this rank computes (``modlm.training.device.resolve_device``).
+        resume: continue from ``cfg.out_dir``'s checkpoint (a fresh start when there is none);
+            without it an existing checkpoint is an error.
+        progress: a tqdm bar on rank 0 (else one line per log event).
+        t0: ``time.monotonic()`` at the start of this invocation (the time budget counts from it).
     """
 
-    model: str = "small"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    data: str | None = None  # None / "enwiki": the bundled Wikipedia sample; else a text file or folder
-    cache_dir: str | None = None  # token cache root; None: $MODLM_CACHE or ~/.cache/modlm
-    val_fraction: float = 0.05
-    out_dir: str = "runs/mod"
-    batch_size: int = 16  # sequences per micro-step per rank
-    seq_len: int = 256
-    grad_accum: int = 1
-    max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int | None = None  # None: min(100, max_steps // 10)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    eval_interval: int = 200
-    eval_batches: int = 20
-    ckpt_interval: int = 500
-    log_interval: int = 10
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
-    max_time_s: float | None = None  # wall-clock budget of this invocation: stop, save, exit 0
-    compile: bool = False
+    def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, resume: bool = False,
+                 progress: bool = True, t0: float | None = None):
+        self.cfg, self.info, self.device = cfg, info, device
+        self.resume_requested, self.progress = resume, progress
+        self.t0 = time.monotonic() if t0 is None else t0
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_path = self.out_dir / RUN_CHECKPOINT
+        self.comm_device = comm_device(device)
+        self.bar: tqdm | None = None
+        self.metrics = MetricsWriter(None)
+        self.state: dict[str, Any] | None = None  # the checkpoint being resumed, if any
+        self.start_step, self.extra = 0, {}
 
-    def __post_init__(self) -> None:
-        _require(isinstance(self.model, str) and self.model in preset_names(), "model", self.model,
-                 f"must be a preset: {', '.join(preset_names())}")
-        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
-        _require(isinstance(self.model_overrides, dict), "model_overrides", self.model_overrides,
-                 "must be a dict of ModelConfig fields")
-        unknown = sorted(set(self.model_overrides) - known)
-        _require(not unknown, "model_overrides", unknown, f"unknown ModelConfig field(s); known: {', '.join(sorted(known))}")
-        _require(self.data is None or isinstance(self.data, str), "data", self.data, "must be None, 'enwiki' or a path")
-        _require(self.cache_dir is None or isinstance(self.cache_dir, str), "cache_dir", self.cache_dir, "must be None or a path")
-        _require(_is_num(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1)")
-        _require(isinstance(self.out_dir, str) and self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path")
-        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "ckpt_interval", "log_interval"):
-            value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, name, value, "must be an int >= 1")
-        _require(_is_num(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
-        _require(_is_num(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
-        if self.warmup_steps is None:
-            self.warmup_steps = min(100, self.max_steps // 10)
-        _require(_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
-                 self.warmup_steps, f"must be an int in [0, max_steps={self.max_steps}]")
-        _require(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _require(_is_num(self.beta1) and 0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
-        _require(_is_num(self.beta2) and 0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
-        _require(_is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
-        _require(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "must be an int in [0, 2**63)")
-        _require(isinstance(self.device, str) and (self.device in DEVICES or _is_cuda_index(self.device)), "device",
-                 self.device, f"must be one of {DEVICES} or 'cuda:N'")
-        _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
-        _require(self.max_time_s is None or (_is_num(self.max_time_s) and self.max_time_s > 0), "max_time_s",
-                 self.max_time_s, "must be None or a number of seconds > 0")
-        _require(isinstance(self.compile, bool), "compile", self.compile, "must be a bool")
-        mcfg = self.model_config()  # ModelConfig validates the overrides (one-line ValueError)
-        _require(self.seq_len <= mcfg.max_seq_len, "seq_len", self.seq_len,
-                 f"must be <= the model's max_seq_len={mcfg.max_seq_len} (raise it with --model-arg max_seq_len=N)")
+    def say(self, msg: str) -> None:
+        """A line on rank 0's console (above the progress bar when there is one)."""
+        if self.info.main:
+            (tqdm.write if self.bar is not None and not self.bar.disable else print)(msg)
+            sys.stdout.flush()
 
-    def model_config(self) -> ModelConfig:
-        """The resolved, validated ModelConfig: the preset with ``model_overrides`` applied."""
-        return ModelConfig.from_name(self.model, **self.model_overrides)
+    # ----------------------------------------------------------------------------------------
+    # Set-up
+    # ----------------------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def setup(self) -> None:
+        """Data, model (fresh, or the checkpoint's weights when resuming), optimizer, this rank's
+        random streams and the parallel wrapper. The checkpoint's optimizer and RNG state wait
+        for ``resume``."""
+        cfg, device = self.cfg, self.device
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        self.corpus = self._load_data()
+        self.model, self.mcfg = self._load_model()
+        if self.mcfg.vocab_size < self.corpus.tokenizer.vocab_size:
+            raise ValueError(f"ModelConfig.vocab_size={self.mcfg.vocab_size} is invalid: the {self.corpus.tokenizer.name} "
+                             f"tokenizer needs >= {self.corpus.tokenizer.vocab_size}")
+        self.model.to(device)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.clip_groups = clip_groups(self.model)
+        self.data_gen = torch.Generator()
+        self.data_gen.manual_seed(stream_seed(cfg.seed, self.info.rank, "data"))
+        torch.manual_seed(stream_seed(cfg.seed, self.info.rank, "torch"))
+        self.cuda_dev = device if device.type == "cuda" else None
+        self.wrapped = wrap_model(self.model, self.info, device)
+        if cfg.compile:
+            self.wrapped = compile_wrapped(self.wrapped)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return dataclass_from_dict(cls, d)
+    def _load_data(self):
+        """The token cache: rank 0 builds it, the others read it once it is complete."""
+        cfg, info = self.cfg, self.info
+        if info.main:
+            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        barrier(info)
+        if not info.main:
+            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        for split in ("train", "val"):
+            n = len(getattr(corpus, split))
+            if n < cfg.seq_len + 1:
+                raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: the {split} split of "
+                                 f"{cfg.data or 'enwiki'} has only {n} tokens (need seq_len + 1)")
+        return corpus
 
+    def _load_model(self) -> tuple[MoDTransformer, ModelConfig]:
+        """The checkpoint's model when resuming one (its state kept in ``self.state``), else a
+        fresh one initialised from ``cfg.seed``."""
+        cfg = self.cfg
+        self.ckpt_dir = None
+        try:
+            self.ckpt_dir = find_checkpoint(self.ckpt_path)
+        except FileNotFoundError:
+            pass
+        if self.ckpt_dir is not None and not self.resume_requested:
+            raise FileExistsError(f"{self.ckpt_dir} already holds a checkpoint; pass --resume to continue it or pick "
+                                  f"another --out-dir")
+        mcfg = cfg.model_config()
+        if self.ckpt_dir is None:
+            torch.manual_seed(cfg.seed)  # same init on every rank (DDP would broadcast rank 0's anyway)
+            return MoDTransformer(mcfg), mcfg
+        model, ckpt_mcfg, self.state = load_checkpoint(self.ckpt_dir, device="cpu")
+        if ckpt_mcfg != mcfg:
+            diff = [f.name for f in dataclasses.fields(ModelConfig) if getattr(ckpt_mcfg, f.name) != getattr(mcfg, f.name)]
+            self.say(f"note: resuming the checkpoint's model; the requested one differs in {diff}")
+        if cfg.seq_len > ckpt_mcfg.max_seq_len:
+            raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: the checkpoint's model has "
+                             f"max_seq_len={ckpt_mcfg.max_seq_len}")
+        return model, ckpt_mcfg
 
-def _is_cuda_index(device: str) -> bool:
-    head, _, idx = device.partition(":")
-    return head == "cuda" and idx.isdigit()
+    def resume(self) -> None:
+        """Load the checkpoint's optimizer state, step and random streams (a no-op on a fresh run).
 
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based).
-
-    Linear warmup to ``lr`` over ``warmup_steps`` (step 0 already gets lr / warmup_steps, never
-    0), then a cosine from ``lr`` at ``warmup_steps`` down to ``min_lr`` at ``max_steps``.
-    """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if step >= cfg.max_steps:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def stream_seed(seed: int, rank: int, stream: str) -> int:
-    """A 63-bit seed for one random stream of one rank, decorrelated from the others."""
-    digest = hashlib.sha256(f"modlm/{seed}/{rank}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-# --------------------------------------------------------------------------------------------
-# Command line (shared with `modlm train`)
-# --------------------------------------------------------------------------------------------
-
-
-def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the training flags (defaults from TrainConfig) plus --resume / --no-progress."""
-    d = TrainConfig.__dataclass_fields__
-
-    def default(name: str) -> Any:
-        f = d[name]
-        return f.default
-
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=default("model"), help=f"preset: {', '.join(preset_names())} (default: %(default)s)")
-    g.add_argument("--router", choices=("learned", "random", "token_choice", "none"), default=None,
-                   help="override the preset's router (none = dense)")
-    g.add_argument("--capacity", type=float, default=None, help="override the fraction of tokens a routed block processes")
-    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any ModelConfig field, e.g. --model-arg d_model=128 (repeatable)")
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", default=None, help="'enwiki' (default: bundled Wikipedia sample), a text file or a folder")
-    g.add_argument("--cache-dir", default=None, help="token cache root (default: $MODLM_CACHE or ~/.cache/modlm)")
-    g.add_argument("--val-fraction", type=float, default=default("val_fraction"), help="held-out share (default: %(default)s)")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=default("batch_size"), help="sequences per micro-step per rank (default: %(default)s)")
-    g.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per sequence (default: %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=default("grad_accum"), help="micro-steps per optimizer step (default: %(default)s)")
-    g.add_argument("--max-steps", type=int, default=default("max_steps"), help="optimizer steps (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate (default: %(default)s)")
-    g.add_argument("--min-lr", type=float, default=default("min_lr"), help="learning rate at the end of the cosine (default: %(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: min(100, max_steps // 10))")
-    g.add_argument("--weight-decay", type=float, default=default("weight_decay"), help="AdamW decay of matrices (default: %(default)s)")
-    g.add_argument("--beta1", type=float, default=default("beta1"), help="AdamW beta1 (default: %(default)s)")
-    g.add_argument("--beta2", type=float, default=default("beta2"), help="AdamW beta2 (default: %(default)s)")
-    g.add_argument("--grad-clip", type=float, default=default("grad_clip"), help="max grad norm, 0 = off (default: %(default)s)")
-    g = parser.add_argument_group("run")
-    g.add_argument("--out-dir", default=default("out_dir"), help="metrics.jsonl and checkpoints/ go here (default: %(default)s)")
-    g.add_argument("--eval-interval", type=int, default=default("eval_interval"), help="steps between evaluations (default: %(default)s)")
-    g.add_argument("--eval-batches", type=int, default=default("eval_batches"), help="validation batches per evaluation (default: %(default)s)")
-    g.add_argument("--ckpt-interval", type=int, default=default("ckpt_interval"), help="steps between checkpoints (default: %(default)s)")
-    g.add_argument("--log-interval", type=int, default=default("log_interval"), help="steps between metric lines (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=default("seed"), help="seed of init, data order and random routing (default: %(default)s)")
-    g.add_argument("--device", default=default("device"), help="auto | cpu | cuda | cuda:N (default: %(default)s)")
-    g.add_argument("--dtype", choices=DTYPES, default=default("dtype"), help="autocast dtype; auto = bf16 on CUDA if supported (default: %(default)s)")
-    g.add_argument("--max-time-s", type=float, default=None, help="wall-clock budget in seconds: stop, checkpoint, exit 0")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest (fresh start if none)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (one line per log event instead)")
-    return parser
-
-
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed ``add_train_args`` flags (raises the one-line ValueError of bad values)."""
-    overrides = parse_assignments(args.model_arg or [])
-    if args.router is not None:
-        overrides["router"] = args.router
-    if args.capacity is not None:
-        overrides["capacity"] = args.capacity
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_overrides"}
-    kwargs = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return TrainConfig(model_overrides=overrides, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# Runtime pieces
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Dist:
-    """Process-group facts; world_size 1 means no torch.distributed at all."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _resolve_device(cfg: TrainConfig, local_rank: int):
-    import torch
-
-    if cfg.device == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        name = cfg.device
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"TrainConfig.device={cfg.device!r} is invalid: CUDA is not available here (use cpu or auto)")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        device = torch.device(name)
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def _resolve_dtype(cfg: TrainConfig, device) -> str:
-    import torch
-
-    if cfg.dtype == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if cfg.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"TrainConfig.dtype='bf16' is invalid: {torch.cuda.get_device_name(device)} has no bf16 support (use fp32)")
-    return cfg.dtype
-
-
-def _autocast(device, dtype: str):
-    import torch
-
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def build_optimizer(model, cfg: TrainConfig, device):
-    """AdamW with two groups: matrices decay; vectors (norm gains, biases, the router vector,
-    the predictor biases) and the token embedding (tied lm_head) do not.
-
-    Decaying a norm gain or the router vector only shrinks a scale the next layer must undo, and
-    decaying the embedding pulls rare tokens' rows to zero; the usual GPT recipe skips them.
-    """
-    import torch
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # deduplicated: a tied weight appears once
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or name == "tok_emb.weight" else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), **kwargs)
-
-
-class _Metrics:
-    """metrics.jsonl writer: one JSON object per line, flushed at once (rank 0 only)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.f = open(path, "a", encoding="utf-8") if path is not None else None
-
-    def log(self, event: str, **fields: Any) -> None:
-        if self.f is None:
+        The current config's hyperparameters win over the saved ones. A checkpoint written with
+        another world size has no streams for this rank: they are reseeded from the step, with a
+        note that the continuation matches no single run.
+        """
+        state, info, cfg = self.state, self.info, self.cfg
+        if state is None:
             return
-        self.f.write(json.dumps({"event": event, **fields}) + "\n")
-        self.f.flush()
+        self.start_step, self.extra = state["step"], state["extra"]
+        opt_state = state["optimizer"]
+        if opt_state is None:
+            raise ValueError(f"{self.ckpt_dir} has no optimizer state; it cannot be resumed (load_model it instead)")
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        expected = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        if opt_state["param_names"] != expected:
+            raise ValueError(f"{self.ckpt_dir}/optimizer.json orders parameters differently from this model; cannot resume")
+        self.optimizer.load_state_dict(opt_state["state_dict"])
+        apply_hyperparameters(self.optimizer, cfg)
+        prefix = f"rank{info.rank}."
+        local_rng = {k[len(prefix):]: v for k, v in state["rng"].items() if k.startswith(prefix)}
+        if self.extra.get("world_size", 1) == info.world_size and local_rng:
+            restore_rng_state(local_rng, {"data": self.data_gen}, self.cuda_dev)
+        else:
+            self.say(f"note: checkpoint was written with world_size={self.extra.get('world_size')}, now {info.world_size}; "
+                     "random streams are reseeded (the continuation is not bit-identical to any single run)")
+            self.data_gen.manual_seed(stream_seed(cfg.seed, info.rank, f"data@{self.start_step}"))
+            torch.manual_seed(stream_seed(cfg.seed, info.rank, f"torch@{self.start_step}"))
+        if info.main:
+            changed = [k for k, v in cfg.to_dict().items() if (state["train"] or {}).get(k, v) != v
+                       and k not in _QUIET_ON_RESUME]
+            if changed:
+                self.say(f"note: resuming with changed settings {changed}; the run will differ from an uninterrupted one")
 
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
+    def _begin(self) -> None:
+        """Counters (carried over from the checkpoint), the metrics file, the header lines and the
+        "start" event."""
+        cfg, info, mcfg = self.cfg, self.info, self.mcfg
+        resumed = self.state is not None
+        self.seqs_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
+        self.tokens_per_step = self.seqs_per_step * cfg.seq_len
+        self.step_flops = train_flops(mcfg, cfg.seq_len, self.seqs_per_step)
+        dense_flops = train_flops(mcfg.dense_twin(), cfg.seq_len, self.seqs_per_step)
+        self.n_params = self.model.num_params()
+        self.step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+        self.elapsed_before = float(self.extra.get("elapsed_s", 0.0))
+        self.tokens_seen = int(self.extra.get("tokens_seen", 0))
+        self.last_eval: dict[str, Any] = dict(self.extra.get("last_eval") or {})
+        self.last_train: dict[str, Any] = dict(self.extra.get("last_train") or {})
+        self.global_step = self.start_step
+        self.stop_reason = "max_steps"
+        self.saved_step = self.start_step if resumed else -1
+        self.evaluated_step = int(self.last_eval.get("step", -1))
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.lm_sum = torch.zeros((), device=self.device)
+        self.interval_steps, self.t_interval = 0, time.perf_counter()
+        if not info.main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.out_dir / METRICS_FILE, self.start_step if resumed else None)
+        self.metrics = MetricsWriter(self.out_dir / METRICS_FILE)
+        rep = flop_report(mcfg, cfg.seq_len)
+        print(f"modlm train: {mcfg.name} (router={mcfg.router}, capacity={mcfg.capacity}, routed blocks "
+              f"{list(mcfg.routed_layers)}) | params {self.n_params:,} (non-embedding {self.model.num_params(True):,})")
+        print(f"  FLOPs/step {format_flops(self.step_flops)} = {self.seqs_per_step} seq x {cfg.seq_len} tok x "
+              f"{format_flops(rep.train_per_token)}/token; dense twin {format_flops(dense_flops)} "
+              f"(x{self.step_flops / dense_flops:.3f})")
+        print(f"  data {self.corpus.meta.get('source')}: {len(self.corpus.train):,} train / {len(self.corpus.val):,} val "
+              f"tokens | device {self.device}, dtype {self.dtype}, world size {info.world_size}")
+        if resumed:
+            print(f"  resuming from step {self.start_step} ({self.ckpt_dir})")
+        print("  train config: " + json.dumps(cfg.to_dict()))
+        print("  model config: " + json.dumps(mcfg.to_dict()))
+        sys.stdout.flush()
+        self.metrics.log("start", step=self.start_step, resumed=resumed, train=cfg.to_dict(), model=mcfg.to_dict(),
+                         params=self.n_params, flops_per_step=self.step_flops, dense_flops_per_step=dense_flops,
+                         tokens_per_step=self.tokens_per_step, world_size=info.world_size, device=str(self.device),
+                         dtype=self.dtype)
 
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, earlier invocations included."""
+        return self.elapsed_before + time.monotonic() - self.t0
 
-def truncate_metrics(path: Path, max_step: int | None) -> int:
-    """Keep the metrics.jsonl records with ``step <= max_step`` (None keeps none); returns how many.
+    # ----------------------------------------------------------------------------------------
+    # The work of one step, one log line, one evaluation, one checkpoint
+    # ----------------------------------------------------------------------------------------
 
-    After a crash, the records written after the checkpoint being resumed would otherwise be
-    repeated by the resumed run; a line cut mid-write by the crash is dropped too.
-    """
-    if not path.exists():
-        return 0
-    kept = []
-    if max_step is not None:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("step", 0) <= max_step:
-                kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
-    return len(kept)
+    def step(self) -> StepResult:
+        """One optimizer step at the schedule's learning rate: ``grad_accum`` micro-batches,
+        gradients clipped per clip group (``modlm.training.optim.clip_gradients``)."""
+        cfg = self.cfg
+        lr = lr_at(self.global_step, cfg)
+        set_lr(self.optimizer, lr)
+        for micro in range(cfg.grad_accum):
+            x_BT, y_BT = get_batch(self.corpus.train, cfg.batch_size, cfg.seq_len, self.data_gen, self.device)
+            # Gradients are all-reduced only on the last micro-step of the accumulation.
+            sync = self.wrapped.no_sync() if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, self.dtype):
+                    out = self.wrapped.module(x_BT, y_BT)
+                (out.loss / cfg.grad_accum).backward()
+            self.loss_sum += out.loss.detach()
+            self.lm_sum += out.lm_loss.detach()
+        grad_norm = clip_gradients(self.clip_groups, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self.interval_steps += 1
+        self.tokens_seen += self.tokens_per_step
+        return StepResult(lr, grad_norm, out)
 
+    def log(self, result: StepResult) -> None:
+        """The "train" event of the steps since the last one: losses averaged over the interval and
+        the ranks, throughput, router statistics; a console line or the progress bar's postfix."""
+        cfg, step = self.cfg, self.global_step
+        sums = torch.stack([self.loss_sum, self.lm_sum]) / (self.interval_steps * cfg.grad_accum)
+        loss, lm_loss = all_reduce_mean_(sums, self.info).tolist()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {step}; lower --lr "
+                                     f"(now {cfg.lr}) or raise --warmup-steps")
+        dt = time.perf_counter() - self.t_interval
+        tok_s = self.interval_steps * self.tokens_per_step / max(dt, 1e-9)
+        stats = result.out.router_stats()
+        self.last_train = {"step": step, "loss": loss, "lm_loss": lm_loss, "aux_loss": loss - lm_loss,
+                           "lr": result.lr, "grad_norm": result.grad_norm.item() if result.grad_norm is not None else None,
+                           "tokens_per_s": tok_s, "flops_per_s": self.step_flops * self.interval_steps / max(dt, 1e-9),
+                           "tokens": self.tokens_seen, "elapsed_s": self.elapsed()}
+        self.metrics.log("train", **self.last_train, router=stats)
+        summary_stat = _router_summary(stats)
+        # The LM loss: the total adds the predictor's BCE, which never reaches the LM.
+        post = {"loss": f"{lm_loss:.4f}", "aux": f"{loss - lm_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
+        if summary_stat is not None:
+            post[summary_stat[0]] = f"{summary_stat[1]:.3f}"
+        if self.bar.disable and self.info.main:
+            print(f"step {step}/{cfg.max_steps} " + " ".join(f"{k} {v}" for k, v in post.items())
+                  + f" lr {result.lr:.3g}", flush=True)
+        self.bar.set_postfix(post, refresh=False)
+        self.loss_sum.zero_()
+        self.lm_sum.zero_()
+        self.interval_steps, self.t_interval = 0, time.perf_counter()
 
-class _StopSignal:
-    """SIGINT/SIGTERM set a flag the loop checks between steps (so a checkpoint is never taken
-    mid-update); a second SIGINT interrupts at once."""
+    def evaluate(self) -> None:
+        """Validation loss under top-k and under causal routing (rank 0 evaluates, the others
+        only note the step), as an "eval" event and a console line."""
+        self.evaluated_step = step = self.global_step
+        if not self.info.main:
+            return
+        val, tpb = self.corpus.val, self.corpus.tokens_per_byte
+        topk = evaluation.evaluate(self.model, val, self.cfg, self.device, self.dtype, tpb, "topk")
+        causal = topk if self.mcfg.router == "none" else evaluation.evaluate(self.model, val, self.cfg, self.device,
+                                                                             self.dtype, tpb, "causal")
+        self.last_eval = {"step": step, "val_loss": topk["loss"], "val_bpb": topk["bpb"],
+                          "val_loss_causal": causal["loss"], "val_bpb_causal": causal["bpb"]}
+        if "routed_frac" in causal:
+            self.last_eval["causal_routed_frac"] = causal["routed_frac"]
+        self.metrics.log("eval", **self.last_eval, tokens=topk["tokens"])
+        frac = f", routed {causal['routed_frac']:.3f}" if "routed_frac" in causal else ""
+        self.say(f"step {step}: val loss {topk['loss']:.4f} ({topk['bpb']:.3f} bpb) | causal routing "
+                 f"{causal['loss']:.4f} ({causal['bpb']:.3f} bpb{frac})")
 
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._previous: dict[int, Any] = {}
+    def save(self) -> None:
+        """Checkpoint this step: every rank's random streams are gathered, rank 0 writes."""
+        self.saved_step = self.global_step
+        local = capture_rng_state({"data": self.data_gen}, self.cuda_dev)
+        rng: dict[str, Any] = {}
+        for key in sorted(local):  # same keys on every rank
+            parts = all_gather(local[key], self.info, self.comm_device)
+            rng.update({f"rank{r}.{key}": t for r, t in enumerate(parts)})
+        if not self.info.main:
+            return
+        extra_state = {"world_size": self.info.world_size, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(),
+                       "last_eval": self.last_eval, "last_train": self.last_train}
+        path = save_checkpoint(self.ckpt_path, self.model, self.mcfg, self.cfg.to_dict(), self.optimizer,
+                               self.global_step, extra_state, rng)
+        self.metrics.log("checkpoint", step=self.global_step, path=str(path))
 
-    def __enter__(self) -> "_StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+    def _agreed_stop(self, stop_signal: StopSignal) -> str | None:
+        """Why to stop after this step (a signal, the time budget), or None. Ranks agree on it, or
+        one would wait forever in an all-reduce; across ranks any signal reads "signal"."""
+        cfg = self.cfg
+        reason = stop_signal.reason or ("max_time" if cfg.max_time_s is not None
+                                        and time.monotonic() - self.t0 >= cfg.max_time_s else None)
+        if self.info.enabled:
+            code = all_reduce_max(_STOP_CODES.get(reason, _STOP_CODES["signal"]), self.info, self.comm_device)
+            reason = _STOP_REASONS[code]
+        return reason
 
-    def _handle(self, signum, frame) -> None:
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.reason = signal.Signals(signum).name
+    # ----------------------------------------------------------------------------------------
+    # The loop
+    # ----------------------------------------------------------------------------------------
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def run(self) -> dict[str, Any]:
+        """Set up, resume, train to ``max_steps`` (or a stop signal, or the time budget) and end
+        with an evaluation and a checkpoint of the last step; returns the summary."""
+        cfg = self.cfg
+        self.setup()
+        self.resume()
+        self._begin()
+        self.bar = tqdm(total=cfg.max_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
+                        disable=not (self.progress and self.info.main), desc="train")
+        try:
+            with StopSignal() as stop_signal:
+                while self.global_step < cfg.max_steps:
+                    result = self.step()
+                    self.bar.update(1)
+                    if self.step_delay:
+                        time.sleep(self.step_delay)
+                    step = self.global_step
+                    if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                        self.log(result)
+                    if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                        self.evaluate()
+                    reason = self._agreed_stop(stop_signal)
+                    if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or reason is not None:
+                        self.save()
+                    if reason is not None:
+                        self.stop_reason = reason
+                        self.say(f"stopping at step {step}/{cfg.max_steps}: {reason}")
+                        break
+        finally:
+            self.bar.close()
+        # A run stopped early still ends with an evaluation and a checkpoint of its last step.
+        if self.evaluated_step != self.global_step:
+            self.evaluate()
+        if self.saved_step != self.global_step:
+            self.save()
+        return self._finish()
 
-
-def _param_digest(model) -> int:
-    """A 63-bit hash of every parameter's bytes: equal on two ranks iff the weights are identical."""
-    import torch
-
-    h = hashlib.sha256()
-    # Parameters only: buffers such as the predictors' running statistics of r are updated from
-    # each rank's own batch after DDP broadcast them (as BatchNorm's are) and may differ at the end.
-    for _, p in sorted(model.named_parameters()):
-        h.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "little") >> 1
-
-
-def _all_gather(t, dist_info: _Dist, comm_device):
-    import torch
-    import torch.distributed as dist
-
-    t = t.to(comm_device)
-    parts = [torch.empty_like(t) for _ in range(dist_info.world_size)]
-    dist.all_gather(parts, t)
-    return [p.cpu() for p in parts]
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-def evaluate(model, data, cfg: TrainConfig, device, dtype: str = "fp32", tokens_per_byte: float = 1.0,
-             routing: str = "topk") -> dict[str, float]:
-    """Mean validation LM loss (nats/token, aux losses excluded) and bits per byte.
-
-    ``routing="causal"`` routes each token by its own causal signal, as decoding does; top-k
-    routing looks at the whole sequence, so its loss is the optimistic one. Runs under a forked,
-    fixed-seed RNG: the random router gives the same estimate every time, and training's random
-    streams are not advanced (resume stays exact wherever evaluations fall).
-    """
-    import torch
-
-    from modlm.training.batching import bits_per_byte, iter_eval_batches
-
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = 0
-    fracs: list[float] = []
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(stream_seed(cfg.seed, 0, "eval"))
-            for x_BT, y_BT in iter_eval_batches(data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device):
-                with _autocast(device, dtype):
-                    out = model(x_BT, y_BT, routing=routing)
-                total += out.lm_loss.double() * y_BT.numel()
-                n_tokens += y_BT.numel()
-                routed = [v for k, v in out.router_stats().items() if k.endswith("/routed_frac")]
-                if routed:
-                    fracs.append(sum(routed) / len(routed))
-    finally:
-        model.train(was_training)
-    loss = (total / max(1, n_tokens)).item()
-    result = {"loss": loss, "bpb": bits_per_byte(loss, tokens_per_byte), "tokens": n_tokens}
-    if fracs:
-        result["routed_frac"] = sum(fracs) / len(fracs)
-    return result
+    def _finish(self) -> dict[str, Any]:
+        """The replicas' agreement check (DDP), the summary, its "end" event and the last line."""
+        info, step = self.info, self.global_step
+        in_sync = None
+        if info.enabled:
+            digests = all_gather(torch.tensor([param_digest(self.model)], dtype=torch.int64), info, self.comm_device)
+            in_sync = len({int(d.item()) for d in digests}) == 1
+            self.say(f"DDP check: parameters {'identical' if in_sync else 'DIFFER'} on all {info.world_size} ranks "
+                     f"(digests {[hex(int(d.item())) for d in digests]})")
+        last_train, last_eval = self.last_train, self.last_eval
+        summary = {
+            "step": step, "max_steps": self.cfg.max_steps, "stop_reason": self.stop_reason,
+            "resumed_from": self.start_step if self.state is not None else None,
+            "train_loss": last_train.get("lm_loss"), "train_aux_loss": last_train.get("aux_loss"),
+            "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
+            "val_loss_causal": last_eval.get("val_loss_causal"), "val_bpb_causal": last_eval.get("val_bpb_causal"),
+            "causal_routed_frac": last_eval.get("causal_routed_frac"), "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed(),
+            "tokens_per_s": (step - self.start_step) * self.tokens_per_step / max(time.monotonic() - self.t0, 1e-9),
+            "params": self.n_params, "flops_per_step": self.step_flops, "world_size": info.world_size, "rank": info.rank,
+            "ddp_params_in_sync": in_sync, "out_dir": str(self.out_dir), "checkpoint": str(self.ckpt_path),
+        }
+        if info.main:
+            self.metrics.log("end", **summary)
+            self.metrics.close()
+            self.say(f"done: step {step}, {self.stop_reason}; val loss {summary['val_loss']}, causal "
+                     f"{summary['val_loss_causal']}; checkpoint {self.ckpt_path}")
+        return summary
 
 
 def _router_summary(stats: dict[str, float]) -> tuple[str, float] | None:
@@ -445,24 +453,6 @@ def _router_summary(stats: dict[str, float]) -> tuple[str, float] | None:
         if vals:
             return key, sum(vals) / len(vals)
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------
-
-
-def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, Any]:
-    """Start the process group when launched by torchrun with WORLD_SIZE > 1; pick the device."""
-    import torch.distributed as dist
-
-    info = _Dist(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    device = _resolve_device(cfg, info.local_rank)
-    if info.enabled:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        info.rank, info.world_size = dist.get_rank(), dist.get_world_size()
-    return info, device
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -477,319 +467,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(cfg).__name__}")
     t0 = time.monotonic()
-    info, device = _init_distributed(cfg)
-    try:
-        return _train(cfg, resume, progress, info, device, t0)
-    finally:
-        if info.enabled:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _train(cfg: TrainConfig, resume: bool, progress: bool, info: _Dist, device, t0: float) -> dict[str, Any]:
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from tqdm import tqdm
-
-    from modlm.training.checkpoint import (
-        RUN_CHECKPOINT, capture_rng_state, find_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
-    )
-    from modlm.training.batching import get_batch
-    from modlm.training.corpus import prepare_corpus
-    from modlm.flops import flops as flop_report
-    from modlm.flops import format_flops, train_flops
-    from modlm.model.transformer import MoDTransformer
-
-    def say(msg: str) -> None:
-        if info.main:
-            (tqdm.write if bar is not None and not bar.disable else print)(msg)
-            sys.stdout.flush()
-
-    bar = None
-    dtype = _resolve_dtype(cfg, device)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / RUN_CHECKPOINT
-    comm_device = device if device.type == "cuda" else torch.device("cpu")
-
-    # --- data: rank 0 builds the token cache, the others read it once it is complete ---
-    if info.main:
-        corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    if info.enabled:
-        dist.barrier()
-    if not info.main:
-        corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    for split in ("train", "val"):
-        n = len(getattr(corpus, split))
-        if n < cfg.seq_len + 1:
-            raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: the {split} split of {cfg.data or 'enwiki'} "
-                             f"has only {n} tokens (need seq_len + 1)")
-
-    # --- model, optimizer, RNG: fresh or from the checkpoint ---
-    ckpt_dir = None
-    try:
-        ckpt_dir = find_checkpoint(ckpt_path)
-    except FileNotFoundError:
-        pass
-    if ckpt_dir is not None and not resume:
-        raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it or pick "
-                              f"another --out-dir")
-    mcfg = cfg.model_config()
-    state: dict[str, Any] | None = None
-    if ckpt_dir is not None:
-        model, ckpt_mcfg, state = load_checkpoint(ckpt_dir, device="cpu")
-        if ckpt_mcfg != mcfg:
-            diff = [f.name for f in dataclasses.fields(ModelConfig) if getattr(ckpt_mcfg, f.name) != getattr(mcfg, f.name)]
-            say(f"note: resuming the checkpoint's model; the requested one differs in {diff}")
-        mcfg = ckpt_mcfg
-        if cfg.seq_len > mcfg.max_seq_len:
-            raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: the checkpoint's model has "
-                             f"max_seq_len={mcfg.max_seq_len}")
-    else:
-        torch.manual_seed(cfg.seed)  # same init on every rank (DDP would broadcast rank 0's anyway)
-        model = MoDTransformer(mcfg)
-    if mcfg.vocab_size < corpus.tokenizer.vocab_size:
-        raise ValueError(f"ModelConfig.vocab_size={mcfg.vocab_size} is invalid: the {corpus.tokenizer.name} tokenizer "
-                         f"needs >= {corpus.tokenizer.vocab_size}")
-    model.to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg, device)
-    data_gen = torch.Generator()
-    data_gen.manual_seed(stream_seed(cfg.seed, info.rank, "data"))
-    torch.manual_seed(stream_seed(cfg.seed, info.rank, "torch"))
-    cuda_dev = device if device.type == "cuda" else None
-    start_step, extra = 0, {}
-    if state is not None:
-        start_step, extra = state["step"], state["extra"]
-        opt_state = state["optimizer"]
-        if opt_state is None:
-            raise ValueError(f"{ckpt_dir} has no optimizer state; it cannot be resumed (load_model it instead)")
-        names = {id(p): n for n, p in model.named_parameters()}
-        expected = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-        if opt_state["param_names"] != expected:
-            raise ValueError(f"{ckpt_dir}/optimizer.json orders parameters differently from this model; cannot resume")
-        optimizer.load_state_dict(opt_state["state_dict"])
-        # The current config's hyperparameters win over the saved ones (identical unless changed).
-        for group, wd in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
-            group["weight_decay"], group["betas"] = wd, (cfg.beta1, cfg.beta2)
-        prefix = f"rank{info.rank}."
-        local_rng = {k[len(prefix):]: v for k, v in state["rng"].items() if k.startswith(prefix)}
-        if extra.get("world_size", 1) == info.world_size and local_rng:
-            restore_rng_state(local_rng, {"data": data_gen}, cuda_dev)
-        else:
-            # Different world size: this rank's streams did not exist; reseed them from the step.
-            say(f"note: checkpoint was written with world_size={extra.get('world_size')}, now {info.world_size}; "
-                "random streams are reseeded (the continuation is not bit-identical to any single run)")
-            data_gen.manual_seed(stream_seed(cfg.seed, info.rank, f"data@{start_step}"))
-            torch.manual_seed(stream_seed(cfg.seed, info.rank, f"torch@{start_step}"))
-        if info.main:
-            changed = [k for k, v in cfg.to_dict().items() if (state["train"] or {}).get(k, v) != v
-                       and k not in ("out_dir", "max_time_s", "eval_interval", "ckpt_interval",
-                                     "log_interval", "compile", "device", "eval_batches")]
-            if changed:
-                say(f"note: resuming with changed settings {changed}; the run will differ from an uninterrupted one")
-
-    train_model = model
-    ddp_model = None
-    if info.enabled:
-        # Every parameter gets a gradient in top-k training (the router through r * f, the predictor
-        # through its own loss), so no unused-parameter search; the only buffers are constants.
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        train_model = ddp_model
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-
-    # --- bookkeeping ---
-    seqs_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
-    tokens_per_step = seqs_per_step * cfg.seq_len
-    step_flops = train_flops(mcfg, cfg.seq_len, seqs_per_step)
-    dense_flops = train_flops(mcfg.dense_twin(), cfg.seq_len, seqs_per_step)
-    n_params = model.num_params()
-    metrics = _Metrics(None)
-    if info.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(out_dir / METRICS_FILE, start_step if state is not None else None)
-        metrics = _Metrics(out_dir / METRICS_FILE)
-        rep = flop_report(mcfg, cfg.seq_len)
-        print(f"modlm train: {mcfg.name} (router={mcfg.router}, capacity={mcfg.capacity}, routed blocks "
-              f"{list(mcfg.routed_layers)}) | params {n_params:,} (non-embedding {model.num_params(True):,})")
-        print(f"  FLOPs/step {format_flops(step_flops)} = {seqs_per_step} seq x {cfg.seq_len} tok x "
-              f"{format_flops(rep.train_per_token)}/token; dense twin {format_flops(dense_flops)} "
-              f"(x{step_flops / dense_flops:.3f})")
-        print(f"  data {corpus.meta.get('source')}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens | "
-              f"device {device}, dtype {dtype}, world size {info.world_size}")
-        if state is not None:
-            print(f"  resuming from step {start_step} ({ckpt_dir})")
-        print("  train config: " + json.dumps(cfg.to_dict()))
-        print("  model config: " + json.dumps(mcfg.to_dict()))
-        sys.stdout.flush()
-        metrics.log("start", step=start_step, resumed=state is not None, train=cfg.to_dict(), model=mcfg.to_dict(),
-                    params=n_params, flops_per_step=step_flops, dense_flops_per_step=dense_flops,
-                    tokens_per_step=tokens_per_step, world_size=info.world_size, device=str(device), dtype=dtype)
-
-    step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-    elapsed_before = float(extra.get("elapsed_s", 0.0))
-    tokens_seen = int(extra.get("tokens_seen", 0))
-    last_eval: dict[str, Any] = dict(extra.get("last_eval") or {})
-    last_train: dict[str, Any] = dict(extra.get("last_train") or {})
-    step = start_step
-    stop_reason = "max_steps"
-    saved_step = start_step if state is not None else -1
-    evaluated_step = int(last_eval.get("step", -1))
-
-    def run_eval() -> None:
-        nonlocal last_eval, evaluated_step
-        evaluated_step = step
-        if not info.main:
-            return
-        topk = evaluate(model, corpus.val, cfg, device, dtype, corpus.tokens_per_byte, "topk")
-        causal = topk if mcfg.router == "none" else evaluate(model, corpus.val, cfg, device, dtype,
-                                                             corpus.tokens_per_byte, "causal")
-        last_eval = {"step": step, "val_loss": topk["loss"], "val_bpb": topk["bpb"],
-                     "val_loss_causal": causal["loss"], "val_bpb_causal": causal["bpb"]}
-        if "routed_frac" in causal:
-            last_eval["causal_routed_frac"] = causal["routed_frac"]
-        metrics.log("eval", **last_eval, tokens=topk["tokens"])
-        frac = f", routed {causal['routed_frac']:.3f}" if "routed_frac" in causal else ""
-        say(f"step {step}: val loss {topk['loss']:.4f} ({topk['bpb']:.3f} bpb) | causal routing "
-            f"{causal['loss']:.4f} ({causal['bpb']:.3f} bpb{frac})")
-
-    def run_save() -> None:
-        nonlocal saved_step
-        saved_step = step
-        local = capture_rng_state({"data": data_gen}, cuda_dev)
-        rng: dict[str, Any] = {}
-        for key in sorted(local):  # same keys on every rank
-            parts = _all_gather(local[key], info, comm_device) if info.enabled else [local[key]]
-            rng.update({f"rank{r}.{key}": t for r, t in enumerate(parts)})
-        if not info.main:
-            return
-        extra_state = {"world_size": info.world_size, "tokens_seen": tokens_seen, "elapsed_s": elapsed(),
-                       "last_eval": last_eval, "last_train": last_train}
-        path = save_checkpoint(ckpt_path, model, mcfg, cfg.to_dict(), optimizer, step, extra_state, rng)
-        metrics.log("checkpoint", step=step, path=str(path))
-
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - t0
-
-    # --- train ---
-    # The causal predictors are clipped on their own: their BCE never reaches the LM (its inputs
-    # are detached), and a spike in it must not shrink the LM's step through a shared global norm.
-    params = [p for n, p in model.named_parameters() if p.requires_grad and ".predictor." not in n]
-    predictor_params = [p for n, p in model.named_parameters() if p.requires_grad and ".predictor." in n]
-    loss_sum = torch.zeros((), device=device)
-    lm_sum = torch.zeros((), device=device)
-    interval_steps, t_interval = 0, time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
-               disable=not (progress and info.main), desc="train")
-    try:
-        with _StopSignal() as stop_signal:
-            while step < cfg.max_steps:
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                for micro in range(cfg.grad_accum):
-                    x_BT, y_BT = get_batch(corpus.train, cfg.batch_size, cfg.seq_len, data_gen, device)
-                    # Gradients are all-reduced only on the last micro-step of the accumulation.
-                    sync = ddp_model.no_sync() if ddp_model is not None and micro < cfg.grad_accum - 1 \
-                        else contextlib.nullcontext()
-                    with sync:
-                        with _autocast(device, dtype):
-                            out = train_model(x_BT, y_BT)
-                        (out.loss / cfg.grad_accum).backward()
-                    loss_sum += out.loss.detach()
-                    lm_sum += out.lm_loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-                if cfg.grad_clip > 0 and predictor_params:
-                    torch.nn.utils.clip_grad_norm_(predictor_params, cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                interval_steps += 1
-                tokens_seen += tokens_per_step
-                bar.update(1)
-                if step_delay:
-                    time.sleep(step_delay)
-
-                if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                    sums = torch.stack([loss_sum, lm_sum]) / (interval_steps * cfg.grad_accum)
-                    if info.enabled:
-                        dist.all_reduce(sums)
-                        sums /= info.world_size
-                    loss, lm_loss = sums.tolist()
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"training loss is {loss} at step {step}; lower --lr "
-                                                 f"(now {cfg.lr}) or raise --warmup-steps")
-                    dt = time.perf_counter() - t_interval
-                    tok_s = interval_steps * tokens_per_step / max(dt, 1e-9)
-                    stats = out.router_stats()
-                    last_train = {"step": step, "loss": loss, "lm_loss": lm_loss, "aux_loss": loss - lm_loss,
-                                  "lr": lr, "grad_norm": grad_norm.item() if grad_norm is not None else None,
-                                  "tokens_per_s": tok_s, "flops_per_s": step_flops * interval_steps / max(dt, 1e-9),
-                                  "tokens": tokens_seen, "elapsed_s": elapsed()}
-                    metrics.log("train", **last_train, router=stats)
-                    summary_stat = _router_summary(stats)
-                    # The LM loss: the total adds the predictor's BCE, which never reaches the LM.
-                    post = {"loss": f"{lm_loss:.4f}", "aux": f"{loss - lm_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
-                    if summary_stat is not None:
-                        post[summary_stat[0]] = f"{summary_stat[1]:.3f}"
-                    if bar.disable and info.main:
-                        print(f"step {step}/{cfg.max_steps} " + " ".join(f"{k} {v}" for k, v in post.items())
-                              + f" lr {lr:.3g}", flush=True)
-                    bar.set_postfix(post, refresh=False)
-                    loss_sum.zero_()
-                    lm_sum.zero_()
-                    interval_steps, t_interval = 0, time.perf_counter()
-
-                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                    run_eval()
-
-                # Stop requests are agreed on by all ranks, or one would wait forever in an all-reduce.
-                reason = stop_signal.reason or ("max_time" if cfg.max_time_s is not None
-                                                and time.monotonic() - t0 >= cfg.max_time_s else None)
-                if info.enabled:
-                    flag = torch.tensor([0 if reason is None else (1 if reason == "max_time" else 2)], device=comm_device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    reason = {0: None, 1: "max_time", 2: "signal"}[int(flag.item())]
-                if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or reason is not None:
-                    run_save()
-                if reason is not None:
-                    stop_reason = reason
-                    say(f"stopping at step {step}/{cfg.max_steps}: {reason}")
-                    break
-    finally:
-        bar.close()
-
-    # A run stopped early still ends with an evaluation and a checkpoint of its last step.
-    if evaluated_step != step:
-        run_eval()
-    if saved_step != step:
-        run_save()
-
-    in_sync = None
-    if info.enabled:
-        digests = _all_gather(torch.tensor([_param_digest(model)], dtype=torch.int64), info, comm_device)
-        in_sync = len({int(d.item()) for d in digests}) == 1
-        say(f"DDP check: parameters {'identical' if in_sync else 'DIFFER'} on all {info.world_size} ranks "
-            f"(digests {[hex(int(d.item())) for d in digests]})")
-
-    total_s = elapsed()
-    summary = {
-        "step": step, "max_steps": cfg.max_steps, "stop_reason": stop_reason, "resumed_from": start_step if state is not None else None,
-        "train_loss": last_train.get("lm_loss"), "train_aux_loss": last_train.get("aux_loss"), "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
-        "val_loss_causal": last_eval.get("val_loss_causal"), "val_bpb_causal": last_eval.get("val_bpb_causal"),
-        "causal_routed_frac": last_eval.get("causal_routed_frac"), "tokens_seen": tokens_seen, "elapsed_s": total_s,
-        "tokens_per_s": (step - start_step) * tokens_per_step / max(time.monotonic() - t0, 1e-9),
-        "params": n_params, "flops_per_step": step_flops, "world_size": info.world_size, "rank": info.rank,
-        "ddp_params_in_sync": in_sync, "out_dir": str(out_dir), "checkpoint": str(ckpt_path),
-    }
-    if info.main:
-        metrics.log("end", **summary)
-        metrics.close()
-        say(f"done: step {step}, {stop_reason}; val loss {summary['val_loss']}, causal {summary['val_loss_causal']}; "
-            f"checkpoint {ckpt_path}")
-    return summary
+    info = dist_info_from_env()
+    device = resolve_device(cfg.device, info.local_rank)
+    with process_group(info, device) as info:
+        return Trainer(cfg, info, device, resume=resume, progress=progress, t0=t0).run()
 
 
 def main(argv: list[str] | None = None) -> int:

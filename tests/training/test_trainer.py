@@ -1,10 +1,8 @@
-"""Training loop: config validation, schedule, CLI, metrics, exact resume (in-process and after
-SIGKILL), and DDP under torchrun on CPU."""
+"""Training loop: metrics and checkpoints of a run, exact resume (in-process and after SIGKILL),
+and DDP under torchrun on CPU."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
@@ -20,20 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from modlm.training.checkpoint import load_checkpoint, read_checkpoint_config
-from modlm.training.trainer import (
-    STEP_DELAY_ENV,
-    TrainConfig,
-    _StopSignal,
-    add_train_args,
-    lr_at,
-    main,
-    train,
-    train_config_from_args,
-    truncate_metrics,
-)
+from modlm.training.config import TrainConfig
+from modlm.training.trainer import STEP_DELAY_ENV, main, train
 
 SUBPROCESS_TIMEOUT = 240  # generous: a busy 2-core CI box runs these several times slower
-
 
 
 @pytest.fixture(scope="module")
@@ -74,120 +62,6 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs"
     assert _final_files(a) == _final_files(b)  # optimizer and RNG state too, byte for byte
-
-
-# --------------------------------------------------------------------------------------------
-# TrainConfig
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("field,value", [
-    ("model", "huge"), ("batch_size", 0), ("batch_size", 2.0), ("seq_len", 0), ("seq_len", 4096),
-    ("grad_accum", 0), ("max_steps", 0), ("lr", 0.0), ("lr", float("nan")), ("min_lr", 1.0), ("min_lr", -1e-4),
-    ("warmup_steps", -1), ("warmup_steps", 10**6), ("weight_decay", -0.1), ("beta1", 1.0), ("beta2", -0.1),
-    ("grad_clip", -1.0), ("eval_interval", 0), ("eval_batches", 0), ("ckpt_interval", 0), ("log_interval", 0),
-    ("seed", -1), ("seed", True), ("device", "tpu"), ("device", "cuda:x"), ("dtype", "fp16"), ("max_time_s", 0),
-    ("compile", "yes"), ("val_fraction", 1.0), ("out_dir", ""), ("model_overrides", {"d_modle": 64}),
-])
-def test_bad_train_config_raises_one_line_value_error(field, value):
-    with pytest.raises(ValueError) as err:
-        TrainConfig(**{field: value})
-    msg = str(err.value)
-    assert "\n" not in msg and msg.startswith(f"TrainConfig.{field}=")
-
-
-def test_model_overrides_are_validated_by_model_config():
-    with pytest.raises(ValueError, match=r"ModelConfig\.capacity=2"):
-        TrainConfig(model="tiny", model_overrides={"capacity": 2})
-    cfg = TrainConfig(model="tiny-dense", seq_len=64, model_overrides={"d_model": 32, "n_heads": 2})
-    mcfg = cfg.model_config()
-    assert (mcfg.router, mcfg.d_model, mcfg.name) == ("none", 32, "tiny-dense")
-
-
-def test_train_config_dict_round_trip():
-    cfg = TrainConfig(model="tiny", seq_len=64, model_overrides={"router": "random"}, max_time_s=5.0)
-    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match="unknown field"):
-        TrainConfig.from_dict({"bogus": 1})
-
-
-# --------------------------------------------------------------------------------------------
-# Learning-rate schedule
-# --------------------------------------------------------------------------------------------
-
-
-def test_lr_schedule_warmup_peak_cosine_end():
-    cfg = TrainConfig(model="tiny", seq_len=32, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
-    assert lr_at(0, cfg) == pytest.approx(1e-4)  # never 0: step 0 already learns
-    assert lr_at(4, cfg) == pytest.approx(5e-4)
-    assert lr_at(9, cfg) == pytest.approx(1e-3)  # end of warmup
-    assert lr_at(10, cfg) == pytest.approx(1e-3)  # cosine starts at the peak
-    assert lr_at(60, cfg) == pytest.approx(0.5 * (1e-3 + 1e-4))  # half-way down the cosine
-    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
-    decay = [lr_at(s, cfg) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
-    assert min(decay) >= 1e-4
-
-
-def test_lr_schedule_without_warmup():
-    cfg = TrainConfig(model="tiny", seq_len=32, lr=2e-3, min_lr=0.0, warmup_steps=0, max_steps=4)
-    assert [lr_at(s, cfg) for s in range(5)] == pytest.approx(
-        [2e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)])
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def test_cli_flags_cover_train_config_and_parse():
-    parser = add_train_args(argparse.ArgumentParser())
-    dests = {a.dest for a in parser._actions}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_overrides"}
-    assert fields <= dests and {"resume", "progress", "router", "capacity", "model_arg"} <= dests
-    args = parser.parse_args(["--model", "tiny", "--router", "random", "--capacity", "0.25", "--model-arg", "d_model=32",
-                              "--model-arg", "n_heads=2", "--model-arg", "n_kv_heads=null", "--seq-len", "64",
-                              "--max-time-s", "30", "--compile", "--no-progress", "--resume", "--data", "x"])
-    cfg = train_config_from_args(args)
-    assert cfg.model_overrides == {"d_model": 32, "n_heads": 2, "n_kv_heads": None, "router": "random", "capacity": 0.25}
-    assert (cfg.seq_len, cfg.max_time_s, cfg.compile, cfg.data) == (64, 30.0, True, "x")
-    assert args.resume and not args.progress
-    defaults = train_config_from_args(add_train_args(argparse.ArgumentParser()).parse_args([]))
-    assert defaults == TrainConfig()
-
-
-def test_cli_rejects_bad_values(capsys):
-    with pytest.raises(SystemExit) as err:
-        main(["--model", "tiny", "--batch-size", "0"])
-    assert err.value.code == 2
-    assert "TrainConfig.batch_size=0 is invalid" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--model", "tiny", "--model-arg", "no_equals_sign"])
-    assert "KEY=VALUE" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def test_truncate_metrics_drops_records_past_the_checkpoint(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    lines = [{"event": "start", "step": 0}, {"event": "train", "step": 2}, {"event": "checkpoint", "step": 4},
-             {"event": "train", "step": 6}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"event": "train", "st')  # cut by a crash
-    assert truncate_metrics(path, 4) == 3
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 2, 4]
-    assert truncate_metrics(path, None) == 0 and path.read_text() == ""
-
-
-def test_stop_signal_sets_a_flag_and_restores_handlers():
-    before = signal.getsignal(signal.SIGTERM)
-    with _StopSignal() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
-        assert stop.reason == "SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # --------------------------------------------------------------------------------------------

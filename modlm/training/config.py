@@ -1,0 +1,209 @@
+"""The training run's one typed config, its learning-rate schedule, random-stream seeds and its
+command-line flags (shared by ``python -m modlm.training`` and ``modlm train``).
+
+No torch import: ``modlm --help`` and config validation import this module and should stay
+instant (as modlm.config does).
+
+Batch size semantics: ``batch_size`` sequences per micro-step per rank, so one optimizer step
+sees ``batch_size * grad_accum * world_size`` sequences of ``seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from modlm.config import ModelConfig, dataclass_from_dict, parse_assignments, preset_names
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"TrainConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides ``resume`` and ``progress``.
+
+    The model is a preset (``ModelConfig.from_name``; ``<preset>-dense`` for the dense twin)
+    with ``model_overrides`` applied on top (any ModelConfig field, e.g. router, capacity).
+    """
+
+    model: str = "small"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None  # None / "enwiki": the bundled Wikipedia sample; else a text file or folder
+    cache_dir: str | None = None  # token cache root; None: $MODLM_CACHE or ~/.cache/modlm
+    val_fraction: float = 0.05
+    out_dir: str = "runs/mod"
+    batch_size: int = 16  # sequences per micro-step per rank
+    seq_len: int = 256
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int | None = None  # None: min(100, max_steps // 10)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_interval: int = 200
+    eval_batches: int = 20
+    ckpt_interval: int = 500
+    log_interval: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
+    max_time_s: float | None = None  # wall-clock budget of this invocation: stop, save, exit 0
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.model, str) and self.model in preset_names(), "model", self.model,
+                 f"must be a preset: {', '.join(preset_names())}")
+        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+        _require(isinstance(self.model_overrides, dict), "model_overrides", self.model_overrides,
+                 "must be a dict of ModelConfig fields")
+        unknown = sorted(set(self.model_overrides) - known)
+        _require(not unknown, "model_overrides", unknown, f"unknown ModelConfig field(s); known: {', '.join(sorted(known))}")
+        _require(self.data is None or isinstance(self.data, str), "data", self.data, "must be None, 'enwiki' or a path")
+        _require(self.cache_dir is None or isinstance(self.cache_dir, str), "cache_dir", self.cache_dir, "must be None or a path")
+        _require(_is_num(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1)")
+        _require(isinstance(self.out_dir, str) and self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path")
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "eval_batches",
+                     "ckpt_interval", "log_interval"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, name, value, "must be an int >= 1")
+        _require(_is_num(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        _require(_is_num(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        if self.warmup_steps is None:
+            self.warmup_steps = min(100, self.max_steps // 10)
+        _require(_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
+                 self.warmup_steps, f"must be an int in [0, max_steps={self.max_steps}]")
+        _require(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(_is_num(self.beta1) and 0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        _require(_is_num(self.beta2) and 0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        _require(_is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _require(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "must be an int in [0, 2**63)")
+        _require(isinstance(self.device, str) and (self.device in DEVICES or _is_cuda_index(self.device)), "device",
+                 self.device, f"must be one of {DEVICES} or 'cuda:N'")
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
+        _require(self.max_time_s is None or (_is_num(self.max_time_s) and self.max_time_s > 0), "max_time_s",
+                 self.max_time_s, "must be None or a number of seconds > 0")
+        _require(isinstance(self.compile, bool), "compile", self.compile, "must be a bool")
+        mcfg = self.model_config()  # ModelConfig validates the overrides (one-line ValueError)
+        _require(self.seq_len <= mcfg.max_seq_len, "seq_len", self.seq_len,
+                 f"must be <= the model's max_seq_len={mcfg.max_seq_len} (raise it with --model-arg max_seq_len=N)")
+
+    def model_config(self) -> ModelConfig:
+        """The resolved, validated ModelConfig: the preset with ``model_overrides`` applied."""
+        return ModelConfig.from_name(self.model, **self.model_overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return dataclass_from_dict(cls, d)
+
+
+def _is_cuda_index(device: str) -> bool:
+    head, _, idx = device.partition(":")
+    return head == "cuda" and idx.isdigit()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based).
+
+    Linear warmup to ``lr`` over ``warmup_steps`` (step 0 already gets lr / warmup_steps, never
+    0), then a cosine from ``lr`` at ``warmup_steps`` down to ``min_lr`` at ``max_steps``.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def stream_seed(seed: int, rank: int, stream: str) -> int:
+    """A 63-bit seed for one random stream of one rank, decorrelated from the others."""
+    digest = hashlib.sha256(f"modlm/{seed}/{rank}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (shared with `modlm train`)
+# --------------------------------------------------------------------------------------------
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the training flags (defaults from TrainConfig) plus --resume / --no-progress."""
+    d = TrainConfig.__dataclass_fields__
+
+    def default(name: str) -> Any:
+        f = d[name]
+        return f.default
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=default("model"), help=f"preset: {', '.join(preset_names())} (default: %(default)s)")
+    g.add_argument("--router", choices=("learned", "random", "token_choice", "none"), default=None,
+                   help="override the preset's router (none = dense)")
+    g.add_argument("--capacity", type=float, default=None, help="override the fraction of tokens a routed block processes")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any ModelConfig field, e.g. --model-arg d_model=128 (repeatable)")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=None, help="'enwiki' (default: bundled Wikipedia sample), a text file or a folder")
+    g.add_argument("--cache-dir", default=None, help="token cache root (default: $MODLM_CACHE or ~/.cache/modlm)")
+    g.add_argument("--val-fraction", type=float, default=default("val_fraction"), help="held-out share (default: %(default)s)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=default("batch_size"), help="sequences per micro-step per rank (default: %(default)s)")
+    g.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per sequence (default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=default("grad_accum"), help="micro-steps per optimizer step (default: %(default)s)")
+    g.add_argument("--max-steps", type=int, default=default("max_steps"), help="optimizer steps (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate (default: %(default)s)")
+    g.add_argument("--min-lr", type=float, default=default("min_lr"), help="learning rate at the end of the cosine (default: %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: min(100, max_steps // 10))")
+    g.add_argument("--weight-decay", type=float, default=default("weight_decay"), help="AdamW decay of matrices (default: %(default)s)")
+    g.add_argument("--beta1", type=float, default=default("beta1"), help="AdamW beta1 (default: %(default)s)")
+    g.add_argument("--beta2", type=float, default=default("beta2"), help="AdamW beta2 (default: %(default)s)")
+    g.add_argument("--grad-clip", type=float, default=default("grad_clip"), help="max grad norm, 0 = off (default: %(default)s)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out-dir", default=default("out_dir"), help="metrics.jsonl and checkpoints/ go here (default: %(default)s)")
+    g.add_argument("--eval-interval", type=int, default=default("eval_interval"), help="steps between evaluations (default: %(default)s)")
+    g.add_argument("--eval-batches", type=int, default=default("eval_batches"), help="validation batches per evaluation (default: %(default)s)")
+    g.add_argument("--ckpt-interval", type=int, default=default("ckpt_interval"), help="steps between checkpoints (default: %(default)s)")
+    g.add_argument("--log-interval", type=int, default=default("log_interval"), help="steps between metric lines (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=default("seed"), help="seed of init, data order and random routing (default: %(default)s)")
+    g.add_argument("--device", default=default("device"), help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    g.add_argument("--dtype", choices=DTYPES, default=default("dtype"), help="autocast dtype; auto = bf16 on CUDA if supported (default: %(default)s)")
+    g.add_argument("--max-time-s", type=float, default=None, help="wall-clock budget in seconds: stop, checkpoint, exit 0")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest (fresh start if none)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (one line per log event instead)")
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed ``add_train_args`` flags (raises the one-line ValueError of bad values)."""
+    overrides = parse_assignments(args.model_arg or [])
+    if args.router is not None:
+        overrides["router"] = args.router
+    if args.capacity is not None:
+        overrides["capacity"] = args.capacity
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_overrides"}
+    kwargs = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return TrainConfig(model_overrides=overrides, **kwargs)
