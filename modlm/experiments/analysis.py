@@ -52,9 +52,12 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     return pearson(_ranks(xs), _ranks(ys))
 
 
-def _token_text(tok: int) -> str:
-    """A byte token as a character for the heatmap; a middle dot for bytes that do not print."""
-    return chr(tok) if 32 <= tok < 127 or tok in (9, 10) else "\u00b7"
+def _token_text(tokenizer, tok: int) -> str:
+    """A token's text for the heatmap (through the run's own tokenizer); a middle dot for text
+    that does not print (control bytes, a piece of a multi-byte character)."""
+    text = tokenizer.decode([tok])
+    shows = (text.isprintable() and "\ufffd" not in text) or text in ("\t", "\n")
+    return text if text and shows else "\u00b7"
 
 
 def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSettings, n_sequences: int,
@@ -69,11 +72,12 @@ def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSett
     import numpy as np
     import torch
 
-    from modlm.training.checkpoint import load_model
-    from modlm.training.batching import iter_eval_batches
     from modlm.model.block import route_mask
+    from modlm.training.batching import iter_eval_batches
+    from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
 
     model = load_model(run_dir, device="cpu")
+    tokenizer = load_tokenizer_from_checkpoint(run_dir)
     cfg = model.config
     T = settings.seq_len
     layers = list(cfg.routed_layers)
@@ -111,7 +115,7 @@ def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSett
         "entropy_by_depth": ent_by_depth, "mean_depth": sum(depth_all) / max(1, len(depth_all)),
         "pearson": pearson(depth_all, ent_all), "spearman": spearman(depth_all, ent_all),
         "heatmap": {"title": f"{title}: routed blocks x tokens (dark = processed)",
-                    "tokens": [_token_text(t) for t in x_1T[0, :heatmap_tokens].tolist()], "layers": layers,
+                    "tokens": [_token_text(tokenizer, t) for t in x_1T[0, :heatmap_tokens].tolist()], "layers": layers,
                     "mask": mask},
     }
 

@@ -18,22 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modlm.config import ModelConfig, dataclass_from_dict, parse_assignments, preset_names
+from modlm.routing.registry import NO_ROUTER, router_names
+from modlm.validation import is_int, is_number, require
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ValueError(f"TrainConfig.{name}={value!r} is invalid: {allowed}")
+    require(cond, "TrainConfig", name, value, allowed)
 
 
 @dataclass
@@ -48,6 +41,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str | None = None  # None / "enwiki": the bundled Wikipedia sample; else a text file or folder
     cache_dir: str | None = None  # token cache root; None: $MODLM_CACHE or ~/.cache/modlm
+    tokenizer: str | None = None  # None / "byte": UTF-8 bytes; else a Hugging Face tokenizer.json (or its folder)
     val_fraction: float = 0.05
     out_dir: str = "runs/mod"
     batch_size: int = 16  # sequences per micro-step per rank
@@ -74,34 +68,36 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and self.model in preset_names(), "model", self.model,
                  f"must be a preset: {', '.join(preset_names())}")
-        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+        known = {f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"name"}
         _require(isinstance(self.model_overrides, dict), "model_overrides", self.model_overrides,
                  "must be a dict of ModelConfig fields")
         unknown = sorted(set(self.model_overrides) - known)
         _require(not unknown, "model_overrides", unknown, f"unknown ModelConfig field(s); known: {', '.join(sorted(known))}")
         _require(self.data is None or isinstance(self.data, str), "data", self.data, "must be None, 'enwiki' or a path")
         _require(self.cache_dir is None or isinstance(self.cache_dir, str), "cache_dir", self.cache_dir, "must be None or a path")
-        _require(_is_num(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1)")
+        _require(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer", self.tokenizer,
+                 "must be None, 'byte' or the path of a tokenizer.json")
+        _require(is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1)")
         _require(isinstance(self.out_dir, str) and self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path")
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "eval_batches",
                      "ckpt_interval", "log_interval"):
             value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, name, value, "must be an int >= 1")
-        _require(_is_num(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
-        _require(_is_num(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+            _require(is_int(value) and value >= 1, name, value, "must be an int >= 1")
+        _require(is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        _require(is_number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         if self.warmup_steps is None:
             self.warmup_steps = min(100, self.max_steps // 10)
-        _require(_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
+        _require(is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
                  self.warmup_steps, f"must be an int in [0, max_steps={self.max_steps}]")
-        _require(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _require(_is_num(self.beta1) and 0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
-        _require(_is_num(self.beta2) and 0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
-        _require(_is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
-        _require(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "must be an int in [0, 2**63)")
+        _require(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(is_number(self.beta1) and 0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        _require(is_number(self.beta2) and 0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        _require(is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _require(is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "must be an int in [0, 2**63)")
         _require(isinstance(self.device, str) and (self.device in DEVICES or _is_cuda_index(self.device)), "device",
                  self.device, f"must be one of {DEVICES} or 'cuda:N'")
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
-        _require(self.max_time_s is None or (_is_num(self.max_time_s) and self.max_time_s > 0), "max_time_s",
+        _require(self.max_time_s is None or (is_number(self.max_time_s) and self.max_time_s > 0), "max_time_s",
                  self.max_time_s, "must be None or a number of seconds > 0")
         _require(isinstance(self.compile, bool), "compile", self.compile, "must be a bool")
         mcfg = self.model_config()  # ModelConfig validates the overrides (one-line ValueError)
@@ -109,8 +105,16 @@ class TrainConfig:
                  f"must be <= the model's max_seq_len={mcfg.max_seq_len} (raise it with --model-arg max_seq_len=N)")
 
     def model_config(self) -> ModelConfig:
-        """The resolved, validated ModelConfig: the preset with ``model_overrides`` applied."""
-        return ModelConfig.from_name(self.model, **self.model_overrides)
+        """The resolved, validated ModelConfig: the preset with ``model_overrides`` applied.
+
+        With a Hugging Face ``tokenizer`` the vocabulary follows it unless ``vocab_size`` is
+        overridden (the byte presets have 256 ids)."""
+        overrides = dict(self.model_overrides)
+        if self.tokenizer not in (None, "byte") and "vocab_size" not in overrides:
+            from modlm.training.tokenizers import load_tokenizer
+
+            overrides["vocab_size"] = load_tokenizer(self.tokenizer).vocab_size
+        return ModelConfig.from_name(self.model, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,13 +164,16 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=default("model"), help=f"preset: {', '.join(preset_names())} (default: %(default)s)")
-    g.add_argument("--router", choices=("learned", "random", "token_choice", "none"), default=None,
+    g.add_argument("--router", choices=(*router_names(), NO_ROUTER), default=None,
                    help="override the preset's router (none = dense)")
     g.add_argument("--capacity", type=float, default=None, help="override the fraction of tokens a routed block processes")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override any ModelConfig field, e.g. --model-arg d_model=128 (repeatable)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, help="'enwiki' (default: bundled Wikipedia sample), a text file or a folder")
+    g.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="a Hugging Face tokenizer.json (or its folder); default: UTF-8 bytes. The model's vocab_size "
+                        "follows it, and checkpoints carry it, so `modlm generate` decodes with it")
     g.add_argument("--cache-dir", default=None, help="token cache root (default: $MODLM_CACHE or ~/.cache/modlm)")
     g.add_argument("--val-fraction", type=float, default=default("val_fraction"), help="held-out share (default: %(default)s)")
     g = parser.add_argument_group("optimisation")

@@ -50,6 +50,7 @@ from modlm.training.checkpoint import (
 from modlm.training.config import TrainConfig, add_train_args, lr_at, stream_seed, train_config_from_args
 from modlm.training.batching import get_batch
 from modlm.training.corpus import prepare_corpus
+from modlm.training.tokenizers import load_tokenizer
 from modlm.training.device import autocast, resolve_device, resolve_dtype
 from modlm.training.distributed import (
     DistInfo,
@@ -150,11 +151,14 @@ class Trainer:
     def _load_data(self):
         """The token cache: rank 0 builds it, the others read it once it is complete."""
         cfg, info = self.cfg, self.info
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
         if info.main:
-            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                    tokenizer=self.tokenizer)
         barrier(info)
         if not info.main:
-            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                    tokenizer=self.tokenizer)
         for split in ("train", "val"):
             n = len(getattr(corpus, split))
             if n < cfg.seq_len + 1:
@@ -361,7 +365,7 @@ class Trainer:
         extra_state = {"world_size": self.info.world_size, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(),
                        "last_eval": self.last_eval, "last_train": self.last_train}
         path = save_checkpoint(self.ckpt_path, self.model, self.mcfg, self.cfg.to_dict(), self.optimizer,
-                               self.global_step, extra_state, rng)
+                               self.global_step, extra_state, rng, tokenizer=self.tokenizer)
         self.metrics.log("checkpoint", step=self.global_step, path=str(path))
 
     def _agreed_stop(self, stop_signal: StopSignal) -> str | None:

@@ -200,3 +200,24 @@ def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
     # Each rank drew its own batches.
     assert not torch.equal(state["rng"]["rank0.generator.data"], state["rng"]["rank1.generator.data"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_training_with_a_hugging_face_tokenizer_end_to_end(corpus, tmp_path, bpe_tokenizer_file, capsys):
+    from modlm.cli import main as cli_main
+    from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
+    from modlm.training.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(str(bpe_tokenizer_file))
+    cfg = _cfg(corpus, tmp_path / "bpe", tokenizer=str(bpe_tokenizer_file), max_steps=3)
+    assert cfg.model_config().vocab_size == tok.vocab_size  # the vocabulary follows the tokenizer
+    summary = train(cfg, progress=False)
+    assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
+    ckpt = tmp_path / "bpe" / "checkpoints" / "latest"
+    assert load_model(ckpt).config.vocab_size == tok.vocab_size
+    assert load_tokenizer_from_checkpoint(ckpt).name == tok.name  # the checkpoint carries its tokenizer
+    capsys.readouterr()
+    assert cli_main(["generate", "--ckpt", str(tmp_path / "bpe"), "--prompt", "the depth", "--max-new-tokens", "5",
+                     "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the depth")
+    with pytest.raises(ValueError, match="tokenizer"):
+        _cfg(corpus, tmp_path / "x", tokenizer=str(tmp_path / "missing.json"))
