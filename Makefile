@@ -1,6 +1,6 @@
 # Set-up and the two commands of the README. Everything installs from this file and pyproject.toml.
 #   make run   - set up, train the default MoD model for a few CPU minutes, save it, print a sample
-#   make test  - set up, run the test suite
+#   make test  - set up, lint (ruff check + format --check), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,6 +28,8 @@ run: install
 	$(VENV)/bin/modlm generate --ckpt $(RUN_DIR) --prompt "The history of " --max-new-tokens 200 --temperature 0.8 --show-routing
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 bench: install

@@ -43,8 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- generate
-def _routing_table(tokenizer, text_tokens: list[int], routing: list[list[int]], routed_layers: tuple[int, ...],
-                   color: bool) -> str:
+def _routing_table(
+    tokenizer, text_tokens: list[int], routing: list[list[int]], routed_layers: tuple[int, ...], color: bool
+) -> str:
     """A column view: one line per generated token, a mark per routed block it went through."""
     on = "\033[1;32m●\033[0m" if color else "#"
     off = "\033[2m·\033[0m" if color else "."
@@ -82,8 +83,10 @@ def _stop_tokens(tokenizer, stops: list[str]) -> list[int]:
     for text in stops:
         toks = tokenizer.encode(text)
         if len(toks) != 1:
-            raise ValueError(f"--stop {text!r} encodes to {len(toks)} tokens with the {tokenizer.name} tokenizer; "
-                             "a stop text must be exactly one token")
+            raise ValueError(
+                f"--stop {text!r} encodes to {len(toks)} tokens with the {tokenizer.name} tokenizer; "
+                "a stop text must be exactly one token"
+            )
         ids.append(toks[0])
     return ids
 
@@ -126,10 +129,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = model.config
     if args.routed_fraction is not None:
         _calibrate(model, tok, args.routed_fraction, device)
-    print(f"# model {cfg.name}: d={cfg.d_model} layers={cfg.n_layers} routed={list(cfg.routed_layers)} "
-          f"capacity={cfg.capacity} causal_routing={cfg.causal_routing} tokenizer={tok.name} | "
-          f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed} "
-          f"cache={not args.no_cache}", file=sys.stderr)
+    print(
+        f"# model {cfg.name}: d={cfg.d_model} layers={cfg.n_layers} routed={list(cfg.routed_layers)} "
+        f"capacity={cfg.capacity} causal_routing={cfg.causal_routing} tokenizer={tok.name} | "
+        f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed} "
+        f"cache={not args.no_cache}",
+        file=sys.stderr,
+    )
     prompts = [tok.encode(t) for t in prompts_text]
     streaming = len(prompts) == 1
     decoder = StreamDecoder(tok, context=prompts[0])
@@ -142,10 +148,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
 
-    res = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, use_cache=not args.no_cache,
-                   prefill_routing=args.prefill_routing, stream=stream if streaming else None,
-                   trace=args.show_routing)
+    res = generate(
+        model,
+        prompts,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_tokens=stop,
+        use_cache=not args.no_cache,
+        prefill_routing=args.prefill_routing,
+        stream=stream if streaming else None,
+        trace=args.show_routing,
+    )
     if streaming:
         sys.stdout.write(decoder.flush() + "\n")
     else:
@@ -177,8 +193,10 @@ def cmd_flops(args: argparse.Namespace) -> int:
         rows.append((c.name, r))
     print(f"{'config':<16}{'fwd/seq':>14}{'train/seq':>14}{'train/token':>14}{'routed blocks':>16}{'routers':>12}")
     for name, r in rows:
-        print(f"{name:<16}{format_flops(r.forward):>14}{format_flops(r.train):>14}{format_flops(r.train_per_token):>14}"
-              f"{format_flops(r.routed_blocks):>16}{format_flops(r.routers):>12}")
+        print(
+            f"{name:<16}{format_flops(r.forward):>14}{format_flops(r.train):>14}{format_flops(r.train_per_token):>14}"
+            f"{format_flops(r.routed_blocks):>16}{format_flops(r.routers):>12}"
+        )
     out = {"seq_len": T, "model": rows[0][1].as_dict()}
     if len(rows) == 2:
         out["dense"] = rows[1][1].as_dict()
@@ -210,8 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     from modlm import __version__
 
     parser = argparse.ArgumentParser(
-        prog="modlm", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Mixture-of-Depths language models: train, sample, count FLOPs, benchmark.")
+        prog="modlm",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        description="Mixture-of-Depths language models: train, sample, count FLOPs, benchmark.",
+    )
     parser.add_argument("--version", action="version", version=f"modlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -228,13 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--stop", action="append", default=[],
-                   help="text that ends a row when generated; must be exactly one token (repeatable)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (slow; for checking)")
-    p.add_argument("--prefill-routing", choices=("causal", "topk"), default="causal",
-                   help="route the prompt causally (default; equals a full causal forward) or by top-k")
-    p.add_argument("--routed-fraction", type=float, default=None,
-                   help="compute knob: calibrate routing thresholds so routed blocks take this fraction of tokens")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="text that ends a row when generated; must be exactly one token (repeatable)",
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole sequence per token (slow; for checking)"
+    )
+    p.add_argument(
+        "--prefill-routing",
+        choices=("causal", "topk"),
+        default="causal",
+        help="route the prompt causally (default; equals a full causal forward) or by top-k",
+    )
+    p.add_argument(
+        "--routed-fraction",
+        type=float,
+        default=None,
+        help="compute knob: calibrate routing thresholds so routed blocks take this fraction of tokens",
+    )
     p.add_argument("--show-routing", action="store_true", help="print which routed blocks each generated token used")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     p.set_defaults(func=cmd_generate)
@@ -249,17 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     from modlm.bench import BENCHMARKS
 
     p = sub.add_parser(
-        "bench", help=cmd_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=cmd_bench.__doc__ + "\n\nbenchmarks:\n" + "\n".join(
-            f"  {name:15s} {desc}" for name, (_, desc) in BENCHMARKS.items())
+        "bench",
+        help=cmd_bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=cmd_bench.__doc__
+        + "\n\nbenchmarks:\n"
+        + "\n".join(f"  {name:15s} {desc}" for name, (_, desc) in BENCHMARKS.items())
         + "\n\nOptions after NAME go to the benchmark: modlm bench decode --help lists them. Method and figures:"
-          " benchmarks/README.md.")
+        " benchmarks/README.md.",
+    )
     p.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help="one of: " + ", ".join(BENCHMARKS))
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
 
-    from modlm.experiments.sweep import add_isoflop_args, cmd_isoflop
     from modlm.experiments.reproduce import add_reproduce_args, cmd_reproduce
+    from modlm.experiments.sweep import add_isoflop_args, cmd_isoflop
 
     p = sub.add_parser("isoflop", help=" ".join(cmd_isoflop.__doc__.split()), description=cmd_isoflop.__doc__)
     add_isoflop_args(p)

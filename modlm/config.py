@@ -112,7 +112,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str), "name", self.name, "must be a string")
-        _require(is_int(self.vocab_size) and self.vocab_size > 0, "vocab_size", self.vocab_size, "must be a positive int")
+        _require(
+            is_int(self.vocab_size) and self.vocab_size > 0, "vocab_size", self.vocab_size, "must be a positive int"
+        )
         _require(is_int(self.d_model) and self.d_model > 0, "d_model", self.d_model, "must be a positive int")
         _require(is_int(self.n_layers) and self.n_layers > 0, "n_layers", self.n_layers, "must be a positive int")
         _require(is_int(self.n_heads) and self.n_heads > 0, "n_heads", self.n_heads, "must be a positive int")
@@ -124,14 +126,25 @@ class ModelConfig:
             self.d_mlp = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
         self._derived = frozenset(derived)
         _require(self.d_model % self.n_heads == 0, "n_heads", self.n_heads, f"must divide d_model={self.d_model}")
-        _require((self.d_model // self.n_heads) % 2 == 0, "n_heads", self.n_heads,
-                 f"head size d_model/n_heads={self.d_model / self.n_heads:g} must be even for RoPE")
-        _require(is_int(self.n_kv_heads) and 0 < self.n_kv_heads <= self.n_heads
-                 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
-                 f"must be a positive divisor of n_heads={self.n_heads}")
+        _require(
+            (self.d_model // self.n_heads) % 2 == 0,
+            "n_heads",
+            self.n_heads,
+            f"head size d_model/n_heads={self.d_model / self.n_heads:g} must be even for RoPE",
+        )
+        _require(
+            is_int(self.n_kv_heads) and 0 < self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            self.n_kv_heads,
+            f"must be a positive divisor of n_heads={self.n_heads}",
+        )
         _require(is_int(self.d_mlp) and self.d_mlp > 0, "d_mlp", self.d_mlp, "must be a positive int")
-        _require(is_int(self.max_seq_len) and 1 < self.max_seq_len <= MAX_SEQ_LEN, "max_seq_len", self.max_seq_len,
-                 f"must be an int in (1, {MAX_SEQ_LEN}] (the rotary tables are allocated for all of it)")
+        _require(
+            is_int(self.max_seq_len) and 1 < self.max_seq_len <= MAX_SEQ_LEN,
+            "max_seq_len",
+            self.max_seq_len,
+            f"must be an int in (1, {MAX_SEQ_LEN}] (the rotary tables are allocated for all of it)",
+        )
         _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", self.tie_embeddings, "must be true or false")
         _require(isinstance(self.extra, dict), "extra", self.extra, "must be a dict")
         _require(is_number(self.rope_base) and self.rope_base > 1, "rope_base", self.rope_base, "must be > 1")
@@ -139,27 +152,68 @@ class ModelConfig:
         _require(is_number(self.init_std) and self.init_std > 0, "init_std", self.init_std, "must be > 0")
         routers = (*router_names(), NO_ROUTER)
         _require(self.router in routers, "router", self.router, f"must be one of {routers}")
-        _require(is_number(self.capacity) and 0.0 < self.capacity <= 1.0, "capacity", self.capacity,
-                 "must be in (0, 1]; 0.125 routes 12.5% of each sequence through a routed block")
-        _require(is_int(self.route_every) and self.route_every >= 1, "route_every", self.route_every,
-                 "must be an int >= 1 (1 routes every block, 2 every other block)")
-        _require(is_int(self.route_start) and 0 <= self.route_start < self.n_layers, "route_start",
-                 self.route_start, f"must be a block index in [0, {self.n_layers - 1}]")
-        _require(self.causal_routing in CAUSAL_ROUTING, "causal_routing", self.causal_routing,
-                 f"must be one of {CAUSAL_ROUTING}")
-        _require(is_number(self.aux_loss_weight) and self.aux_loss_weight >= 0, "aux_loss_weight", self.aux_loss_weight, "must be >= 0")
-        _require(is_number(self.predictor_loss_weight) and self.predictor_loss_weight >= 0, "predictor_loss_weight", self.predictor_loss_weight, "must be >= 0")
-        _require(is_int(self.predictor_hidden) and self.predictor_hidden > 0, "predictor_hidden",
-                 self.predictor_hidden, "must be a positive int")
+        _require(
+            is_number(self.capacity) and 0.0 < self.capacity <= 1.0,
+            "capacity",
+            self.capacity,
+            "must be in (0, 1]; 0.125 routes 12.5% of each sequence through a routed block",
+        )
+        _require(
+            is_int(self.route_every) and self.route_every >= 1,
+            "route_every",
+            self.route_every,
+            "must be an int >= 1 (1 routes every block, 2 every other block)",
+        )
+        _require(
+            is_int(self.route_start) and 0 <= self.route_start < self.n_layers,
+            "route_start",
+            self.route_start,
+            f"must be a block index in [0, {self.n_layers - 1}]",
+        )
+        _require(
+            self.causal_routing in CAUSAL_ROUTING,
+            "causal_routing",
+            self.causal_routing,
+            f"must be one of {CAUSAL_ROUTING}",
+        )
+        _require(
+            is_number(self.aux_loss_weight) and self.aux_loss_weight >= 0,
+            "aux_loss_weight",
+            self.aux_loss_weight,
+            "must be >= 0",
+        )
+        _require(
+            is_number(self.predictor_loss_weight) and self.predictor_loss_weight >= 0,
+            "predictor_loss_weight",
+            self.predictor_loss_weight,
+            "must be >= 0",
+        )
+        _require(
+            is_int(self.predictor_hidden) and self.predictor_hidden > 0,
+            "predictor_hidden",
+            self.predictor_hidden,
+            "must be a positive int",
+        )
         if self.layer_types is None:
-            routed = set() if self.router == NO_ROUTER else set(range(self.route_start, self.n_layers, self.route_every))
+            routed = (
+                set() if self.router == NO_ROUTER else set(range(self.route_start, self.n_layers, self.route_every))
+            )
             self.layer_types = tuple("routed" if i in routed else "dense" for i in range(self.n_layers))
-        _require(isinstance(self.layer_types, (list, tuple)) and len(self.layer_types) == self.n_layers
-                 and all(t in block_kinds() for t in self.layer_types), "layer_types", self.layer_types,
-                 f"must list one of {block_kinds()} for each of the n_layers={self.n_layers} layers")
+        _require(
+            isinstance(self.layer_types, (list, tuple))
+            and len(self.layer_types) == self.n_layers
+            and all(t in block_kinds() for t in self.layer_types),
+            "layer_types",
+            self.layer_types,
+            f"must list one of {block_kinds()} for each of the n_layers={self.n_layers} layers",
+        )
         self.layer_types = tuple(self.layer_types)
-        _require(self.router != NO_ROUTER or not any(block_spec(t).routed for t in self.layer_types), "layer_types",
-                 self.layer_types, "has routed layers but router='none' (give a router, or only dense layers)")
+        _require(
+            self.router != NO_ROUTER or not any(block_spec(t).routed for t in self.layer_types),
+            "layer_types",
+            self.layer_types,
+            "has routed layers but router='none' (give a router, or only dense layers)",
+        )
 
     # --- derived ---
     @property
@@ -189,7 +243,7 @@ class ModelConfig:
         return capacity_k(self.capacity, seq_len)
 
     # --- construction ---
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with some fields changed; derived fields not named in ``changes``
         are recomputed from the new values."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -198,13 +252,14 @@ class ModelConfig:
         d.update(changes)
         return type(self)(**d)
 
-    def dense_twin(self) -> "ModelConfig":
+    def dense_twin(self) -> ModelConfig:
         """The same transformer with no routing (the isoshape dense baseline)."""
         name = self.name if self.name.endswith("-dense") else f"{self.name}-dense"
         if "layer_types" in self._derived:
             return self.replace(router=NO_ROUTER, name=name)
-        return self.replace(router=NO_ROUTER, name=name,
-                            layer_types=tuple(block_spec(t).dense_kind for t in self.layer_types))
+        return self.replace(
+            router=NO_ROUTER, name=name, layer_types=tuple(block_spec(t).dense_kind for t in self.layer_types)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Every field with its value, plus ``"derived"``: the fields that were computed (a
@@ -216,7 +271,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         derived = d.pop("derived", [])
         cfg = dataclass_from_dict(cls, d)
@@ -227,7 +282,7 @@ class ModelConfig:
         return cfg
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
@@ -240,7 +295,7 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         """A preset by name (see ``PRESETS``); ``<name>-dense`` gives its dense twin."""
         dense = name.endswith("-dense")
         base = name[: -len("-dense")] if dense else name

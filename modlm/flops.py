@@ -36,7 +36,6 @@ from modlm.config import ModelConfig, capacity_k
 from modlm.routing.registry import NO_ROUTER, router_spec
 
 
-
 def _scores_tokens(config: ModelConfig) -> bool:
     """The router computes a learned score r = w·x over every token (its registry spec says so)."""
     return config.router != NO_ROUTER and router_spec(config.router).scores_tokens
@@ -132,11 +131,20 @@ class FlopReport:
         return self.train / self.seq_len
 
     def as_dict(self) -> dict[str, float]:
-        return {"seq_len": self.seq_len, "forward": self.forward, "backward": self.backward, "train": self.train,
-                "dense_blocks": self.dense_blocks, "routed_blocks": self.routed_blocks,
-                "routers": self.routers, "predictors": self.predictors, "lm_head": self.lm_head,
-                "attention": self.attention,
-                "forward_per_token": self.forward_per_token, "train_per_token": self.train_per_token}
+        return {
+            "seq_len": self.seq_len,
+            "forward": self.forward,
+            "backward": self.backward,
+            "train": self.train,
+            "dense_blocks": self.dense_blocks,
+            "routed_blocks": self.routed_blocks,
+            "routers": self.routers,
+            "predictors": self.predictors,
+            "lm_head": self.lm_head,
+            "attention": self.attention,
+            "forward_per_token": self.forward_per_token,
+            "train_per_token": self.train_per_token,
+        }
 
 
 def flops(config: ModelConfig, seq_len: int | None = None, causal_attention: bool = False) -> FlopReport:

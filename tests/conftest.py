@@ -29,7 +29,7 @@ _BPE_TEXT = [
     "A naïve café owner in Zürich sold crème brûlée and déjà vu to the tourists.",
     "東京 and 北京 are capitals; 東京 is in Japan and 北京 is in China.",
     "Numbers like 1234, 56.78 and 9e10 appear in tables, lists and footnotes.",
-    "She said: \"the quick brown fox jumps over the lazy dog\" and then laughed.",
+    'She said: "the quick brown fox jumps over the lazy dog" and then laughed.',
 ]
 
 
@@ -42,8 +42,12 @@ def bpe_tokenizer_file(tmp_path_factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     # The byte alphabet makes every text encodable (no unknown token), as in GPT-2's tokenizer.
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_BPE_TEXT * 10, trainer)
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
     tok.save(str(path))

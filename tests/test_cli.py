@@ -22,15 +22,18 @@ def test_flops_reports_mod_and_dense(capsys):
     assert doc["model"]["forward"] < doc["dense"]["forward"]
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["train", "--batch-size", "0"], "batch_size=0"),
-    (["train", "--capacity", "1.5"], "capacity=1.5"),
-    (["train", "--model-arg", "d_model"], "d_model"),
-    (["train", "--model", "giant"], "giant"),
-    (["generate", "--ckpt", "/nonexistent/ckpt", "--prompt", "hi"], "/nonexistent/ckpt"),
-    (["generate", "--ckpt", "/nonexistent/ckpt"], "--prompt"),
-    (["flops", "--model-arg", "capacity=0"], "capacity=0"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["train", "--batch-size", "0"], "batch_size=0"),
+        (["train", "--capacity", "1.5"], "capacity=1.5"),
+        (["train", "--model-arg", "d_model"], "d_model"),
+        (["train", "--model", "giant"], "giant"),
+        (["generate", "--ckpt", "/nonexistent/ckpt", "--prompt", "hi"], "/nonexistent/ckpt"),
+        (["generate", "--ckpt", "/nonexistent/ckpt"], "--prompt"),
+        (["flops", "--model-arg", "capacity=0"], "capacity=0"),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(capsys, argv, fragment):
     assert main(argv) == 2
     assert fragment in _err_line(capsys)
@@ -54,8 +57,23 @@ def test_generate_from_a_checkpoint_streams_and_traces(tmp_path, capsys):
     torch.manual_seed(0)
     model = MoDTransformer(cfg)
     save_checkpoint(tmp_path / "ckpt", model, cfg)
-    assert main(["generate", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max-new-tokens", "8",
-                 "--temperature", "0", "--show-routing"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(tmp_path / "ckpt"),
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0",
+                "--show-routing",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("Hello")
     assert "L1" in out and "L3" in out and "depth" in out  # the routing table
@@ -65,8 +83,22 @@ def test_generate_from_a_checkpoint_streams_and_traces(tmp_path, capsys):
     assert cap.out == "" and "max_seq_len=128" in cap.err
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\ntwo two\n")
-    assert main(["generate", "--ckpt", str(tmp_path / "ckpt"), "--prompts-file", str(prompts),
-                 "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(tmp_path / "ckpt"),
+                "--prompts-file",
+                str(prompts),
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [d["prompt"] for d in lines] == ["one", "two two"]
 
@@ -119,8 +151,22 @@ def test_generate_encodes_and_decodes_with_the_checkpoints_tokenizer(tmp_path, c
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("naïve 東京\nThe city\n", encoding="utf-8")
-    assert main(["generate", "--ckpt", str(ckpt), "--prompts-file", str(prompts), "--max-new-tokens", "5",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(ckpt),
+                "--prompts-file",
+                str(prompts),
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     batch = generate(model, [tok.encode("naïve 東京"), tok.encode("The city")], 5, temperature=0.0).tokens
     assert [d["completion"] for d in lines] == [tok.decode(t) for t in batch]
@@ -162,13 +208,30 @@ def test_stop_ends_the_row_at_that_token(tmp_path, capsys, bpe_tokenizer_file):
     free = generate(model, [tok.encode("The")], 12, temperature=0.0).tokens[0]
     # The first generated token whose text encodes back to that one token can be a --stop.
     j = next(i for i, t in enumerate(free) if tok.decode([t]) and tok.encode(tok.decode([t])) == [t])
-    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "The", "--max-new-tokens", "12", "--temperature", "0",
-                 "--stop", tok.decode([free[j]])]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(ckpt),
+                "--prompt",
+                "The",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+                "--stop",
+                tok.decode([free[j]]),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == "The" + tok.decode(free[: j + 1]) + "\n"
 
 
-def test_routed_fraction_calibrates_on_text_in_the_checkpoints_tokens(tmp_path, capsys, monkeypatch,
-                                                                     bpe_tokenizer_file):
+def test_routed_fraction_calibrates_on_text_in_the_checkpoints_tokens(
+    tmp_path, capsys, monkeypatch, bpe_tokenizer_file
+):
     import modlm.training.corpus as corpus_mod
 
     ckpt, _, tok = _hf_checkpoint(tmp_path, bpe_tokenizer_file)
@@ -183,7 +246,9 @@ def test_routed_fraction_calibrates_on_text_in_the_checkpoints_tokens(tmp_path, 
         return real(str(src), cache_dir=tmp_path / "cache", tokenizer=kwargs["tokenizer"])
 
     monkeypatch.setattr(corpus_mod, "prepare_corpus", small_corpus)
-    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "The", "--max-new-tokens", "4",
-                 "--routed-fraction", "0.5"]) == 0
+    assert (
+        main(["generate", "--ckpt", str(ckpt), "--prompt", "The", "--max-new-tokens", "4", "--routed-fraction", "0.5"])
+        == 0
+    )
     assert seen == [(None, tok.name)]
     assert capsys.readouterr().out.startswith("The")

@@ -15,18 +15,21 @@ def test_every_preset_validates(name):
         assert cfg.routed_layers == tuple(range(1, cfg.n_layers, 2))  # every other block, from the second
 
 
-@pytest.mark.parametrize("field,value,fragment", [
-    ("capacity", 0.0, "capacity=0.0"),
-    ("capacity", 1.5, "capacity=1.5"),
-    ("router", "banana", "router='banana'"),
-    ("causal_routing", "oracle", "causal_routing='oracle'"),
-    ("n_heads", 7, "n_heads=7"),
-    ("n_kv_heads", 3, "n_kv_heads=3"),
-    ("route_every", 0, "route_every=0"),
-    ("route_start", 99, "route_start=99"),
-    ("d_model", -1, "d_model=-1"),
-    ("aux_loss_weight", -0.1, "aux_loss_weight=-0.1"),
-])
+@pytest.mark.parametrize(
+    "field,value,fragment",
+    [
+        ("capacity", 0.0, "capacity=0.0"),
+        ("capacity", 1.5, "capacity=1.5"),
+        ("router", "banana", "router='banana'"),
+        ("causal_routing", "oracle", "causal_routing='oracle'"),
+        ("n_heads", 7, "n_heads=7"),
+        ("n_kv_heads", 3, "n_kv_heads=3"),
+        ("route_every", 0, "route_every=0"),
+        ("route_start", 99, "route_start=99"),
+        ("d_model", -1, "d_model=-1"),
+        ("aux_loss_weight", -0.1, "aux_loss_weight=-0.1"),
+    ],
+)
 def test_bad_values_give_one_line_error_naming_field_and_value(field, value, fragment):
     with pytest.raises(ValueError) as e:
         ModelConfig.from_name("tiny", **{field: value})
@@ -97,8 +100,10 @@ def test_config_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, modlm, modlm.config, modlm.flops, modlm.routing.registry, modlm.model.kinds, modlm.model.roles; "
-            "modlm.config.ModelConfig.from_name('small').replace(d_model=128); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, modlm, modlm.config, modlm.flops, modlm.routing.registry, modlm.model.kinds, modlm.model.roles; "
+        "modlm.config.ModelConfig.from_name('small').replace(d_model=128); "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

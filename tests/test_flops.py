@@ -8,7 +8,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from modlm import ModelConfig, MoDTransformer
 from modlm.flops import flops, param_count, router_score_flops, train_flops
 
-
 B, T = 2, 64
 CONFIGS = {
     "dense": dict(router="none"),

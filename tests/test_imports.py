@@ -26,10 +26,13 @@ def _graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
         # Skipped: a package's lazy __getattr__ exports, and `if TYPE_CHECKING:` blocks (never run).
-        skip = {id(n) for f in tree.body
-                if (isinstance(f, ast.FunctionDef) and f.name == "__getattr__" and path.name == "__init__.py")
-                or (isinstance(f, ast.If) and isinstance(f.test, ast.Name) and f.test.id == "TYPE_CHECKING")
-                for n in ast.walk(f)}
+        skip = {
+            id(n)
+            for f in tree.body
+            if (isinstance(f, ast.FunctionDef) and f.name == "__getattr__" and path.name == "__init__.py")
+            or (isinstance(f, ast.If) and isinstance(f.test, ast.Name) and f.test.id == "TYPE_CHECKING")
+            for n in ast.walk(f)
+        }
         for node in ast.walk(tree):
             if id(node) in skip:
                 continue
@@ -62,7 +65,7 @@ def test_no_import_cycles():
         stack.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == 1:
-                cycle = stack[stack.index(m):] + [m]
+                cycle = stack[stack.index(m) :] + [m]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if m not in state:
                 visit(m)

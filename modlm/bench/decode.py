@@ -42,42 +42,64 @@ import time
 
 import torch
 
-from modlm.inference import kernels
 from modlm.bench import environment
-from modlm.inference.calibrate import calibrate_thresholds, measure_routed_fraction
 from modlm.config import ModelConfig
+from modlm.inference import kernels
+from modlm.inference.calibrate import calibrate_thresholds, measure_routed_fraction
 from modlm.inference.generate import DecodeSession
 from modlm.model.transformer import MoDTransformer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", default="base", help="ModelConfig preset for a random-init model")
     p.add_argument("--ckpt", default=None, help="checkpoint directory of a trained MoD model (instead of --preset)")
-    p.add_argument("--causal-routing", default=None, choices=["predictor", "aux_loss", "both"],
-                   help="override the preset's causal routing (random init only)")
+    p.add_argument(
+        "--causal-routing",
+        default=None,
+        choices=["predictor", "aux_loss", "both"],
+        help="override the preset's causal routing (random init only)",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed runs per batch size, fresh prompts each (median reported)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per batch size, fresh prompts each (median reported)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
-    p.add_argument("--target-fraction", type=float, default=None,
-                   help="calibrate routed blocks to this fraction (default 0.125 for random init; "
-                        "a checkpoint keeps its thresholds unless given)")
+    p.add_argument(
+        "--target-fraction",
+        type=float,
+        default=None,
+        help="calibrate routed blocks to this fraction (default 0.125 for random init; "
+        "a checkpoint keeps its thresholds unless given)",
+    )
     p.add_argument("--calib-rows", type=int, default=32, help="calibration sample: rows of prompt+new tokens")
-    p.add_argument("--data", default=None, choices=["random", "enwiki"],
-                   help="prompts/calibration text (default: random tokens for random init, enwiki for --ckpt)")
+    p.add_argument(
+        "--data",
+        default=None,
+        choices=["random", "enwiki"],
+        help="prompts/calibration text (default: random tokens for random init, enwiki for --ckpt)",
+    )
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads; small-batch decoding is memory bound, and one thread avoids "
-                        "OpenMP contention on a shared machine (0: leave torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads; small-batch decoding is memory bound, and one thread avoids "
+        "OpenMP contention on a shared machine (0: leave torch's default)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and KV cache dtype")
-    p.add_argument("--kernels", default="native", choices=["native", "torch"],
-                   help="few-row linear products: modlm.inference.kernels' native CPU kernel where it applies (both "
-                        "models alike), or torch's F.linear everywhere")
+    p.add_argument(
+        "--kernels",
+        default="native",
+        choices=["native", "torch"],
+        help="few-row linear products: modlm.inference.kernels' native CPU kernel where it applies (both "
+        "models alike), or torch's F.linear everywhere",
+    )
     p.add_argument("--no-sync-probe", action="store_true", help="skip the host-sync measurement")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -134,7 +156,7 @@ def token_pool(args: argparse.Namespace, cfg: ModelConfig, rows: int, length: in
             val = torch.from_numpy(prepare_corpus(tokenizer=tokenizer).val.astype("int64"))
             if val.numel() > length + 1 and int(val.max()) < cfg.vocab_size:
                 starts = torch.randint(0, val.numel() - length, (rows,), generator=g)
-                return torch.stack([val[s:s + length] for s in starts.tolist()]), "enwiki validation text"
+                return torch.stack([val[s : s + length] for s in starts.tolist()]), "enwiki validation text"
             note = "validation split too short or vocabulary mismatch"
         except Exception as e:  # noqa: BLE001 - fall back, and say so
             note = f"{type(e).__name__}: {e}"
@@ -172,8 +194,9 @@ def decode_flops_per_token(cfg: ModelConfig, frac: dict[int, float], prompt_len:
     return total
 
 
-def bytes_per_step(cfg: ModelConfig, frac: dict[int, float], batch: int, prompt_len: int, new_tokens: int,
-                   elem_bytes: int) -> float:
+def bytes_per_step(
+    cfg: ModelConfig, frac: dict[int, float], batch: int, prompt_len: int, new_tokens: int, elem_bytes: int
+) -> float:
     """Memory traffic of the blocks per decode step: weights plus the cached keys/values read.
 
     A routed block's weights are streamed whenever at least one of the ``batch`` rows routes
@@ -206,8 +229,10 @@ def timed_pair(models: dict, prompts: torch.Tensor, args, seed: int, first: str,
     """Decode the same prompts with every model, alternating models step by step (the first
     one alternates too), so load changes hit all alike. Returns ({name: tokens/s}, MoD decode
     routed fraction per layer, from its cache)."""
-    sessions = {name: DecodeSession(m, prompts, args.new_tokens, temperature=args.temperature, seed=seed,
-                                    return_cache=True) for name, m in models.items()}
+    sessions = {
+        name: DecodeSession(m, prompts, args.new_tokens, temperature=args.temperature, seed=seed, return_cache=True)
+        for name, m in models.items()
+    }
     mod_cache = sessions["mod"].cache
     routed = list(models["mod"].config.routed_layers)
     prefill_len = {i: mod_cache.layer_lengths(i).sum().item() for i in routed}
@@ -216,7 +241,7 @@ def timed_pair(models: dict, prompts: torch.Tensor, args, seed: int, first: str,
     order = [first] + [n for n in sessions if n != first]
     i = 0
     while live:
-        for name in (order if i % 2 == 0 else order[::-1]):
+        for name in order if i % 2 == 0 else order[::-1]:
             if name not in live:
                 continue
             sync(device)
@@ -254,8 +279,13 @@ def sync_probe(mod, batch: int, device: torch.device, step_s: float) -> dict:
         per_call.append((time.perf_counter() - t0) / n_calls)
     call_s = statistics.median(per_call)
     n_sync = len(mod.config.routed_layers) + 1
-    return {"batch": batch, "syncs_per_step": n_sync, "us_per_call": call_s * 1e6,
-            "us_per_step": n_sync * call_s * 1e6, "share_of_step": n_sync * call_s / step_s}
+    return {
+        "batch": batch,
+        "syncs_per_step": n_sync,
+        "us_per_call": call_s * 1e6,
+        "us_per_step": n_sync * call_s * 1e6,
+        "share_of_step": n_sync * call_s / step_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -272,27 +302,38 @@ def main(argv: list[str] | None = None) -> dict:
     T = args.prompt_len + args.new_tokens
     n_prompts = max(args.batch_sizes) * (args.repeats + args.warmup)
     pool, data_desc = token_pool(args, cfg, args.calib_rows * 2 + n_prompts, T)
-    calib, heldout = pool[:args.calib_rows].to(device), pool[args.calib_rows:2 * args.calib_rows].to(device)
-    prompts_pool = pool[2 * args.calib_rows:, :args.prompt_len].to(device)
+    calib, heldout = pool[: args.calib_rows].to(device), pool[args.calib_rows : 2 * args.calib_rows].to(device)
+    prompts_pool = pool[2 * args.calib_rows :, : args.prompt_len].to(device)
 
     target = args.target_fraction if (args.target_fraction is not None or args.ckpt) else 0.125
-    thresholds = calibrate_thresholds(mod, calib, target) if target is not None else \
-        {i: float(mod.blocks[i].router.threshold) for i in routed}
+    thresholds = (
+        calibrate_thresholds(mod, calib, target)
+        if target is not None
+        else {i: float(mod.blocks[i].router.threshold) for i in routed}
+    )
     frac_calib = measure_routed_fraction(mod, calib)
     frac_held = measure_routed_fraction(mod, heldout)
 
     threads = torch.get_num_threads() if device.type == "cpu" else None
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    print(f"modlm bench_decode: torch {torch.__version__}, python {platform.python_version()}, device {device} "
-          f"({dev_name}), dtype {args.dtype}" + (f", {threads} threads (nproc {os.cpu_count()})" if threads else "")
-          + f", linear kernels: {kernels.describe()}")
+    print(
+        f"modlm bench_decode: torch {torch.__version__}, python {platform.python_version()}, device {device} "
+        f"({dev_name}), dtype {args.dtype}"
+        + (f", {threads} threads (nproc {os.cpu_count()})" if threads else "")
+        + f", linear kernels: {kernels.describe()}"
+    )
     src = f"checkpoint {args.ckpt}" if args.ckpt else f"preset {args.preset} (random init, seed {args.seed})"
-    print(f"model   {src}: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} vocab={cfg.vocab_size} "
-          f"routed blocks={routed} causal_routing={cfg.causal_routing}")
-    print(f"data    {data_desc}; prompt {args.prompt_len} + {args.new_tokens} new tokens, temperature "
-          f"{args.temperature}; {args.repeats} repeats (+{args.warmup} warm-up), models interleaved step by step")
-    how = (f"calibrated to {target:.3f} on {tuple(calib.shape)} tokens" if target is not None
-           else "checkpoint thresholds")
+    print(
+        f"model   {src}: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} vocab={cfg.vocab_size} "
+        f"routed blocks={routed} causal_routing={cfg.causal_routing}"
+    )
+    print(
+        f"data    {data_desc}; prompt {args.prompt_len} + {args.new_tokens} new tokens, temperature "
+        f"{args.temperature}; {args.repeats} repeats (+{args.warmup} warm-up), models interleaved step by step"
+    )
+    how = (
+        f"calibrated to {target:.3f} on {tuple(calib.shape)} tokens" if target is not None else "checkpoint thresholds"
+    )
     print(f"routing {how}")
     print(f"        {'layer':>5} {'threshold':>10} {'calib':>7} {'held-out':>9}")
     for i in routed:
@@ -304,17 +345,22 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {"mod": [], "dense": []}
         fracs = []
         for r in range(args.warmup + args.repeats):
-            prompts = prompts_pool[r * B:(r + 1) * B]
+            prompts = prompts_pool[r * B : (r + 1) * B]
             tps, frac = timed_pair(models, prompts, args, args.seed + r, "mod" if r % 2 == 0 else "dense", device)
             if r >= args.warmup:
                 for name in models:
                     runs[name].append(tps[name])
                 fracs.append(frac)
         ratios = [m / d for m, d in zip(runs["mod"], runs["dense"])]
-        results[B] = {"mod": statistics.median(runs["mod"]), "dense": statistics.median(runs["dense"]),
-                      "mod_runs": runs["mod"], "dense_runs": runs["dense"], "ratios": ratios,
-                      "speedup": statistics.median(ratios),
-                      "frac": {i: sum(f[i] for f in fracs) / len(fracs) for i in routed}}
+        results[B] = {
+            "mod": statistics.median(runs["mod"]),
+            "dense": statistics.median(runs["dense"]),
+            "mod_runs": runs["mod"],
+            "dense_runs": runs["dense"],
+            "ratios": ratios,
+            "speedup": statistics.median(ratios),
+            "frac": {i: sum(f[i] for f in fracs) / len(fracs) for i in routed},
+        }
 
     probes = []
     if not args.no_sync_probe:
@@ -322,8 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
             probes.append(sync_probe(mod, B, device, B / results[B]["mod"]))
 
     print()
-    hdr = (f"{'batch':>5} {'MoD tok/s':>10} {'dense tok/s':>12} {'speedup':>8} {'routed (decode)':>16} "
-           f"{'ideal FLOPs':>12} {'ideal bytes':>12}")
+    hdr = (
+        f"{'batch':>5} {'MoD tok/s':>10} {'dense tok/s':>12} {'speedup':>8} {'routed (decode)':>16} "
+        f"{'ideal FLOPs':>12} {'ideal bytes':>12}"
+    )
     print(hdr)
     print("-" * len(hdr))
     flops_dense = decode_flops_per_token(cfg, {}, args.prompt_len, args.new_tokens)
@@ -331,19 +379,26 @@ def main(argv: list[str] | None = None) -> dict:
     for B, r in results.items():
         f_dec = r["frac"]
         r["ideal_flops"] = flops_dense / decode_flops_per_token(cfg, f_dec, args.prompt_len, args.new_tokens)
-        r["ideal_bytes"] = (bytes_per_step(cfg, {}, B, args.prompt_len, args.new_tokens, elem)
-                            / bytes_per_step(cfg, f_dec, B, args.prompt_len, args.new_tokens, elem))
+        r["ideal_bytes"] = bytes_per_step(cfg, {}, B, args.prompt_len, args.new_tokens, elem) / bytes_per_step(
+            cfg, f_dec, B, args.prompt_len, args.new_tokens, elem
+        )
         mean_f = sum(f_dec.values()) / len(f_dec)
-        print(f"{B:>5} {r['mod']:>10.1f} {r['dense']:>12.1f} {r['speedup']:>7.2f}x {mean_f:>16.3f} "
-              f"{r['ideal_flops']:>11.2f}x {r['ideal_bytes']:>11.2f}x")
+        print(
+            f"{B:>5} {r['mod']:>10.1f} {r['dense']:>12.1f} {r['speedup']:>7.2f}x {mean_f:>16.3f} "
+            f"{r['ideal_flops']:>11.2f}x {r['ideal_bytes']:>11.2f}x"
+        )
     print()
     for B, r in results.items():
-        print(f"batch {B:>2}: decode routed fraction per layer "
-              + ", ".join(f"L{i}={f:.3f}" for i, f in r["frac"].items()))
+        print(
+            f"batch {B:>2}: decode routed fraction per layer "
+            + ", ".join(f"L{i}={f:.3f}" for i, f in r["frac"].items())
+        )
     for p in probes:
-        print(f"host sync (batch {p['batch']}): {p['syncs_per_step']} per step (one per routed block + the "
-              f"sampled tokens), {p['us_per_call']:.1f} us each in isolation = {p['us_per_step']:.1f} us/step = "
-              f"{100 * p['share_of_step']:.2f}% of a MoD decode step")
+        print(
+            f"host sync (batch {p['batch']}): {p['syncs_per_step']} per step (one per routed block + the "
+            f"sampled tokens), {p['us_per_call']:.1f} us each in isolation = {p['us_per_step']:.1f} us/step = "
+            f"{100 * p['share_of_step']:.2f}% of a MoD decode step"
+        )
 
     nominal = {i: (target if target is not None else frac_held[i]) for i in routed}
     result = {
@@ -359,16 +414,23 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": {str(B): r["speedup"] for B, r in results.items()},
         "speedup_runs": {str(B): r["ratios"] for B, r in results.items()},
         "ideal_speedup_flops": {str(B): r["ideal_flops"] for B, r in results.items()},
-        "ideal_speedup_flops_nominal": flops_dense / decode_flops_per_token(cfg, nominal, args.prompt_len,
-                                                                            args.new_tokens),
+        "ideal_speedup_flops_nominal": flops_dense
+        / decode_flops_per_token(cfg, nominal, args.prompt_len, args.new_tokens),
         "ideal_speedup_bytes": {str(B): r["ideal_bytes"] for B, r in results.items()},
         "host_sync": probes,
         "host_sync_us_per_step": {str(p["batch"]): p["us_per_step"] for p in probes},
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "temperature": args.temperature, "data": data_desc,
-        "model": args.ckpt or args.preset, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
-        "routed_layers": routed, "causal_routing": cfg.causal_routing,
-        "dtype": args.dtype, "threads": threads,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "temperature": args.temperature,
+        "data": data_desc,
+        "model": args.ckpt or args.preset,
+        "d_model": cfg.d_model,
+        "n_layers": cfg.n_layers,
+        "routed_layers": routed,
+        "causal_routing": cfg.causal_routing,
+        "dtype": args.dtype,
+        "threads": threads,
         "native_kernels": kernels.enabled() and device.type == "cpu",
         **environment(device),
     }

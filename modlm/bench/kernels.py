@@ -25,14 +25,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modlm.inference import kernels
 from modlm.bench import environment
 from modlm.config import ModelConfig
+from modlm.inference import kernels
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", default="base", help="ModelConfig preset whose block shapes are timed")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -88,30 +89,52 @@ def main(argv=None) -> dict:
                         if kernels.available():
                             ns.append(time_block(kernels.linear, weights, inputs, args.iters))
                 t_torch, t_native = min(ts), (min(ns) if ns else None)
-                results.append({"threads": threads, "rows": M, "torch_ms": 1e3 * t_torch,
-                                "native_ms": None if t_native is None else 1e3 * t_native,
-                                "torch_over_native": None if t_native is None else t_torch / t_native,
-                                "torch_gb_s": block_bytes / t_torch / 1e9,
-                                "native_gb_s": None if t_native is None else block_bytes / t_native / 1e9})
+                results.append(
+                    {
+                        "threads": threads,
+                        "rows": M,
+                        "torch_ms": 1e3 * t_torch,
+                        "native_ms": None if t_native is None else 1e3 * t_native,
+                        "torch_over_native": None if t_native is None else t_torch / t_native,
+                        "torch_gb_s": block_bytes / t_torch / 1e9,
+                        "native_gb_s": None if t_native is None else block_bytes / t_native / 1e9,
+                    }
+                )
     finally:
         kernels.MAX_ROWS = rows_limit
         kernels.set_enabled(prev_enabled)
         torch.set_num_threads(prev_threads)
 
-    print(f"modlm bench_kernels: torch {torch.__version__}, python {platform.python_version()}, nproc {os.cpu_count()}; "
-          f"native kernel {'available' if kernels.available() else 'NOT available (' + kernels.describe() + ')'}")
-    print(f"{args.preset} block: {len(shapes)} matrices {shapes}, {block_bytes / 1e6:.1f} MB fp32, "
-          f"{args.blocks} blocks cycled; used by modlm for <= {rows_limit} rows")
-    print(f"{'threads':>7s} {'rows':>5s} {'torch ms':>9s} {'native ms':>10s} {'torch/native':>13s} "
-          f"{'torch GB/s':>11s} {'native GB/s':>12s}")
+    print(
+        f"modlm bench_kernels: torch {torch.__version__}, python {platform.python_version()}, nproc {os.cpu_count()}; "
+        f"native kernel {'available' if kernels.available() else 'NOT available (' + kernels.describe() + ')'}"
+    )
+    print(
+        f"{args.preset} block: {len(shapes)} matrices {shapes}, {block_bytes / 1e6:.1f} MB fp32, "
+        f"{args.blocks} blocks cycled; used by modlm for <= {rows_limit} rows"
+    )
+    print(
+        f"{'threads':>7s} {'rows':>5s} {'torch ms':>9s} {'native ms':>10s} {'torch/native':>13s} "
+        f"{'torch GB/s':>11s} {'native GB/s':>12s}"
+    )
     print("-" * 73)
     for r in results:
-        native = (f"{r['native_ms']:10.3f} {r['torch_over_native']:12.2f}x" if r["native_ms"] is not None
-                  else f"{'-':>10s} {'-':>13s}")
+        native = (
+            f"{r['native_ms']:10.3f} {r['torch_over_native']:12.2f}x"
+            if r["native_ms"] is not None
+            else f"{'-':>10s} {'-':>13s}"
+        )
         native_bw = f"{r['native_gb_s']:12.1f}" if r["native_gb_s"] is not None else f"{'-':>12s}"
         print(f"{r['threads']:7d} {r['rows']:5d} {r['torch_ms']:9.3f} {native} {r['torch_gb_s']:11.1f} {native_bw}")
-    out = {"bench": "kernels", "preset": args.preset, "block_bytes": block_bytes, "max_rows": rows_limit,
-           "available": kernels.available(), "results": results, **environment()}
+    out = {
+        "bench": "kernels",
+        "preset": args.preset,
+        "block_bytes": block_bytes,
+        "max_rows": rows_limit,
+        "available": kernels.available(),
+        "results": results,
+        **environment(),
+    }
     print(json.dumps(out))
     sys.stdout.flush()
     return out

@@ -29,16 +29,17 @@ import time
 
 import torch
 
-from modlm.inference import kernels
 from modlm.bench import decode as bd  # same models, data and calibration as the benchmark
+from modlm.inference import kernels
 from modlm.inference.calibrate import calibrate_thresholds
 from modlm.inference.generate import DecodeSession
 from modlm.model.kinds import block_spec
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", default="base")
     p.add_argument("--ckpt", default=None)
     p.add_argument("--batch-size", type=int, default=1)
@@ -47,8 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--target-fraction", type=float, default=0.125)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kernels", default="native", choices=["native", "torch"],
-                   help="few-row linear products: modlm.inference.kernels' native CPU kernel or torch's F.linear")
+    p.add_argument(
+        "--kernels",
+        default="native",
+        choices=["native", "torch"],
+        help="few-row linear products: modlm.inference.kernels' native CPU kernel or torch's F.linear",
+    )
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 2 or args.prompt_len < 1:
         p.error("need --batch-size >= 1, --steps >= 2, --prompt-len >= 1")
@@ -86,6 +91,7 @@ def routed_kind(timer: Timer, B: int):
         b = int(out[1].valid_BK.sum())  # rows routed in this step (a host read, outside the timed call)
         timer.rows_routed += b
         return "routed: no row" if b == 0 else "routed: all rows" if b == B else "routed: some rows"
+
     return classify
 
 
@@ -107,18 +113,30 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     kernels.set_enabled(args.kernels == "native")
-    bargs = bd.parse_args(["--preset", args.preset, "--prompt-len", str(args.prompt_len),
-                           "--new-tokens", str(args.steps + 2), "--seed", str(args.seed)]
-                          + (["--ckpt", args.ckpt] if args.ckpt else []))
+    bargs = bd.parse_args(
+        [
+            "--preset",
+            args.preset,
+            "--prompt-len",
+            str(args.prompt_len),
+            "--new-tokens",
+            str(args.steps + 2),
+            "--seed",
+            str(args.seed),
+        ]
+        + (["--ckpt", args.ckpt] if args.ckpt else [])
+    )
     cfg, mod, dense = bd.build_models(bargs, torch.device("cpu"), torch.float32)
     B = args.batch_size
     pool, _ = bd.token_pool(bargs, cfg, 32 + B, args.prompt_len + args.steps)
     calibrate_thresholds(mod, pool[:32], args.target_fraction)
-    prompts = pool[32:32 + B, :args.prompt_len]
+    prompts = pool[32 : 32 + B, : args.prompt_len]
 
     timer = Timer()
-    sessions = {"mod": DecodeSession(mod, prompts, args.steps + 2, seed=args.seed),
-                "dense": DecodeSession(dense, prompts, args.steps + 2, seed=args.seed)}
+    sessions = {
+        "mod": DecodeSession(mod, prompts, args.steps + 2, seed=args.seed),
+        "dense": DecodeSession(dense, prompts, args.steps + 2, seed=args.seed),
+    }
     for name, session in sessions.items():
         instrument(timer, name, session, B)
     for s in sessions.values():
@@ -126,7 +144,7 @@ def main(argv=None) -> dict:
     step_s = dict.fromkeys(sessions, 0.0)
     timer.on = True
     for i in range(args.steps):
-        for name in (sessions if i % 2 == 0 else reversed(list(sessions))):
+        for name in sessions if i % 2 == 0 else reversed(list(sessions)):
             t0 = time.perf_counter()
             sessions[name].step()
             step_s[name] += time.perf_counter() - t0
@@ -140,18 +158,23 @@ def main(argv=None) -> dict:
         ms_step = 1e3 * timer.s[key] / args.steps
         us_call = 1e6 * timer.s[key] / timer.n[key]
         rows.append((model, part, timer.n[key] / args.steps, us_call, ms_step))
-        per_step[f"{model}/{part.strip()}"] = {"calls_per_step": timer.n[key] / args.steps, "us_per_call": us_call,
-                                               "ms_per_step": ms_step}
+        per_step[f"{model}/{part.strip()}"] = {
+            "calls_per_step": timer.n[key] / args.steps,
+            "us_per_call": us_call,
+            "ms_per_step": ms_step,
+        }
     step_ms = {k: 1e3 * v / args.steps for k, v in step_s.items()}
     blocks_ms = {m: sum(r[4] for r in rows if r[0] == m and not r[1].startswith("  ")) for m in step_ms}
     rest_ms = {m: step_ms[m] - blocks_ms[m] for m in step_ms}
     skip = per_step.get("mod/routed: no row", {"ms_per_step": 0.0})["ms_per_step"]
     routed_fraction = timer.rows_routed / (len(cfg.routed_layers) * B * args.steps)
 
-    print(f"modlm profile_decode: torch {torch.__version__}, cpu, {torch.get_num_threads()} thread(s); "
-          f"linear kernels: {kernels.describe()}; "
-          f"{args.preset if not args.ckpt else args.ckpt}, batch {B}, prompt {args.prompt_len}, {args.steps} steps, "
-          f"routed blocks calibrated to {args.target_fraction}, routing {routed_fraction:.3f} of these tokens")
+    print(
+        f"modlm profile_decode: torch {torch.__version__}, cpu, {torch.get_num_threads()} thread(s); "
+        f"linear kernels: {kernels.describe()}; "
+        f"{args.preset if not args.ckpt else args.ckpt}, batch {B}, prompt {args.prompt_len}, {args.steps} steps, "
+        f"routed blocks calibrated to {args.target_fraction}, routing {routed_fraction:.3f} of these tokens"
+    )
     print(f"{'model':6s} {'part':28s} {'calls/step':>10s} {'us/call':>9s} {'ms/step':>8s}")
     print("-" * 66)
     for model, part, calls, us, ms in rows:
@@ -159,13 +182,24 @@ def main(argv=None) -> dict:
     for m in ("mod", "dense"):
         print(f"{m:6s} {'rest of step':28s} {'':10s} {'':9s} {rest_ms[m]:8.3f}")
     print("-" * 66)
-    print(f"step: MoD {step_ms['mod']:.2f} ms, dense {step_ms['dense']:.2f} ms, speedup "
-          f"{step_ms['dense'] / step_ms['mod']:.2f}x; with free skips (no-row calls cost 0): "
-          f"{step_ms['dense'] / (step_ms['mod'] - skip):.2f}x")
-    result = {"bench": "profile_decode", "batch": B, "routed_fraction": routed_fraction, "step_ms": step_ms, "rest_ms": rest_ms,
-              "speedup": step_ms["dense"] / step_ms["mod"],
-              "speedup_free_skips": step_ms["dense"] / (step_ms["mod"] - skip), "parts": per_step,
-              "threads": torch.get_num_threads(), "native_kernels": kernels.enabled(), "torch": torch.__version__}
+    print(
+        f"step: MoD {step_ms['mod']:.2f} ms, dense {step_ms['dense']:.2f} ms, speedup "
+        f"{step_ms['dense'] / step_ms['mod']:.2f}x; with free skips (no-row calls cost 0): "
+        f"{step_ms['dense'] / (step_ms['mod'] - skip):.2f}x"
+    )
+    result = {
+        "bench": "profile_decode",
+        "batch": B,
+        "routed_fraction": routed_fraction,
+        "step_ms": step_ms,
+        "rest_ms": rest_ms,
+        "speedup": step_ms["dense"] / step_ms["mod"],
+        "speedup_free_skips": step_ms["dense"] / (step_ms["mod"] - skip),
+        "parts": per_step,
+        "threads": torch.get_num_threads(),
+        "native_kernels": kernels.enabled(),
+        "torch": torch.__version__,
+    }
     print(json.dumps(result))
     return result
 

@@ -45,8 +45,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", default="base", help="ModelConfig preset (see modlm.config.PRESETS)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (raises max_seq_len if needed)")
@@ -54,8 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                   help="fp32, or bf16 autocast over fp32 weights (mixed precision training)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=sorted(DTYPES),
+        help="fp32, or bf16 autocast over fp32 weights (mixed precision training)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step in the timed region")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and the batch")
@@ -85,8 +90,9 @@ class Stepper:
         self.model = MoDTransformer(cfg).to(device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4) if optimizer else None
         self.device = device
-        self.autocast = (torch.autocast(device_type=device.type, dtype=dtype)
-                         if dtype != torch.float32 else nullcontext())
+        self.autocast = (
+            torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        )
         self.times: list[float] = []  # wall-clock seconds per timed step
         self.cpu_times: list[float] = []  # process CPU seconds per timed step (all threads)
 
@@ -172,51 +178,88 @@ def main(argv: list[str] | None = None) -> dict:
     cpu_ratio = mod.cpu_median / dense.cpu_median if device.type == "cpu" else None
     timed = "zero_grad + forward + backward" + (" + AdamW.step" if args.optimizer else "")
 
-    print(f"modlm bench_train: torch {torch.__version__}, python {platform.python_version()}, "
-          f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
-          f"dtype {args.dtype}" + (f", {threads} threads (nproc {os.cpu_count()})" if threads else ""))
-    print(f"config  preset={args.preset} B={B} T={T} d={mod_cfg.d_model} layers={mod_cfg.n_layers} "
-          f"heads={mod_cfg.n_heads} vocab={mod_cfg.vocab_size} d_mlp={mod_cfg.d_mlp}")
-    print(f"routing capacity={mod_cfg.capacity} (k={k} of {T}) routed blocks={list(mod_cfg.routed_layers)} "
-          f"causal_routing={mod_cfg.causal_routing}")
+    print(
+        f"modlm bench_train: torch {torch.__version__}, python {platform.python_version()}, "
+        f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+        f"dtype {args.dtype}" + (f", {threads} threads (nproc {os.cpu_count()})" if threads else "")
+    )
+    print(
+        f"config  preset={args.preset} B={B} T={T} d={mod_cfg.d_model} layers={mod_cfg.n_layers} "
+        f"heads={mod_cfg.n_heads} vocab={mod_cfg.vocab_size} d_mlp={mod_cfg.d_mlp}"
+    )
+    print(
+        f"routing capacity={mod_cfg.capacity} (k={k} of {T}) routed blocks={list(mod_cfg.routed_layers)} "
+        f"causal_routing={mod_cfg.causal_routing}"
+    )
     print(f"timed   {timed}; median of {args.steps} interleaved steps after {args.warmup} warm-up")
     print()
     rows = [("MoD", mod, mod_f), ("dense", dense, dense_f)]
-    hdr = f"{'model':<7}{'params':>10}{'step (median)':>15}{'min':>11}{'max':>11}{'CPU s/step':>12}" \
-          f"{'tokens/s':>11}{'train FLOPs':>16}{'FLOP/s':>14}"
+    hdr = (
+        f"{'model':<7}{'params':>10}{'step (median)':>15}{'min':>11}{'max':>11}{'CPU s/step':>12}"
+        f"{'tokens/s':>11}{'train FLOPs':>16}{'FLOP/s':>14}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for name, s, f in rows:
-        print(f"{name:<7}{s.model.num_params() / 1e6:>9.2f}M{fmt_time(s.median):>15}{fmt_time(min(s.times)):>11}"
-              f"{fmt_time(max(s.times)):>11}{fmt_time(s.cpu_median) if cpu_ratio else '-':>12}"
-              f"{B * T / s.median:>11.0f}{format_flops(f):>16}"
-              f"{f / s.median / 1e12:>10.3f} TF/s")
+        print(
+            f"{name:<7}{s.model.num_params() / 1e6:>9.2f}M{fmt_time(s.median):>15}{fmt_time(min(s.times)):>11}"
+            f"{fmt_time(max(s.times)):>11}{fmt_time(s.cpu_median) if cpu_ratio else '-':>12}"
+            f"{B * T / s.median:>11.0f}{format_flops(f):>16}"
+            f"{f / s.median / 1e12:>10.3f} TF/s"
+        )
     print()
-    print(f"MoD / dense: time {time_ratio:.3f}   FLOPs {flop_ratio:.3f}   overhead (time/FLOPs) {overhead:.3f}   "
-          f"speed-up {1 / time_ratio:.2f}x")
+    print(
+        f"MoD / dense: time {time_ratio:.3f}   FLOPs {flop_ratio:.3f}   overhead (time/FLOPs) {overhead:.3f}   "
+        f"speed-up {1 / time_ratio:.2f}x"
+    )
     print(f"             median of per-pair time ratios {paired_ratio:.3f} (overhead {paired_ratio / flop_ratio:.3f})")
     if cpu_ratio is not None:
         print(f"             CPU-time ratio {cpu_ratio:.3f} (overhead {cpu_ratio / flop_ratio:.3f})")
     if causal_ratio is not None:
-        print(f"             FLOPs with causal-half attention {causal_ratio:.3f} (overhead {time_ratio / causal_ratio:.3f})")
+        print(
+            f"             FLOPs with causal-half attention {causal_ratio:.3f} (overhead {time_ratio / causal_ratio:.3f})"
+        )
 
     result = {
-        "bench": "train_step", "timed": timed, "optimizer": args.optimizer,
-        "mod_step_s": mod_s, "dense_step_s": dense_s,
-        "time_ratio": time_ratio, "flop_ratio": flop_ratio, "overhead": overhead,
-        "paired_time_ratio": paired_ratio, "paired_overhead": paired_ratio / flop_ratio,
+        "bench": "train_step",
+        "timed": timed,
+        "optimizer": args.optimizer,
+        "mod_step_s": mod_s,
+        "dense_step_s": dense_s,
+        "time_ratio": time_ratio,
+        "flop_ratio": flop_ratio,
+        "overhead": overhead,
+        "paired_time_ratio": paired_ratio,
+        "paired_overhead": paired_ratio / flop_ratio,
         "flop_ratio_causal_attention": causal_ratio,
-        "mod_step_min_s": min(mod.times), "dense_step_min_s": min(dense.times),
-        "cpu_time_ratio": cpu_ratio, "cpu_overhead": cpu_ratio / flop_ratio if cpu_ratio else None,
-        "mod_cpu_s": mod.cpu_median if cpu_ratio else None, "dense_cpu_s": dense.cpu_median if cpu_ratio else None,
-        "mod_train_flops": mod_f, "dense_train_flops": dense_f,
-        "mod_tokens_per_s": B * T / mod_s, "dense_tokens_per_s": B * T / dense_s,
-        "mod_step_times_s": mod.times, "dense_step_times_s": dense.times,
-        "preset": args.preset, "batch_size": B, "seq_len": T, "d_model": mod_cfg.d_model,
-        "n_layers": mod_cfg.n_layers, "n_heads": mod_cfg.n_heads, "vocab_size": mod_cfg.vocab_size,
-        "capacity": mod_cfg.capacity, "k": k, "routed_layers": list(mod_cfg.routed_layers),
-        "causal_routing": mod_cfg.causal_routing, "steps": args.steps, "warmup": args.warmup,
-        "dtype": args.dtype, "tf32": device.type == "cuda", "threads": threads,
+        "mod_step_min_s": min(mod.times),
+        "dense_step_min_s": min(dense.times),
+        "cpu_time_ratio": cpu_ratio,
+        "cpu_overhead": cpu_ratio / flop_ratio if cpu_ratio else None,
+        "mod_cpu_s": mod.cpu_median if cpu_ratio else None,
+        "dense_cpu_s": dense.cpu_median if cpu_ratio else None,
+        "mod_train_flops": mod_f,
+        "dense_train_flops": dense_f,
+        "mod_tokens_per_s": B * T / mod_s,
+        "dense_tokens_per_s": B * T / dense_s,
+        "mod_step_times_s": mod.times,
+        "dense_step_times_s": dense.times,
+        "preset": args.preset,
+        "batch_size": B,
+        "seq_len": T,
+        "d_model": mod_cfg.d_model,
+        "n_layers": mod_cfg.n_layers,
+        "n_heads": mod_cfg.n_heads,
+        "vocab_size": mod_cfg.vocab_size,
+        "capacity": mod_cfg.capacity,
+        "k": k,
+        "routed_layers": list(mod_cfg.routed_layers),
+        "causal_routing": mod_cfg.causal_routing,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "dtype": args.dtype,
+        "tf32": device.type == "cuda",
+        "threads": threads,
         **environment(device),
     }
     print(json.dumps(result))

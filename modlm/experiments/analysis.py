@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from modlm.experiments.isoflop import PlannedRun, SweepSettings
 from modlm.experiments.results import RUNS_DIR, read_results
@@ -60,8 +61,9 @@ def _token_text(tokenizer, tok: int) -> str:
     return text if text and shows else "\u00b7"
 
 
-def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSettings, n_sequences: int,
-                heatmap_tokens: int) -> dict[str, Any]:
+def analyze_run(
+    run_dir: str | Path, title: str, val_tokens, settings: SweepSettings, n_sequences: int, heatmap_tokens: int
+) -> dict[str, Any]:
     """Routing of a trained MoD model on validation text (top-k routing, as in training).
 
     Returns the heatmap of one text sample (which routed block processed which token) and, over
@@ -99,7 +101,7 @@ def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSett
         starts = np.flatnonzero((val[:-2] == 10) & (val[1:-1] == 10))
         start = int(starts[min(len(starts) - 1, 3)] + 2) if len(starts) else 0
         start = min(start, len(val) - T - 1)
-        x_1T = torch.as_tensor(val[start:start + T].astype("int64")).unsqueeze(0)
+        x_1T = torch.as_tensor(val[start : start + T].astype("int64")).unsqueeze(0)
         out = model(x_1T, routing="topk")
         mask = [route_mask(out.routes[i], T)[0, :heatmap_tokens].int().tolist() for i in layers]
     n = len(layers)
@@ -109,19 +111,30 @@ def analyze_run(run_dir: str | Path, title: str, val_tokens, settings: SweepSett
         vals = [e for d, e in zip(depth_all, ent_all) if d == k]
         ent_by_depth.append(sum(vals) / len(vals) if vals else None)
     return {
-        "title": title, "run_dir": str(run_dir), "n_routed": n, "layers": layers, "capacity": cfg.capacity,
-        "n_tokens": len(depth_all), "depth_values": list(range(n + 1)),
+        "title": title,
+        "run_dir": str(run_dir),
+        "n_routed": n,
+        "layers": layers,
+        "capacity": cfg.capacity,
+        "n_tokens": len(depth_all),
+        "depth_values": list(range(n + 1)),
         "depth_share": [c / max(1, len(depth_all)) for c in counts],
-        "entropy_by_depth": ent_by_depth, "mean_depth": sum(depth_all) / max(1, len(depth_all)),
-        "pearson": pearson(depth_all, ent_all), "spearman": spearman(depth_all, ent_all),
-        "heatmap": {"title": f"{title}: routed blocks x tokens (dark = processed)",
-                    "tokens": [_token_text(tokenizer, t) for t in x_1T[0, :heatmap_tokens].tolist()], "layers": layers,
-                    "mask": mask},
+        "entropy_by_depth": ent_by_depth,
+        "mean_depth": sum(depth_all) / max(1, len(depth_all)),
+        "pearson": pearson(depth_all, ent_all),
+        "spearman": spearman(depth_all, ent_all),
+        "heatmap": {
+            "title": f"{title}: routed blocks x tokens (dark = processed)",
+            "tokens": [_token_text(tokenizer, t) for t in x_1T[0, :heatmap_tokens].tolist()],
+            "layers": layers,
+            "mask": mask,
+        },
     }
 
 
-def run_analysis(results_dir: str | Path, scale: Scale, settings: SweepSettings,
-                 runs: Sequence[PlannedRun]) -> dict[str, Any]:
+def run_analysis(
+    results_dir: str | Path, scale: Scale, settings: SweepSettings, runs: Sequence[PlannedRun]
+) -> dict[str, Any]:
     """Analyse the trained reference MoD and every-block MoD models; writes analysis.json."""
     from modlm.training.corpus import prepare_corpus
 
@@ -134,10 +147,10 @@ def run_analysis(results_dir: str | Path, scale: Scale, settings: SweepSettings,
         if run is None or run.run_id not in finished:
             continue
         title = f"{VARIANT_BY_KEY[key].label} ({run.shape.name})"
-        a = analyze_run(results / RUNS_DIR / run.run_id, title, corpus.val, settings, scale.analysis_sequences,
-                        scale.heatmap_tokens)
+        a = analyze_run(
+            results / RUNS_DIR / run.run_id, title, corpus.val, settings, scale.analysis_sequences, scale.heatmap_tokens
+        )
         a.update(run_id=run.run_id, variant=key)
         out["models"].append(a)
     (results / ANALYSIS_FILE).write_text(json.dumps(out, indent=1))
     return out
-

@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from modlm.experiments.isoflop import Shape, format_budget, isoflop_curves, isoflop_optima
 
 Record = dict[str, Any]
 
-S1, S2, S3, S4, S5, S6 = ("1. MoD vs isoFLOP-optimal dense", "2. Capacity and routing frequency",
-                          "3. Learned vs random routing", "4. Token choice vs expert choice",
-                          "5. Causal routing", "6. Routing analysis")
+S1, S2, S3, S4, S5, S6 = (
+    "1. MoD vs isoFLOP-optimal dense",
+    "2. Capacity and routing frequency",
+    "3. Learned vs random routing",
+    "4. Token choice vs expert choice",
+    "5. Causal routing",
+    "6. Routing analysis",
+)
 NOT_RUN = ("not run", "n/a")  # (ours, holds) of a claim whose runs are missing
 
 
@@ -133,24 +139,41 @@ def _final_router_stat(rec: Record, suffix: str, frac: float = 1.0) -> dict[str,
     return {k.split("/")[0]: v[idx] for k, v in curve.items() if k.endswith("/" + suffix)}
 
 
-def build_claims(records: Sequence[Record], analysis: dict[str, Any] | None,
-                 budgets: Sequence[float]) -> tuple[list[Claim], float | None]:
+def build_claims(
+    records: Sequence[Record], analysis: dict[str, Any] | None, budgets: Sequence[float]
+) -> tuple[list[Claim], float | None]:
     """Every claim row, computed from run records and the routing analysis; and the noise used."""
     noise = isoflop_noise(records)
     nz = f"noise {noise:.4f}" if noise is not None else "noise not measured"
-    claims = (_isoflop_claims(records, budgets, noise, nz) + _capacity_claims(records, noise, nz)
-              + _random_claims(records, noise, nz) + _token_choice_claims(records, noise, nz)
-              + _causal_claims(records, noise, nz) + _analysis_claims(analysis))
+    claims = (
+        _isoflop_claims(records, budgets, noise, nz)
+        + _capacity_claims(records, noise, nz)
+        + _random_claims(records, noise, nz)
+        + _token_choice_claims(records, noise, nz)
+        + _causal_claims(records, noise, nz)
+        + _analysis_claims(analysis)
+    )
     return claims, noise
 
 
 def expected_claim_ids(budgets: Sequence[float]) -> list[str]:
     """The ids of every claim row ``build_claims`` produces, in order."""
-    return ([f"isoflop@{format_budget(b)}" for b in budgets]
-            + ["optimal_params", "forward_flops_ratio", "parity_fewer_flops", "capacity_12.5_best",
-               "every_other_vs_every", "learned_vs_random@0.125", "learned_vs_random@0.5", "expert_vs_token_choice",
-               "predictor_accuracy", "causal_eval_predictor", "causal_eval_aux-loss", "aux_loss_cost", "depth_varies",
-               "depth_entropy"])
+    return [f"isoflop@{format_budget(b)}" for b in budgets] + [
+        "optimal_params",
+        "forward_flops_ratio",
+        "parity_fewer_flops",
+        "capacity_12.5_best",
+        "every_other_vs_every",
+        "learned_vs_random@0.125",
+        "learned_vs_random@0.5",
+        "expert_vs_token_choice",
+        "predictor_accuracy",
+        "causal_eval_predictor",
+        "causal_eval_aux-loss",
+        "aux_loss_cost",
+        "depth_varies",
+        "depth_entropy",
+    ]
 
 
 def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: float | None, nz: str) -> list[Claim]:
@@ -166,31 +189,67 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
         if d is None or m is None:
             claims.append(Claim(f"isoflop@{format_budget(b)}", S1, claim, paper, *NOT_RUN))
             continue
-        ours = (f"MoD {m['val_loss']:.4f} ({shape_name(m)}, {format_params(m['params'])}) vs dense {d['val_loss']:.4f} "
-                f"({shape_name(d)}, {format_params(d['params'])}): {_pct(m['val_loss'], d['val_loss'])}; {nz}")
-        claims.append(Claim(f"isoflop@{format_budget(b)}", S1, claim, paper, ours, verdict(d["val_loss"] - m["val_loss"], noise), WHY["isoflop"]))
+        ours = (
+            f"MoD {m['val_loss']:.4f} ({shape_name(m)}, {format_params(m['params'])}) vs dense {d['val_loss']:.4f} "
+            f"({shape_name(d)}, {format_params(d['params'])}): {_pct(m['val_loss'], d['val_loss'])}; {nz}"
+        )
+        claims.append(
+            Claim(
+                f"isoflop@{format_budget(b)}",
+                S1,
+                claim,
+                paper,
+                ours,
+                verdict(d["val_loss"] - m["val_loss"], noise),
+                WHY["isoflop"],
+            )
+        )
     pairs = [(b, optima.get((b, "dense")), optima.get((b, "mod"))) for b in budgets]
     pairs = [(b, d, m) for b, d, m in pairs if d is not None and m is not None]
     if pairs:
         # Sizes without routers and predictors: the same shape is the same size.
         size = {id(r): r.get("core_params", r["params"]) for _, d, m in pairs for r in (d, m)}
-        ours = "; ".join(f"{format_budget(b)}: MoD {shape_name(m)} ({format_params(size[id(m)])}) vs dense {shape_name(d)} "
-                         f"({format_params(size[id(d)])})" for b, d, m in pairs) + " (parameters without routers)"
+        ours = (
+            "; ".join(
+                f"{format_budget(b)}: MoD {shape_name(m)} ({format_params(size[id(m)])}) vs dense {shape_name(d)} "
+                f"({format_params(size[id(d)])})"
+                for b, d, m in pairs
+            )
+            + " (parameters without routers)"
+        )
         more = [size[id(m)] > size[id(d)] for _, d, m in pairs]
         holds = "yes" if all(more) else "partly" if any(more) else "no"
     else:
         ours, holds = NOT_RUN
-    claims.append(Claim("optimal_params", S1, "The isoFLOP-optimal MoD model has more parameters than the isoFLOP-optimal dense model",
-                        "yes: the MoD curve moves down and to the right (Fig. 4)", ours, holds, WHY["params"]))
+    claims.append(
+        Claim(
+            "optimal_params",
+            S1,
+            "The isoFLOP-optimal MoD model has more parameters than the isoFLOP-optimal dense model",
+            "yes: the MoD curve moves down and to the right (Fig. 4)",
+            ours,
+            holds,
+            WHY["params"],
+        )
+    )
     if pairs:
         ratios = [m["forward_flops_per_token"] / d["forward_flops_per_token"] for _, d, m in pairs]
         ours = "; ".join(f"{format_budget(b)}: {r:.2f}x" for (b, _, _), r in zip(pairs, ratios))
         holds = "yes" if all(0.67 <= r <= 1.5 for r in ratios) else "no"
     else:
         ours, holds = NOT_RUN
-    claims.append(Claim("forward_flops_ratio", S1, "The isoFLOP-optimal MoD uses about as many FLOPs per forward pass as the isoFLOP-optimal "
-                            "dense model (we call 0.67x-1.5x 'about')", "rule of thumb: ~1x (§4.1, Fig. 4)", ours, holds,
-                        WHY["fwd_ratio"]))
+    claims.append(
+        Claim(
+            "forward_flops_ratio",
+            S1,
+            "The isoFLOP-optimal MoD uses about as many FLOPs per forward pass as the isoFLOP-optimal "
+            "dense model (we call 0.67x-1.5x 'about')",
+            "rule of thumb: ~1x (§4.1, Fig. 4)",
+            ours,
+            holds,
+            WHY["fwd_ratio"],
+        )
+    )
     rows = []
     for b, d, _ in pairs:
         cheaper = [r for r in curves.get((b, "mod"), []) if r["val_loss"] <= d["val_loss"]]
@@ -200,22 +259,48 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
         else:
             rows.append((b, None, None))
     if rows:
-        ours = "; ".join(f"{format_budget(b)}: " + (f"{shape_name(c)} with {100 * s:.0f}% fewer" if c is not None and s > 0
-                                                     else f"{shape_name(c)}, {-100 * s:.0f}% MORE" if c is not None
-                                                     else "no MoD run matches") for b, s, c in rows)
-        holds = "yes" if all(s is not None and s > 0 for _, s, _ in rows) else \
-            "partly" if any(s is not None and s > 0 for _, s, _ in rows) else "no"
+        ours = "; ".join(
+            f"{format_budget(b)}: "
+            + (
+                f"{shape_name(c)} with {100 * s:.0f}% fewer"
+                if c is not None and s > 0
+                else f"{shape_name(c)}, {-100 * s:.0f}% MORE"
+                if c is not None
+                else "no MoD run matches"
+            )
+            for b, s, c in rows
+        )
+        holds = (
+            "yes"
+            if all(s is not None and s > 0 for _, s, _ in rows)
+            else "partly"
+            if any(s is not None and s > 0 for _, s, _ in rows)
+            else "no"
+        )
     else:
         ours, holds = NOT_RUN
-    claims.append(Claim("parity_fewer_flops", S1, "Some MoD model matches the isoFLOP-optimal dense loss with fewer FLOPs per forward pass",
-                        "yes, up to 50% fewer (abstract, Fig. 4)", ours, holds, WHY["parity"]))
+    claims.append(
+        Claim(
+            "parity_fewer_flops",
+            S1,
+            "Some MoD model matches the isoFLOP-optimal dense loss with fewer FLOPs per forward pass",
+            "yes, up to 50% fewer (abstract, Fig. 4)",
+            ours,
+            holds,
+            WHY["parity"],
+        )
+    )
     return claims
 
 
 def _capacity_claims(records: Sequence[Record], noise: float | None, nz: str) -> list[Claim]:
     """2. 12.5% capacity is best, and routing every other block beats every block (paper Fig. 3)."""
-    caps = [(0.125, variant_record(records, "mod")), (0.25, variant_record(records, "cap0.25")),
-            (0.5, variant_record(records, "cap0.5")), (0.95, variant_record(records, "cap0.95"))]
+    caps = [
+        (0.125, variant_record(records, "mod")),
+        (0.25, variant_record(records, "cap0.25")),
+        (0.5, variant_record(records, "cap0.5")),
+        (0.95, variant_record(records, "cap0.95")),
+    ]
     got = [(c, r) for c, r in caps if r is not None]
     if len(got) >= 2 and caps[0][1] is not None:
         best_c, _ = min(got, key=lambda cr: cr[1]["val_loss"])
@@ -224,16 +309,34 @@ def _capacity_claims(records: Sequence[Record], noise: float | None, nz: str) ->
         holds = verdict(min(others) - caps[0][1]["val_loss"], noise)
     else:
         ours, holds = NOT_RUN
-    claims = [Claim("capacity_12.5_best", S2, "Of capacities 12.5/25/50/95%, 12.5% gives the lowest loss at equal training FLOPs",
-                    "yes: lower capacity is better down to 12.5% (Fig. 3)", ours, holds, WHY["capacity"])]
+    claims = [
+        Claim(
+            "capacity_12.5_best",
+            S2,
+            "Of capacities 12.5/25/50/95%, 12.5% gives the lowest loss at equal training FLOPs",
+            "yes: lower capacity is better down to 12.5% (Fig. 3)",
+            ours,
+            holds,
+            WHY["capacity"],
+        )
+    ]
     ref, every = variant_record(records, "mod"), variant_record(records, "every-block")
     if ref is not None and every is not None:
         ours = _versus("every other", ref, "every block", every) + f"; {nz}"
         holds = verdict(every["val_loss"] - ref["val_loss"], noise)
     else:
         ours, holds = NOT_RUN
-    claims.append(Claim("every_other_vs_every", S2, "Routing every other block beats routing every block (12.5%)",
-                        "yes (§4.1, Fig. 3)", ours, holds, WHY["every"]))
+    claims.append(
+        Claim(
+            "every_other_vs_every",
+            S2,
+            "Routing every other block beats routing every block (12.5%)",
+            "yes (§4.1, Fig. 3)",
+            ours,
+            holds,
+            WHY["every"],
+        )
+    )
     return claims
 
 
@@ -249,8 +352,17 @@ def _random_claims(records: Sequence[Record], noise: float | None, nz: str) -> l
             ours = _versus("learned", lr_, "random", rr)
             if dense_v is not None:
                 ours += f"; same-shape dense {dense_v['val_loss']:.4f}"
-            claims.append(Claim(f"learned_vs_random@{cap:g}", S3, claim, paper, ours + f"; {nz}", verdict(rr["val_loss"] - lr_["val_loss"], noise),
-                                WHY["random"]))
+            claims.append(
+                Claim(
+                    f"learned_vs_random@{cap:g}",
+                    S3,
+                    claim,
+                    paper,
+                    ours + f"; {nz}",
+                    verdict(rr["val_loss"] - lr_["val_loss"], noise),
+                    WHY["random"],
+                )
+            )
         else:
             claims.append(Claim(f"learned_vs_random@{cap:g}", S3, claim, paper, *NOT_RUN))
     return claims
@@ -265,15 +377,25 @@ def _token_choice_claims(records: Sequence[Record], noise: float | None, nz: str
         empty = _final_router_stat(tc, "empty_slot_frac")
         extra = ""
         if asked:
-            extra = (f"; at the end of training tokens asking per block {_mean(asked.values()):.3f} (capacity 0.125), "
-                     f"dropped {_mean(dropped.values()):.3f}, empty slots {_mean(empty.values()):.1%}")
+            extra = (
+                f"; at the end of training tokens asking per block {_mean(asked.values()):.3f} (capacity 0.125), "
+                f"dropped {_mean(dropped.values()):.3f}, empty slots {_mean(empty.values()):.1%}"
+            )
         ours = _versus("expert-choice", ref, "token-choice", tc) + f"{extra}; {nz}"
         holds = verdict(tc["val_loss"] - ref["val_loss"], noise)
     else:
         ours, holds = NOT_RUN
-    return [Claim("expert_vs_token_choice", S4, "Expert-choice top-k routing beats token-choice routing with a balancing loss at equal FLOPs",
-                  "argued, not measured: token choice needs a balancing loss and is load-imbalanced (§3.2, Fig. 2)",
-                  ours, holds, WHY["token_choice"])]
+    return [
+        Claim(
+            "expert_vs_token_choice",
+            S4,
+            "Expert-choice top-k routing beats token-choice routing with a balancing loss at equal FLOPs",
+            "argued, not measured: token choice needs a balancing loss and is load-imbalanced (§3.2, Fig. 2)",
+            ours,
+            holds,
+            WHY["token_choice"],
+        )
+    ]
 
 
 def _causal_claims(records: Sequence[Record], noise: float | None, nz: str) -> list[Claim]:
@@ -284,34 +406,61 @@ def _causal_claims(records: Sequence[Record], noise: float | None, nz: str) -> l
         early = _final_router_stat(ref, "pred_acc", 0.1)
         final = _final_router_stat(ref, "pred_acc")
         recall = _final_router_stat(ref, "pred_recall")
-        ours = (f"per layer at 10% of training {_layers(early)}; at the end {_layers(final)} "
-                f"(recall of routed tokens {_layers(recall)}; 'never route' scores {1 - ref['overrides']['capacity']:.3f})")
+        ours = (
+            f"per layer at 10% of training {_layers(early)}; at the end {_layers(final)} "
+            f"(recall of routed tokens {_layers(recall)}; 'never route' scores {1 - ref['overrides']['capacity']:.3f})"
+        )
         holds = "yes" if min(final.values()) >= 0.97 else ("partly" if _mean(final.values()) >= 0.97 else "no")
     else:
         ours, holds = NOT_RUN
-    claims = [Claim("predictor_accuracy", S5, "The causal predictor predicts top-k membership accurately (>= 97%)",
-                    "~97% early in training, up to ~99% (§3.5, Fig. 6)", ours, holds, WHY["predictor"])]
+    claims = [
+        Claim(
+            "predictor_accuracy",
+            S5,
+            "The causal predictor predicts top-k membership accurately (>= 97%)",
+            "~97% early in training, up to ~99% (§3.5, Fig. 6)",
+            ours,
+            holds,
+            WHY["predictor"],
+        )
+    ]
     for key, name, rec in (("predictor", "predictor", ref), ("aux-loss", "aux-loss router", aux)):
         claim = f"Evaluating with causal routing ({name}) instead of top-k costs little validation loss (< 1%)"
         paper = "little degradation (Fig. 6)"
         if rec is not None and rec.get("val_loss_causal") is not None:
             d = (rec["val_loss_causal"] - rec["val_loss"]) / rec["val_loss"]
-            ours = (f"top-k {rec['val_loss']:.4f} -> causal {rec['val_loss_causal']:.4f} ({100 * d:+.2f}%), "
-                    f"causal routing processes {_num(rec.get('causal_routed_frac'), '.3f')} of the tokens "
-                    f"(top-k: {rec['overrides']['capacity']})")
-            claims.append(Claim(f"causal_eval_{key}", S5, claim, paper, ours, "yes" if d < 0.01 else "no", WHY["causal_eval"]))
+            ours = (
+                f"top-k {rec['val_loss']:.4f} -> causal {rec['val_loss_causal']:.4f} ({100 * d:+.2f}%), "
+                f"causal routing processes {_num(rec.get('causal_routed_frac'), '.3f')} of the tokens "
+                f"(top-k: {rec['overrides']['capacity']})"
+            )
+            claims.append(
+                Claim(f"causal_eval_{key}", S5, claim, paper, ours, "yes" if d < 0.01 else "no", WHY["causal_eval"])
+            )
         else:
             claims.append(Claim(f"causal_eval_{key}", S5, claim, paper, *NOT_RUN))
     if ref is not None and aux is not None:
         d = aux["val_loss"] - ref["val_loss"]
-        ours = (f"top-k loss with aux loss {aux['val_loss']:.4f} vs with predictor {ref['val_loss']:.4f} "
-                f"({_pct(aux['val_loss'], ref['val_loss'])}); {nz}")
+        ours = (
+            f"top-k loss with aux loss {aux['val_loss']:.4f} vs with predictor {ref['val_loss']:.4f} "
+            f"({_pct(aux['val_loss'], ref['val_loss'])}); {nz}"
+        )
         # The claim is "costs a little", i.e. |difference| small: holds when within 0.5% or within noise.
         holds = "yes" if abs(d) <= max(0.005 * ref["val_loss"], noise or 0.0) else "no"
     else:
         ours, holds = NOT_RUN
-    claims.append(Claim("aux_loss_cost", S5, "The auxiliary BCE loss on the router costs only a little LM loss (we call <= 0.5% or "
-                            "within noise 'a little')", "0.2-0.3% of the LM loss (§3.5)", ours, holds, WHY["aux_cost"]))
+    claims.append(
+        Claim(
+            "aux_loss_cost",
+            S5,
+            "The auxiliary BCE loss on the router costs only a little LM loss (we call <= 0.5% or "
+            "within noise 'a little')",
+            "0.2-0.3% of the LM loss (§3.5)",
+            ours,
+            holds,
+            WHY["aux_cost"],
+        )
+    )
     return claims
 
 
@@ -319,26 +468,59 @@ def _analysis_claims(analysis: dict[str, Any] | None) -> list[Claim]:
     """6. Tokens use different numbers of routed blocks, more for harder predictions (Fig. 1, 5)."""
     models = (analysis or {}).get("models") or []
     if not models:
-        return [Claim(cid, S6, c, "yes (Fig. 5)", *NOT_RUN)
-                for cid, c in (("depth_varies", "Tokens differ in how many routed blocks process them"),
-                               ("depth_entropy", "Tokens processed by more routed blocks have higher-entropy predictions"))]
+        return [
+            Claim(cid, S6, c, "yes (Fig. 5)", *NOT_RUN)
+            for cid, c in (
+                ("depth_varies", "Tokens differ in how many routed blocks process them"),
+                ("depth_entropy", "Tokens processed by more routed blocks have higher-entropy predictions"),
+            )
+        ]
     parts = []
     for a in models:
         share = ", ".join(f"{k}: {s:.1%}" for k, s in zip(a["depth_values"], a["depth_share"]))
-        parts.append(f"{a['title']}: tokens by routed blocks used {share} (mean {a['mean_depth']:.2f} of {a['n_routed']})")
+        parts.append(
+            f"{a['title']}: tokens by routed blocks used {share} (mean {a['mean_depth']:.2f} of {a['n_routed']})"
+        )
     more_than_one = all(sum(1 for s in a["depth_share"] if s >= 0.01) >= 2 for a in models)
-    claims = [Claim("depth_varies", S6, "Tokens differ in how many routed blocks process them", "yes (Fig. 1, Fig. 5)",
-                    "; ".join(parts), "yes" if more_than_one else "no", WHY["depth"])]
+    claims = [
+        Claim(
+            "depth_varies",
+            S6,
+            "Tokens differ in how many routed blocks process them",
+            "yes (Fig. 1, Fig. 5)",
+            "; ".join(parts),
+            "yes" if more_than_one else "no",
+            WHY["depth"],
+        )
+    ]
     parts, signs = [], []
     for a in models:
         z = a["spearman"] * math.sqrt(max(1, a["n_tokens"] - 1))  # ~N(0,1) under no correlation
-        parts.append(f"{a['title']}: Spearman rho {a['spearman']:+.3f}, Pearson r {a['pearson']:+.3f} "
-                     f"(n = {a['n_tokens']:,}, z = {z:+.1f} treating tokens as independent)")
+        parts.append(
+            f"{a['title']}: Spearman rho {a['spearman']:+.3f}, Pearson r {a['pearson']:+.3f} "
+            f"(n = {a['n_tokens']:,}, z = {z:+.1f} treating tokens as independent)"
+        )
         signs.append("yes" if a["spearman"] > 0 and z > 3 else "no" if a["spearman"] < 0 and z < -3 else "within noise")
-    holds = "yes" if all(s == "yes" for s in signs) else "no" if all(s == "no" for s in signs) else \
-        "within noise" if all(s == "within noise" for s in signs) else "partly"
-    claims.append(Claim("depth_entropy", S6, "Tokens processed by more routed blocks have higher-entropy predictions",
-                        "a positive correlation (routing analysis, Fig. 5; approx.)", "; ".join(parts), holds, WHY["entropy"]))
+    holds = (
+        "yes"
+        if all(s == "yes" for s in signs)
+        else "no"
+        if all(s == "no" for s in signs)
+        else "within noise"
+        if all(s == "within noise" for s in signs)
+        else "partly"
+    )
+    claims.append(
+        Claim(
+            "depth_entropy",
+            S6,
+            "Tokens processed by more routed blocks have higher-entropy predictions",
+            "a positive correlation (routing analysis, Fig. 5; approx.)",
+            "; ".join(parts),
+            holds,
+            WHY["entropy"],
+        )
+    )
     return claims
 
 
@@ -346,34 +528,34 @@ def _analysis_claims(analysis: dict[str, Any] | None) -> list[Claim]:
 # live with the claims because each row carries its own (claims.json keeps them with the verdict).
 WHY = {
     "isoflop": "Our budgets are ~10^6 times smaller than the paper's smallest (6e18). Models of 10^5-10^6 parameters "
-               "on bytes are limited by width more than depth, every routed block at 12.5% adds little capacity, "
-               "and the router spends part of a short run learning what to route; the paper's MoD advantage "
-               "comes from affording bigger models, which helps only once the data and steps can use them.",
+    "on bytes are limited by width more than depth, every routed block at 12.5% adds little capacity, "
+    "and the router spends part of a short run learning what to route; the paper's MoD advantage "
+    "comes from affording bigger models, which helps only once the data and steps can use them.",
     "params": "With few budget points and a coarse grid the optimum moves by whole grid steps; a flat isoFLOP curve "
-              "makes the argmin sensitive to run-to-run noise.",
+    "makes the argmin sensitive to run-to-run noise.",
     "fwd_ratio": "Follows from where the optima fall on our coarse grid; with a flat curve the optimum's FLOPs per "
-                 "forward pass are poorly determined.",
+    "forward pass are poorly determined.",
     "parity": "If MoD does not beat dense at this scale, no MoD run can match the best dense loss more cheaply.",
     "capacity": "At a fixed shape and budget, a lower capacity buys more steps but less computation per step; "
-                "for small models trained for few steps, processing more tokens per step can be worth more than "
-                "the extra steps (the paper's models are trained far longer relative to their size).",
+    "for small models trained for few steps, processing more tokens per step can be worth more than "
+    "the extra steps (the paper's models are trained far longer relative to their size).",
     "every": "Routing every block at 12.5% removes most of the model's computation; whether that is worse "
-             "than every other block depends on how the extra steps trade against depth at this scale.",
+    "than every other block depends on how the extra steps trade against depth at this scale.",
     "random": "Random routing still trains every routed block on a random subset of the tokens; with tiny "
-              "models and short runs the learned router may not have found much better choices yet, and at "
-              "high capacity the choice of tokens matters less.",
+    "models and short runs the learned router may not have found much better choices yet, and at "
+    "high capacity the choice of tokens matters less.",
     "token_choice": "Our token-choice router processes at most the same K tokens per block (capacity factor 1), "
-                    "so it pays for its imbalance by dropping or padding; with a strong balancing loss it can "
-                    "end up close to expert-choice. The paper gives no measurement to compare against.",
+    "so it pays for its imbalance by dropping or padding; with a strong balancing loss it can "
+    "end up close to expert-choice. The paper gives no measurement to compare against.",
     "predictor": "Accuracy is measured against the top-k target at 12.5% capacity, where always answering 'no' "
-                 "already scores 87.5%; short runs leave the predictor little time to catch up with a router "
-                 "that is itself still changing.",
+    "already scores 87.5%; short runs leave the predictor little time to catch up with a router "
+    "that is itself still changing.",
     "causal_eval": "Causal routing selects a different number of tokens than top-k (see the fraction); "
-                   "where the predictor lags the router, tokens are routed wrongly and the loss rises.",
+    "where the predictor lags the router, tokens are routed wrongly and the loss rises.",
     "aux_cost": "The aux loss pulls the router logits towards a classification target that competes with "
-                "their role as weights on the block output; at small scale the relative cost can be larger, "
-                "and a single pair of runs is noisy.",
+    "their role as weights on the block output; at small scale the relative cost can be larger, "
+    "and a single pair of runs is noisy.",
     "depth": "With capacity 12.5% in a few blocks most tokens use no routed block at all.",
     "entropy": "Small byte-level models predict most bytes inside a word with low entropy; routing may follow "
-               "position or byte class (spaces, word starts) rather than uncertainty at this scale.",
+    "position or byte class (spaces, word starts) rather than uncertainty at this scale.",
 }

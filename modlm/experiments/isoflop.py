@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
-import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from modlm.config import ModelConfig, parse_assignments
-from modlm.experiments.results import RUNS_FILE
 
 BUDGET_TOLERANCE = 0.01  # a run's FLOPs are within 1% of its budget
 
@@ -58,7 +56,7 @@ class Shape:
         return f"d{self.d_model}L{self.n_layers}"
 
     @classmethod
-    def parse(cls, text: str) -> "Shape":
+    def parse(cls, text: str) -> Shape:
         """'128x4' (width x depth) -> Shape(128, 4)."""
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
         if not m:
@@ -88,20 +86,24 @@ class Family:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace("=", "")).strip("_")
 
     @classmethod
-    def parse(cls, spec: str) -> "Family":
+    def parse(cls, spec: str) -> Family:
         base, _, rest = spec.partition(":")
         base = base.strip()
         if base not in FAMILIES:
-            raise ValueError(f"family {spec!r} is invalid: the base must be one of {sorted(FAMILIES)} "
-                             f"(optionally ':KEY=VALUE,...' ModelConfig overrides)")
+            raise ValueError(
+                f"family {spec!r} is invalid: the base must be one of {sorted(FAMILIES)} "
+                f"(optionally ':KEY=VALUE,...' ModelConfig overrides)"
+            )
         over = dict(FAMILIES[base])
         known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "d_model", "n_layers", "n_heads"}
         items = [s.strip() for s in rest.split(",") if s.strip()]
         given = parse_assignments(items, flag=f"family {spec!r}:")
         for key, value in given.items():
             if key not in known:
-                raise ValueError(f"family {spec!r} is invalid: {key!r} must be a ModelConfig field other than "
-                                 f"the shape's ({', '.join(sorted(known))})")
+                raise ValueError(
+                    f"family {spec!r} is invalid: {key!r} must be a ModelConfig field other than "
+                    f"the shape's ({', '.join(sorted(known))})"
+                )
             over[key] = value.strip() if isinstance(value, str) else value
         return cls(spec.strip(), tuple(sorted(over.items())))
 
@@ -131,32 +133,55 @@ class SweepSettings:
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size", "head_dim", "predictor_hidden", "min_steps", "max_steps", "eval_batches",
-                     "evals_per_run", "ckpts_per_run", "log_points"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "head_dim",
+            "predictor_hidden",
+            "min_steps",
+            "max_steps",
+            "eval_batches",
+            "evals_per_run",
+            "ckpts_per_run",
+            "log_points",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"SweepSettings.{name}={v!r} is invalid: must be an int >= 1")
         if self.head_dim % 2:
             raise ValueError(f"SweepSettings.head_dim={self.head_dim} is invalid: must be even (RoPE)")
         if self.min_steps < 50:
-            raise ValueError(f"SweepSettings.min_steps={self.min_steps} is invalid: must be >= 50, or rounding the "
-                             f"step count can miss the budget by more than {BUDGET_TOLERANCE:.0%}")
+            raise ValueError(
+                f"SweepSettings.min_steps={self.min_steps} is invalid: must be >= 50, or rounding the "
+                f"step count can miss the budget by more than {BUDGET_TOLERANCE:.0%}"
+            )
         if self.max_steps < self.min_steps:
-            raise ValueError(f"SweepSettings.max_steps={self.max_steps} is invalid: must be >= min_steps={self.min_steps}")
+            raise ValueError(
+                f"SweepSettings.max_steps={self.max_steps} is invalid: must be >= min_steps={self.min_steps}"
+            )
         if not 0 < self.min_lr_ratio <= 1 or not 0 <= self.warmup_frac < 1 or not self.lr > 0:
-            raise ValueError(f"SweepSettings: lr={self.lr} must be > 0, min_lr_ratio={self.min_lr_ratio} in (0, 1], "
-                             f"warmup_frac={self.warmup_frac} in [0, 1)")
+            raise ValueError(
+                f"SweepSettings: lr={self.lr} must be > 0, min_lr_ratio={self.min_lr_ratio} in (0, 1], "
+                f"warmup_frac={self.warmup_frac} in [0, 1)"
+            )
 
-    def replace(self, **changes: Any) -> "SweepSettings":
+    def replace(self, **changes: Any) -> SweepSettings:
         return dataclasses.replace(self, **changes)
 
 
 def model_overrides(shape: Shape, family: Family, settings: SweepSettings) -> dict[str, Any]:
     """ModelConfig overrides (on the ``tiny`` preset) for one shape of one family."""
     if shape.d_model % settings.head_dim:
-        raise ValueError(f"shape {shape.name}: d_model={shape.d_model} must be a multiple of head_dim={settings.head_dim}")
-    over = {"d_model": shape.d_model, "n_layers": shape.n_layers, "n_heads": shape.d_model // settings.head_dim,
-            "max_seq_len": settings.seq_len, "predictor_hidden": settings.predictor_hidden}
+        raise ValueError(
+            f"shape {shape.name}: d_model={shape.d_model} must be a multiple of head_dim={settings.head_dim}"
+        )
+    over = {
+        "d_model": shape.d_model,
+        "n_layers": shape.n_layers,
+        "n_heads": shape.d_model // settings.head_dim,
+        "max_seq_len": settings.seq_len,
+        "predictor_hidden": settings.predictor_hidden,
+    }
     over.update(family.model_overrides)
     if over.get("route_start", 0) >= shape.n_layers:
         over["route_start"] = shape.n_layers - 1
@@ -207,33 +232,67 @@ class PlannedRun:
 
         warmup = min(200, max(10, round(settings.warmup_frac * self.steps)), self.steps)
         return TrainConfig(
-            model="tiny", model_overrides=dict(self.overrides), data=settings.data, cache_dir=settings.cache_dir,
-            out_dir=str(out_dir), batch_size=settings.batch_size, seq_len=settings.seq_len, max_steps=self.steps,
-            lr=settings.lr, min_lr=settings.lr * settings.min_lr_ratio, warmup_steps=warmup,
-            weight_decay=settings.weight_decay, eval_interval=max(1, math.ceil(self.steps / settings.evals_per_run)),
-            eval_batches=settings.eval_batches, ckpt_interval=max(1, math.ceil(self.steps / settings.ckpts_per_run)),
-            log_interval=max(1, self.steps // settings.log_points), seed=self.seed, device=settings.device,
-            dtype=settings.dtype)
+            model="tiny",
+            model_overrides=dict(self.overrides),
+            data=settings.data,
+            cache_dir=settings.cache_dir,
+            out_dir=str(out_dir),
+            batch_size=settings.batch_size,
+            seq_len=settings.seq_len,
+            max_steps=self.steps,
+            lr=settings.lr,
+            min_lr=settings.lr * settings.min_lr_ratio,
+            warmup_steps=warmup,
+            weight_decay=settings.weight_decay,
+            eval_interval=max(1, math.ceil(self.steps / settings.evals_per_run)),
+            eval_batches=settings.eval_batches,
+            ckpt_interval=max(1, math.ceil(self.steps / settings.ckpts_per_run)),
+            log_interval=max(1, self.steps // settings.log_points),
+            seed=self.seed,
+            device=settings.device,
+            dtype=settings.dtype,
+        )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PlannedRun":
+    def from_dict(cls, d: dict[str, Any]) -> PlannedRun:
         """Inverse of ``as_dict``."""
-        return cls(run_id=d["run_id"], budget=d["budget"], family=d["family"], shape=Shape(**d["shape"]),
-                   overrides=dict(d["overrides"]), steps=d["steps"], flops_per_step=d["flops_per_step"],
-                   params=d["params"], non_embedding_params=d["non_embedding_params"],
-                   forward_flops_per_token=d["forward_flops_per_token"], seed=d["seed"], tags=tuple(d["tags"]))
+        return cls(
+            run_id=d["run_id"],
+            budget=d["budget"],
+            family=d["family"],
+            shape=Shape(**d["shape"]),
+            overrides=dict(d["overrides"]),
+            steps=d["steps"],
+            flops_per_step=d["flops_per_step"],
+            params=d["params"],
+            non_embedding_params=d["non_embedding_params"],
+            forward_flops_per_token=d["forward_flops_per_token"],
+            seed=d["seed"],
+            tags=tuple(d["tags"]),
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "budget": self.budget, "family": self.family,
-                "shape": {"d_model": self.shape.d_model, "n_layers": self.shape.n_layers}, "overrides": self.overrides,
-                "steps": self.steps, "flops_per_step": self.flops_per_step, "train_flops": self.train_flops,
-                "params": self.params, "non_embedding_params": self.non_embedding_params,
-                "core_params": self.core_params,
-                "forward_flops_per_token": self.forward_flops_per_token, "seed": self.seed, "tags": list(self.tags)}
+        return {
+            "run_id": self.run_id,
+            "budget": self.budget,
+            "family": self.family,
+            "shape": {"d_model": self.shape.d_model, "n_layers": self.shape.n_layers},
+            "overrides": self.overrides,
+            "steps": self.steps,
+            "flops_per_step": self.flops_per_step,
+            "train_flops": self.train_flops,
+            "params": self.params,
+            "non_embedding_params": self.non_embedding_params,
+            "core_params": self.core_params,
+            "forward_flops_per_token": self.forward_flops_per_token,
+            "seed": self.seed,
+            "tags": list(self.tags),
+        }
 
 
-def plan_run(budget: float, family: Family | str, shape: Shape, settings: SweepSettings,
-             tags: Iterable[str] = ()) -> PlannedRun:
+def plan_run(
+    budget: float, family: Family | str, shape: Shape, settings: SweepSettings, tags: Iterable[str] = ()
+) -> PlannedRun:
     """The run of ``shape`` in ``family`` that spends ``budget`` training FLOPs (to within 1%).
 
     Raises ValueError when no step count in [min_steps, max_steps] lands within 1% of the budget.
@@ -249,18 +308,36 @@ def plan_run(budget: float, family: Family | str, shape: Shape, settings: SweepS
     fps = settings.batch_size * rep.train
     steps = round(budget / fps)
     if not settings.min_steps <= steps <= settings.max_steps:
-        raise ValueError(f"{fam.label} {shape.name} at {format_budget(budget)} FLOPs needs {steps} steps of "
-                         f"{fps:.3g} FLOPs: outside [min_steps={settings.min_steps}, max_steps={settings.max_steps}]")
+        raise ValueError(
+            f"{fam.label} {shape.name} at {format_budget(budget)} FLOPs needs {steps} steps of "
+            f"{fps:.3g} FLOPs: outside [min_steps={settings.min_steps}, max_steps={settings.max_steps}]"
+        )
     if abs(steps * fps - budget) > BUDGET_TOLERANCE * budget:  # cannot happen for steps >= 50; kept as a guard
         raise ValueError(f"{fam.label} {shape.name}: {steps} steps miss the budget {budget:.3g} by more than 1%")
     run_id = f"B{format_budget(budget)}-{fam.slug}-{shape.name}"
-    return PlannedRun(run_id=run_id, budget=float(budget), family=fam.label, shape=shape, overrides=over, steps=steps,
-                      flops_per_step=fps, params=param_count(cfg), non_embedding_params=param_count(cfg, True),
-                      forward_flops_per_token=rep.forward_per_token, seed=settings.seed, tags=tuple(tags))
+    return PlannedRun(
+        run_id=run_id,
+        budget=float(budget),
+        family=fam.label,
+        shape=shape,
+        overrides=over,
+        steps=steps,
+        flops_per_step=fps,
+        params=param_count(cfg),
+        non_embedding_params=param_count(cfg, True),
+        forward_flops_per_token=rep.forward_per_token,
+        seed=settings.seed,
+        tags=tuple(tags),
+    )
 
 
-def plan_sweep(budgets: Sequence[float], families: Sequence[Family | str], shapes: Sequence[Shape],
-               settings: SweepSettings, tags: Iterable[str] = ("isoflop",)) -> list[PlannedRun]:
+def plan_sweep(
+    budgets: Sequence[float],
+    families: Sequence[Family | str],
+    shapes: Sequence[Shape],
+    settings: SweepSettings,
+    tags: Iterable[str] = ("isoflop",),
+) -> list[PlannedRun]:
     """Every (budget, family, shape) whose step count lies in [min_steps, max_steps].
 
     Shapes that would train for too few or too many steps at a budget are left out of that
@@ -278,9 +355,11 @@ def plan_sweep(budgets: Sequence[float], families: Sequence[Family | str], shape
                         raise
             if not kept:
                 label = family if isinstance(family, str) else family.label
-                raise ValueError(f"no shape of the grid trains {label} for between {settings.min_steps} and "
-                                 f"{settings.max_steps} steps at {format_budget(budget)} FLOPs; add shapes or "
-                                 f"change the budget")
+                raise ValueError(
+                    f"no shape of the grid trains {label} for between {settings.min_steps} and "
+                    f"{settings.max_steps} steps at {format_budget(budget)} FLOPs; add shapes or "
+                    f"change the budget"
+                )
             runs.extend(kept)
     return merge_plans(runs)
 
@@ -334,8 +413,17 @@ def isoflop_optima(records: Sequence[dict[str, Any]]) -> dict[tuple[float, str],
 
 def summarize_isoflop(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The isoFLOP-optimal run (lowest final val loss) of every (budget, family)."""
-    return [{"budget": b, "family": f, "run_id": r["run_id"], "val_loss": r["val_loss"], "val_bpb": r["val_bpb"],
-             "params": r["params"]} for (b, f), r in sorted(isoflop_optima(records).items())]
+    return [
+        {
+            "budget": b,
+            "family": f,
+            "run_id": r["run_id"],
+            "val_loss": r["val_loss"],
+            "val_bpb": r["val_bpb"],
+            "params": r["params"],
+        }
+        for (b, f), r in sorted(isoflop_optima(records).items())
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,8 +432,20 @@ def summarize_isoflop(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
 
 DEFAULT_SHAPES = "64x2,64x4,96x4,128x4,128x6,160x6,192x6,192x8"
 # The flags of add_settings_args that are SweepSettings fields (dest names).
-SETTINGS_FLAGS = ("seq_len", "batch_size", "lr", "head_dim", "min_steps", "max_steps", "eval_batches", "seed", "data",
-                  "cache_dir", "device", "dtype")
+SETTINGS_FLAGS = (
+    "seq_len",
+    "batch_size",
+    "lr",
+    "head_dim",
+    "min_steps",
+    "max_steps",
+    "eval_batches",
+    "seed",
+    "data",
+    "cache_dir",
+    "device",
+    "dtype",
+)
 
 
 def parse_floats(text: str) -> list[float]:
@@ -365,21 +465,42 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default: {d.seq_len})")
     g.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default: {d.batch_size})")
     g.add_argument("--lr", type=float, default=None, help=f"peak learning rate, cosine to lr/10 (default: {d.lr})")
-    g.add_argument("--head-dim", type=int, default=None, help=f"head size; heads = width / head size (default: {d.head_dim})")
-    g.add_argument("--min-steps", type=int, default=None, help=f"leave out runs with fewer steps (default: {d.min_steps})")
-    g.add_argument("--max-steps", type=int, default=None, help=f"leave out runs with more steps (default: {d.max_steps})")
-    g.add_argument("--eval-batches", type=int, default=None, help=f"validation batches at the end of a run (default: {d.eval_batches})")
+    g.add_argument(
+        "--head-dim", type=int, default=None, help=f"head size; heads = width / head size (default: {d.head_dim})"
+    )
+    g.add_argument(
+        "--min-steps", type=int, default=None, help=f"leave out runs with fewer steps (default: {d.min_steps})"
+    )
+    g.add_argument(
+        "--max-steps", type=int, default=None, help=f"leave out runs with more steps (default: {d.max_steps})"
+    )
+    g.add_argument(
+        "--eval-batches",
+        type=int,
+        default=None,
+        help=f"validation batches at the end of a run (default: {d.eval_batches})",
+    )
     g.add_argument("--seed", type=int, default=None, help=f"seed of every run (default: {d.seed})")
-    g.add_argument("--data", default=None, help="'enwiki' (default: the bundled Wikipedia sample), a text file or a folder")
+    g.add_argument(
+        "--data", default=None, help="'enwiki' (default: the bundled Wikipedia sample), a text file or a folder"
+    )
     g.add_argument("--cache-dir", default=None, help="token cache root (default: $MODLM_CACHE or ~/.cache/modlm)")
     g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=None, help="autocast dtype (default: auto)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per run (default 1: these models gain little from a second thread, and on "
-                        "a busy CPU a second thread can make a run 10x slower; use --jobs to use more cores)")
-    g.add_argument("--jobs", type=int, default=None,
-                   help="runs trained at once, each in its own process (default: 1 for isoflop, the scale's for "
-                        "reproduce: 2 for the default scale, made for a free 2-core CPU)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per run (default 1: these models gain little from a second thread, and on "
+        "a busy CPU a second thread can make a run 10x slower; use --jobs to use more cores)",
+    )
+    g.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs trained at once, each in its own process (default: 1 for isoflop, the scale's for "
+        "reproduce: 2 for the default scale, made for a free 2-core CPU)",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

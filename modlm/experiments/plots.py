@@ -7,13 +7,16 @@ writes one PNG and returns the path, so plots can be regenerated from a results 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from modlm.experiments.isoflop import isoflop_optima
 
-FAMILY_STYLE = {"dense": dict(color="#444444", marker="o", linestyle="--"),
-                "mod": dict(color="#d62728", marker="s", linestyle="-")}
+FAMILY_STYLE = {
+    "dense": dict(color="#444444", marker="o", linestyle="--"),
+    "mod": dict(color="#d62728", marker="s", linestyle="-"),
+}
 
 
 def _plt():
@@ -58,16 +61,33 @@ def plot_isoflop(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     for fi, fam in enumerate(fams):
         st = _style(fam, fi)
         for bi, b in enumerate(budgets):
-            pts = sorted((r["params"], r["val_loss"], r["run_id"]) for r in recs if r["family"] == fam and r["budget"] == b)
+            pts = sorted(
+                (r["params"], r["val_loss"], r["run_id"]) for r in recs if r["family"] == fam and r["budget"] == b
+            )
             if not pts:
                 continue
             alpha = 0.45 + 0.55 * (bi + 1) / len(budgets)
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, color=st["color"], marker=st["marker"], linestyle=st["linestyle"], alpha=alpha,
-                    label=f"{fam}, {_budget_label(b)}")
+            ax.plot(
+                xs,
+                ys,
+                color=st["color"],
+                marker=st["marker"],
+                linestyle=st["linestyle"],
+                alpha=alpha,
+                label=f"{fam}, {_budget_label(b)}",
+            )
             i = min(range(len(ys)), key=ys.__getitem__)
-            ax.plot([xs[i]], [ys[i]], marker="*", markersize=16, color=st["color"], alpha=alpha,
-                    markeredgecolor="black", linestyle="none")
+            ax.plot(
+                [xs[i]],
+                [ys[i]],
+                marker="*",
+                markersize=16,
+                color=st["color"],
+                alpha=alpha,
+                markeredgecolor="black",
+                linestyle="none",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("final validation loss (nats/byte)")
@@ -95,18 +115,31 @@ def plot_loss_vs_flops(records: Sequence[dict[str, Any]], path: str | Path) -> P
             xs = [s * r["flops_per_step"] for s, _ in r["train_curve"]]
             ys = [v for _, v in r["train_curve"]]
             bold = best.get((r["budget"], fam)) is r
-            ax.plot(xs, _smooth(ys), color=st["color"], linestyle=st["linestyle"], linewidth=2.2 if bold else 0.6,
-                    alpha=1.0 if bold else 0.35,
-                    label=f"{fam} optimal @ {_budget_label(r['budget'])}: {r['shape']['d_model']}x{r['shape']['n_layers']}"
-                    if bold else None)
+            ax.plot(
+                xs,
+                _smooth(ys),
+                color=st["color"],
+                linestyle=st["linestyle"],
+                linewidth=2.2 if bold else 0.6,
+                alpha=1.0 if bold else 0.35,
+                label=f"{fam} optimal @ {_budget_label(r['budget'])}: {r['shape']['d_model']}x{r['shape']['n_layers']}"
+                if bold
+                else None,
+            )
             if bold:
-                ax.plot([r["train_flops"]], [r["val_loss"]], marker=st["marker"], color=st["color"], markersize=8,
-                        markeredgecolor="black")
+                ax.plot(
+                    [r["train_flops"]],
+                    [r["val_loss"]],
+                    marker=st["marker"],
+                    color=st["color"],
+                    markersize=8,
+                    markeredgecolor="black",
+                )
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("training loss (nats/byte, smoothed); markers: final val loss")
     ax.set_title("loss vs training FLOPs")
-    ys_all = [v for r in recs for _, v in r["train_curve"][len(r["train_curve"]) // 4:]]
+    ys_all = [v for r in recs for _, v in r["train_curve"][len(r["train_curve"]) // 4 :]]
     if ys_all:
         ax.set_ylim(min(ys_all) - 0.05, sorted(ys_all)[int(0.98 * (len(ys_all) - 1))] + 0.1)
     ax.grid(True, which="both", alpha=0.3)
@@ -117,13 +150,18 @@ def plot_loss_vs_flops(records: Sequence[dict[str, Any]], path: str | Path) -> P
 def _smooth(ys: Sequence[float], k: int = 3) -> list[float]:
     out = []
     for i in range(len(ys)):
-        w = ys[max(0, i - k + 1): i + 1]
+        w = ys[max(0, i - k + 1) : i + 1]
         out.append(sum(w) / len(w))
     return out
 
 
-def plot_variants(rows: Sequence[dict[str, Any]], path: str | Path, reference: float | None = None,
-                  noise: float | None = None, title: str = "variants at equal training FLOPs") -> Path:
+def plot_variants(
+    rows: Sequence[dict[str, Any]],
+    path: str | Path,
+    reference: float | None = None,
+    noise: float | None = None,
+    title: str = "variants at equal training FLOPs",
+) -> Path:
     """Horizontal bars of final validation loss, one per variant (``rows``: label, val_loss, group).
 
     ``reference``: a vertical line (the isoshape dense model); ``noise``: a band of +-noise around
@@ -152,8 +190,9 @@ def plot_variants(rows: Sequence[dict[str, Any]], path: str | Path, reference: f
     ax.set_xlabel("final validation loss (nats/byte), lower is better")
     ax.set_title(title)
     if reference is not None or noise:
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / max(1, len(rows))), ncol=2,
-                  frameon=False)
+        ax.legend(
+            fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / max(1, len(rows))), ncol=2, frameon=False
+        )
     return _save(fig, path)
 
 
@@ -194,8 +233,9 @@ def plot_routing_heatmap(heatmaps: Sequence[dict[str, Any]], path: str | Path) -
 
     n = max(1, len(heatmaps))
     T = max(len(h["tokens"]) for h in heatmaps) if heatmaps else 1
-    fig, axes = plt.subplots(n, 1, figsize=(min(24, 0.16 * T + 2), sum(0.32 * len(h["layers"]) + 1.3 for h in heatmaps)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        n, 1, figsize=(min(24, 0.16 * T + 2), sum(0.32 * len(h["layers"]) + 1.3 for h in heatmaps)), squeeze=False
+    )
     cmap = ListedColormap(["#f2f2f2", "#1f4e99"])
     for ax, h in zip(axes[:, 0], heatmaps):
         ax.imshow(h["mask"], aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
@@ -228,6 +268,8 @@ def plot_depth_entropy(analyses: Sequence[dict[str, Any]], path: str | Path) -> 
         ent = [e if e is not None else math.nan for e in a["entropy_by_depth"]]
         ax2.plot(depths, ent, color="#d62728", marker="o", label="mean entropy of the prediction")
         ax2.set_ylabel("entropy (nats)", color="#d62728")
-        ax.set_title(f"{a['title']}\nSpearman rho = {a['spearman']:.3f}, Pearson r = {a['pearson']:.3f} "
-                     f"(n = {a['n_tokens']:,})", fontsize=8)
+        ax.set_title(
+            f"{a['title']}\nSpearman rho = {a['spearman']:.3f}, Pearson r = {a['pearson']:.3f} (n = {a['n_tokens']:,})",
+            fontsize=8,
+        )
     return _save(fig, path)

@@ -9,12 +9,22 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from modlm.experiments.analysis import ANALYSIS_FILE
 from modlm.experiments.claims import (
-    S1, S2, S5, S6, Claim, build_claims, format_params, isoflop_runs, shape_name, variant_record,
+    S1,
+    S2,
+    S5,
+    S6,
+    Claim,
+    build_claims,
+    format_params,
+    isoflop_runs,
+    shape_name,
+    variant_record,
 )
 from modlm.experiments.isoflop import SweepSettings, format_budget, isoflop_curves, train_tokens
 from modlm.experiments.results import PLAN_FILE, read_results
@@ -25,24 +35,29 @@ CLAIMS_FILE = "claims.json"
 
 CAPTIONS = {
     "isoflop": "isoFLOP curves: final validation loss vs parameters, one curve per budget, dense and MoD; "
-               "stars mark the isoFLOP-optimal runs.",
+    "stars mark the isoFLOP-optimal runs.",
     "loss_vs_flops": "Training loss vs training FLOPs for every isoFLOP run (thin) and the optimal runs (bold); "
-                     "markers are final validation losses.",
+    "markers are final validation losses.",
     "variants": "Variants of one shape at equal training FLOPs; dashed line: the same shape dense; grey band: "
-                "the best variant +- noise.",
+    "the best variant +- noise.",
     "router_accuracy": "Causal routing accuracy per routed block over training: predictor (left) and aux-loss "
-                       "router logit (right), against top-k membership.",
+    "router logit (right), against top-k membership.",
     "heatmap": "Routing decisions over a validation text sample (paper Fig. 1): rows are routed blocks, "
-               "columns tokens (bytes; \u2423 space, \u21b5 newline); dark = processed by the block.",
+    "columns tokens (bytes; \u2423 space, \u21b5 newline); dark = processed by the block.",
     "depth_entropy": "Share of tokens by the number of routed blocks that processed them (bars) and the mean "
-                     "entropy of the model's next-byte prediction at those tokens (line).",
+    "entropy of the model's next-byte prediction at those tokens (line).",
 }
-FIGURES_OF_SECTION = {S1: ["isoflop", "loss_vs_flops"], S2: ["variants"], S5: ["router_accuracy"],
-                      S6: ["heatmap", "depth_entropy"]}
+FIGURES_OF_SECTION = {
+    S1: ["isoflop", "loss_vs_flops"],
+    S2: ["variants"],
+    S5: ["router_accuracy"],
+    S6: ["heatmap", "depth_entropy"],
+}
 
 
-def write_report(results_dir: str | Path, report_dir: str | Path, scale: Scale, command: str,
-                 settings: SweepSettings | None = None) -> Path:
+def write_report(
+    results_dir: str | Path, report_dir: str | Path, scale: Scale, command: str, settings: SweepSettings | None = None
+) -> Path:
     """REPORT.md + PNG plots + claims.json in ``report_dir``, from ``results_dir`` alone."""
     results = Path(results_dir)
     out = Path(report_dir)
@@ -72,11 +87,17 @@ def _tagged_records(results: Path) -> list[dict[str, Any]]:
     return [dict(rec, tags=tags.get(rid, rec.get("tags", []))) for rid, rec in read_results(results).items()]
 
 
-def _plot(records: list[dict[str, Any]], analysis: dict[str, Any] | None, noise: float | None, scale: Scale,
-          out: Path) -> dict[str, str]:
+def _plot(
+    records: list[dict[str, Any]], analysis: dict[str, Any] | None, noise: float | None, scale: Scale, out: Path
+) -> dict[str, str]:
     """Every figure the results allow, written to ``out``: {figure key: PNG file name}."""
     from modlm.experiments.plots import (
-        plot_depth_entropy, plot_isoflop, plot_loss_vs_flops, plot_router_accuracy, plot_routing_heatmap, plot_variants,
+        plot_depth_entropy,
+        plot_isoflop,
+        plot_loss_vs_flops,
+        plot_router_accuracy,
+        plot_routing_heatmap,
+        plot_variants,
     )
 
     figs: dict[str, str] = {}
@@ -93,8 +114,12 @@ def _plot(records: list[dict[str, Any]], analysis: dict[str, Any] | None, noise:
     dense_v = variant_record(records, "dense")
     if vrows:
         figs["variants"] = plot_variants(
-            vrows, out / "variants.png", reference=dense_v["val_loss"] if dense_v else None, noise=noise,
-            title=f"{scale.variant_shape.name} at {format_budget(scale.variant_budget)} training FLOPs").name
+            vrows,
+            out / "variants.png",
+            reference=dense_v["val_loss"] if dense_v else None,
+            noise=noise,
+            title=f"{scale.variant_shape.name} at {format_budget(scale.variant_budget)} training FLOPs",
+        ).name
     curves = {}
     for key in ("mod", "aux-loss"):
         r = variant_record(records, key)
@@ -118,15 +143,25 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _render(records: list[dict[str, Any]], claims: list[Claim], noise: float | None, figs: dict[str, str],
-            scale: Scale, settings: SweepSettings, command: str, results: Path) -> str:
+def _render(
+    records: list[dict[str, Any]],
+    claims: list[Claim],
+    noise: float | None,
+    figs: dict[str, str],
+    scale: Scale,
+    settings: SweepSettings,
+    command: str,
+    results: Path,
+) -> str:
     """The text of REPORT.md: how it was made, the setup, a summary table, one section per part
     of the paper, our disagreements and every run."""
     L = _introduction(records, command, scale, settings, results)
     L += _setup(noise, scale, settings)
     n_yes = sum(c.holds == "yes" for c in claims)
     L.append(f"## Summary: {n_yes} of {len(claims)} claims hold at this scale\n")
-    L.append(_md_table(["section", "claim", "holds?"], [(c.section.split(". ", 1)[0], c.claim, c.holds) for c in claims]))
+    L.append(
+        _md_table(["section", "claim", "holds?"], [(c.section.split(". ", 1)[0], c.claim, c.holds) for c in claims])
+    )
     L.append("")
     for sec in dict.fromkeys(c.section for c in claims):
         L += _section(sec, [c for c in claims if c.section == sec], records, figs)
@@ -135,8 +170,9 @@ def _render(records: list[dict[str, Any]], claims: list[Claim], noise: float | N
     return "\n".join(L)
 
 
-def _introduction(records: list[dict[str, Any]], command: str, scale: Scale, settings: SweepSettings,
-                  results: Path) -> list[str]:
+def _introduction(
+    records: list[dict[str, Any]], command: str, scale: Scale, settings: SweepSettings, results: Path
+) -> list[str]:
     import torch
 
     total_s = sum(r.get("elapsed_s") or 0 for r in records)
@@ -209,8 +245,10 @@ def _disagreements(claims: list[Claim]) -> list[str]:
     missing = [c for c in claims if c.holds == "n/a"]
     if missing:
         L.append("\nNot run (the sweep is incomplete): " + "; ".join(c.claim for c in missing) + ".")
-    L.append("\nThese explanations are hypotheses about scale, not measurements; the `--scale gpu` setting "
-             "(with a larger corpus) is the way to test them.\n")
+    L.append(
+        "\nThese explanations are hypotheses about scale, not measurements; the `--scale gpu` setting "
+        "(with a larger corpus) is the way to test them.\n"
+    )
     return L
 
 
@@ -219,14 +257,39 @@ def _all_runs(records: list[dict[str, Any]], settings: SweepSettings) -> list[st
     n_train = train_tokens(settings)
     for r in sorted(records, key=lambda r: (r["budget"], r["family"], r["params"])):
         epochs = (r.get("tokens_seen") or 0) / max(1, n_train)
-        rows.append((r["run_id"], r["family"], format_params(r["params"]), r["steps"], f"{r['train_flops']:.3g}",
-                     f"{r['val_loss']:.4f}", f"{r['val_bpb']:.3f}",
-                     f"{r['val_loss_causal']:.4f}" if r.get("val_loss_causal") is not None else "",
-                     f"{epochs:.2f}", f"{(r.get('elapsed_s') or 0):.0f}"))
-    return ["## All runs\n",
-            _md_table(["run", "family", "params", "steps", "train FLOPs", "val loss", "val bpb", "val loss (causal)",
-                       "epochs", "seconds"], rows),
-            ""]
+        rows.append(
+            (
+                r["run_id"],
+                r["family"],
+                format_params(r["params"]),
+                r["steps"],
+                f"{r['train_flops']:.3g}",
+                f"{r['val_loss']:.4f}",
+                f"{r['val_bpb']:.3f}",
+                f"{r['val_loss_causal']:.4f}" if r.get("val_loss_causal") is not None else "",
+                f"{epochs:.2f}",
+                f"{(r.get('elapsed_s') or 0):.0f}",
+            )
+        )
+    return [
+        "## All runs\n",
+        _md_table(
+            [
+                "run",
+                "family",
+                "params",
+                "steps",
+                "train FLOPs",
+                "val loss",
+                "val bpb",
+                "val loss (causal)",
+                "epochs",
+                "seconds",
+            ],
+            rows,
+        ),
+        "",
+    ]
 
 
 def _edge_notes(records: list[dict[str, Any]]) -> list[str]:
@@ -239,16 +302,27 @@ def _edge_notes(records: list[dict[str, Any]]) -> list[str]:
         params = sorted(r["params"] for r in recs)
         if best["params"] in (params[0], params[-1]):
             side = "smallest" if best["params"] == params[0] else "largest"
-            notes.append(f"- Note: the {fam} optimum at {format_budget(b)} FLOPs is the {side} model of its grid "
-                         f"({shape_name(best)}); the true isoFLOP optimum may lie outside the grid.")
+            notes.append(
+                f"- Note: the {fam} optimum at {format_budget(b)} FLOPs is the {side} model of its grid "
+                f"({shape_name(best)}); the true isoFLOP optimum may lie outside the grid."
+            )
     return notes + ([""] if notes else [])
 
 
 def _isoflop_table(records: list[dict[str, Any]]) -> str:
     rows = []
     for r in sorted(isoflop_runs(records), key=lambda r: (r["budget"], r["params"], r["family"])):
-        rows.append((format_budget(r["budget"]), r["family"], shape_name(r), format_params(r["params"]), r["steps"],
-                     f"{r['forward_flops_per_token']:.3g}", f"{r['val_loss']:.4f}"))
+        rows.append(
+            (
+                format_budget(r["budget"]),
+                r["family"],
+                shape_name(r),
+                format_params(r["params"]),
+                r["steps"],
+                f"{r['forward_flops_per_token']:.3g}",
+                f"{r['val_loss']:.4f}",
+            )
+        )
     return _md_table(["budget", "family", "shape", "params", "steps", "fwd FLOPs/token", "val loss"], rows) + "\n"
 
 
@@ -258,9 +332,20 @@ def _variant_table(records: list[dict[str, Any]]) -> str:
         r = variant_record(records, v.key)
         if r is None:
             continue
-        rows.append((v.label, r["steps"], f"{r['forward_flops_per_token']:.3g}", f"{r['val_loss']:.4f}",
-                     f"{r['val_loss_causal']:.4f}" if r.get("val_loss_causal") is not None else "",
-                     f"{r['causal_routed_frac']:.3f}" if r.get("causal_routed_frac") is not None else ""))
-    return _md_table(["variant", "steps", "fwd FLOPs/token", "val loss (top-k)", "val loss (causal)",
-                      "causal routed fraction"], rows) + "\n"
-
+        rows.append(
+            (
+                v.label,
+                r["steps"],
+                f"{r['forward_flops_per_token']:.3g}",
+                f"{r['val_loss']:.4f}",
+                f"{r['val_loss_causal']:.4f}" if r.get("val_loss_causal") is not None else "",
+                f"{r['causal_routed_frac']:.3f}" if r.get("causal_routed_frac") is not None else "",
+            )
+        )
+    return (
+        _md_table(
+            ["variant", "steps", "fwd FLOPs/token", "val loss (top-k)", "val loss (causal)", "causal routed fraction"],
+            rows,
+        )
+        + "\n"
+    )

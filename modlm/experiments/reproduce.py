@@ -29,18 +29,24 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from modlm.experiments.analysis import run_analysis
 from modlm.experiments.isoflop import (
-    SETTINGS_FLAGS, PlannedRun, SweepSettings, add_settings_args, apply_threads, settings_from_args, train_tokens,
+    SETTINGS_FLAGS,
+    PlannedRun,
+    SweepSettings,
+    add_settings_args,
+    apply_threads,
+    settings_from_args,
+    train_tokens,
 )
 from modlm.experiments.report import CLAIMS_FILE, write_report
 from modlm.experiments.results import PLAN_FILE, write_plan
 from modlm.experiments.scales import SCALES, Scale, plan_reproduction
 from modlm.experiments.sweep import run_sweep
-
 
 # ---------------------------------------------------------------------------------------------
 # Time estimate (measured on this machine)
@@ -58,8 +64,11 @@ def measure_flops_per_second(run: PlannedRun, settings: SweepSettings, steps: in
 
     from modlm.model.transformer import MoDTransformer
 
-    device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if settings.device == "auto" else settings.device))
+    device = torch.device(
+        "cuda"
+        if settings.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if settings.device == "auto" else settings.device)
+    )
     torch.manual_seed(0)
     model = MoDTransformer(run.model_config()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -86,8 +95,9 @@ def measure_flops_per_second(run: PlannedRun, settings: SweepSettings, steps: in
     return flops / wall, flops / max(cpu, 1e-9) if device.type == "cpu" else flops / wall
 
 
-def estimate_seconds(runs: Sequence[PlannedRun], settings: SweepSettings, probes: int = 3,
-                     jobs: int = 1) -> dict[str, Any]:
+def estimate_seconds(
+    runs: Sequence[PlannedRun], settings: SweepSettings, probes: int = 3, jobs: int = 1
+) -> dict[str, Any]:
     """Wall-clock estimate of a plan with ``jobs`` runs at once: speed measured on a few of its
     models, interpolated in log(FLOPs per step) for the others; evaluation (forward only, top-k
     and causal) and set-up per run (~2 s; ~8 s for a worker process) added. ``seconds``: one run at a time at the speed
@@ -118,8 +128,11 @@ def estimate_seconds(runs: Sequence[PlannedRun], settings: SweepSettings, probes
         flops = r.train_flops + eval_flops
         now += overhead * flops / rate(r.flops_per_step, 1) + 2.0
         free += overhead * flops / rate(r.flops_per_step, 2) + (2.0 if jobs == 1 else 8.0)  # + a process start
-    return {"seconds": now, "seconds_free": free / jobs,
-            "probes": [{"flops_per_step": f, "flops_per_s": w, "flops_per_cpu_s": c} for f, w, c in measured]}
+    return {
+        "seconds": now,
+        "seconds_free": free / jobs,
+        "probes": [{"flops_per_step": f, "flops_per_s": w, "flops_per_cpu_s": c} for f, w, c in measured],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,9 +140,17 @@ def estimate_seconds(runs: Sequence[PlannedRun], settings: SweepSettings, probes
 # ---------------------------------------------------------------------------------------------
 
 
-def run_reproduction(scale: Scale | str, results_dir: str | Path, report_dir: str | Path | None = None,
-                     settings: SweepSettings | None = None, command: str | None = None, progress: bool = True,
-                     report_only: bool = False, jobs: int = 1, threads: int | None = None) -> dict[str, Any]:
+def run_reproduction(
+    scale: Scale | str,
+    results_dir: str | Path,
+    report_dir: str | Path | None = None,
+    settings: SweepSettings | None = None,
+    command: str | None = None,
+    progress: bool = True,
+    report_only: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Train what is missing (resumable), analyse routing, write the report. Returns a summary dict."""
     scale = SCALES[scale] if isinstance(scale, str) else scale
     settings = settings or scale.settings
@@ -150,19 +171,31 @@ def run_reproduction(scale: Scale | str, results_dir: str | Path, report_dir: st
             write_plan(results, runs, settings)
     path = write_report(results, report, scale, command, settings)
     claims = json.loads((report / CLAIMS_FILE).read_text())
-    return {"complete": complete, "report": str(path), "results_dir": str(results), "noise": claims["noise"],
-            "holds": {c["claim"]: c["holds"] for c in claims["claims"]}}
+    return {
+        "complete": complete,
+        "report": str(path),
+        "results_dir": str(results),
+        "noise": claims["noise"],
+        "holds": {c["claim"]: c["holds"] for c in claims["claims"]},
+    }
 
 
 def add_reproduce_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of `modlm reproduce`."""
-    parser.add_argument("--scale", choices=sorted(SCALES), default="default",
-                        help="tiny (seconds; tests), quick (~25 min on a free 2-core CPU), default (~1 h), gpu (one GPU; bring --data)")
+    parser.add_argument(
+        "--scale",
+        choices=sorted(SCALES),
+        default="default",
+        help="tiny (seconds; tests), quick (~25 min on a free 2-core CPU), default (~1 h), gpu (one GPU; bring --data)",
+    )
     parser.add_argument("--results-dir", default=None, help="runs and results (default: results/reproduce-SCALE)")
     parser.add_argument("--report-dir", default=None, help="REPORT.md and plots (default: RESULTS_DIR/report)")
     parser.add_argument("--report-only", action="store_true", help="regenerate the report from existing results")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan and a run-time estimate measured on this machine, then exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and a run-time estimate measured on this machine, then exit",
+    )
     add_settings_args(parser)
     return parser
 
@@ -179,14 +212,21 @@ def _command_line(args: argparse.Namespace, results: Path, report: Path) -> str:
 def _print_dry_run(runs: Sequence[PlannedRun], settings: SweepSettings, jobs: int, threads: int) -> None:
     """The plan, run by run, and the time it would take here (measured now); one JSON line last."""
     for r in runs:
-        print(f"  {r.run_id:<44} {r.steps:>6} steps  {r.train_flops:.4g} FLOPs  {r.params:>10,} params  "
-              f"{','.join(r.tags)}")
+        print(
+            f"  {r.run_id:<44} {r.steps:>6} steps  {r.train_flops:.4g} FLOPs  {r.params:>10,} params  "
+            f"{','.join(r.tags)}"
+        )
     est = estimate_seconds(runs, settings, jobs=jobs)
-    probes = ", ".join(f"{p['flops_per_s'] / 1e9:.1f} GFLOP/s wall, {p['flops_per_cpu_s'] / 1e9:.1f} GFLOP per "
-                       f"CPU-second at {p['flops_per_step']:.3g} FLOPs/step" for p in est["probes"])
+    probes = ", ".join(
+        f"{p['flops_per_s'] / 1e9:.1f} GFLOP/s wall, {p['flops_per_cpu_s'] / 1e9:.1f} GFLOP per "
+        f"CPU-second at {p['flops_per_step']:.3g} FLOPs/step"
+        for p in est["probes"]
+    )
     print(f"  measured with {threads} thread(s): {probes}")
-    print(f"  estimate: {est['seconds'] / 60:.0f} min one run at a time at the speed measured now; "
-          f"{est['seconds_free'] / 60:.0f} min with --jobs {jobs} on {jobs * threads} free core(s)")
+    print(
+        f"  estimate: {est['seconds'] / 60:.0f} min one run at a time at the speed measured now; "
+        f"{est['seconds_free'] / 60:.0f} min with --jobs {jobs} on {jobs * threads} free core(s)"
+    )
     print(json.dumps({"runs": len(runs), "train_flops": sum(r.train_flops for r in runs), **est}))
 
 
@@ -207,14 +247,25 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if n_train:
         worst = max(r.steps * settings.batch_size * settings.seq_len for r in runs) / n_train
         if worst > 4:
-            print(f"  WARNING: the training split has {n_train:,} tokens; the longest run sees it {worst:.0f} times. "
-                  f"Pass --data with a larger corpus for meaningful numbers at this scale.")
+            print(
+                f"  WARNING: the training split has {n_train:,} tokens; the longest run sees it {worst:.0f} times. "
+                f"Pass --data with a larger corpus for meaningful numbers at this scale."
+            )
     sys.stdout.flush()
     if args.dry_run:
         _print_dry_run(runs, settings, jobs, threads)
         return 0
-    summary = run_reproduction(scale, results, report, settings, command, progress=args.progress,
-                               report_only=args.report_only, jobs=jobs, threads=threads)
+    summary = run_reproduction(
+        scale,
+        results,
+        report,
+        settings,
+        command,
+        progress=args.progress,
+        report_only=args.report_only,
+        jobs=jobs,
+        threads=threads,
+    )
     if not summary["complete"]:
         print(f"modlm reproduce: interrupted; run the same command again to continue ({results})")
         return 130

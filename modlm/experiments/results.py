@@ -14,8 +14,9 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from modlm.experiments.isoflop import PlannedRun, SweepSettings
@@ -41,7 +42,9 @@ def write_plan(results_dir: str | Path, runs: Sequence[PlannedRun], settings: Sw
     """plan.json: the settings and every planned run, replaced atomically (a crash leaves the old one)."""
     results = Path(results_dir)
     tmp = results / (PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"settings": dataclasses.asdict(settings), "runs": [r.as_dict() for r in runs]}, indent=1))
+    tmp.write_text(
+        json.dumps({"settings": dataclasses.asdict(settings), "runs": [r.as_dict() for r in runs]}, indent=1)
+    )
     os.replace(tmp, results / PLAN_FILE)
 
 
@@ -50,8 +53,11 @@ def read_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(results_dir) / RUNS_FILE
     if not path.exists():
         return {}
-    return {rec["run_id"]: rec for rec in _parse_lines(path.read_text(encoding="utf-8").splitlines())
-            if isinstance(rec, dict) and "run_id" in rec}
+    return {
+        rec["run_id"]: rec
+        for rec in _parse_lines(path.read_text(encoding="utf-8").splitlines())
+        if isinstance(rec, dict) and "run_id" in rec
+    }
 
 
 def append_result(results_dir: str | Path, record: dict[str, Any]) -> None:
@@ -99,8 +105,20 @@ def _curves(run_dir: Path) -> dict[str, Any]:
         if rec.get("event") == "train":
             train_pts.append([rec["step"], rec["lm_loss"]])
             stats = rec.get("router") or {}
-            keep = {k: v for k, v in stats.items() if k.split("/")[-1] in
-                    ("pred_acc", "pred_recall", "aux_acc", "chosen_frac", "routed_frac", "dropped_frac", "empty_slot_frac")}
+            keep = {
+                k: v
+                for k, v in stats.items()
+                if k.split("/")[-1]
+                in (
+                    "pred_acc",
+                    "pred_recall",
+                    "aux_acc",
+                    "chosen_frac",
+                    "routed_frac",
+                    "dropped_frac",
+                    "empty_slot_frac",
+                )
+            }
             if keep:
                 router_steps.append(rec["step"])
                 for k, v in keep.items():
@@ -110,8 +128,11 @@ def _curves(run_dir: Path) -> dict[str, Any]:
     # A resumed run logs its steps after the checkpoint again: keep the last record of each step.
     train_pts = sorted({s: [s, v] for s, v in train_pts}.values())
     evals = sorted({e[0]: e for e in evals}.values())
-    return {"train_curve": train_pts, "evals": evals,
-            "router_curve": {"step": router_steps, **router} if router_steps else {}}
+    return {
+        "train_curve": train_pts,
+        "evals": evals,
+        "router_curve": {"step": router_steps, **router} if router_steps else {},
+    }
 
 
 def train_settings(cfg) -> dict[str, Any]:
@@ -123,14 +144,20 @@ def run_record(run: PlannedRun, cfg, summary: dict[str, Any], run_dir: Path, res
     """The runs.jsonl line of a finished run: its plan, its TrainConfig ``cfg`` (what a restarted
     sweep compares its settings against), the trainer's ``summary`` and the curves of its metrics."""
     rec = run.as_dict()
-    rec.update({
-        "out_dir": str(run_dir.relative_to(results_dir)),
-        "train": train_settings(cfg),
-        "val_loss": summary.get("val_loss"), "val_bpb": summary.get("val_bpb"),
-        "val_loss_causal": summary.get("val_loss_causal"), "val_bpb_causal": summary.get("val_bpb_causal"),
-        "causal_routed_frac": summary.get("causal_routed_frac"), "train_loss": summary.get("train_loss"),
-        "elapsed_s": summary.get("elapsed_s"), "tokens_seen": summary.get("tokens_seen"),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    })
+    rec.update(
+        {
+            "out_dir": str(run_dir.relative_to(results_dir)),
+            "train": train_settings(cfg),
+            "val_loss": summary.get("val_loss"),
+            "val_bpb": summary.get("val_bpb"),
+            "val_loss_causal": summary.get("val_loss_causal"),
+            "val_bpb_causal": summary.get("val_bpb_causal"),
+            "causal_routed_frac": summary.get("causal_routed_frac"),
+            "train_loss": summary.get("train_loss"),
+            "elapsed_s": summary.get("elapsed_s"),
+            "tokens_seen": summary.get("tokens_seen"),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
     rec.update(_curves(run_dir))
     return rec

@@ -25,18 +25,35 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from modlm.experiments.isoflop import (
-    DEFAULT_SHAPES, FAMILIES, Family, PlannedRun, SweepSettings, add_settings_args, apply_threads, parse_floats,
-    parse_shapes, plan_sweep, settings_from_args, summarize_isoflop,
+    DEFAULT_SHAPES,
+    FAMILIES,
+    Family,
+    PlannedRun,
+    SweepSettings,
+    add_settings_args,
+    apply_threads,
+    parse_floats,
+    parse_shapes,
+    plan_sweep,
+    settings_from_args,
+    summarize_isoflop,
 )
 from modlm.experiments.results import (
-    RUNS_DIR, RUNS_FILE, append_result, last_step, read_results, run_record, train_settings, write_plan,
+    RUNS_DIR,
+    RUNS_FILE,
+    append_result,
+    last_step,
+    read_results,
+    run_record,
+    train_settings,
+    write_plan,
 )
-
 
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "run.lock"
@@ -90,21 +107,32 @@ def _child_main(job_path: str) -> None:
     train_run(PlannedRun.from_dict(job["run"]), SweepSettings(**job["settings"]), job["run_dir"])
 
 
-def _check_settings(runs: Sequence[PlannedRun], finished: dict[str, dict[str, Any]], settings: SweepSettings,
-                    results: Path) -> None:
+def _check_settings(
+    runs: Sequence[PlannedRun], finished: dict[str, dict[str, Any]], settings: SweepSettings, results: Path
+) -> None:
     """Refuse a results folder whose finished runs were trained with other settings than planned now."""
     for run in runs:
         rec = finished.get(run.run_id)
         if rec is not None:
             want = train_settings(run.train_config(settings, "x"))
             if rec.get("train") != want:
-                diff = sorted(k for k in set(want) | set(rec.get("train", {})) if want.get(k) != rec.get("train", {}).get(k))
-                raise ValueError(f"{results / RUNS_FILE} holds run {run.run_id} trained with other settings "
-                                 f"(differs in {diff}); use another --results-dir")
+                diff = sorted(
+                    k for k in set(want) | set(rec.get("train", {})) if want.get(k) != rec.get("train", {}).get(k)
+                )
+                raise ValueError(
+                    f"{results / RUNS_FILE} holds run {run.run_id} trained with other settings "
+                    f"(differs in {diff}); use another --results-dir"
+                )
 
 
-def run_sweep(runs: Sequence[PlannedRun], results_dir: str | Path, settings: SweepSettings, progress: bool = True,
-              jobs: int = 1, threads: int | None = None) -> SweepResult:
+def run_sweep(
+    runs: Sequence[PlannedRun],
+    results_dir: str | Path,
+    settings: SweepSettings,
+    progress: bool = True,
+    jobs: int = 1,
+    threads: int | None = None,
+) -> SweepResult:
     """Train every planned run not yet in ``results_dir/runs.jsonl``; resumable (see module docstring).
 
     ``jobs == 1``: runs train one after another in this process (``threads``, if given, sets
@@ -125,8 +153,9 @@ def run_sweep(runs: Sequence[PlannedRun], results_dir: str | Path, settings: Swe
     done_flops = sum(r.train_flops for r in runs if r.run_id in finished)
     bar = _Progress(sum(r.train_flops for r in runs), done_flops, progress, len(runs), len(runs) - len(todo))
     if len(todo) < len(runs):
-        bar.write(f"isoflop: {len(runs) - len(todo)} of {len(runs)} runs already finished in {results}; "
-                  f"{len(todo)} to go")
+        bar.write(
+            f"isoflop: {len(runs) - len(todo)} of {len(runs)} runs already finished in {results}; {len(todo)} to go"
+        )
     ran: list[str] = []
 
     def settle(run: PlannedRun, summary: dict[str, Any]) -> bool:
@@ -134,17 +163,21 @@ def run_sweep(runs: Sequence[PlannedRun], results_dir: str | Path, settings: Swe
         run_dir = results / RUNS_DIR / run.run_id
         if summary["step"] < run.steps:
             bar.finish_run(run, finished=False)
-            bar.write(f"isoflop: {run.run_id} stopped at step {summary['step']}/{run.steps} "
-                      f"({summary['stop_reason']}); run the same command again to continue")
+            bar.write(
+                f"isoflop: {run.run_id} stopped at step {summary['step']}/{run.steps} "
+                f"({summary['stop_reason']}); run the same command again to continue"
+            )
             return False
         rec = run_record(run, run.train_config(settings, run_dir), summary, run_dir, results)
         append_result(results, rec)
         ran.append(run.run_id)
         finished[run.run_id] = rec
         bar.finish_run(run)
-        bar.write(f"isoflop: {run.run_id}: {run.steps} steps, {run.train_flops:.3g} FLOPs, "
-                  f"{run.params:,} params -> val loss {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb), "
-                  f"{rec['elapsed_s']:.0f}s")
+        bar.write(
+            f"isoflop: {run.run_id}: {run.steps} steps, {run.train_flops:.3g} FLOPs, "
+            f"{run.params:,} params -> val loss {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb), "
+            f"{rec['elapsed_s']:.0f}s"
+        )
         return True
 
     try:
@@ -157,8 +190,9 @@ def run_sweep(runs: Sequence[PlannedRun], results_dir: str | Path, settings: Swe
     return SweepResult([finished[r.run_id] for r in runs if r.run_id in finished], complete, ran)
 
 
-def _run_sequential(todo: Sequence[PlannedRun], results: Path, settings: SweepSettings, bar: _Progress,
-                    settle: Settle) -> bool:
+def _run_sequential(
+    todo: Sequence[PlannedRun], results: Path, settings: SweepSettings, bar: _Progress, settle: Settle
+) -> bool:
     """Train the runs one after another in this process; stop at the first that stops early."""
     for run in todo:
         run_dir = results / RUNS_DIR / run.run_id
@@ -168,8 +202,15 @@ def _run_sequential(todo: Sequence[PlannedRun], results: Path, settings: SweepSe
     return True
 
 
-def _run_parallel(todo: Sequence[PlannedRun], results: Path, settings: SweepSettings, jobs: int, threads: int,
-                  bar: _Progress, settle: Settle) -> bool:
+def _run_parallel(
+    todo: Sequence[PlannedRun],
+    results: Path,
+    settings: SweepSettings,
+    jobs: int,
+    threads: int,
+    bar: _Progress,
+    settle: Settle,
+) -> bool:
     """Up to ``jobs`` worker processes, one per run (``python -c``, so no ``__main__`` guard is
     needed anywhere). Ctrl-C reaches the workers too (same process group): each stops at a step
     boundary with a checkpoint; we wait for them, record nothing unfinished, and return False."""
@@ -185,12 +226,24 @@ def _run_parallel(todo: Sequence[PlannedRun], results: Path, settings: SweepSett
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
         job = run_dir / JOB_FILE
-        job.write_text(json.dumps({"run": run.as_dict(), "settings": dataclasses.asdict(settings),
-                                   "run_dir": str(run_dir), "threads": threads}))
+        job.write_text(
+            json.dumps(
+                {
+                    "run": run.as_dict(),
+                    "settings": dataclasses.asdict(settings),
+                    "run_dir": str(run_dir),
+                    "threads": threads,
+                }
+            )
+        )
         log = open(run_dir / "worker.log", "ab")
         code = f"from modlm.experiments.sweep import _child_main; _child_main({str(job)!r})"
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
         active[run.run_id] = (proc, run, log)
         bar.watch(run, run_dir)
 
@@ -255,10 +308,15 @@ class _Progress:
         self.done = done_flops
         self.n_runs, self.n_done = n_runs, n_done
         self.active: dict[str, tuple[PlannedRun, Path]] = {}
-        self.bar = tqdm(total=total_flops / self.scale, initial=done_flops / self.scale, disable=not enabled,
-                        unit="TFLOP", dynamic_ncols=True, desc="sweep",
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3g}/{total:.3g} TFLOP "
-                                   "[{elapsed}<{remaining}] {postfix}")
+        self.bar = tqdm(
+            total=total_flops / self.scale,
+            initial=done_flops / self.scale,
+            disable=not enabled,
+            unit="TFLOP",
+            dynamic_ncols=True,
+            desc="sweep",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3g}/{total:.3g} TFLOP [{elapsed}<{remaining}] {postfix}",
+        )
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -311,14 +369,27 @@ class _Progress:
 
 def add_isoflop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of `modlm isoflop`."""
-    parser.add_argument("--budgets", type=parse_floats, required=True, metavar="B1,B2,...",
-                        help="training-FLOP budgets, one isoFLOP curve each, e.g. 1e12,4e12")
-    parser.add_argument("--family", action="append", default=None, metavar="NAME[:KEY=VALUE,...]",
-                        help=f"model family (repeatable; default: dense and mod): one of {', '.join(sorted(FAMILIES))}, "
-                             "optionally with ModelConfig overrides, e.g. mod:capacity=0.25,route_every=1")
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, metavar="WxL,...",
-                        help="the grid of widths x depths (default: %(default)s)")
-    parser.add_argument("--results-dir", default="results/isoflop", help="runs.jsonl, plots and run folders (default: %(default)s)")
+    parser.add_argument(
+        "--budgets",
+        type=parse_floats,
+        required=True,
+        metavar="B1,B2,...",
+        help="training-FLOP budgets, one isoFLOP curve each, e.g. 1e12,4e12",
+    )
+    parser.add_argument(
+        "--family",
+        action="append",
+        default=None,
+        metavar="NAME[:KEY=VALUE,...]",
+        help=f"model family (repeatable; default: dense and mod): one of {', '.join(sorted(FAMILIES))}, "
+        "optionally with ModelConfig overrides, e.g. mod:capacity=0.25,route_every=1",
+    )
+    parser.add_argument(
+        "--shapes", default=DEFAULT_SHAPES, metavar="WxL,...", help="the grid of widths x depths (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--results-dir", default="results/isoflop", help="runs.jsonl, plots and run folders (default: %(default)s)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots at the end")
     add_settings_args(parser)
@@ -333,12 +404,16 @@ def cmd_isoflop(args: argparse.Namespace) -> int:
     families = [Family.parse(f) for f in (args.family or ["dense", "mod"])]
     shapes = parse_shapes(args.shapes)
     runs = plan_sweep(args.budgets, families, shapes, settings)
-    print(f"modlm isoflop: {len(runs)} runs, {sum(r.train_flops for r in runs):.3g} training FLOPs in all -> "
-          f"{args.results_dir}")
+    print(
+        f"modlm isoflop: {len(runs)} runs, {sum(r.train_flops for r in runs):.3g} training FLOPs in all -> "
+        f"{args.results_dir}"
+    )
     print("  settings: " + json.dumps(dataclasses.asdict(settings)))
     for r in runs:
-        print(f"  {r.run_id:<40} {r.steps:>6} steps x {r.flops_per_step:.3g} = {r.train_flops:.4g} FLOPs "
-              f"({r.train_flops / r.budget - 1:+.2%}), {r.params:,} params")
+        print(
+            f"  {r.run_id:<40} {r.steps:>6} steps x {r.flops_per_step:.3g} = {r.train_flops:.4g} FLOPs "
+            f"({r.train_flops / r.budget - 1:+.2%}), {r.params:,} params"
+        )
     sys.stdout.flush()
     if args.dry_run:
         return 0
@@ -355,4 +430,3 @@ def cmd_isoflop(args: argparse.Namespace) -> int:
     summary = summarize_isoflop(result.records)
     print(json.dumps({"results": str(Path(args.results_dir) / RUNS_FILE), "optimal": summary}))
     return 0
-

@@ -56,8 +56,16 @@ class ContiguousLayerCache:
     row's end do not). ``lengths``: slots used per row (padding included), host ints.
     """
 
-    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, capacity: int, device: torch.device,
-                 dtype: torch.dtype, scratch: _Scratch | None = None):
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        scratch: _Scratch | None = None,
+    ):
         self.batch_size, self.shape = batch_size, (n_kv_heads, head_dim)
         self.device, self.dtype = device, dtype
         self.capacity = capacity
@@ -83,15 +91,21 @@ class ContiguousLayerCache:
         ok[:, :cap] = self.slot_ok
         self.slot_ok, self.capacity = ok, new_cap
 
-    def update(self, k_bGKE: torch.Tensor, v_bGKE: torch.Tensor, rows: torch.Tensor | None = None,
-               valid_bK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(
+        self,
+        k_bGKE: torch.Tensor,
+        v_bGKE: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        valid_bK: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append K new keys/values to every row; see ``ModelCache.update``."""
         if rows is not None:
             raise ValueError("a contiguous (dense) layer cache takes every row; rows must be None")
         return self._append_all(k_bGKE, v_bGKE, valid_bK)
 
-    def _append_all(self, k_BGKE: torch.Tensor, v_BGKE: torch.Tensor,
-                    valid_BK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _append_all(
+        self, k_BGKE: torch.Tensor, v_BGKE: torch.Tensor, valid_BK: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # NOTE: padding tokens take slots too (masked out for everyone but themselves): writes stay
         # rectangular and no compaction pass is needed; real_lengths() counts real tokens only.
         K = k_BGKE.shape[2]
@@ -128,8 +142,13 @@ class RaggedLayerCache(ContiguousLayerCache):
     take the contiguous path; after that, positions come from the host-side per-row lengths.
     """
 
-    def update(self, k_bGKE: torch.Tensor, v_bGKE: torch.Tensor, rows: torch.Tensor | None = None,
-               valid_bK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(
+        self,
+        k_bGKE: torch.Tensor,
+        v_bGKE: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        valid_bK: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append K new keys/values to the given rows; see ``ModelCache.update``."""
         if rows is None and self.uniform:
             return self._append_all(k_bGKE, v_bGKE, valid_bK)
@@ -197,8 +216,16 @@ class ModelCache:
         device, dtype: of the stored keys and values.
     """
 
-    def __init__(self, layouts: list[str] | tuple[str, ...], batch_size: int, n_kv_heads: int, head_dim: int,
-                 capacity: int = 64, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        layouts: list[str] | tuple[str, ...],
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        capacity: int = 64,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         if capacity < 1:
             raise ValueError(f"capacity={capacity} must be >= 1")
         if batch_size < 1:
@@ -209,12 +236,19 @@ class ModelCache:
         device = torch.device(device)
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         scratch = _Scratch(device, dtype)
-        self.layers = [LAYOUTS[lay](batch_size, n_kv_heads, head_dim, capacity, device, dtype, scratch)
-                       for lay in layouts]
+        self.layers = [
+            LAYOUTS[lay](batch_size, n_kv_heads, head_dim, capacity, device, dtype, scratch) for lay in layouts
+        ]
 
     @classmethod
-    def for_config(cls, config: ModelConfig, batch_size: int, capacity: int = 64,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "ModelCache":
+    def for_config(
+        cls,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int = 64,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> ModelCache:
         """The cache a model of this config needs: each layer's layout from its block kind."""
         layouts = [block_spec(kind).cache_layout for kind in config.layer_types]
         return cls(layouts, batch_size, config.n_kv_heads, config.head_dim, capacity, device, dtype)
@@ -223,8 +257,14 @@ class ModelCache:
     def n_layers(self) -> int:
         return len(self.layers)
 
-    def update(self, k_bGKE: torch.Tensor, v_bGKE: torch.Tensor, layer_idx: int, rows: torch.Tensor | None = None,
-               valid_bK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(
+        self,
+        k_bGKE: torch.Tensor,
+        v_bGKE: torch.Tensor,
+        layer_idx: int,
+        rows: torch.Tensor | None = None,
+        valid_bK: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append K new keys/values to the given rows of a layer; return what those rows may attend to.
 
         Args:
@@ -253,7 +293,7 @@ class ModelCache:
         """Slots used per row in this layer (B,), padding slots included (host tensor)."""
         return torch.tensor(self.layers[layer_idx].lengths, dtype=torch.long)
 
-    def view(self, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> "CacheView":
+    def view(self, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> CacheView:
         """Bind the rows and token validity of one forward call, so attention only calls update()."""
         return CacheView(self, rows, valid)
 

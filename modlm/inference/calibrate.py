@@ -25,8 +25,14 @@ from modlm.model.block import route_mask
 from modlm.model.transformer import MoDTransformer
 from modlm.routing.registry import router_spec
 
-__all__ = ["calibrate_thresholds", "causal_val_loss", "get_thresholds", "measure_routed_fraction", "set_thresholds",
-           "sweep_knob"]
+__all__ = [
+    "calibrate_thresholds",
+    "causal_val_loss",
+    "get_thresholds",
+    "measure_routed_fraction",
+    "set_thresholds",
+    "sweep_knob",
+]
 
 
 def _thresholded_blocks(model: MoDTransformer) -> dict:
@@ -42,8 +48,9 @@ def _check_tokens(model: MoDTransformer, tokens_BT: torch.Tensor) -> torch.Tenso
         shape = tuple(tokens_BT.shape) if isinstance(tokens_BT, torch.Tensor) else type(tokens_BT).__name__
         raise ValueError(f"tokens must be a non-empty (B, T) tensor of token ids, got {shape}")
     if tokens_BT.shape[1] > model.config.max_seq_len:
-        raise ValueError(f"calibration sequence length {tokens_BT.shape[1]} exceeds "
-                         f"max_seq_len={model.config.max_seq_len}")
+        raise ValueError(
+            f"calibration sequence length {tokens_BT.shape[1]} exceeds max_seq_len={model.config.max_seq_len}"
+        )
     V = model.config.vocab_size
     if int(tokens_BT.min()) < 0 or int(tokens_BT.max()) >= V:
         raise ValueError(f"token ids must be in [0, {V}), got range [{int(tokens_BT.min())}, {int(tokens_BT.max())}]")
@@ -102,6 +109,7 @@ def calibrate_thresholds(model: MoDTransformer, tokens_BT: torch.Tensor, target_
     captured: dict[int, torch.Tensor] = {}
     try:
         for i, blk in blocks.items():
+
             def grab(module, args, kwargs, i=i):
                 x = args[0] if args else kwargs["x_BTD"]
                 captured[i] = module.router.causal_logits(x)  # as the causal decision computes it
@@ -148,9 +156,16 @@ def causal_val_loss(model: MoDTransformer, windows_BT1: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def sweep_knob(model: MoDTransformer, val_tokens: torch.Tensor, fractions: Sequence[float],
-               calib_tokens: torch.Tensor | None = None, prompt_len: int = 64, new_tokens: int = 64,
-               batch_size: int = 1, seed: int = 0) -> list[dict[str, float]]:
+def sweep_knob(
+    model: MoDTransformer,
+    val_tokens: torch.Tensor,
+    fractions: Sequence[float],
+    calib_tokens: torch.Tensor | None = None,
+    prompt_len: int = 64,
+    new_tokens: int = 64,
+    batch_size: int = 1,
+    seed: int = 0,
+) -> list[dict[str, float]]:
     """Speed against quality over target routed fractions.
 
     For each fraction: calibrate the thresholds on ``calib_tokens`` (default: the inputs of
@@ -181,14 +196,16 @@ def sweep_knob(model: MoDTransformer, val_tokens: torch.Tensor, fractions: Seque
             per_layer = measure_routed_fraction(model, inputs)
             loss = causal_val_loss(model, windows)
             res = generate(model, prompts, new_tokens, temperature=1.0, seed=seed)
-            results.append({
-                "fraction": float(f),
-                "routed_fraction": sum(per_layer.values()) / max(1, len(per_layer)),
-                "routed_fraction_per_layer": per_layer,
-                "val_loss": loss,
-                "decode_tokens_per_s": res.new_tokens / max(res.decode_s, 1e-9),
-                "thresholds": th,
-            })
+            results.append(
+                {
+                    "fraction": float(f),
+                    "routed_fraction": sum(per_layer.values()) / max(1, len(per_layer)),
+                    "routed_fraction_per_layer": per_layer,
+                    "val_loss": loss,
+                    "decode_tokens_per_s": res.new_tokens / max(res.decode_s, 1e-9),
+                    "thresholds": th,
+                }
+            )
     finally:
         set_thresholds(model, saved)
     return results

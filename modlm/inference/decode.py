@@ -52,8 +52,7 @@ class HostDecisions:
         sel_B1, _ = router.decide(x_B1D)
         return sel_B1.view(-1).tolist()
 
-    def plan(self, layer_idx: int, router: Router, x_B1D: torch.Tensor,
-             token_mask_B1: torch.Tensor | None) -> RowPlan:
+    def plan(self, layer_idx: int, router: Router, x_B1D: torch.Tensor, token_mask_B1: torch.Tensor | None) -> RowPlan:
         if x_B1D.shape[1] != 1:
             raise ValueError(f"decoding takes one new token per row, got shape {tuple(x_B1D.shape)}")
         flags = self.flags(layer_idx, router, x_B1D)
@@ -71,8 +70,11 @@ class HostDecisions:
         rows_dev = rows_host.to(x_B1D.device)
         sel_B1 = torch.tensor(flags, dtype=torch.bool).view(B, 1).to(x_B1D.device)
         w_b1 = router.token_weights(x_B1D.index_select(0, rows_dev))  # the routed rows' weights only
-        w_B1 = None if w_b1 is None else \
-            torch.zeros(B, 1, dtype=w_b1.dtype, device=w_b1.device).index_copy_(0, rows_dev, w_b1)
+        w_B1 = (
+            None
+            if w_b1 is None
+            else torch.zeros(B, 1, dtype=w_b1.dtype, device=w_b1.device).index_copy_(0, rows_dev, w_b1)
+        )
         return RowPlan(rows, b, rows_host, rows_dev, w_b1, RouterOutput(idx_B1, sel_B1, w_B1, zero, {}))
 
     def _threshold(self, layer_idx: int, router: Router) -> float:
@@ -88,8 +90,10 @@ class HostDecisions:
         Read-only: callers must not modify them."""
         key = (B, device)
         if key not in self._const:
-            self._const[key] = (torch.zeros(B, 1, dtype=torch.long, device=device),
-                                torch.zeros((), dtype=torch.float32, device=device),
-                                torch.zeros(B, 1, dtype=torch.bool, device=device),
-                                torch.ones(B, 1, dtype=torch.bool, device=device))
+            self._const[key] = (
+                torch.zeros(B, 1, dtype=torch.long, device=device),
+                torch.zeros((), dtype=torch.float32, device=device),
+                torch.zeros(B, 1, dtype=torch.bool, device=device),
+                torch.ones(B, 1, dtype=torch.bool, device=device),
+            )
         return self._const[key]

@@ -80,8 +80,9 @@ class GenerationConfig:
                 raise ValueError(f"stop_tokens has {t!r}: stop tokens must be token ids (ints)")
 
     @classmethod
-    def resolve(cls, config: "GenerationConfig | None", max_new_tokens: int | None,
-                options: dict[str, Any]) -> "GenerationConfig":
+    def resolve(
+        cls, config: GenerationConfig | None, max_new_tokens: int | None, options: dict[str, Any]
+    ) -> GenerationConfig:
         """``config`` with ``max_new_tokens`` and keyword ``options`` applied on top."""
         if max_new_tokens is not None:
             options = dict(options, max_new_tokens=max_new_tokens)
@@ -125,8 +126,10 @@ def _validate_prompts(model: MoDTransformer, prompts: Sequence[Sequence[int]], m
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token")
         if len(p) + max_new_tokens > ctx:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
-                             f"{len(p) + max_new_tokens} > the model's context max_seq_len={ctx}")
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(p) + max_new_tokens} > the model's context max_seq_len={ctx}"
+            )
         for t in p:
             try:
                 ok = not isinstance(t, bool) and float(t).is_integer() and 0 <= int(t) < V
@@ -136,8 +139,13 @@ def _validate_prompts(model: MoDTransformer, prompts: Sequence[Sequence[int]], m
                 raise ValueError(f"prompt {i} has token id {t!r} outside the vocabulary [0, {V})")
 
 
-def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits_BV: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token per row from the last-position logits (B, V) -> (B,). Temperature 0 is greedy."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
@@ -163,15 +171,21 @@ def _left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, t
     idx = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)
     for b, p in enumerate(prompts):
-        idx[b, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[b, T - len(p):] = True
+        idx[b, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[b, T - len(p) :] = True
     pos = (mask.long().cumsum(1) - 1).clamp(min=0)
     return idx.to(device), mask.to(device), pos.to(device)
 
 
-def generate(model: MoDTransformer, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int | None = None,
-             *, config: GenerationConfig | None = None, stream: Callable[[int, int], None] | None = None,
-             **options: Any) -> GenerationResult:
+def generate(
+    model: MoDTransformer,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    max_new_tokens: int | None = None,
+    *,
+    config: GenerationConfig | None = None,
+    stream: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> GenerationResult:
     """Sample continuations of a batch of prompts (ragged lengths are left-padded).
 
     Args:
@@ -208,9 +222,16 @@ class DecodeSession:
     """
 
     @torch.inference_mode()
-    def __init__(self, model: MoDTransformer, prompts: Sequence[Sequence[int]] | torch.Tensor,
-                 max_new_tokens: int | None = None, *, config: GenerationConfig | None = None,
-                 stream: Callable[[int, int], None] | None = None, **options: Any):
+    def __init__(
+        self,
+        model: MoDTransformer,
+        prompts: Sequence[Sequence[int]] | torch.Tensor,
+        max_new_tokens: int | None = None,
+        *,
+        config: GenerationConfig | None = None,
+        stream: Callable[[int, int], None] | None = None,
+        **options: Any,
+    ):
         cfg = self.config = GenerationConfig.resolve(config, max_new_tokens, options)
         if isinstance(prompts, torch.Tensor):
             prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
@@ -242,11 +263,18 @@ class DecodeSession:
         t0 = time.perf_counter()
         self.cache = None
         if self.use_cache:
-            self.cache = ModelCache.for_config(model.config, B, capacity=T0 + self.max_new_tokens, device=device,
-                                               dtype=next(model.parameters()).dtype)
+            self.cache = ModelCache.for_config(
+                model.config, B, capacity=T0 + self.max_new_tokens, device=device, dtype=next(model.parameters()).dtype
+            )
             self.policy = HostDecisions(model.config.router)
-            out = model(idx_BT, routing=prefill_routing, cache=self.cache, pos_BT=pos_BT, token_mask_BT=mask_BT,
-                        phase=Phase.PREFILL)
+            out = model(
+                idx_BT,
+                routing=prefill_routing,
+                cache=self.cache,
+                pos_BT=pos_BT,
+                token_mask_BT=mask_BT,
+                phase=Phase.PREFILL,
+            )
         else:
             out = model(idx_BT, routing=prefill_routing, pos_BT=pos_BT, token_mask_BT=mask_BT)
         self.logits_BV = out.logits[:, -1]
@@ -281,8 +309,9 @@ class DecodeSession:
             return False
         new_B1 = tok_B.unsqueeze(1)
         if self.use_cache:
-            out = model(new_B1, routing="causal", cache=self.cache, pos_BT=self.pos_B1, phase=Phase.DECODE,
-                        decode=self.policy)
+            out = model(
+                new_B1, routing="causal", cache=self.cache, pos_BT=self.pos_B1, phase=Phase.DECODE, decode=self.policy
+            )
         else:
             self.seq_idx = torch.cat([self.seq_idx, new_B1], 1)
             self.seq_mask = torch.cat([self.seq_mask, torch.ones_like(new_B1, dtype=torch.bool)], 1)
@@ -308,8 +337,9 @@ class DecodeSession:
     def result(self) -> GenerationResult:
         """What was generated so far (normally called once ``step()`` returned False)."""
         self.close()
-        res = GenerationResult(self.out_tokens, self.routing if self.trace else [], self.prefill_s, self.decode_s,
-                               self.routed)
+        res = GenerationResult(
+            self.out_tokens, self.routing if self.trace else [], self.prefill_s, self.decode_s, self.routed
+        )
         if self.return_logits:
             res.logits = torch.stack(self.step_logits, 1)  # (B, steps, V)
         if self.return_cache:

@@ -31,8 +31,14 @@ class Attention(nn.Module):
         self.qkv = Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.proj = Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
         B, T, D = x_BTD.shape
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x_BTD).split([H * E, G * E, G * E], dim=-1)

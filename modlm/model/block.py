@@ -69,8 +69,9 @@ class RowPlan(NamedTuple):
 class DecodePolicy(Protocol):
     """How routed blocks decide, one new token per row (see ``modlm.inference.decode``)."""
 
-    def plan(self, layer_idx: int, router: nn.Module, x_B1D: torch.Tensor,
-             token_mask_B1: torch.Tensor | None) -> RowPlan: ...
+    def plan(
+        self, layer_idx: int, router: nn.Module, x_B1D: torch.Tensor, token_mask_B1: torch.Tensor | None
+    ) -> RowPlan: ...
 
 
 @dataclass
@@ -112,8 +113,14 @@ class DenseBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def update(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def update(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache=None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """f(x), the block's update of the residual stream, over whatever tokens it is given."""
         a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask=attn_mask, cache=cache)
         m_BTD = self.mlp(self.mlp_norm(x_BTD + a_BTD))

@@ -53,7 +53,9 @@ def block_spec(name: str) -> BlockSpec:
         raise ValueError(f"block kind {name!r} is not registered; available: {', '.join(_BLOCKS)}") from None
 
 
-register_block(BlockSpec("dense", "modlm.model.block:DenseBlock", routed=False, cache_layout="contiguous",
-                         dense_kind="dense"))
-register_block(BlockSpec("routed", "modlm.model.block:RoutedBlock", routed=True, cache_layout="ragged",
-                         dense_kind="dense"))
+register_block(
+    BlockSpec("dense", "modlm.model.block:DenseBlock", routed=False, cache_layout="contiguous", dense_kind="dense")
+)
+register_block(
+    BlockSpec("routed", "modlm.model.block:RoutedBlock", routed=True, cache_layout="ragged", dense_kind="dense")
+)

@@ -57,8 +57,17 @@ ROUTER = Role("router", decay=False, init="router", routing=True)
 PREDICTOR_MATRIX = Role("predictor_matrix", decay=True, init="module", clip_group="predictor", routing=True)
 PREDICTOR_VECTOR = Role("predictor_vector", decay=False, init="module", clip_group="predictor", routing=True)
 
-ROLES: tuple[Role, ...] = (EMBEDDING, LM_HEAD, MATRIX, OUT_MATRIX, NORM, BIAS, ROUTER, PREDICTOR_MATRIX,
-                           PREDICTOR_VECTOR)
+ROLES: tuple[Role, ...] = (
+    EMBEDDING,
+    LM_HEAD,
+    MATRIX,
+    OUT_MATRIX,
+    NORM,
+    BIAS,
+    ROUTER,
+    PREDICTOR_MATRIX,
+    PREDICTOR_VECTOR,
+)
 
 
 def parameter_roles(model: Any) -> dict[str, Role]:
@@ -74,8 +83,10 @@ def parameter_roles(model: Any) -> dict[str, Role]:
     roles: dict[str, Role] = {}
     for name, _ in model.named_parameters():
         if name not in declared:
-            raise ValueError(f"parameter {name!r} has no declared role: its module must list it in param_roles "
-                             f"(see modlm.model.roles)")
+            raise ValueError(
+                f"parameter {name!r} has no declared role: its module must list it in param_roles "
+                f"(see modlm.model.roles)"
+            )
         roles[name] = declared[name]
     return roles
 

@@ -96,10 +96,14 @@ class MoDTransformer(nn.Module):
         """
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
-        init = {"normal": lambda p: nn.init.normal_(p, 0.0, std),
-                "scaled_normal": lambda p: nn.init.normal_(p, 0.0, out_std),
-                "router": lambda p: nn.init.normal_(p, 0.0, 1.0 / math.sqrt(self.config.d_model)),
-                "ones": nn.init.ones_, "zeros": nn.init.zeros_, "module": lambda p: None}
+        init = {
+            "normal": lambda p: nn.init.normal_(p, 0.0, std),
+            "scaled_normal": lambda p: nn.init.normal_(p, 0.0, out_std),
+            "router": lambda p: nn.init.normal_(p, 0.0, 1.0 / math.sqrt(self.config.d_model)),
+            "ones": nn.init.ones_,
+            "zeros": nn.init.zeros_,
+            "module": lambda p: None,
+        }
         params = list(roles.named_parameters_with_roles(self))
         # The embedding (and an untied head) first, then the rest in order: the RNG draws stay
         # those of every earlier version, so a seed gives the same model as before.
@@ -112,10 +116,18 @@ class MoDTransformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n
 
-    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, routing: str = "topk",
-                routes: dict[int, RouterOutput] | None = None, cache=None, pos_BT: torch.Tensor | None = None,
-                token_mask_BT: torch.Tensor | None = None, phase: Phase | str = Phase.TRAIN,
-                decode: DecodePolicy | None = None) -> ModelOutput:
+    def forward(
+        self,
+        idx_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None = None,
+        routing: str = "topk",
+        routes: dict[int, RouterOutput] | None = None,
+        cache=None,
+        pos_BT: torch.Tensor | None = None,
+        token_mask_BT: torch.Tensor | None = None,
+        phase: Phase | str = Phase.TRAIN,
+        decode: DecodePolicy | None = None,
+    ) -> ModelOutput:
         """Run the model.
 
         Args:
@@ -150,8 +162,19 @@ class MoDTransformer(nn.Module):
             causal_TT = torch.ones(T, T, dtype=torch.bool, device=idx_BT.device).tril()
             pad_mask = (causal_TT & token_mask_BT[:, None, :]) | torch.eye(T, dtype=torch.bool, device=idx_BT.device)
             pad_mask = pad_mask.unsqueeze(1)  # (B, 1, T, T)
-        ctx = BlockContext(phase=phase, routing=routing, rotary=self.rotary, pos_BT=pos_BT, cos=cos, sin=sin,
-                           token_mask_BT=token_mask_BT, attn_mask=pad_mask, cache=cache, replay=routes, decode=decode)
+        ctx = BlockContext(
+            phase=phase,
+            routing=routing,
+            rotary=self.rotary,
+            pos_BT=pos_BT,
+            cos=cos,
+            sin=sin,
+            token_mask_BT=token_mask_BT,
+            attn_mask=pad_mask,
+            cache=cache,
+            replay=routes,
+            decode=decode,
+        )
         x_BTD = self.tok_emb(idx_BT)
         auxes: dict[int, Any] = {}
         for i, block in enumerate(self.blocks):
@@ -159,11 +182,13 @@ class MoDTransformer(nn.Module):
             if aux is not None:
                 auxes[i] = aux
         logits_BTV = self.lm_head(self.norm(x_BTD))
-        out = ModelOutput(logits=logits_BTV, routes={i: auxes[i] for i in self.config.routed_layers if i in auxes},
-                          aux=auxes)
+        out = ModelOutput(
+            logits=logits_BTV, routes={i: auxes[i] for i in self.config.routed_layers if i in auxes}, aux=auxes
+        )
         if targets_BT is not None:
-            out.lm_loss = F.cross_entropy(logits_BTV.float().view(-1, logits_BTV.size(-1)), targets_BT.reshape(-1),
-                                          ignore_index=-1)
+            out.lm_loss = F.cross_entropy(
+                logits_BTV.float().view(-1, logits_BTV.size(-1)), targets_BT.reshape(-1), ignore_index=-1
+            )
             aux = [a.aux_loss for a in auxes.values()]
             out.aux_loss = torch.stack(aux).sum() if aux else out.lm_loss.new_zeros(())
             out.loss = out.lm_loss + out.aux_loss
@@ -177,8 +202,9 @@ def _check_phase(phase: Phase | str, idx_BT: torch.Tensor, cache, decode) -> Pha
     except ValueError:
         raise ValueError(f"phase={phase!r} is invalid: must be one of {PHASES}") from None
     if phase is Phase.TRAIN and cache is not None:
-        raise ValueError("phase='train' runs whole sequences without a cache; pass phase='prefill' or 'decode' "
-                         "with a cache")
+        raise ValueError(
+            "phase='train' runs whole sequences without a cache; pass phase='prefill' or 'decode' with a cache"
+        )
     if phase is not Phase.TRAIN and cache is None:
         raise ValueError(f"phase={phase.value!r} needs a cache (modlm.inference.cache.ModelCache)")
     if phase is Phase.DECODE:

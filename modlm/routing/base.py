@@ -58,8 +58,9 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"routing mode {mode!r} is invalid: must be one of {ROUTING_MODES}")
 
 
-def causal_output(sel_BT: torch.Tensor, weight_BT: torch.Tensor | None, token_mask_BT: torch.Tensor | None,
-                  zero: torch.Tensor) -> RouterOutput:
+def causal_output(
+    sel_BT: torch.Tensor, weight_BT: torch.Tensor | None, token_mask_BT: torch.Tensor | None, zero: torch.Tensor
+) -> RouterOutput:
     """RouterOutput of per-token causal decisions: every selected real token, each row padded
     to the batch's largest count (``valid_BK`` marks real slots); weights gathered if given."""
     if token_mask_BT is not None:
@@ -81,8 +82,9 @@ class Router(nn.Module):
         super().__init__()
         self.capacity = config.capacity
 
-    def forward(self, x_BTD: torch.Tensor, mode: str = "topk",
-                token_mask_BT: torch.Tensor | None = None) -> RouterOutput:
+    def forward(
+        self, x_BTD: torch.Tensor, mode: str = "topk", token_mask_BT: torch.Tensor | None = None
+    ) -> RouterOutput:
         """Route a (B, T, D) stream. ``token_mask_BT`` marks real tokens (left padding is never routed)."""
         check_mode(mode)
         if mode == "causal":

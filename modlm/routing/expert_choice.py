@@ -13,13 +13,13 @@ from statistics import NormalDist
 
 import torch
 import torch.nn as nn
-import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
 from modlm.model import roles
 from modlm.routing.base import Router, RouterOutput
 from modlm.routing.ops import capacity_k, router_scores, select_topk, select_topk_masked, topk_mask
+
 
 class CausalPredictor(nn.Module):
     """Small MLP predicting top-k membership from the token's own state (paper §3.5, method 2).
@@ -40,9 +40,14 @@ class CausalPredictor(nn.Module):
     Runs in fp32: the logit is thresholded at 0, where bf16 rounding would flip decisions.
     """
 
-    param_roles = {"fc1.weight": roles.PREDICTOR_MATRIX, "fc1.bias": roles.PREDICTOR_VECTOR,
-                   "fc2.weight": roles.PREDICTOR_MATRIX, "fc2.bias": roles.PREDICTOR_VECTOR,
-                   "r_gain": roles.PREDICTOR_VECTOR, "r_bias": roles.PREDICTOR_VECTOR}
+    param_roles = {
+        "fc1.weight": roles.PREDICTOR_MATRIX,
+        "fc1.bias": roles.PREDICTOR_VECTOR,
+        "fc2.weight": roles.PREDICTOR_MATRIX,
+        "fc2.bias": roles.PREDICTOR_VECTOR,
+        "r_gain": roles.PREDICTOR_VECTOR,
+        "r_bias": roles.PREDICTOR_VECTOR,
+    }
 
     def __init__(self, d_model: int, hidden: int, capacity: float, momentum: float = 0.2, gain: float = 4.0):
         super().__init__()
@@ -73,7 +78,9 @@ class CausalPredictor(nn.Module):
             return mlp_BT + self.r_gain * r_hat_BT + self.r_bias  # (B, T)
 
     @torch.no_grad()
-    def fold(self, router_w_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fold(
+        self, router_w_D: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The router and this predictor as two matrix products (inference only, no gradients).
 
         r = w·x and its standardisation are linear, and silu(t) - silu(-t) = t exactly
@@ -113,8 +120,9 @@ class LearnedRouter(Router):
         self.use_aux = config.uses_aux_loss
         self.aux_weight = config.aux_loss_weight
         self.pred_weight = config.predictor_loss_weight
-        self.predictor = (CausalPredictor(config.d_model, config.predictor_hidden, config.capacity)
-                          if config.uses_predictor else None)
+        self.predictor = (
+            CausalPredictor(config.d_model, config.predictor_hidden, config.capacity) if config.uses_predictor else None
+        )
         # Logit threshold for causal decisions: 0 <=> probability 0.5. Raising it routes fewer
         # tokens (an inference-time compute knob); it is a buffer so it travels with checkpoints.
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
@@ -211,14 +219,15 @@ class LearnedRouter(Router):
         if token_mask_BT is not None:  # a padded batch of known prompts: top-k over each row's real tokens
             idx_BK, valid_BK = select_topk_masked(r_BT.detach(), token_mask_BT, self.capacity)
             weight_BK = torch.gather(r_BT, 1, idx_BK)
-            return RouterOutput(idx_BK, valid_BK, weight_BK, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()})
+            return RouterOutput(
+                idx_BK, valid_BK, weight_BK, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()}
+            )
         k = capacity_k(self.capacity, T)
         idx_BK = select_topk(r_BT.detach(), k)
         weight_BK = torch.gather(r_BT, 1, idx_BK)
         target_BT = topk_mask(idx_BK, T).float()
         aux = zero
-        stats: dict[str, torch.Tensor] = {"routed_frac": zero + k / T,
-                                          "r_mean_selected": weight_BK.detach().mean()}
+        stats: dict[str, torch.Tensor] = {"routed_frac": zero + k / T, "r_mean_selected": weight_BK.detach().mean()}
         if self.use_aux:
             bce = F.binary_cross_entropy_with_logits(r_BT, target_BT)
             aux = aux + self.aux_weight * bce

@@ -13,8 +13,16 @@ import torch
 
 from modlm.config import capacity_k
 
-__all__ = ["capacity_k", "gather_tokens", "mask_to_padded_indices", "router_scores", "scatter_add_weighted",
-           "select_topk", "select_topk_masked", "topk_mask"]
+__all__ = [
+    "capacity_k",
+    "gather_tokens",
+    "mask_to_padded_indices",
+    "router_scores",
+    "scatter_add_weighted",
+    "select_topk",
+    "select_topk_masked",
+    "topk_mask",
+]
 
 
 def select_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,8 +42,9 @@ def select_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(idx_BK, dim=-1).values
 
 
-def select_topk_masked(scores_BT: torch.Tensor, token_mask_BT: torch.Tensor,
-                       capacity: float) -> tuple[torch.Tensor, torch.Tensor]:
+def select_topk_masked(
+    scores_BT: torch.Tensor, token_mask_BT: torch.Tensor, capacity: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k per row over the real tokens only (left-padded prompts): k_b = capacity_k(c, len_b).
 
     Returns padded ``idx_BK`` and ``valid_BK`` as ``mask_to_padded_indices`` does.
@@ -86,8 +95,9 @@ def gather_tokens(x_BTD: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
     return torch.gather(x_BTD, 1, idx_BK.unsqueeze(-1).expand(-1, -1, D))
 
 
-def scatter_add_weighted(x_BTD: torch.Tensor, idx_BK: torch.Tensor, f_BKD: torch.Tensor,
-                         weight_BK: torch.Tensor | None) -> torch.Tensor:
+def scatter_add_weighted(
+    x_BTD: torch.Tensor, idx_BK: torch.Tensor, f_BKD: torch.Tensor, weight_BK: torch.Tensor | None
+) -> torch.Tensor:
     """out = x, except out[b, idx[b, k]] = x[b, idx[b, k]] + weight[b, k] * f[b, k].
 
     This is the MoD combine ``x + r * f(x)`` (Raposo et al. 2024, eq. 1): the router weight

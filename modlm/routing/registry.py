@@ -69,17 +69,32 @@ def router_spec(name: str) -> RouterSpec:
         raise ValueError(f"router {name!r} is not registered; available: {', '.join(_ROUTERS)}") from None
 
 
-register_router(RouterSpec(
-    "learned", "modlm.routing.expert_choice:LearnedRouter",
-    "MoD expert-choice top-k on a learned score r = w·x (the paper's router)",
-    scores_tokens=True, thresholded=True,
-    predictor=lambda c: c.causal_routing in ("predictor", "both"),
-    aux_loss=lambda c: c.causal_routing in ("aux_loss", "both")))
-register_router(RouterSpec(
-    "random", "modlm.routing.stochastic:RandomRouter",
-    "baseline: a random k tokens per sequence, unit weight, no parameters",
-    scores_tokens=False, thresholded=False))
-register_router(RouterSpec(
-    "token_choice", "modlm.routing.token_choice:TokenChoiceRouter",
-    "baseline: each token decides with a sigmoid gate, capped at k slots, balancing loss",
-    scores_tokens=True, thresholded=True))
+register_router(
+    RouterSpec(
+        "learned",
+        "modlm.routing.expert_choice:LearnedRouter",
+        "MoD expert-choice top-k on a learned score r = w·x (the paper's router)",
+        scores_tokens=True,
+        thresholded=True,
+        predictor=lambda c: c.causal_routing in ("predictor", "both"),
+        aux_loss=lambda c: c.causal_routing in ("aux_loss", "both"),
+    )
+)
+register_router(
+    RouterSpec(
+        "random",
+        "modlm.routing.stochastic:RandomRouter",
+        "baseline: a random k tokens per sequence, unit weight, no parameters",
+        scores_tokens=False,
+        thresholded=False,
+    )
+)
+register_router(
+    RouterSpec(
+        "token_choice",
+        "modlm.routing.token_choice:TokenChoiceRouter",
+        "baseline: each token decides with a sigmoid gate, capped at k slots, balancing loss",
+        scores_tokens=True,
+        thresholded=True,
+    )
+)

@@ -34,6 +34,8 @@ class RandomRouter(Router):
         u_BT = torch.rand(B, T, device=x_BTD.device)
         if token_mask_BT is not None:
             idx_BK, valid_BK = select_topk_masked(u_BT, token_mask_BT, self.capacity)
-            return RouterOutput(idx_BK, valid_BK, None, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()})
+            return RouterOutput(
+                idx_BK, valid_BK, None, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()}
+            )
         k = capacity_k(self.capacity, T)
         return RouterOutput(select_topk(u_BT, k), None, None, zero, {"routed_frac": zero + k / T})

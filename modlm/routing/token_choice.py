@@ -117,10 +117,12 @@ class TokenChoiceRouter(Router):
         idx_BK, valid_BK = capped_selection(r_BT.detach(), chosen_BT, k)
         weight_BK = torch.gather(g_BT, 1, idx_BK)
         processed = valid_BK.sum()
-        stats = {"routed_frac": (processed / n_real).detach(),  # processed (after the cap)
-                 "chosen_frac": (chosen_BT.sum() / n_real).detach(),  # asked (before the cap)
-                 "dropped_frac": ((chosen_BT.sum() - processed) / n_real).detach(),  # asked, over the cap
-                 "empty_slot_frac": (1.0 - processed / valid_BK.numel()).detach()}  # padding computed
+        stats = {
+            "routed_frac": (processed / n_real).detach(),  # processed (after the cap)
+            "chosen_frac": (chosen_BT.sum() / n_real).detach(),  # asked (before the cap)
+            "dropped_frac": ((chosen_BT.sum() - processed) / n_real).detach(),  # asked, over the cap
+            "empty_slot_frac": (1.0 - processed / valid_BK.numel()).detach(),
+        }  # padding computed
         aux = zero
         if token_mask_BT is None:  # training: balance each sequence's asking fraction towards capacity
             hard_B = chosen_BT.float().mean(1)
@@ -130,4 +132,3 @@ class TokenChoiceRouter(Router):
             aux = self.balance_weight * balance
             stats["balance"] = balance.detach()
         return RouterOutput(idx_BK, valid_BK, weight_BK, aux, stats)
-

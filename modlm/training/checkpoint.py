@@ -68,8 +68,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def capture_rng_state(generators: dict[str, torch.Generator] | None = None,
-                      cuda_device: torch.device | int | None = None) -> dict[str, torch.Tensor]:
+def capture_rng_state(
+    generators: dict[str, torch.Generator] | None = None, cuda_device: torch.device | int | None = None
+) -> dict[str, torch.Tensor]:
     """The RNG states a run needs to continue bit-for-bit, as uint8 CPU tensors.
 
     Keys: ``torch.cpu`` (the global CPU generator: the random router draws from it),
@@ -84,8 +85,11 @@ def capture_rng_state(generators: dict[str, torch.Generator] | None = None,
     return state
 
 
-def restore_rng_state(state: dict[str, torch.Tensor], generators: dict[str, torch.Generator] | None = None,
-                      cuda_device: torch.device | int | None = None) -> None:
+def restore_rng_state(
+    state: dict[str, torch.Tensor],
+    generators: dict[str, torch.Generator] | None = None,
+    cuda_device: torch.device | int | None = None,
+) -> None:
     """Inverse of ``capture_rng_state``; a key missing from ``state`` raises KeyError naming it."""
     torch.set_rng_state(state["torch.cpu"].cpu())
     if cuda_device is not None and "torch.cuda" in state:
@@ -163,7 +167,14 @@ def _tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for name, t in state.items():
-        key = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = (
+            t.device.type,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+        )
         if key in seen:
             aliases[name] = seen[key]
         else:
@@ -199,7 +210,9 @@ def _recover(path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _optimizer_payload(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_payload(
+    optimizer: torch.optim.Optimizer, model: nn.Module
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Flatten ``optimizer.state_dict()`` into tensors (safetensors) and plain values (JSON)."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -221,8 +234,12 @@ def _optimizer_payload(optimizer: torch.optim.Optimizer, model: nn.Module) -> tu
     # Names in optimizer index order: loading checks them so state cannot land on the wrong parameter.
     names_by_id = {id(p): n for n, p in model.named_parameters()}
     param_names = [names_by_id.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]]
-    meta = {"type": type(optimizer).__name__, "param_groups": groups, "param_names": param_names,
-            "non_tensor_state": scalars}
+    meta = {
+        "type": type(optimizer).__name__,
+        "param_groups": groups,
+        "param_names": param_names,
+        "non_tensor_state": scalars,
+    }
     return tensors, meta
 
 
@@ -272,12 +289,15 @@ def save_checkpoint(
     own = getattr(model, "config", None)
     if isinstance(own, ModelConfig) and own != config:
         # A manifest that disagrees with the weights would only fail later, at load time.
-        raise ValueError(f"config={config.name!r} does not match the model's own config={own.name!r}; "
-                         "pass model.config")
+        raise ValueError(
+            f"config={config.name!r} does not match the model's own config={own.name!r}; pass model.config"
+        )
     tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.name!r} has vocab_size={tokenizer.vocab_size} > the model's "
-                         f"vocab_size={config.vocab_size}: its ids would index past the embedding table")
+        raise ValueError(
+            f"tokenizer {tokenizer.name!r} has vocab_size={tokenizer.vocab_size} > the model's "
+            f"vocab_size={config.vocab_size}: its ids would index past the embedding table"
+        )
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir honours the umask.
     tmp = parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -374,10 +394,12 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _corrupted(cfg_path, f"{type(e).__name__}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise _corrupted(cfg_path, f"missing \"format\": \"{FORMAT}\"")
+        raise _corrupted(cfg_path, f'missing "format": "{FORMAT}"')
     if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{cfg_path} has format_version={manifest.get('format_version')}; this modlm reads "
-                         f"<= {FORMAT_VERSION} (upgrade modlm)")
+        raise ValueError(
+            f"{cfg_path} has format_version={manifest.get('format_version')}; this modlm reads "
+            f"<= {FORMAT_VERSION} (upgrade modlm)"
+        )
     for key in ("model", "step", "files"):
         if key not in manifest:
             raise _corrupted(cfg_path, f"no {key!r} entry")
@@ -400,8 +422,9 @@ def _check_file(ckpt: Path, manifest: dict[str, Any], name: str, verify_hash: bo
     return path
 
 
-def _build_model(config: ModelConfig, ckpt: Path, manifest: dict[str, Any], device: str | torch.device,
-                 verify_hash: bool) -> nn.Module:
+def _build_model(
+    config: ModelConfig, ckpt: Path, manifest: dict[str, Any], device: str | torch.device, verify_hash: bool
+) -> nn.Module:
     from modlm.model.transformer import MoDTransformer
 
     path = _check_file(ckpt, manifest, MODEL_FILE, verify_hash)
@@ -416,8 +439,9 @@ def _build_model(config: ModelConfig, ckpt: Path, manifest: dict[str, Any], devi
         raise ValueError(f"{path} does not match its config.json model: {' '.join(str(e).split())}") from None
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise ValueError(f"{path} does not match its config.json model: missing {missing[:5]}, "
-                         f"unexpected {list(unexpected)[:5]}")
+        raise ValueError(
+            f"{path} does not match its config.json model: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+        )
     return model.to(device)
 
 
@@ -436,16 +460,24 @@ def _load_optimizer(ckpt: Path, manifest: dict[str, Any], verify_hash: bool) -> 
             idx, name = key.split(".", 1)
             state.setdefault(int(idx), {})[name] = value
         # JSON turned tuples (AdamW's betas) into lists; "params" is a list in torch too.
-        groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-                  for g in meta["param_groups"]]
+        groups = [
+            {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+            for g in meta["param_groups"]
+        ]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise _corrupted(meta_path, f"{type(e).__name__}: {e}") from None
-    return {"state_dict": {"state": state, "param_groups": groups}, "type": meta.get("type"),
-            "param_names": meta.get("param_names")}
+    return {
+        "state_dict": {"state": state, "param_groups": groups},
+        "type": meta.get("type"),
+        "param_names": meta.get("param_names"),
+    }
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", verify_hash: bool = True,
-                    ) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    verify_hash: bool = True,
+) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
     """Load a checkpoint directory (or a run directory holding ``checkpoints/latest``).
 
     Returns:
@@ -492,8 +524,9 @@ def load_tokenizer_from_checkpoint(path: str | os.PathLike) -> Tokenizer:
     return tokenizer_from_spec(spec, Path(manifest["path"]))
 
 
-def _read_model(path: str | os.PathLike, device: str | torch.device, verify_hash: bool
-                ) -> tuple[nn.Module, ModelConfig, dict[str, Any], Path]:
+def _read_model(
+    path: str | os.PathLike, device: str | torch.device, verify_hash: bool
+) -> tuple[nn.Module, ModelConfig, dict[str, Any], Path]:
     """The model, its config, the checked manifest and the checkpoint directory."""
     manifest = read_checkpoint_config(path)
     ckpt = Path(manifest["path"])

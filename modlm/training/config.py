@@ -66,43 +66,105 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.model, str) and self.model in preset_names(), "model", self.model,
-                 f"must be a preset: {', '.join(preset_names())}")
+        _require(
+            isinstance(self.model, str) and self.model in preset_names(),
+            "model",
+            self.model,
+            f"must be a preset: {', '.join(preset_names())}",
+        )
         known = {f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"name"}
-        _require(isinstance(self.model_overrides, dict), "model_overrides", self.model_overrides,
-                 "must be a dict of ModelConfig fields")
+        _require(
+            isinstance(self.model_overrides, dict),
+            "model_overrides",
+            self.model_overrides,
+            "must be a dict of ModelConfig fields",
+        )
         unknown = sorted(set(self.model_overrides) - known)
-        _require(not unknown, "model_overrides", unknown, f"unknown ModelConfig field(s); known: {', '.join(sorted(known))}")
+        _require(
+            not unknown, "model_overrides", unknown, f"unknown ModelConfig field(s); known: {', '.join(sorted(known))}"
+        )
         _require(self.data is None or isinstance(self.data, str), "data", self.data, "must be None, 'enwiki' or a path")
-        _require(self.cache_dir is None or isinstance(self.cache_dir, str), "cache_dir", self.cache_dir, "must be None or a path")
-        _require(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer", self.tokenizer,
-                 "must be None, 'byte' or the path of a tokenizer.json")
-        _require(is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1)")
-        _require(isinstance(self.out_dir, str) and self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path")
-        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "ckpt_interval", "log_interval"):
+        _require(
+            self.cache_dir is None or isinstance(self.cache_dir, str),
+            "cache_dir",
+            self.cache_dir,
+            "must be None or a path",
+        )
+        _require(
+            self.tokenizer is None or isinstance(self.tokenizer, str),
+            "tokenizer",
+            self.tokenizer,
+            "must be None, 'byte' or the path of a tokenizer.json",
+        )
+        _require(
+            is_number(self.val_fraction) and 0 < self.val_fraction < 1,
+            "val_fraction",
+            self.val_fraction,
+            "must be in (0, 1)",
+        )
+        _require(
+            isinstance(self.out_dir, str) and self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path"
+        )
+        for name in (
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "max_steps",
+            "eval_interval",
+            "eval_batches",
+            "ckpt_interval",
+            "log_interval",
+        ):
             value = getattr(self, name)
             _require(is_int(value) and value >= 1, name, value, "must be an int >= 1")
         _require(is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
-        _require(is_number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        _require(
+            is_number(self.min_lr) and 0 <= self.min_lr <= self.lr,
+            "min_lr",
+            self.min_lr,
+            f"must be in [0, lr={self.lr}]",
+        )
         if self.warmup_steps is None:
             self.warmup_steps = min(100, self.max_steps // 10)
-        _require(is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
-                 self.warmup_steps, f"must be an int in [0, max_steps={self.max_steps}]")
-        _require(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(
+            is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps,
+            "warmup_steps",
+            self.warmup_steps,
+            f"must be an int in [0, max_steps={self.max_steps}]",
+        )
+        _require(
+            is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0"
+        )
         _require(is_number(self.beta1) and 0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
         _require(is_number(self.beta2) and 0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
-        _require(is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _require(
+            is_number(self.grad_clip) and self.grad_clip >= 0,
+            "grad_clip",
+            self.grad_clip,
+            "must be >= 0 (0 disables clipping)",
+        )
         _require(is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "must be an int in [0, 2**63)")
-        _require(isinstance(self.device, str) and (self.device in DEVICES or _is_cuda_index(self.device)), "device",
-                 self.device, f"must be one of {DEVICES} or 'cuda:N'")
+        _require(
+            isinstance(self.device, str) and (self.device in DEVICES or _is_cuda_index(self.device)),
+            "device",
+            self.device,
+            f"must be one of {DEVICES} or 'cuda:N'",
+        )
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
-        _require(self.max_time_s is None or (is_number(self.max_time_s) and self.max_time_s > 0), "max_time_s",
-                 self.max_time_s, "must be None or a number of seconds > 0")
+        _require(
+            self.max_time_s is None or (is_number(self.max_time_s) and self.max_time_s > 0),
+            "max_time_s",
+            self.max_time_s,
+            "must be None or a number of seconds > 0",
+        )
         _require(isinstance(self.compile, bool), "compile", self.compile, "must be a bool")
         mcfg = self.model_config()  # ModelConfig validates the overrides (one-line ValueError)
-        _require(self.seq_len <= mcfg.max_seq_len, "seq_len", self.seq_len,
-                 f"must be <= the model's max_seq_len={mcfg.max_seq_len} (raise it with --model-arg max_seq_len=N)")
+        _require(
+            self.seq_len <= mcfg.max_seq_len,
+            "seq_len",
+            self.seq_len,
+            f"must be <= the model's max_seq_len={mcfg.max_seq_len} (raise it with --model-arg max_seq_len=N)",
+        )
 
     def model_config(self) -> ModelConfig:
         """The resolved, validated ModelConfig: the preset with ``model_overrides`` applied.
@@ -120,7 +182,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return dataclass_from_dict(cls, d)
 
 
@@ -163,44 +225,125 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return f.default
 
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=default("model"), help=f"preset: {', '.join(preset_names())} (default: %(default)s)")
-    g.add_argument("--router", choices=(*router_names(), NO_ROUTER), default=None,
-                   help="override the preset's router (none = dense)")
-    g.add_argument("--capacity", type=float, default=None, help="override the fraction of tokens a routed block processes")
-    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any ModelConfig field, e.g. --model-arg d_model=128 (repeatable)")
+    g.add_argument(
+        "--model", default=default("model"), help=f"preset: {', '.join(preset_names())} (default: %(default)s)"
+    )
+    g.add_argument(
+        "--router",
+        choices=(*router_names(), NO_ROUTER),
+        default=None,
+        help="override the preset's router (none = dense)",
+    )
+    g.add_argument(
+        "--capacity", type=float, default=None, help="override the fraction of tokens a routed block processes"
+    )
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any ModelConfig field, e.g. --model-arg d_model=128 (repeatable)",
+    )
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, help="'enwiki' (default: bundled Wikipedia sample), a text file or a folder")
-    g.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="a Hugging Face tokenizer.json (or its folder); default: UTF-8 bytes. The model's vocab_size "
-                        "follows it, and checkpoints carry it, so `modlm generate` decodes with it")
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="a Hugging Face tokenizer.json (or its folder); default: UTF-8 bytes. The model's vocab_size "
+        "follows it, and checkpoints carry it, so `modlm generate` decodes with it",
+    )
     g.add_argument("--cache-dir", default=None, help="token cache root (default: $MODLM_CACHE or ~/.cache/modlm)")
-    g.add_argument("--val-fraction", type=float, default=default("val_fraction"), help="held-out share (default: %(default)s)")
+    g.add_argument(
+        "--val-fraction", type=float, default=default("val_fraction"), help="held-out share (default: %(default)s)"
+    )
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=default("batch_size"), help="sequences per micro-step per rank (default: %(default)s)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=default("batch_size"),
+        help="sequences per micro-step per rank (default: %(default)s)",
+    )
     g.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per sequence (default: %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=default("grad_accum"), help="micro-steps per optimizer step (default: %(default)s)")
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        default=default("grad_accum"),
+        help="micro-steps per optimizer step (default: %(default)s)",
+    )
     g.add_argument("--max-steps", type=int, default=default("max_steps"), help="optimizer steps (default: %(default)s)")
     g.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate (default: %(default)s)")
-    g.add_argument("--min-lr", type=float, default=default("min_lr"), help="learning rate at the end of the cosine (default: %(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: min(100, max_steps // 10))")
-    g.add_argument("--weight-decay", type=float, default=default("weight_decay"), help="AdamW decay of matrices (default: %(default)s)")
+    g.add_argument(
+        "--min-lr",
+        type=float,
+        default=default("min_lr"),
+        help="learning rate at the end of the cosine (default: %(default)s)",
+    )
+    g.add_argument(
+        "--warmup-steps", type=int, default=None, help="linear warmup steps (default: min(100, max_steps // 10))"
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=default("weight_decay"),
+        help="AdamW decay of matrices (default: %(default)s)",
+    )
     g.add_argument("--beta1", type=float, default=default("beta1"), help="AdamW beta1 (default: %(default)s)")
     g.add_argument("--beta2", type=float, default=default("beta2"), help="AdamW beta2 (default: %(default)s)")
-    g.add_argument("--grad-clip", type=float, default=default("grad_clip"), help="max grad norm, 0 = off (default: %(default)s)")
+    g.add_argument(
+        "--grad-clip", type=float, default=default("grad_clip"), help="max grad norm, 0 = off (default: %(default)s)"
+    )
     g = parser.add_argument_group("run")
-    g.add_argument("--out-dir", default=default("out_dir"), help="metrics.jsonl and checkpoints/ go here (default: %(default)s)")
-    g.add_argument("--eval-interval", type=int, default=default("eval_interval"), help="steps between evaluations (default: %(default)s)")
-    g.add_argument("--eval-batches", type=int, default=default("eval_batches"), help="validation batches per evaluation (default: %(default)s)")
-    g.add_argument("--ckpt-interval", type=int, default=default("ckpt_interval"), help="steps between checkpoints (default: %(default)s)")
-    g.add_argument("--log-interval", type=int, default=default("log_interval"), help="steps between metric lines (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=default("seed"), help="seed of init, data order and random routing (default: %(default)s)")
+    g.add_argument(
+        "--out-dir", default=default("out_dir"), help="metrics.jsonl and checkpoints/ go here (default: %(default)s)"
+    )
+    g.add_argument(
+        "--eval-interval",
+        type=int,
+        default=default("eval_interval"),
+        help="steps between evaluations (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-batches",
+        type=int,
+        default=default("eval_batches"),
+        help="validation batches per evaluation (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ckpt-interval",
+        type=int,
+        default=default("ckpt_interval"),
+        help="steps between checkpoints (default: %(default)s)",
+    )
+    g.add_argument(
+        "--log-interval",
+        type=int,
+        default=default("log_interval"),
+        help="steps between metric lines (default: %(default)s)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=default("seed"),
+        help="seed of init, data order and random routing (default: %(default)s)",
+    )
     g.add_argument("--device", default=default("device"), help="auto | cpu | cuda | cuda:N (default: %(default)s)")
-    g.add_argument("--dtype", choices=DTYPES, default=default("dtype"), help="autocast dtype; auto = bf16 on CUDA if supported (default: %(default)s)")
-    g.add_argument("--max-time-s", type=float, default=None, help="wall-clock budget in seconds: stop, checkpoint, exit 0")
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=default("dtype"),
+        help="autocast dtype; auto = bf16 on CUDA if supported (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-time-s", type=float, default=None, help="wall-clock budget in seconds: stop, checkpoint, exit 0"
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest (fresh start if none)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (one line per log event instead)")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest (fresh start if none)"
+    )
+    g.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar (one line per log event instead)"
+    )
     return parser
 
 

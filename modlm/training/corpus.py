@@ -171,9 +171,7 @@ def _atomic_write_bytes(path: Path, chunks: Iterator[bytes]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _encode_stream(
-    docs: list[str], tokenizer: Tokenizer, dtype: np.dtype, counts: dict[str, int]
-) -> Iterator[bytes]:
+def _encode_stream(docs: list[str], tokenizer: Tokenizer, dtype: np.dtype, counts: dict[str, int]) -> Iterator[bytes]:
     """Token bytes of ``docs`` joined by DOC_SEPARATOR, one document at a time (bounded memory).
 
     Fills ``counts["tokens"]`` and ``counts["bytes"]`` (UTF-8 bytes of the text) as it goes.
@@ -184,8 +182,9 @@ def _encode_stream(
         # vocab_size bounds the ids a model can embed, and (via _token_dtype) what the dtype holds.
         if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
             bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-            raise ValueError(f"tokenizer {tokenizer.name!r} produced id {bad}, outside its vocabulary "
-                             f"[0, {tokenizer.vocab_size})")
+            raise ValueError(
+                f"tokenizer {tokenizer.name!r} produced id {bad}, outside its vocabulary [0, {tokenizer.vocab_size})"
+            )
         counts["tokens"] += int(ids.size)
         counts["bytes"] += len(text.encode("utf-8"))
         yield ids.astype(dtype).tobytes()
@@ -320,8 +319,9 @@ def prepare_corpus(
     return loaded
 
 
-def _write_cache(folder: Path, source_path: Path | None, fingerprint: dict[str, Any], fp_hash: str,
-                 tokenizer: Tokenizer) -> None:
+def _write_cache(
+    folder: Path, source_path: Path | None, fingerprint: dict[str, Any], fp_hash: str, tokenizer: Tokenizer
+) -> None:
     """Read, split and tokenize the source into ``folder`` (train.bin, val.bin, then meta.json)."""
     display = "enwiki" if source_path is None else str(source_path)
     docs = _load_documents(source_path, display)

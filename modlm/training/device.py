@@ -34,7 +34,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"TrainConfig.dtype='bf16' is invalid: {torch.cuda.get_device_name(device)} has no bf16 support (use fp32)")
+        raise ValueError(
+            f"TrainConfig.dtype='bf16' is invalid: {torch.cuda.get_device_name(device)} has no bf16 support (use fp32)"
+        )
     return dtype
 
 

@@ -40,8 +40,11 @@ class DistInfo:
 
 def dist_info_from_env() -> DistInfo:
     """The facts torchrun exports (a plain ``python`` process: rank 0 of a world of 1)."""
-    return DistInfo(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
 
 
 @contextlib.contextmanager

@@ -5,13 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modlm.training.config import TrainConfig, stream_seed
 from modlm.training.batching import bits_per_byte, iter_eval_batches
+from modlm.training.config import TrainConfig, stream_seed
 from modlm.training.device import autocast
 
 
-def evaluate(model: nn.Module, data, cfg: TrainConfig, device: torch.device, dtype: str = "fp32",
-             tokens_per_byte: float = 1.0, routing: str = "topk") -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    data,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: str = "fp32",
+    tokens_per_byte: float = 1.0,
+    routing: str = "topk",
+) -> dict[str, float]:
     """Mean validation LM loss (nats/token, aux losses excluded) and bits per byte.
 
     ``routing="causal"`` routes each token by its own causal signal, as decoding does; top-k
@@ -27,7 +34,9 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig, device: torch.device, dty
     total = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = 0
     fracs: list[float] = []
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    cuda_devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(stream_seed(cfg.seed, 0, "eval"))

@@ -39,6 +39,7 @@ from modlm.flops import flops as flop_report
 from modlm.flops import format_flops, train_flops
 from modlm.model.transformer import ModelOutput, MoDTransformer
 from modlm.training import evaluation
+from modlm.training.batching import get_batch
 from modlm.training.checkpoint import (
     RUN_CHECKPOINT,
     capture_rng_state,
@@ -48,9 +49,7 @@ from modlm.training.checkpoint import (
     save_checkpoint,
 )
 from modlm.training.config import TrainConfig, add_train_args, lr_at, stream_seed, train_config_from_args
-from modlm.training.batching import get_batch
 from modlm.training.corpus import prepare_corpus
-from modlm.training.tokenizers import load_tokenizer
 from modlm.training.device import autocast, resolve_device, resolve_dtype
 from modlm.training.distributed import (
     DistInfo,
@@ -68,14 +67,23 @@ from modlm.training.distributed import (
 from modlm.training.metrics import METRICS_FILE, MetricsWriter, truncate_metrics
 from modlm.training.optim import apply_hyperparameters, build_optimizer, clip_gradients, clip_groups, set_lr
 from modlm.training.signals import StopSignal
+from modlm.training.tokenizers import load_tokenizer
 
 # Test hook: seconds to sleep after every optimizer step, so a test can kill a tiny run mid-way.
 # Sleeping changes no numerics.
 STEP_DELAY_ENV = "MODLM_TRAIN_STEP_DELAY_S"
 # Settings a resume may change without the note that the run will differ from an uninterrupted
 # one: where and how often it writes, its time budget, compile, the device.
-_QUIET_ON_RESUME = ("out_dir", "max_time_s", "eval_interval", "ckpt_interval", "log_interval", "compile", "device",
-                    "eval_batches")
+_QUIET_ON_RESUME = (
+    "out_dir",
+    "max_time_s",
+    "eval_interval",
+    "ckpt_interval",
+    "log_interval",
+    "compile",
+    "device",
+    "eval_batches",
+)
 # How ranks agree on a stop: the largest code wins, so a signal on any rank beats the time budget.
 _STOP_CODES = {None: 0, "max_time": 1, "signal": 2}
 _STOP_REASONS = {code: reason for reason, code in _STOP_CODES.items()}
@@ -102,8 +110,15 @@ class Trainer:
         t0: ``time.monotonic()`` at the start of this invocation (the time budget counts from it).
     """
 
-    def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, resume: bool = False,
-                 progress: bool = True, t0: float | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        info: DistInfo,
+        device: torch.device,
+        resume: bool = False,
+        progress: bool = True,
+        t0: float | None = None,
+    ):
         self.cfg, self.info, self.device = cfg, info, device
         self.resume_requested, self.progress = resume, progress
         self.t0 = time.monotonic() if t0 is None else t0
@@ -134,8 +149,10 @@ class Trainer:
         self.corpus = self._load_data()
         self.model, self.mcfg = self._load_model()
         if self.mcfg.vocab_size < self.corpus.tokenizer.vocab_size:
-            raise ValueError(f"ModelConfig.vocab_size={self.mcfg.vocab_size} is invalid: the {self.corpus.tokenizer.name} "
-                             f"tokenizer needs >= {self.corpus.tokenizer.vocab_size}")
+            raise ValueError(
+                f"ModelConfig.vocab_size={self.mcfg.vocab_size} is invalid: the {self.corpus.tokenizer.name} "
+                f"tokenizer needs >= {self.corpus.tokenizer.vocab_size}"
+            )
         self.model.to(device)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
@@ -153,17 +170,29 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         if info.main:
-            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                    tokenizer=self.tokenizer)
+            corpus = prepare_corpus(
+                cfg.data,
+                cache_dir=cfg.cache_dir,
+                val_fraction=cfg.val_fraction,
+                seed=cfg.seed,
+                tokenizer=self.tokenizer,
+            )
         barrier(info)
         if not info.main:
-            corpus = prepare_corpus(cfg.data, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                    tokenizer=self.tokenizer)
+            corpus = prepare_corpus(
+                cfg.data,
+                cache_dir=cfg.cache_dir,
+                val_fraction=cfg.val_fraction,
+                seed=cfg.seed,
+                tokenizer=self.tokenizer,
+            )
         for split in ("train", "val"):
             n = len(getattr(corpus, split))
             if n < cfg.seq_len + 1:
-                raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: the {split} split of "
-                                 f"{cfg.data or 'enwiki'} has only {n} tokens (need seq_len + 1)")
+                raise ValueError(
+                    f"TrainConfig.seq_len={cfg.seq_len} is invalid: the {split} split of "
+                    f"{cfg.data or 'enwiki'} has only {n} tokens (need seq_len + 1)"
+                )
         return corpus
 
     def _load_model(self) -> tuple[MoDTransformer, ModelConfig]:
@@ -176,19 +205,24 @@ class Trainer:
         except FileNotFoundError:
             pass
         if self.ckpt_dir is not None and not self.resume_requested:
-            raise FileExistsError(f"{self.ckpt_dir} already holds a checkpoint; pass --resume to continue it or pick "
-                                  f"another --out-dir")
+            raise FileExistsError(
+                f"{self.ckpt_dir} already holds a checkpoint; pass --resume to continue it or pick another --out-dir"
+            )
         mcfg = cfg.model_config()
         if self.ckpt_dir is None:
             torch.manual_seed(cfg.seed)  # same init on every rank (DDP would broadcast rank 0's anyway)
             return MoDTransformer(mcfg), mcfg
         model, ckpt_mcfg, self.state = load_checkpoint(self.ckpt_dir, device="cpu")
         if ckpt_mcfg != mcfg:
-            diff = [f.name for f in dataclasses.fields(ModelConfig) if getattr(ckpt_mcfg, f.name) != getattr(mcfg, f.name)]
+            diff = [
+                f.name for f in dataclasses.fields(ModelConfig) if getattr(ckpt_mcfg, f.name) != getattr(mcfg, f.name)
+            ]
             self.say(f"note: resuming the checkpoint's model; the requested one differs in {diff}")
         if cfg.seq_len > ckpt_mcfg.max_seq_len:
-            raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is invalid: the checkpoint's model has "
-                             f"max_seq_len={ckpt_mcfg.max_seq_len}")
+            raise ValueError(
+                f"TrainConfig.seq_len={cfg.seq_len} is invalid: the checkpoint's model has "
+                f"max_seq_len={ckpt_mcfg.max_seq_len}"
+            )
         return model, ckpt_mcfg
 
     def resume(self) -> None:
@@ -208,23 +242,32 @@ class Trainer:
         names = {id(p): n for n, p in self.model.named_parameters()}
         expected = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         if opt_state["param_names"] != expected:
-            raise ValueError(f"{self.ckpt_dir}/optimizer.json orders parameters differently from this model; cannot resume")
+            raise ValueError(
+                f"{self.ckpt_dir}/optimizer.json orders parameters differently from this model; cannot resume"
+            )
         self.optimizer.load_state_dict(opt_state["state_dict"])
         apply_hyperparameters(self.optimizer, cfg)
         prefix = f"rank{info.rank}."
-        local_rng = {k[len(prefix):]: v for k, v in state["rng"].items() if k.startswith(prefix)}
+        local_rng = {k[len(prefix) :]: v for k, v in state["rng"].items() if k.startswith(prefix)}
         if self.extra.get("world_size", 1) == info.world_size and local_rng:
             restore_rng_state(local_rng, {"data": self.data_gen}, self.cuda_dev)
         else:
-            self.say(f"note: checkpoint was written with world_size={self.extra.get('world_size')}, now {info.world_size}; "
-                     "random streams are reseeded (the continuation is not bit-identical to any single run)")
+            self.say(
+                f"note: checkpoint was written with world_size={self.extra.get('world_size')}, now {info.world_size}; "
+                "random streams are reseeded (the continuation is not bit-identical to any single run)"
+            )
             self.data_gen.manual_seed(stream_seed(cfg.seed, info.rank, f"data@{self.start_step}"))
             torch.manual_seed(stream_seed(cfg.seed, info.rank, f"torch@{self.start_step}"))
         if info.main:
-            changed = [k for k, v in cfg.to_dict().items() if (state["train"] or {}).get(k, v) != v
-                       and k not in _QUIET_ON_RESUME]
+            changed = [
+                k
+                for k, v in cfg.to_dict().items()
+                if (state["train"] or {}).get(k, v) != v and k not in _QUIET_ON_RESUME
+            ]
             if changed:
-                self.say(f"note: resuming with changed settings {changed}; the run will differ from an uninterrupted one")
+                self.say(
+                    f"note: resuming with changed settings {changed}; the run will differ from an uninterrupted one"
+                )
 
     def _begin(self) -> None:
         """Counters (carried over from the checkpoint), the metrics file, the header lines and the
@@ -254,22 +297,38 @@ class Trainer:
         truncate_metrics(self.out_dir / METRICS_FILE, self.start_step if resumed else None)
         self.metrics = MetricsWriter(self.out_dir / METRICS_FILE)
         rep = flop_report(mcfg, cfg.seq_len)
-        print(f"modlm train: {mcfg.name} (router={mcfg.router}, capacity={mcfg.capacity}, routed blocks "
-              f"{list(mcfg.routed_layers)}) | params {self.n_params:,} (non-embedding {self.model.num_params(True):,})")
-        print(f"  FLOPs/step {format_flops(self.step_flops)} = {self.seqs_per_step} seq x {cfg.seq_len} tok x "
-              f"{format_flops(rep.train_per_token)}/token; dense twin {format_flops(dense_flops)} "
-              f"(x{self.step_flops / dense_flops:.3f})")
-        print(f"  data {self.corpus.meta.get('source')}: {len(self.corpus.train):,} train / {len(self.corpus.val):,} val "
-              f"tokens | device {self.device}, dtype {self.dtype}, world size {info.world_size}")
+        print(
+            f"modlm train: {mcfg.name} (router={mcfg.router}, capacity={mcfg.capacity}, routed blocks "
+            f"{list(mcfg.routed_layers)}) | params {self.n_params:,} (non-embedding {self.model.num_params(True):,})"
+        )
+        print(
+            f"  FLOPs/step {format_flops(self.step_flops)} = {self.seqs_per_step} seq x {cfg.seq_len} tok x "
+            f"{format_flops(rep.train_per_token)}/token; dense twin {format_flops(dense_flops)} "
+            f"(x{self.step_flops / dense_flops:.3f})"
+        )
+        print(
+            f"  data {self.corpus.meta.get('source')}: {len(self.corpus.train):,} train / {len(self.corpus.val):,} val "
+            f"tokens | device {self.device}, dtype {self.dtype}, world size {info.world_size}"
+        )
         if resumed:
             print(f"  resuming from step {self.start_step} ({self.ckpt_dir})")
         print("  train config: " + json.dumps(cfg.to_dict()))
         print("  model config: " + json.dumps(mcfg.to_dict()))
         sys.stdout.flush()
-        self.metrics.log("start", step=self.start_step, resumed=resumed, train=cfg.to_dict(), model=mcfg.to_dict(),
-                         params=self.n_params, flops_per_step=self.step_flops, dense_flops_per_step=dense_flops,
-                         tokens_per_step=self.tokens_per_step, world_size=info.world_size, device=str(self.device),
-                         dtype=self.dtype)
+        self.metrics.log(
+            "start",
+            step=self.start_step,
+            resumed=resumed,
+            train=cfg.to_dict(),
+            model=mcfg.to_dict(),
+            params=self.n_params,
+            flops_per_step=self.step_flops,
+            dense_flops_per_step=dense_flops,
+            tokens_per_step=self.tokens_per_step,
+            world_size=info.world_size,
+            device=str(self.device),
+            dtype=self.dtype,
+        )
 
     def elapsed(self) -> float:
         """Training seconds of the whole run, earlier invocations included."""
@@ -310,15 +369,24 @@ class Trainer:
         sums = torch.stack([self.loss_sum, self.lm_sum]) / (self.interval_steps * cfg.grad_accum)
         loss, lm_loss = all_reduce_mean_(sums, self.info).tolist()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at step {step}; lower --lr "
-                                     f"(now {cfg.lr}) or raise --warmup-steps")
+            raise FloatingPointError(
+                f"training loss is {loss} at step {step}; lower --lr (now {cfg.lr}) or raise --warmup-steps"
+            )
         dt = time.perf_counter() - self.t_interval
         tok_s = self.interval_steps * self.tokens_per_step / max(dt, 1e-9)
         stats = result.out.router_stats()
-        self.last_train = {"step": step, "loss": loss, "lm_loss": lm_loss, "aux_loss": loss - lm_loss,
-                           "lr": result.lr, "grad_norm": result.grad_norm.item() if result.grad_norm is not None else None,
-                           "tokens_per_s": tok_s, "flops_per_s": self.step_flops * self.interval_steps / max(dt, 1e-9),
-                           "tokens": self.tokens_seen, "elapsed_s": self.elapsed()}
+        self.last_train = {
+            "step": step,
+            "loss": loss,
+            "lm_loss": lm_loss,
+            "aux_loss": loss - lm_loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm.item() if result.grad_norm is not None else None,
+            "tokens_per_s": tok_s,
+            "flops_per_s": self.step_flops * self.interval_steps / max(dt, 1e-9),
+            "tokens": self.tokens_seen,
+            "elapsed_s": self.elapsed(),
+        }
         self.metrics.log("train", **self.last_train, router=stats)
         summary_stat = _router_summary(stats)
         # The LM loss: the total adds the predictor's BCE, which never reaches the LM.
@@ -326,8 +394,12 @@ class Trainer:
         if summary_stat is not None:
             post[summary_stat[0]] = f"{summary_stat[1]:.3f}"
         if self.bar.disable and self.info.main:
-            print(f"step {step}/{cfg.max_steps} " + " ".join(f"{k} {v}" for k, v in post.items())
-                  + f" lr {result.lr:.3g}", flush=True)
+            print(
+                f"step {step}/{cfg.max_steps} "
+                + " ".join(f"{k} {v}" for k, v in post.items())
+                + f" lr {result.lr:.3g}",
+                flush=True,
+            )
         self.bar.set_postfix(post, refresh=False)
         self.loss_sum.zero_()
         self.lm_sum.zero_()
@@ -341,16 +413,26 @@ class Trainer:
             return
         val, tpb = self.corpus.val, self.corpus.tokens_per_byte
         topk = evaluation.evaluate(self.model, val, self.cfg, self.device, self.dtype, tpb, "topk")
-        causal = topk if self.mcfg.router == "none" else evaluation.evaluate(self.model, val, self.cfg, self.device,
-                                                                             self.dtype, tpb, "causal")
-        self.last_eval = {"step": step, "val_loss": topk["loss"], "val_bpb": topk["bpb"],
-                          "val_loss_causal": causal["loss"], "val_bpb_causal": causal["bpb"]}
+        causal = (
+            topk
+            if self.mcfg.router == "none"
+            else evaluation.evaluate(self.model, val, self.cfg, self.device, self.dtype, tpb, "causal")
+        )
+        self.last_eval = {
+            "step": step,
+            "val_loss": topk["loss"],
+            "val_bpb": topk["bpb"],
+            "val_loss_causal": causal["loss"],
+            "val_bpb_causal": causal["bpb"],
+        }
         if "routed_frac" in causal:
             self.last_eval["causal_routed_frac"] = causal["routed_frac"]
         self.metrics.log("eval", **self.last_eval, tokens=topk["tokens"])
         frac = f", routed {causal['routed_frac']:.3f}" if "routed_frac" in causal else ""
-        self.say(f"step {step}: val loss {topk['loss']:.4f} ({topk['bpb']:.3f} bpb) | causal routing "
-                 f"{causal['loss']:.4f} ({causal['bpb']:.3f} bpb{frac})")
+        self.say(
+            f"step {step}: val loss {topk['loss']:.4f} ({topk['bpb']:.3f} bpb) | causal routing "
+            f"{causal['loss']:.4f} ({causal['bpb']:.3f} bpb{frac})"
+        )
 
     def save(self) -> None:
         """Checkpoint this step: every rank's random streams are gathered, rank 0 writes."""
@@ -362,18 +444,33 @@ class Trainer:
             rng.update({f"rank{r}.{key}": t for r, t in enumerate(parts)})
         if not self.info.main:
             return
-        extra_state = {"world_size": self.info.world_size, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(),
-                       "last_eval": self.last_eval, "last_train": self.last_train}
-        path = save_checkpoint(self.ckpt_path, self.model, self.mcfg, self.cfg.to_dict(), self.optimizer,
-                               self.global_step, extra_state, rng, tokenizer=self.tokenizer)
+        extra_state = {
+            "world_size": self.info.world_size,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed(),
+            "last_eval": self.last_eval,
+            "last_train": self.last_train,
+        }
+        path = save_checkpoint(
+            self.ckpt_path,
+            self.model,
+            self.mcfg,
+            self.cfg.to_dict(),
+            self.optimizer,
+            self.global_step,
+            extra_state,
+            rng,
+            tokenizer=self.tokenizer,
+        )
         self.metrics.log("checkpoint", step=self.global_step, path=str(path))
 
     def _agreed_stop(self, stop_signal: StopSignal) -> str | None:
         """Why to stop after this step (a signal, the time budget), or None. Ranks agree on it, or
         one would wait forever in an all-reduce; across ranks any signal reads "signal"."""
         cfg = self.cfg
-        reason = stop_signal.reason or ("max_time" if cfg.max_time_s is not None
-                                        and time.monotonic() - self.t0 >= cfg.max_time_s else None)
+        reason = stop_signal.reason or (
+            "max_time" if cfg.max_time_s is not None and time.monotonic() - self.t0 >= cfg.max_time_s else None
+        )
         if self.info.enabled:
             code = all_reduce_max(_STOP_CODES.get(reason, _STOP_CODES["signal"]), self.info, self.comm_device)
             reason = _STOP_REASONS[code]
@@ -390,8 +487,14 @@ class Trainer:
         self.setup()
         self.resume()
         self._begin()
-        self.bar = tqdm(total=cfg.max_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
-                        disable=not (self.progress and self.info.main), desc="train")
+        self.bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.start_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.progress and self.info.main),
+            desc="train",
+        )
         try:
             with StopSignal() as stop_signal:
                 while self.global_step < cfg.max_steps:
@@ -427,26 +530,41 @@ class Trainer:
         if info.enabled:
             digests = all_gather(torch.tensor([param_digest(self.model)], dtype=torch.int64), info, self.comm_device)
             in_sync = len({int(d.item()) for d in digests}) == 1
-            self.say(f"DDP check: parameters {'identical' if in_sync else 'DIFFER'} on all {info.world_size} ranks "
-                     f"(digests {[hex(int(d.item())) for d in digests]})")
+            self.say(
+                f"DDP check: parameters {'identical' if in_sync else 'DIFFER'} on all {info.world_size} ranks "
+                f"(digests {[hex(int(d.item())) for d in digests]})"
+            )
         last_train, last_eval = self.last_train, self.last_eval
         summary = {
-            "step": step, "max_steps": self.cfg.max_steps, "stop_reason": self.stop_reason,
+            "step": step,
+            "max_steps": self.cfg.max_steps,
+            "stop_reason": self.stop_reason,
             "resumed_from": self.start_step if self.state is not None else None,
-            "train_loss": last_train.get("lm_loss"), "train_aux_loss": last_train.get("aux_loss"),
-            "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
-            "val_loss_causal": last_eval.get("val_loss_causal"), "val_bpb_causal": last_eval.get("val_bpb_causal"),
-            "causal_routed_frac": last_eval.get("causal_routed_frac"), "tokens_seen": self.tokens_seen,
+            "train_loss": last_train.get("lm_loss"),
+            "train_aux_loss": last_train.get("aux_loss"),
+            "val_loss": last_eval.get("val_loss"),
+            "val_bpb": last_eval.get("val_bpb"),
+            "val_loss_causal": last_eval.get("val_loss_causal"),
+            "val_bpb_causal": last_eval.get("val_bpb_causal"),
+            "causal_routed_frac": last_eval.get("causal_routed_frac"),
+            "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed(),
             "tokens_per_s": (step - self.start_step) * self.tokens_per_step / max(time.monotonic() - self.t0, 1e-9),
-            "params": self.n_params, "flops_per_step": self.step_flops, "world_size": info.world_size, "rank": info.rank,
-            "ddp_params_in_sync": in_sync, "out_dir": str(self.out_dir), "checkpoint": str(self.ckpt_path),
+            "params": self.n_params,
+            "flops_per_step": self.step_flops,
+            "world_size": info.world_size,
+            "rank": info.rank,
+            "ddp_params_in_sync": in_sync,
+            "out_dir": str(self.out_dir),
+            "checkpoint": str(self.ckpt_path),
         }
         if info.main:
             self.metrics.log("end", **summary)
             self.metrics.close()
-            self.say(f"done: step {step}, {self.stop_reason}; val loss {summary['val_loss']}, causal "
-                     f"{summary['val_loss_causal']}; checkpoint {self.ckpt_path}")
+            self.say(
+                f"done: step {step}, {self.stop_reason}; val loss {summary['val_loss']}, causal "
+                f"{summary['val_loss_causal']}; checkpoint {self.ckpt_path}"
+            )
         return summary
 
 

@@ -51,9 +51,7 @@ _COMMENT_RE = re.compile(r"<!--.*?(?:-->|$)", re.S)
 _REF_SELF_CLOSING_RE = re.compile(r"<ref\b[^>]*/\s*>", re.I)
 _REF_RE = re.compile(r"<ref\b[^>]*>.*?</ref\s*>", re.I | re.S)
 # Tags whose *content* is not prose either (formulas, galleries, code, charts).
-_DROP_CONTENT_TAGS = (
-    "math|chem|ce|gallery|timeline|imagemap|syntaxhighlight|source|score|hiero|graph|mapframe"
-)
+_DROP_CONTENT_TAGS = "math|chem|ce|gallery|timeline|imagemap|syntaxhighlight|source|score|hiero|graph|mapframe"
 _DROP_TAG_RE = re.compile(rf"<({_DROP_CONTENT_TAGS})\b[^>]*>.*?</\1\s*>", re.I | re.S)
 _HTML_TAG_RE = re.compile(r"</?[A-Za-z][^<>]*>")
 _EXTERNAL_LINK_RE = re.compile(r"\[(?:(?:https?|ftp)://|//|mailto:)[^\s\]]*(?:\s+([^\]]*))?\]", re.I)

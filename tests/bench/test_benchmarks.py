@@ -38,8 +38,26 @@ def _restore_threads():
 
 def test_bench_decode_runs_and_reports(capsys):
     bench = _load("bench_decode")
-    res = bench.main(["--preset", "tiny", "--batch-sizes", "1", "3", "--prompt-len", "16", "--new-tokens", "8",
-                      "--repeats", "1", "--warmup", "0", "--calib-rows", "8", "--no-sync-probe"])
+    res = bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--batch-sizes",
+            "1",
+            "3",
+            "--prompt-len",
+            "16",
+            "--new-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--calib-rows",
+            "8",
+            "--no-sync-probe",
+        ]
+    )
     assert _last_json(capsys) == json.loads(json.dumps(res))
     assert res["speedup_b1"] > 0 and set(res["speedup"]) == {"1", "3"}
     assert abs(res["routed_fraction"] - 0.125) < 0.1  # calibrated on one sample, measured on another
@@ -63,7 +81,7 @@ def test_bench_decode_ideal_bytes_reads_weights_whenever_any_row_routes():
     # weights only (no cache) to check the 1 - (1 - f)^B rule
     none = bench.bytes_per_step(cfg, frac, 16, 0, 1, 4)
     routed, dense = len(cfg.routed_layers), cfg.n_layers - len(cfg.routed_layers)
-    assert none == pytest.approx(dense * W + routed * (1 - 0.875 ** 16) * W, rel=1e-3)
+    assert none == pytest.approx(dense * W + routed * (1 - 0.875**16) * W, rel=1e-3)
     assert many > one_row
 
 
@@ -87,8 +105,9 @@ def test_profile_decode_parts_add_up(capsys):
 
 def test_bench_train_runs_and_reports(capsys):
     bench = _load("bench_train")
-    res = bench.main(["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--steps", "1", "--warmup", "0",
-                      "--threads", "1"])
+    res = bench.main(
+        ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    )
     out = _last_json(capsys)
     assert out["flop_ratio"] == pytest.approx(res["flop_ratio"])
     assert 0 < res["flop_ratio"] < 1
@@ -96,6 +115,7 @@ def test_bench_train_runs_and_reports(capsys):
 
 def test_bench_kernels_runs_and_reports(capsys):
     from modlm.inference import kernels
+
     bench = _load("bench_kernels")
     before = (kernels.MAX_ROWS, kernels.enabled())
     res = bench.main(["--preset", "tiny", "--rows", "1", "3", "--threads", "1", "--blocks", "2", "--iters", "2"])
@@ -108,20 +128,31 @@ def test_bench_kernels_runs_and_reports(capsys):
 
 def test_cli_bench_runs_a_benchmark_and_scripts_are_thin_entry_points(capsys):
     from modlm.cli import main
-    assert main(["bench", "kernels", "--preset", "tiny", "--rows", "2", "--threads", "1", "--blocks", "1",
-                 "--iters", "1"]) == 0
+
+    assert (
+        main(["bench", "kernels", "--preset", "tiny", "--rows", "2", "--threads", "1", "--blocks", "1", "--iters", "1"])
+        == 0
+    )
     assert _last_json(capsys)["bench"] == "kernels"
     with pytest.raises(SystemExit) as e:
         main(["bench", "kernels", "--rows", "0"])
     assert e.value.code == 2
     assert "modlm bench kernels: error: --rows" in capsys.readouterr().err
     # every benchmark has its script under benchmarks/, and a script is only an entry point
-    scripts = {"train": "bench_train", "decode": "bench_decode", "profile-decode": "profile_decode",
-               "kernels": "bench_kernels"}
+    scripts = {
+        "train": "bench_train",
+        "decode": "bench_decode",
+        "profile-decode": "profile_decode",
+        "kernels": "bench_kernels",
+    }
     assert set(scripts) == set(BENCHMARKS)
     for name, script in scripts.items():
         text = (ROOT / "benchmarks" / f"{script}.py").read_text()
         assert f"from modlm.bench.{BENCHMARKS[name][0]} import main" in text
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "--rows" in out.stdout

@@ -14,9 +14,16 @@ def test_verdicts():
 
 def test_claims_judge_differences_against_the_isoflop_noise():
     def rec(budget, family, params, loss, tags=("isoflop",)):
-        return {"run_id": f"{budget}-{family}-{params}", "budget": budget, "family": family, "params": params,
-                "val_loss": loss, "tags": list(tags), "forward_flops_per_token": params * 2.0,
-                "shape": {"d_model": 64, "n_layers": params // 1000}}
+        return {
+            "run_id": f"{budget}-{family}-{params}",
+            "budget": budget,
+            "family": family,
+            "params": params,
+            "val_loss": loss,
+            "tags": list(tags),
+            "forward_flops_per_token": params * 2.0,
+            "shape": {"d_model": 64, "n_layers": params // 1000},
+        }
 
     records = []
     for fam, shift in (("dense", 0.0), ("mod", -0.1)):  # MoD 0.1 better everywhere; curves have small wiggles

@@ -2,8 +2,8 @@
 
 import pytest
 
-from modlm.flops import train_flops
 from modlm.experiments.isoflop import DEFAULT_SHAPES, Family, Shape, SweepSettings, parse_shapes, plan_run, plan_sweep
+from modlm.flops import train_flops
 
 
 @pytest.mark.parametrize("budget", [1e12, 2.7e12, 5e12, 1.3e13])

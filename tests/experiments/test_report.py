@@ -10,7 +10,9 @@ from modlm.experiments.scales import SCALES
 
 def test_report_of_missing_runs_still_lists_every_claim(tmp_path, make_corpus):
     scale = SCALES["tiny"]
-    settings = scale.settings.replace(data=make_corpus(seed=1, paragraphs=400, words=50), cache_dir=str(tmp_path / "cache"))
+    settings = scale.settings.replace(
+        data=make_corpus(seed=1, paragraphs=400, words=50), cache_dir=str(tmp_path / "cache")
+    )
     run_reproduction(scale, tmp_path / "empty", tmp_path / "rep", settings, command="x", report_only=True)
     claims = json.loads((tmp_path / "rep" / CLAIMS_FILE).read_text())["claims"]
     assert [c["id"] for c in claims] == expected_claim_ids(scale.budgets)

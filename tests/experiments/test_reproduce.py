@@ -18,10 +18,12 @@ def _table_rows(md: str) -> list[str]:
 @pytest.mark.slow
 def test_tiny_reproduction_writes_a_report_with_every_claim(tmp_path, make_corpus):
     scale = SCALES["tiny"]
-    settings = scale.settings.replace(data=make_corpus(seed=1, paragraphs=400, words=50), cache_dir=str(tmp_path / "cache"),
-                                      device="cpu")
-    out = run_reproduction(scale, tmp_path / "res", tmp_path / "report", settings, command="modlm reproduce --scale tiny",
-                           progress=False)
+    settings = scale.settings.replace(
+        data=make_corpus(seed=1, paragraphs=400, words=50), cache_dir=str(tmp_path / "cache"), device="cpu"
+    )
+    out = run_reproduction(
+        scale, tmp_path / "res", tmp_path / "report", settings, command="modlm reproduce --scale tiny", progress=False
+    )
     assert out["complete"]
     md = (tmp_path / "report" / REPORT_FILE).read_text()
     claims = json.loads((tmp_path / "report" / CLAIMS_FILE).read_text())["claims"]
@@ -31,10 +33,18 @@ def test_tiny_reproduction_writes_a_report_with_every_claim(tmp_path, make_corpu
         assert c["holds"] in ("yes", "no", "within noise", "partly"), c  # every claim was measured
         assert c["ours"] != "not run"
         # in its section's table as: claim | paper | ours | holds?
-        assert any(r.startswith(f"| {c['claim']} | ") and r.rstrip().endswith(f"| {c['holds']} |") for r in rows), c["id"]
+        assert any(r.startswith(f"| {c['claim']} | ") and r.rstrip().endswith(f"| {c['holds']} |") for r in rows), c[
+            "id"
+        ]
     assert "modlm reproduce --scale tiny" in md
-    for png in ("isoflop.png", "loss_vs_flops.png", "variants.png", "router_accuracy.png", "routing_heatmap.png",
-                "depth_entropy.png"):
+    for png in (
+        "isoflop.png",
+        "loss_vs_flops.png",
+        "variants.png",
+        "router_accuracy.png",
+        "routing_heatmap.png",
+        "depth_entropy.png",
+    ):
         assert (tmp_path / "report" / png).stat().st_size > 1000
         assert f"]({png})" in md
     # the claims are a function of the results folder alone (runs.jsonl, plan.json, analysis.json)

@@ -20,10 +20,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny_sweep(tmp_path: Path, make_corpus):
-    settings = SweepSettings(seq_len=16, batch_size=2, head_dim=8, predictor_hidden=4, min_steps=50, max_steps=200,
-                             eval_batches=1, ckpts_per_run=6, log_points=5,
-                             data=make_corpus(seed=0, paragraphs=300, words=60),
-                             cache_dir=str(tmp_path / "cache"), device="cpu", dtype="fp32")
+    settings = SweepSettings(
+        seq_len=16,
+        batch_size=2,
+        head_dim=8,
+        predictor_hidden=4,
+        min_steps=50,
+        max_steps=200,
+        eval_batches=1,
+        ckpts_per_run=6,
+        log_points=5,
+        data=make_corpus(seed=0, paragraphs=300, words=60),
+        cache_dir=str(tmp_path / "cache"),
+        device="cpu",
+        dtype="fp32",
+    )
     runs = plan_sweep([2.5e8], ["dense", "mod"], [Shape(16, 2)], settings)
     return settings, runs
 

@@ -9,7 +9,6 @@ from modlm.inference.cache import ModelCache
 G, E = 2, 4
 
 
-
 def _kv(b, K, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, G, K, E, generator=g), torch.randn(b, G, K, E, generator=g)
@@ -64,7 +63,7 @@ def test_row_subset_updates_are_ragged_and_match_a_reference():
     for r in range(B):
         n = len(ref_k[r])
         assert torch.equal(k_all[r, :, n], k[r, :, 0])
-        assert mask[r, 0, 0, : n + 1].all() and not mask[r, 0, 0, n + 1:].any()
+        assert mask[r, 0, 0, : n + 1].all() and not mask[r, 0, 0, n + 1 :].any()
 
 
 def test_growth_by_doubling_keeps_contents():
@@ -133,14 +132,15 @@ def test_cached_attention_equals_full_causal_attention():
         rows = torch.nonzero(takes[:, t]).squeeze(1)
         if len(rows) == 0:
             continue
-        k_all, v_all, mask = c.update(k[rows, :, t:t + 1], v[rows, :, t:t + 1], 0, rows=rows)
-        y = F.scaled_dot_product_attention(q[rows, :, t:t + 1], k_all, v_all, attn_mask=mask)
+        k_all, v_all, mask = c.update(k[rows, :, t : t + 1], v[rows, :, t : t + 1], 0, rows=rows)
+        y = F.scaled_dot_product_attention(q[rows, :, t : t + 1], k_all, v_all, attn_mask=mask)
         for j, b in enumerate(rows.tolist()):
             got[b].append(y[j])
     for b in range(B):
         sel = takes[b].nonzero().squeeze(1)
-        ref = F.scaled_dot_product_attention(q[b:b + 1, :, sel], k[b:b + 1, :, sel], v[b:b + 1, :, sel],
-                                             is_causal=True)[0]
+        ref = F.scaled_dot_product_attention(
+            q[b : b + 1, :, sel], k[b : b + 1, :, sel], v[b : b + 1, :, sel], is_causal=True
+        )[0]
         torch.testing.assert_close(torch.cat(got[b], 1), ref, rtol=1e-5, atol=1e-6)
     assert c.layer_lengths(0).tolist() == takes.sum(1).tolist()
 

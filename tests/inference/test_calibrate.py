@@ -4,9 +4,14 @@ import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.inference.calibrate import (calibrate_thresholds, causal_val_loss, get_thresholds, measure_routed_fraction,
-                             set_thresholds, sweep_knob)
-
+from modlm.inference.calibrate import (
+    calibrate_thresholds,
+    causal_val_loss,
+    get_thresholds,
+    measure_routed_fraction,
+    set_thresholds,
+    sweep_knob,
+)
 
 
 def _model(**kw):

@@ -8,8 +8,10 @@ from modlm.inference.decode import HostDecisions
 from modlm.routing.base import build_router
 
 
-@pytest.mark.parametrize("router_name,causal_routing", [("learned", "predictor"), ("learned", "aux_loss"),
-                                                        ("token_choice", "predictor"), ("random", "predictor")])
+@pytest.mark.parametrize(
+    "router_name,causal_routing",
+    [("learned", "predictor"), ("learned", "aux_loss"), ("token_choice", "predictor"), ("random", "predictor")],
+)
 def test_host_flags_equal_the_routers_causal_decision(router_name, causal_routing):
     cfg = ModelConfig.from_name("tiny", router=router_name, causal_routing=causal_routing)
     torch.manual_seed(5)

@@ -5,13 +5,12 @@ import torch
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.inference.calibrate import calibrate_thresholds
-from modlm.routing.ops import capacity_k
 from modlm.inference.generate import DecodeSession, generate
 from modlm.model.block import route_mask
+from modlm.routing.ops import capacity_k
 
 N_NEW = 64
 PROMPT_LENS = (5, 17, 30)
-
 
 
 def _prompts(seed=0, lens=PROMPT_LENS, vocab=256):
@@ -52,7 +51,7 @@ def test_cached_decoding_equals_recomputation_and_full_causal_forward(causal_rou
         seq = torch.tensor([p + cached.tokens[b][:-1]])
         T = seq.shape[1]
         out = model(seq, routing="causal")
-        torch.testing.assert_close(cached.logits[b], out.logits[0, len(p) - 1:].float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cached.logits[b], out.logits[0, len(p) - 1 :].float(), rtol=1e-6, atol=1e-6)
         for layer in range(model.config.n_layers):
             held = int(cache.layer_lengths(layer)[b])
             if layer in routed:
@@ -60,7 +59,7 @@ def test_cached_decoding_equals_recomputation_and_full_causal_forward(causal_rou
                 assert held == int(sel.sum()), (layer, b)
                 routed_BL[layer].append(sel.float().mean().item())
                 # the trace names the routed blocks each fed-back token went through
-                assert [layer in r for r in cached.routing[b]] == sel[len(p):].tolist()
+                assert [layer in r for r in cached.routing[b]] == sel[len(p) :].tolist()
             else:
                 assert held == T, (layer, b)  # dense layers hold every real token
     # decisions were really mixed: every routed layer takes some tokens and skips others, and
@@ -140,8 +139,9 @@ def test_stop_tokens_end_a_row():
     assert got.tokens[0][-1] == stop and len(got.tokens[0]) <= 4
     # every row stopping ends the loop; stream sees exactly the kept tokens
     seen = {0: [], 1: [], 2: []}
-    all_stop = generate(model, prompts, 24, temperature=0, stop_tokens=[r[0] for r in ref],
-                        stream=lambda b, t: seen[b].append(t))
+    all_stop = generate(
+        model, prompts, 24, temperature=0, stop_tokens=[r[0] for r in ref], stream=lambda b, t: seen[b].append(t)
+    )
     assert all_stop.tokens == [[r[0]] for r in ref]
     assert [seen[b] for b in range(3)] == all_stop.tokens
 
@@ -186,22 +186,25 @@ def test_tensor_prompts_and_random_router():
     assert len(res.tokens) == 1 and len(res.tokens[0]) == 3
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    (dict(prompts=[]), "prompts is empty"),
-    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
-    (dict(prompts=[[1] * 100], max_new_tokens=29), "129 > the model's context max_seq_len=128"),
-    (dict(max_new_tokens=0), "max_new_tokens=0"),
-    (dict(max_new_tokens=2.5), "max_new_tokens=2.5"),
-    (dict(temperature=-0.5), "temperature=-0.5"),
-    (dict(temperature=float("nan")), "temperature=nan"),
-    (dict(top_k=0), "top_k=0"),
-    (dict(top_p=0.0), "top_p=0.0"),
-    (dict(top_p=1.5), "top_p=1.5"),
-    (dict(prompts=[[1, 256]]), "token id 256"),
-    (dict(prompts=[[-1, 3]]), "token id -1"),
-    (dict(prompts=[[1, 2.5]]), "token id 2.5"),
-    (dict(prefill_routing="random"), "prefill_routing='random'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+        (dict(prompts=[[1] * 100], max_new_tokens=29), "129 > the model's context max_seq_len=128"),
+        (dict(max_new_tokens=0), "max_new_tokens=0"),
+        (dict(max_new_tokens=2.5), "max_new_tokens=2.5"),
+        (dict(temperature=-0.5), "temperature=-0.5"),
+        (dict(temperature=float("nan")), "temperature=nan"),
+        (dict(top_k=0), "top_k=0"),
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(prompts=[[1, 256]]), "token id 256"),
+        (dict(prompts=[[-1, 3]]), "token id -1"),
+        (dict(prompts=[[1, 2.5]]), "token id 2.5"),
+        (dict(prefill_routing="random"), "prefill_routing='random'"),
+    ],
+)
 def test_bad_inputs_are_one_line_value_errors_naming_the_value(kwargs, fragment):
     model = _tiny()
     args = dict(prompts=[[1, 2, 3]], max_new_tokens=4)

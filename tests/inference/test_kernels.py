@@ -39,7 +39,7 @@ def test_kernel_equals_f_linear(spy, M, N, K):
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
     for bias in (None, b):
-        torch.testing.assert_close(kernels.linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5 * K ** 0.5)
+        torch.testing.assert_close(kernels.linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5 * K**0.5)
     assert spy.calls == [(M, N, K)] * 2
 
 

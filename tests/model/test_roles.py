@@ -47,4 +47,4 @@ def test_init_follows_roles():
     std_out = model.blocks[0].mlp.down.weight.std().item()
     std_in = model.blocks[0].mlp.gate_up.weight.std().item()
     assert std_out < std_in  # residual-stream writers are scaled down by sqrt(2 n_layers)
-    assert abs(model.blocks[1].router.weight.std().item() - cfg.d_model ** -0.5) < 0.05
+    assert abs(model.blocks[1].router.weight.std().item() - cfg.d_model**-0.5) < 0.05

@@ -21,8 +21,9 @@ def _rotary(cfg):
 def _ctx(rot, pos_BT, route=None, layer_idx=1, routing="topk"):
     """The context a block gets from the model in a training forward (rotary at pos_BT)."""
     cos, sin = rot(pos_BT)
-    return BlockContext(Phase.TRAIN, routing, rot, pos_BT, cos, sin,
-                        replay=None if route is None else {layer_idx: route})
+    return BlockContext(
+        Phase.TRAIN, routing, rot, pos_BT, cos, sin, replay=None if route is None else {layer_idx: route}
+    )
 
 
 def _routed_block(cfg, layer_idx=1):
@@ -84,10 +85,10 @@ def test_selected_output_equals_dense_block_on_gathered_subsequence_at_true_posi
     r = blk.router.scores(x)
     for b in range(B):  # reference: one row at a time, as a plain dense block
         idx = route.idx_BK[b]
-        xs = x[b:b + 1, idx]
+        xs = x[b : b + 1, idx]
         cos, sin = rot(idx)  # true positions, not 0..k-1
         ref = xs + r[b, idx].view(1, -1, 1) * DenseBlock.update(blk, xs, cos, sin)
-        torch.testing.assert_close(y[b:b + 1, idx], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y[b : b + 1, idx], ref, rtol=1e-5, atol=1e-5)
     # compacted positions would give a different answer (guards against the RoPE bug)
     idx = route.idx_BK[0]
     cos, sin = rot(torch.arange(len(idx)))
@@ -113,7 +114,7 @@ def test_batched_equals_per_row_no_cross_batch_leak():
     idx = torch.randint(0, 256, (3, 40))
     full = model(idx).logits
     for b in range(3):
-        torch.testing.assert_close(model(idx[b:b + 1]).logits, full[b:b + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(idx[b : b + 1]).logits, full[b : b + 1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal_routing", ["predictor", "aux_loss"])
@@ -132,8 +133,9 @@ def test_causal_routing_is_causal_and_batch_consistent(causal_routing):
     torch.testing.assert_close(out.logits[:, :25], out2.logits[:, :25], rtol=1e-5, atol=1e-5)
     # ragged rows (padded inside the batch) equal each row alone
     for b in range(3):
-        torch.testing.assert_close(model(idx[b:b + 1], routing="causal").logits, out.logits[b:b + 1],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(idx[b : b + 1], routing="causal").logits, out.logits[b : b + 1], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_topk_routing_is_not_causal():

@@ -1,6 +1,5 @@
 """The learned router's causal decision: the folded (inference) form equals the plain one."""
 
-import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from modlm.routing.ops import (capacity_k, gather_tokens, mask_to_padded_indices, router_scores, scatter_add_weighted,
-                            select_topk, topk_mask)
+from modlm.routing.ops import (
+    capacity_k,
+    gather_tokens,
+    mask_to_padded_indices,
+    router_scores,
+    scatter_add_weighted,
+    select_topk,
+    topk_mask,
+)
 
 
 def test_capacity_k_rounds_and_never_zero():

@@ -33,8 +33,9 @@ def test_every_registered_router_builds_and_follows_the_protocol(name):
 def test_config_validation_reads_the_registry():
     with pytest.raises(ValueError, match="router='banana'"):
         ModelConfig.from_name("tiny", router="banana")
-    spec = registry.RouterSpec("stochastic-copy", "modlm.routing.stochastic:RandomRouter", "test only",
-                               scores_tokens=False, thresholded=False)
+    spec = registry.RouterSpec(
+        "stochastic-copy", "modlm.routing.stochastic:RandomRouter", "test only", scores_tokens=False, thresholded=False
+    )
     registry.register_router(spec)
     try:
         model = MoDTransformer(ModelConfig.from_name("tiny", router="stochastic-copy"))

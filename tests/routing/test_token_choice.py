@@ -7,7 +7,6 @@ from modlm import ModelConfig, MoDTransformer
 from modlm.routing.token_choice import TokenChoiceRouter, capped_selection
 
 
-
 def _reference(scores_BT, chosen_BT, k):
     """Loop version: the (at most k) highest-scoring chosen positions of each row, ascending."""
     rows = []

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import modlm.training.checkpoint as ckpt_mod
+from modlm.config import ModelConfig
+from modlm.model.transformer import MoDTransformer
 from modlm.training.checkpoint import (
     capture_rng_state,
     find_checkpoint,
@@ -21,8 +23,6 @@ from modlm.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from modlm.config import ModelConfig
-from modlm.model.transformer import MoDTransformer
 from modlm.training.tokenizers import ByteTokenizer, load_tokenizer
 
 T = 32
@@ -41,7 +41,6 @@ def _trained(config: ModelConfig, steps: int = 2, seed: int = 0):
     return model, opt
 
 
-
 @pytest.fixture
 def tiny():
     return ModelConfig.from_name("tiny")
@@ -50,7 +49,9 @@ def tiny():
 @pytest.fixture
 def saved(tmp_path, tiny):
     model, opt = _trained(tiny)
-    path = save_checkpoint(tmp_path / "ck" / "latest", model, tiny, {"lr": 1e-3}, opt, step=2, extra_state={"note": "x"})
+    path = save_checkpoint(
+        tmp_path / "ck" / "latest", model, tiny, {"lr": 1e-3}, opt, step=2, extra_state={"note": "x"}
+    )
     return path, model, opt
 
 
@@ -74,7 +75,8 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 def test_round_trip_weights_config_optimizer_rng(saved, tiny):
     path, model, opt = saved
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["config.json", "model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors"])
+        ["config.json", "model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors"]
+    )
     model2, config2, state = load_checkpoint(path)
     assert config2 == tiny
     _assert_same_state(model.state_dict(), model2.state_dict())
@@ -128,8 +130,10 @@ def test_continued_training_matches_after_reload(saved):
     _assert_same_state(model.state_dict(), model2.state_dict())
 
 
-@pytest.mark.parametrize("overrides", [dict(tie_embeddings=False), dict(router="none"), dict(router="random"),
-                                       dict(causal_routing="both", n_kv_heads=2)])
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(tie_embeddings=False), dict(router="none"), dict(router="random"), dict(causal_routing="both", n_kv_heads=2)],
+)
 def test_round_trip_variants(tmp_path, overrides):
     cfg = ModelConfig.from_name("tiny", **overrides)
     model, opt = _trained(cfg, steps=1)
@@ -354,8 +358,9 @@ def test_hf_tokenizer_travels_with_the_checkpoint(tmp_path, bpe_tokenizer_file):
     tok = load_tokenizer(str(bpe_tokenizer_file))
     cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size)
     model, opt = _trained(cfg, steps=1)
-    path = save_checkpoint(tmp_path / "run" / "checkpoints" / "latest", model, cfg, optimizer=opt, step=1,
-                           tokenizer=tok)
+    path = save_checkpoint(
+        tmp_path / "run" / "checkpoints" / "latest", model, cfg, optimizer=opt, step=1, tokenizer=tok
+    )
     manifest = read_checkpoint_config(path)
     assert manifest["tokenizer"] == tok.spec() and manifest["tokenizer"]["kind"] == "hf"
     assert (path / "tokenizer.json").read_bytes() == bpe_tokenizer_file.read_bytes()

@@ -18,14 +18,42 @@ from modlm.training.trainer import main
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value", [
-    ("model", "huge"), ("batch_size", 0), ("batch_size", 2.0), ("seq_len", 0), ("seq_len", 4096),
-    ("grad_accum", 0), ("max_steps", 0), ("lr", 0.0), ("lr", float("nan")), ("min_lr", 1.0), ("min_lr", -1e-4),
-    ("warmup_steps", -1), ("warmup_steps", 10**6), ("weight_decay", -0.1), ("beta1", 1.0), ("beta2", -0.1),
-    ("grad_clip", -1.0), ("eval_interval", 0), ("eval_batches", 0), ("ckpt_interval", 0), ("log_interval", 0),
-    ("seed", -1), ("seed", True), ("device", "tpu"), ("device", "cuda:x"), ("dtype", "fp16"), ("max_time_s", 0),
-    ("compile", "yes"), ("val_fraction", 1.0), ("out_dir", ""), ("model_overrides", {"d_modle": 64}),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("model", "huge"),
+        ("batch_size", 0),
+        ("batch_size", 2.0),
+        ("seq_len", 0),
+        ("seq_len", 4096),
+        ("grad_accum", 0),
+        ("max_steps", 0),
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("min_lr", 1.0),
+        ("min_lr", -1e-4),
+        ("warmup_steps", -1),
+        ("warmup_steps", 10**6),
+        ("weight_decay", -0.1),
+        ("beta1", 1.0),
+        ("beta2", -0.1),
+        ("grad_clip", -1.0),
+        ("eval_interval", 0),
+        ("eval_batches", 0),
+        ("ckpt_interval", 0),
+        ("log_interval", 0),
+        ("seed", -1),
+        ("seed", True),
+        ("device", "tpu"),
+        ("device", "cuda:x"),
+        ("dtype", "fp16"),
+        ("max_time_s", 0),
+        ("compile", "yes"),
+        ("val_fraction", 1.0),
+        ("out_dir", ""),
+        ("model_overrides", {"d_modle": 64}),
+    ],
+)
 def test_bad_train_config_raises_one_line_value_error(field, value):
     with pytest.raises(ValueError) as err:
         TrainConfig(**{field: value})
@@ -69,7 +97,8 @@ def test_lr_schedule_warmup_peak_cosine_end():
 def test_lr_schedule_without_warmup():
     cfg = TrainConfig(model="tiny", seq_len=32, lr=2e-3, min_lr=0.0, warmup_steps=0, max_steps=4)
     assert [lr_at(s, cfg) for s in range(5)] == pytest.approx(
-        [2e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)])
+        [2e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)]
+    )
 
 
 def test_stream_seeds_are_fixed_and_distinct_per_rank_and_stream():
@@ -88,11 +117,39 @@ def test_cli_flags_cover_train_config_and_parse():
     dests = {a.dest for a in parser._actions}
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_overrides"}
     assert fields <= dests and {"resume", "progress", "router", "capacity", "model_arg"} <= dests
-    args = parser.parse_args(["--model", "tiny", "--router", "random", "--capacity", "0.25", "--model-arg", "d_model=32",
-                              "--model-arg", "n_heads=2", "--model-arg", "n_kv_heads=null", "--seq-len", "64",
-                              "--max-time-s", "30", "--compile", "--no-progress", "--resume", "--data", "x"])
+    args = parser.parse_args(
+        [
+            "--model",
+            "tiny",
+            "--router",
+            "random",
+            "--capacity",
+            "0.25",
+            "--model-arg",
+            "d_model=32",
+            "--model-arg",
+            "n_heads=2",
+            "--model-arg",
+            "n_kv_heads=null",
+            "--seq-len",
+            "64",
+            "--max-time-s",
+            "30",
+            "--compile",
+            "--no-progress",
+            "--resume",
+            "--data",
+            "x",
+        ]
+    )
     cfg = train_config_from_args(args)
-    assert cfg.model_overrides == {"d_model": 32, "n_heads": 2, "n_kv_heads": None, "router": "random", "capacity": 0.25}
+    assert cfg.model_overrides == {
+        "d_model": 32,
+        "n_heads": 2,
+        "n_kv_heads": None,
+        "router": "random",
+        "capacity": 0.25,
+    }
     assert (cfg.seq_len, cfg.max_time_s, cfg.compile, cfg.data) == (64, 30.0, True, "x")
     assert args.resume and not args.progress
     defaults = train_config_from_args(add_train_args(argparse.ArgumentParser()).parse_args([]))

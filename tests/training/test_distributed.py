@@ -100,4 +100,3 @@ def test_param_digest_sees_parameters_not_buffers():
     with torch.no_grad():
         b.norm.weight[0] += 1e-3
     assert param_digest(a) != param_digest(b)
-

@@ -29,8 +29,10 @@ def corpus(tmp_path_factory) -> Path:
     """A folder of 8 small text documents (about 28 KB): enough for seq_len 32 batches."""
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
-    words = ("the of and to in a is that for it as was with be by on not he this are or his from at "
-             "which but have an they you were her she there one all we their routing depth mixture").split()
+    words = (
+        "the of and to in a is that for it as was with be by on not he this are or his from at "
+        "which but have an they you were her she there one all we their routing depth mixture"
+    ).split()
     for i in range(8):
         paras = [" ".join(rng.choice(words) for _ in range(60)).capitalize() + "." for _ in range(10)]
         (root / f"doc{i}.txt").write_text("\n\n".join(paras))
@@ -38,9 +40,23 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _cfg(corpus: Path, out_dir: Path, **kw) -> TrainConfig:
-    base = dict(model="tiny", data=str(corpus), cache_dir=str(out_dir.parent / "cache"), out_dir=str(out_dir),
-                batch_size=2, seq_len=32, max_steps=6, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_interval=3,
-                eval_batches=2, ckpt_interval=3, log_interval=2, device="cpu")
+    base = dict(
+        model="tiny",
+        data=str(corpus),
+        cache_dir=str(out_dir.parent / "cache"),
+        out_dir=str(out_dir),
+        batch_size=2,
+        seq_len=32,
+        max_steps=6,
+        warmup_steps=2,
+        lr=3e-3,
+        min_lr=3e-4,
+        eval_interval=3,
+        eval_batches=2,
+        ckpt_interval=3,
+        log_interval=2,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -127,9 +143,32 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cli_args(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
-    return ["--model", "tiny", "--data", str(corpus), "--cache-dir", str(out_dir.parent / "cache"),
-            "--out-dir", str(out_dir), "--seq-len", "32", "--batch-size", "2", "--lr", "3e-3", "--min-lr", "3e-4",
-            "--warmup-steps", "2", "--eval-batches", "2", "--device", "cpu", "--no-progress", *extra]
+    return [
+        "--model",
+        "tiny",
+        "--data",
+        str(corpus),
+        "--cache-dir",
+        str(out_dir.parent / "cache"),
+        "--out-dir",
+        str(out_dir),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--lr",
+        "3e-3",
+        "--min-lr",
+        "3e-4",
+        "--warmup-steps",
+        "2",
+        "--eval-batches",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _train_events(out_dir: Path) -> list[tuple[int, float]]:
@@ -143,8 +182,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(corpus, tmp_path):
     flags = dict(router="random", grad_accum=2, max_steps=12, ckpt_interval=4, log_interval=2, eval_interval=6)
     args = [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    victim = subprocess.Popen([sys.executable, "-m", "modlm.training.trainer", *_cli_args(corpus, killed, *args)],
-                              env=_env(**{STEP_DELAY_ENV: "0.15"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "modlm.training.trainer", *_cli_args(corpus, killed, *args)],
+        env=_env(**{STEP_DELAY_ENV: "0.15"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         # Kill between checkpoints: after the step-6 log line, i.e. past the step-4 checkpoint.
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT
@@ -182,9 +225,30 @@ def _safe_train_events(out_dir: Path) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "modlm.training.trainer", *_cli_args(corpus, out, "--grad-accum", "2", "--max-steps", "4",
-                                            "--ckpt-interval", "2", "--log-interval", "2", "--eval-interval", "4")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "modlm.training.trainer",
+        *_cli_args(
+            corpus,
+            out,
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "4",
+            "--ckpt-interval",
+            "2",
+            "--log-interval",
+            "2",
+            "--eval-interval",
+            "4",
+        ),
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in proc.stdout
@@ -216,8 +280,22 @@ def test_training_with_a_hugging_face_tokenizer_end_to_end(corpus, tmp_path, bpe
     assert load_model(ckpt).config.vocab_size == tok.vocab_size
     assert load_tokenizer_from_checkpoint(ckpt).name == tok.name  # the checkpoint carries its tokenizer
     capsys.readouterr()
-    assert cli_main(["generate", "--ckpt", str(tmp_path / "bpe"), "--prompt", "the depth", "--max-new-tokens", "5",
-                     "--temperature", "0"]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--ckpt",
+                str(tmp_path / "bpe"),
+                "--prompt",
+                "the depth",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("the depth")
     with pytest.raises(ValueError, match="tokenizer"):
         _cfg(corpus, tmp_path / "x", tokenizer=str(tmp_path / "missing.json"))
