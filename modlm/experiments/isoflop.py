@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from modlm.config import ModelConfig, parse_assignments
+from modlm.validation import is_int, is_number, require
 
 BUDGET_TOLERANCE = 0.01  # a run's FLOPs are within 1% of its budget
 
@@ -108,6 +109,10 @@ class Family:
         return cls(spec.strip(), tuple(sorted(over.items())))
 
 
+def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
+    require(cond, "SweepSettings", name, value, allowed)
+
+
 @dataclass(frozen=True)
 class SweepSettings:
     """Training settings shared by every run of a sweep (the budget fixes each run's steps)."""
@@ -146,24 +151,33 @@ class SweepSettings:
             "log_points",
         ):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"SweepSettings.{name}={v!r} is invalid: must be an int >= 1")
-        if self.head_dim % 2:
-            raise ValueError(f"SweepSettings.head_dim={self.head_dim} is invalid: must be even (RoPE)")
-        if self.min_steps < 50:
-            raise ValueError(
-                f"SweepSettings.min_steps={self.min_steps} is invalid: must be >= 50, or rounding the "
-                f"step count can miss the budget by more than {BUDGET_TOLERANCE:.0%}"
-            )
-        if self.max_steps < self.min_steps:
-            raise ValueError(
-                f"SweepSettings.max_steps={self.max_steps} is invalid: must be >= min_steps={self.min_steps}"
-            )
-        if not 0 < self.min_lr_ratio <= 1 or not 0 <= self.warmup_frac < 1 or not self.lr > 0:
-            raise ValueError(
-                f"SweepSettings: lr={self.lr} must be > 0, min_lr_ratio={self.min_lr_ratio} in (0, 1], "
-                f"warmup_frac={self.warmup_frac} in [0, 1)"
-            )
+            _require(is_int(v) and v >= 1, name, v, "must be an int >= 1")
+        _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even (RoPE)")
+        _require(
+            self.min_steps >= 50,
+            "min_steps",
+            self.min_steps,
+            f"must be >= 50, or rounding the step count can miss the budget by more than {BUDGET_TOLERANCE:.0%}",
+        )
+        _require(
+            self.max_steps >= self.min_steps, "max_steps", self.max_steps, f"must be >= min_steps={self.min_steps}"
+        )
+        _require(is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        _require(
+            is_number(self.min_lr_ratio) and 0 < self.min_lr_ratio <= 1,
+            "min_lr_ratio",
+            self.min_lr_ratio,
+            "must be in (0, 1]",
+        )
+        _require(
+            is_number(self.warmup_frac) and 0 <= self.warmup_frac < 1,
+            "warmup_frac",
+            self.warmup_frac,
+            "must be in [0, 1)",
+        )
+        _require(
+            is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0"
+        )
 
     def replace(self, **changes: Any) -> SweepSettings:
         return dataclasses.replace(self, **changes)
