@@ -1,7 +1,9 @@
 """The ``modlm`` command line: thin wrappers over the library, one function per subcommand.
 
 Each subcommand prints its resolved settings first. Bad input ends with one line,
-``modlm: error: ...``, naming the offending value, and exit status 2.
+``modlm: error: ...``, naming the offending value, and exit status 2: flag errors from the
+parser, and every expected failure of the work (``modlm.errors.run_cli``: bad values, files that
+cannot be read or written, a diverged run). ``MODLM_DEBUG=1`` keeps the traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from modlm.config import ModelConfig, parse_assignments, preset_names
+from modlm.errors import ArgumentParser, run_cli
 
 EPILOG = """examples:
   modlm train                                   # the default MoD model on the bundled corpus
@@ -23,11 +26,6 @@ EPILOG = """examples:
   modlm isoflop --budgets 1e12,4e12 --family dense --family mod
   modlm reproduce --scale default --report-dir docs/results
 """
-
-
-def _fail(msg: str) -> int:
-    print(f"modlm: error: {msg}", file=sys.stderr)
-    return 2
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -227,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from modlm import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="modlm",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
@@ -316,17 +314,13 @@ def _add_train_args_lazily(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``modlm``: parse the flags, run the subcommand; an expected failure is one line and exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except KeyboardInterrupt:
-        return _fail("interrupted")
+    return run_cli(args.func, args, prog=parser.prog)
 
 
 if __name__ == "__main__":
