@@ -1,7 +1,9 @@
 """The ``modlm`` command line: thin wrappers over the library, one function per subcommand.
 
 Each subcommand prints its resolved settings first. Bad input ends with one line,
-``modlm: error: ...``, naming the offending value, and exit status 2.
+``modlm: error: ...``, naming the offending value, and exit status 2: flag errors from the
+parser, and every expected failure of the work (``modlm.errors.run_cli``: bad values, files that
+cannot be read or written, a diverged run). ``MODLM_DEBUG=1`` keeps the traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from modlm.config import ModelConfig, parse_assignments, preset_names
+from modlm.errors import ArgumentParser, run_cli
 
 EPILOG = """examples:
   modlm train                                   # the default MoD model on the bundled corpus
@@ -23,11 +26,6 @@ EPILOG = """examples:
   modlm isoflop --budgets 1e12,4e12 --family dense --family mod
   modlm reproduce --scale default --report-dir docs/results
 """
-
-
-def _fail(msg: str) -> int:
-    print(f"modlm: error: {msg}", file=sys.stderr)
-    return 2
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -69,11 +67,17 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file is None:
         return [args.prompt]
     p = Path(args.prompts_file)
+    if p.is_dir():
+        raise ValueError(f"--prompts-file {p} is a directory: give a text file, one prompt per line")
     if not p.is_file():
-        raise ValueError(f"prompts file not found: {p}")
-    prompts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise ValueError(f"--prompts-file {p}: file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompts file {p} has no non-empty line")
+        raise ValueError(f"--prompts-file {p} has no non-empty line")
     return prompts
 
 
@@ -91,23 +95,48 @@ def _stop_tokens(tokenizer, stops: list[str]) -> list[int]:
     return ids
 
 
+# Calibration rows: at most this many tokens each. Attention costs T^2 per row, so a model with a
+# very long context is calibrated on windows no longer than the longest preset's (2048: every
+# preset's sample is what it was before the cap).
+CALIBRATION_ROW_TOKENS = 2048
+CALIBRATION_ROWS = 16
+
+
 def _calibrate(model, tokenizer, routed_fraction: float, device) -> None:
-    """Set causal-routing thresholds so routed blocks take ``routed_fraction`` of the bundled corpus' tokens."""
+    """Set causal-routing thresholds so routed blocks take ``routed_fraction`` of the bundled corpus' tokens.
+
+    The sample is up to 16 rows of min(max_seq_len, 2048, available) tokens of the validation text.
+    """
     import torch
 
-    from modlm.inference.calibrate import calibrate_thresholds
+    from modlm.inference.calibrate import calibratable_blocks, calibrate_thresholds
     from modlm.training.corpus import prepare_corpus
 
-    if not 0.0 < routed_fraction <= 1.0:
-        raise ValueError(f"--routed-fraction={routed_fraction} must be in (0, 1]")
-    T = model.config.max_seq_len
+    try:  # before reading the corpus: a dense or random-router model fails at once
+        calibratable_blocks(model)
+    except ValueError as e:
+        raise ValueError(f"--routed-fraction={routed_fraction}: {e}") from None
+    cfg = model.config
     # The model reads ids of its own tokenizer, so the calibration text is encoded with it too.
-    corpus = prepare_corpus(None, tokenizer=tokenizer)
-    if len(corpus.val) < T:
-        raise ValueError(f"the calibration text has {len(corpus.val)} tokens, fewer than max_seq_len={T}")
-    n = min(len(corpus.val) // T, 16) * T
-    sample = torch.as_tensor(corpus.val[:n].astype("int64")).view(-1, T).to(device)
+    val = prepare_corpus(None, tokenizer=tokenizer).val
+    T = min(cfg.max_seq_len, CALIBRATION_ROW_TOKENS, len(val))
+    if T < 1:
+        raise ValueError("--routed-fraction: the calibration text encodes to no tokens")
+    rows = min(len(val) // T, CALIBRATION_ROWS)
+    sample = torch.as_tensor(val[: rows * T].astype("int64")).view(rows, T).to(device)  # (rows, T)
     calibrate_thresholds(model, sample, routed_fraction)
+
+
+def _set_threads(n: int) -> int:
+    """``torch.set_num_threads(n)`` for this command (0: leave torch's default); returns the previous count."""
+    import torch
+
+    if n < 0:
+        raise ValueError(f"--threads={n} is invalid: must be >= 1 (or 0 for torch's default)")
+    previous = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    return previous
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -117,15 +146,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from modlm.inference.generate import generate
+    previous_threads = _set_threads(args.threads)
+    try:
+        return _generate(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from modlm.devices import parse_device
+    from modlm.inference.generate import GenerationConfig, generate, validate_prompts
     from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
     from modlm.training.tokenizers import StreamDecoder
 
+    # Everything that can be checked before loading is checked first: a mistake costs no wait.
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+        prefill_routing=args.prefill_routing,
+        trace=args.show_routing,
+    )
     prompts_text = _read_prompts(args)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.routed_fraction is not None and not 0.0 < args.routed_fraction <= 1.0:  # before loading anything
+        raise ValueError(f"--routed-fraction={args.routed_fraction} is invalid: must be in (0, 1]")
+    device = parse_device(args.device)
     model = load_model(args.ckpt, device=device)
     tok = load_tokenizer_from_checkpoint(args.ckpt)
-    stop = _stop_tokens(tok, args.stop)
+    gen = dataclasses.replace(gen, stop_tokens=_stop_tokens(tok, args.stop))
+    prompts = validate_prompts(model, [tok.encode(t) for t in prompts_text], gen.max_new_tokens)
     cfg = model.config
     if args.routed_fraction is not None:
         _calibrate(model, tok, args.routed_fraction, device)
@@ -133,10 +189,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"# model {cfg.name}: d={cfg.d_model} layers={cfg.n_layers} routed={list(cfg.routed_layers)} "
         f"capacity={cfg.capacity} causal_routing={cfg.causal_routing} tokenizer={tok.name} | "
         f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed} "
-        f"cache={not args.no_cache}",
+        f"cache={not args.no_cache} device={device} threads={torch.get_num_threads()}",
         file=sys.stderr,
     )
-    prompts = [tok.encode(t) for t in prompts_text]
     streaming = len(prompts) == 1
     decoder = StreamDecoder(tok, context=prompts[0])
     started = []
@@ -148,20 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
 
-    res = generate(
-        model,
-        prompts,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_tokens=stop,
-        use_cache=not args.no_cache,
-        prefill_routing=args.prefill_routing,
-        stream=stream if streaming else None,
-        trace=args.show_routing,
-    )
+    res = generate(model, prompts, gen.max_new_tokens, config=gen, stream=stream if streaming else None)
     if streaming:
         sys.stdout.write(decoder.flush() + "\n")
     else:
@@ -186,7 +228,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if args.capacity is not None:
         overrides["capacity"] = args.capacity
     cfg = ModelConfig.from_name(args.model, **overrides)
-    T = args.seq_len or cfg.max_seq_len
+    T = cfg.max_seq_len if args.seq_len is None else args.seq_len
     rows = []
     for c in (cfg, cfg.dense_twin()) if cfg.router != "none" else (cfg,):
         r = flops(c, T)
@@ -227,7 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from modlm import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="modlm",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
@@ -271,7 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute knob: calibrate routing thresholds so routed blocks take this fraction of tokens",
     )
     p.add_argument("--show-routing", action="store_true", help="print which routed blocks each generated token used")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch CPU threads (default: %(default)s). Decoding a few rows is memory bound: a second thread "
+        "gains little, and on a busy CPU OpenMP threads waiting on each other can make it 50-100x slower; "
+        "0: torch's default (one per core)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("flops", help=cmd_flops.__doc__, description=cmd_flops.__doc__)
@@ -316,17 +367,13 @@ def _add_train_args_lazily(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``modlm``: parse the flags, run the subcommand; an expected failure is one line and exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except KeyboardInterrupt:
-        return _fail("interrupted")
+    return run_cli(args.func, args, prog=parser.prog)
 
 
 if __name__ == "__main__":

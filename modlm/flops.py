@@ -154,7 +154,13 @@ def flops(config: ModelConfig, seq_len: int | None = None, causal_attention: boo
     """
     T = config.max_seq_len if seq_len is None else seq_len
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ValueError(f"seq_len={T!r} must be a positive int")
+        raise ValueError(f"seq_len={T!r} is invalid: must be a positive int")
+    if T > config.max_seq_len:
+        # The model cannot run such a sequence: its rotary table and masks stop at max_seq_len.
+        raise ValueError(
+            f"seq_len={T} is invalid: must be <= the model's max_seq_len={config.max_seq_len} "
+            "(count a longer context with a config that has it: --model-arg max_seq_len=N)"
+        )
     n_routed = len(config.routed_layers)
     n_dense = config.n_layers - n_routed
     k = capacity_k(config.capacity, T)

@@ -186,7 +186,7 @@ def test_generate_streams_a_multi_byte_character_whole(tmp_path, capsys, monkeyp
         return gen_mod.GenerationResult(tokens=[ids])
 
     monkeypatch.setattr(gen_mod, "generate", fake_generate)
-    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "a"]) == 0
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "a", "--max-new-tokens", "16"]) == 0
     assert capsys.readouterr().out == "a" + text + "\n"
 
 
@@ -252,3 +252,54 @@ def test_routed_fraction_calibrates_on_text_in_the_checkpoints_tokens(
     )
     assert seen == [(None, tok.name)]
     assert capsys.readouterr().out.startswith("The")
+
+
+def test_generate_threads_apply_during_the_command_and_are_restored(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import modlm.inference.generate as gen_mod
+
+    ckpt = _byte_checkpoint(tmp_path)
+    seen = []
+
+    def fake_generate(model, prompts, max_new_tokens, stream=None, **kwargs):
+        seen.append(torch.get_num_threads())
+        return gen_mod.GenerationResult(tokens=[[65]])
+
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    before = torch.get_num_threads()
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "a", "--max-new-tokens", "4", "--threads", "2"]) == 0
+    assert seen == [2] and torch.get_num_threads() == before
+    assert "threads=2" in capsys.readouterr().err  # the resolved settings say so
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "a", "--max-new-tokens", "4"]) == 0
+    assert seen[-1] == 1  # the default: one thread, what decoding a few rows wants
+
+
+def test_routed_fraction_calibrates_a_long_context_model_on_rows_that_fit(tmp_path, capsys, monkeypatch):
+    """max_seq_len beyond the calibration text: rows of min(max_seq_len, cap, available) tokens."""
+    import torch
+
+    import modlm.cli as cli
+    import modlm.inference.calibrate as calibrate
+    from modlm import ModelConfig, MoDTransformer
+    from modlm.inference.calibrate import get_thresholds
+    from modlm.training.checkpoint import save_checkpoint
+
+    cfg = ModelConfig.from_name("tiny", max_seq_len=400_000)  # more tokens than the bundled validation text
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "long", MoDTransformer(cfg), cfg)
+    monkeypatch.setattr(cli, "CALIBRATION_ROW_TOKENS", 48)  # small rows keep the test fast
+    monkeypatch.setattr(cli, "CALIBRATION_ROWS", 3)
+    shapes, real = [], calibrate.calibrate_thresholds
+
+    def spy(model, tokens, fraction):
+        shapes.append(tuple(tokens.shape))
+        th = real(model, tokens, fraction)
+        assert th and all(t != 0.0 for t in get_thresholds(model).values())
+        return th
+
+    monkeypatch.setattr(calibrate, "calibrate_thresholds", spy)
+    argv = ["generate", "--ckpt", str(ckpt), "--prompt", "Hi", "--max-new-tokens", "3", "--routed-fraction", "0.25"]
+    assert main(argv) == 0
+    assert shapes == [(3, 48)]
+    capsys.readouterr()

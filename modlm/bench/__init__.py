@@ -26,3 +26,18 @@ def environment(device=None) -> dict:
         out["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
     out.update(nproc=os.cpu_count(), torch=torch.__version__, python=platform.python_version())
     return out
+
+
+def check_minimums(parser, limits) -> None:
+    """``parser.error`` naming the first flag below its minimum: ``[(flag, value, minimum), ...]``.
+
+    A list value (``--batch-sizes 1 0``) is checked element by element. One line, e.g.
+    ``--prompt-len=0 is invalid: must be >= 1``, never the list of every limit.
+    """
+    for flag, value, minimum in limits:
+        if value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v < minimum:
+                each = "each value " if isinstance(value, (list, tuple)) else ""
+                parser.error(f"{flag}={v} is invalid: {each}must be >= {minimum}")

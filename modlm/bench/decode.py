@@ -42,8 +42,10 @@ import time
 
 import torch
 
-from modlm.bench import environment
+from modlm.bench import check_minimums, environment
 from modlm.config import ModelConfig
+from modlm.devices import parse_device
+from modlm.errors import ArgumentParser
 from modlm.inference import kernels
 from modlm.inference.calibrate import calibrate_thresholds, measure_routed_fraction
 from modlm.inference.generate import DecodeSession
@@ -51,9 +53,7 @@ from modlm.model.transformer import MoDTransformer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="base", help="ModelConfig preset for a random-init model")
     p.add_argument("--ckpt", default=None, help="checkpoint directory of a trained MoD model (instead of --preset)")
     p.add_argument(
@@ -103,10 +103,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-sync-probe", action="store_true", help="skip the host-sync measurement")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if min(args.batch_sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1 or args.warmup < 0:
-        p.error("need batch sizes >= 1, --prompt-len >= 1, --new-tokens >= 2, --repeats >= 1, --warmup >= 0")
+    check_minimums(
+        p,
+        [
+            ("--batch-sizes", args.batch_sizes, 1),
+            ("--prompt-len", args.prompt_len, 1),
+            ("--new-tokens", args.new_tokens, 2),
+            ("--repeats", args.repeats, 1),
+            ("--warmup", args.warmup, 0),
+            ("--calib-rows", args.calib_rows, 1),
+            ("--threads", args.threads, 0),
+        ],
+    )
     if args.target_fraction is not None and not 0.0 <= args.target_fraction <= 1.0:
-        p.error(f"--target-fraction={args.target_fraction} must be in [0, 1]")
+        p.error(f"--target-fraction={args.target_fraction} is invalid: must be in [0, 1]")
     return args
 
 
@@ -122,21 +132,21 @@ def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         mod = load_model(args.ckpt, device="cpu")
         cfg = mod.config
         if cfg.router == "none":
-            raise SystemExit(f"checkpoint {args.ckpt} is a dense model: pass a MoD checkpoint")
+            raise ValueError(f"--ckpt {args.ckpt} is a dense model: pass a MoD checkpoint")
     else:
         overrides = {} if args.causal_routing is None else {"causal_routing": args.causal_routing}
         cfg = ModelConfig.from_name(args.preset, **overrides)
         if cfg.router == "none":
-            raise SystemExit(f"preset {args.preset!r} is dense: pass a routed preset (its twin is built here)")
+            raise ValueError(f"--preset {args.preset!r} is dense: pass a routed preset (its twin is built here)")
         torch.manual_seed(args.seed)
         mod = MoDTransformer(cfg)
     need = args.prompt_len + args.new_tokens
     if need > cfg.max_seq_len:
-        raise SystemExit(f"--prompt-len + --new-tokens = {need} exceeds max_seq_len={cfg.max_seq_len}")
+        raise ValueError(f"--prompt-len + --new-tokens = {need} exceeds the model's max_seq_len={cfg.max_seq_len}")
     dense = MoDTransformer(cfg.dense_twin())
     missing, _ = dense.load_state_dict(mod.state_dict(), strict=False)
     if missing:
-        raise SystemExit(f"dense twin is missing weights {missing[:3]}...")
+        raise RuntimeError(f"dense twin is missing weights {missing[:3]}...")  # a bug, not bad input
     mod = mod.to(device=device, dtype=dtype).eval()
     dense = dense.to(device=device, dtype=dtype).eval()
     return cfg, mod, dense
@@ -293,9 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     kernels.set_enabled(args.kernels == "native")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    device = parse_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     cfg, mod, dense = build_models(args, device, dtype)
     routed = list(cfg.routed_layers)

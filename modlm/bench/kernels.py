@@ -25,15 +25,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modlm.bench import environment
+from modlm.bench import check_minimums, environment
 from modlm.config import ModelConfig
+from modlm.errors import ArgumentParser
 from modlm.inference import kernels
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="base", help="ModelConfig preset whose block shapes are timed")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -41,8 +40,15 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20, help="timed passes over the blocks per measurement")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if min(args.rows) < 1 or min(args.threads) < 1 or args.blocks < 1 or args.iters < 1:
-        p.error("--rows, --threads, --blocks and --iters must be >= 1")
+    check_minimums(
+        p,
+        [
+            ("--rows", args.rows, 1),
+            ("--threads", args.threads, 1),
+            ("--blocks", args.blocks, 1),
+            ("--iters", args.iters, 1),
+        ],
+    )
     return args
 
 

@@ -29,7 +29,9 @@ import time
 
 import torch
 
+from modlm.bench import check_minimums
 from modlm.bench import decode as bd  # same models, data and calibration as the benchmark
+from modlm.errors import ArgumentParser
 from modlm.inference import kernels
 from modlm.inference.calibrate import calibrate_thresholds
 from modlm.inference.generate import DecodeSession
@@ -37,9 +39,7 @@ from modlm.model.kinds import block_spec
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="base")
     p.add_argument("--ckpt", default=None)
     p.add_argument("--batch-size", type=int, default=1)
@@ -55,8 +55,17 @@ def parse_args(argv=None):
         help="few-row linear products: modlm.inference.kernels' native CPU kernel or torch's F.linear",
     )
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.steps < 2 or args.prompt_len < 1:
-        p.error("need --batch-size >= 1, --steps >= 2, --prompt-len >= 1")
+    check_minimums(
+        p,
+        [
+            ("--batch-size", args.batch_size, 1),
+            ("--steps", args.steps, 2),
+            ("--prompt-len", args.prompt_len, 1),
+            ("--threads", args.threads, 0),
+        ],
+    )
+    if not 0.0 <= args.target_fraction <= 1.0:
+        p.error(f"--target-fraction={args.target_fraction} is invalid: must be in [0, 1]")
     return args
 
 

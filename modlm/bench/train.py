@@ -36,8 +36,10 @@ from contextlib import nullcontext
 
 import torch
 
-from modlm.bench import environment
+from modlm.bench import check_minimums, environment
 from modlm.config import ModelConfig
+from modlm.devices import parse_device
+from modlm.errors import ArgumentParser
 from modlm.flops import flops, format_flops, train_flops
 from modlm.model.transformer import MoDTransformer
 
@@ -45,9 +47,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="base", help="ModelConfig preset (see modlm.config.PRESETS)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (raises max_seq_len if needed)")
@@ -65,8 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step in the timed region")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and the batch")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.seq_len < 2 or args.steps < 1 or args.warmup < 0:
-        p.error("need --batch-size >= 1, --seq-len >= 2, --steps >= 1, --warmup >= 0")
+    check_minimums(
+        p,
+        [
+            ("--batch-size", args.batch_size, 1),
+            ("--seq-len", args.seq_len, 2),
+            ("--steps", args.steps, 1),
+            ("--warmup", args.warmup, 0),
+            ("--threads", args.threads, 1),
+        ],
+    )
     return args
 
 
@@ -76,7 +84,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
         overrides["capacity"] = args.capacity
     cfg = ModelConfig.from_name(args.preset, **overrides)
     if cfg.router == "none":
-        raise SystemExit(f"preset {args.preset!r} is dense: pass a routed preset (its twin is built here)")
+        raise ValueError(f"--preset {args.preset!r} is dense: pass a routed preset (its twin is built here)")
     if args.seq_len > cfg.max_seq_len:
         cfg = cfg.replace(max_seq_len=args.seq_len)
     return cfg, cfg.dense_twin()
@@ -133,9 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    device = parse_device(args.device)
     dtype = DTYPES[args.dtype]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

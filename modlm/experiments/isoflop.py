@@ -525,6 +525,14 @@ def settings_from_args(args: argparse.Namespace, base: SweepSettings | None = No
     return base.replace(**changes)
 
 
+def resolve_jobs(jobs: int | None, default: int = 1) -> int:
+    """``--jobs`` (None: ``default``), refusing a count below one with a line naming it."""
+    jobs = default if jobs is None else jobs
+    if not is_int(jobs) or jobs < 1:
+        raise ValueError(f"--jobs={jobs!r} is invalid: must be an int >= 1 (runs trained at once)")
+    return jobs
+
+
 def apply_threads(threads: int | None) -> int:
     """Set torch's CPU threads for runs trained in this process (None: 1, see --threads); returns it."""
     threads = 1 if threads is None else threads

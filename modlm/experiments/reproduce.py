@@ -40,11 +40,12 @@ from modlm.experiments.isoflop import (
     SweepSettings,
     add_settings_args,
     apply_threads,
+    resolve_jobs,
     settings_from_args,
     train_tokens,
 )
 from modlm.experiments.report import CLAIMS_FILE, write_report
-from modlm.experiments.results import PLAN_FILE, write_plan
+from modlm.experiments.results import PLAN_FILE, RUNS_FILE, read_results, write_plan
 from modlm.experiments.scales import SCALES, Scale, plan_reproduction
 from modlm.experiments.sweep import run_sweep
 
@@ -103,6 +104,7 @@ def estimate_seconds(
     and causal) and set-up per run (~2 s; ~8 s for a worker process) added. ``seconds``: one run at a time at the speed
     measured now; ``seconds_free``: ``jobs`` at a time at the CPU-time rate, i.e. with a free core
     for every job's thread."""
+    jobs = resolve_jobs(jobs)
     by_cost = sorted({(r.flops_per_step, r.family): r for r in runs}.values(), key=lambda r: r.flops_per_step)
     picks = [by_cost[round(i * (len(by_cost) - 1) / max(1, probes - 1))] for i in range(probes)] if by_cost else []
     picks = list({r.run_id: r for r in picks}.values())
@@ -166,7 +168,12 @@ def run_reproduction(
             return {"complete": False, "results_dir": str(results)}
         run_analysis(results, scale, settings, runs)
     else:
-        results.mkdir(parents=True, exist_ok=True)
+        if not read_results(results):
+            # A report of no runs would say "0 of N claims hold", which reads like a result.
+            raise ValueError(
+                f"nothing to report: {results} has no finished runs (no {RUNS_FILE} there); "
+                "train them first (the same command without --report-only)"
+            )
         if not (results / PLAN_FILE).exists():  # the report reads the runs' tags from the plan
             write_plan(results, runs, settings)
     path = write_report(results, report, scale, command, settings)
@@ -235,7 +242,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     scale = SCALES[args.scale]
     settings = settings_from_args(args, scale.settings)
     threads = apply_threads(args.threads)
-    jobs = scale.jobs if args.jobs is None else args.jobs
+    jobs = resolve_jobs(args.jobs, scale.jobs)
     results = Path(args.results_dir or f"results/reproduce-{scale.name}")
     report = Path(args.report_dir) if args.report_dir else results / "report"
     command = _command_line(args, results, report)

@@ -41,6 +41,7 @@ from modlm.experiments.isoflop import (
     parse_floats,
     parse_shapes,
     plan_sweep,
+    resolve_jobs,
     settings_from_args,
     summarize_isoflop,
 )
@@ -401,6 +402,7 @@ def cmd_isoflop(args: argparse.Namespace) -> int:
     dense and MoD side by side; resumable; results in RESULTS_DIR/runs.jsonl and PNG plots."""
     settings = settings_from_args(args)
     threads = apply_threads(args.threads)
+    jobs = resolve_jobs(args.jobs)
     families = [Family.parse(f) for f in (args.family or ["dense", "mod"])]
     shapes = parse_shapes(args.shapes)
     runs = plan_sweep(args.budgets, families, shapes, settings)
@@ -417,7 +419,7 @@ def cmd_isoflop(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     if args.dry_run:
         return 0
-    result = run_sweep(runs, args.results_dir, settings, progress=args.progress, jobs=args.jobs or 1, threads=threads)
+    result = run_sweep(runs, args.results_dir, settings, progress=args.progress, jobs=jobs, threads=threads)
     if not result.complete:
         return 130
     if args.plots:

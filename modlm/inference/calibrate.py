@@ -22,10 +22,13 @@ import torch
 
 from modlm.inference.generate import generate
 from modlm.model.block import route_mask
+from modlm.model.inputs import check_token_ids
 from modlm.model.transformer import MoDTransformer
 from modlm.routing.registry import router_spec
+from modlm.validation import is_number
 
 __all__ = [
+    "calibratable_blocks",
     "calibrate_thresholds",
     "causal_val_loss",
     "get_thresholds",
@@ -43,17 +46,25 @@ def _thresholded_blocks(model: MoDTransformer) -> dict:
     return blocks
 
 
-def _check_tokens(model: MoDTransformer, tokens_BT: torch.Tensor) -> torch.Tensor:
-    if not isinstance(tokens_BT, torch.Tensor) or tokens_BT.dim() != 2 or tokens_BT.numel() == 0:
-        shape = tuple(tokens_BT.shape) if isinstance(tokens_BT, torch.Tensor) else type(tokens_BT).__name__
-        raise ValueError(f"tokens must be a non-empty (B, T) tensor of token ids, got {shape}")
+def calibratable_blocks(model: MoDTransformer) -> dict:
+    """{layer: routed block} of the blocks ``calibrate_thresholds`` sets; a one-line ValueError when
+    the router has no causal threshold or the model no routed block (calibrating would silently do
+    nothing)."""
+    blocks = _thresholded_blocks(model)
+    if not blocks:
+        raise ValueError(
+            f"model {model.config.name!r} has no routed blocks (router={model.config.router!r}): nothing to calibrate"
+        )
+    return blocks
+
+
+def _check_tokens(model: MoDTransformer, tokens_BT: torch.Tensor, name: str = "tokens_BT") -> torch.Tensor:
+    """``tokens_BT`` on the model's device, or a one-line ValueError (off the hot path: the range is always read)."""
+    check_token_ids(tokens_BT, model.config.vocab_size, name, check_range=True)
     if tokens_BT.shape[1] > model.config.max_seq_len:
         raise ValueError(
-            f"calibration sequence length {tokens_BT.shape[1]} exceeds max_seq_len={model.config.max_seq_len}"
+            f"{name} has {tokens_BT.shape[1]} tokens per row, more than max_seq_len={model.config.max_seq_len}"
         )
-    V = model.config.vocab_size
-    if int(tokens_BT.min()) < 0 or int(tokens_BT.max()) >= V:
-        raise ValueError(f"token ids must be in [0, {V}), got range [{int(tokens_BT.min())}, {int(tokens_BT.max())}]")
     return tokens_BT.to(next(model.parameters()).device)
 
 
@@ -100,9 +111,9 @@ def calibrate_thresholds(model: MoDTransformer, tokens_BT: torch.Tensor, target_
     the causal logits at block l's input over every token of ``tokens_BT``, and put block l's
     threshold at their (1 - target_fraction) quantile. Returns {layer: threshold}.
     """
-    if not isinstance(target_fraction, (int, float)) or not 0.0 <= target_fraction <= 1.0:
-        raise ValueError(f"target_fraction={target_fraction!r} must be in [0, 1]")
-    blocks = _thresholded_blocks(model)
+    if not is_number(target_fraction) or not 0.0 <= target_fraction <= 1.0:
+        raise ValueError(f"target_fraction={target_fraction!r} is invalid: must be a number in [0, 1]")
+    blocks = calibratable_blocks(model)
     tokens_BT = _check_tokens(model, tokens_BT)
     was_training = model.training
     model.eval()

@@ -15,6 +15,7 @@ This module knows nothing about tokenization: prompts and outputs are token ids.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +26,13 @@ import torch
 from modlm.inference.cache import ModelCache
 from modlm.inference.decode import HostDecisions
 from modlm.model.block import Phase, route_mask
+from modlm.model.inputs import check_token_ids
 from modlm.model.transformer import MoDTransformer
-from modlm.validation import is_int, is_number
+from modlm.validation import is_int, is_number, require
 
 PREFILL_ROUTING = ("causal", "topk")
+# Prompts become Python ints before decoding, so any integer dtype will do.
+_PROMPT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 @dataclass
@@ -62,22 +66,34 @@ class GenerationConfig:
     return_cache: bool = False
 
     def __post_init__(self) -> None:
-        """One-line ValueErrors that name the offending value."""
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
-        if not is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 = greedy)")
-        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
-            raise ValueError(f"top_k={self.top_k!r} must be an int >= 1 (or None)")
-        if self.top_p is not None and (not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1] (or None)")
-        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed={self.seed!r} must be an int in [0, 2**63) (or None)")
-        if self.prefill_routing not in PREFILL_ROUTING:
-            raise ValueError(f"prefill_routing={self.prefill_routing!r} must be one of {PREFILL_ROUTING}")
-        for t in self.stop_tokens:
-            if not is_int(t):
-                raise ValueError(f"stop_tokens has {t!r}: stop tokens must be token ids (ints)")
+        """One-line ValueErrors that name the field and the offending value."""
+
+        def check(cond: bool, name: str, allowed: str) -> None:
+            require(cond, "GenerationConfig", name, getattr(self, name), allowed)
+
+        check(is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "must be an int >= 1")
+        check(is_number(self.temperature) and self.temperature >= 0, "temperature", "must be a number >= 0 (0: greedy)")
+        check(self.top_k is None or (is_int(self.top_k) and self.top_k >= 1), "top_k", "must be an int >= 1 or None")
+        check(
+            self.top_p is None or (is_number(self.top_p) and 0.0 < self.top_p <= 1.0),
+            "top_p",
+            "must be in (0, 1] or None",
+        )
+        check(
+            self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63),
+            "seed",
+            "must be an int in [0, 2**63) or None",
+        )
+        check(self.prefill_routing in PREFILL_ROUTING, "prefill_routing", f"must be one of {PREFILL_ROUTING}")
+        check(
+            hasattr(self.stop_tokens, "__iter__")
+            and not isinstance(self.stop_tokens, (str, bytes))
+            and all(is_int(t) for t in self.stop_tokens),
+            "stop_tokens",
+            "must be a list of token ids (ints)",
+        )
+        for name in ("use_cache", "trace", "return_logits", "return_cache"):
+            check(isinstance(getattr(self, name), bool), name, "must be True or False")
 
     @classmethod
     def resolve(
@@ -115,14 +131,46 @@ class GenerationResult:
         return sum(len(t) for t in self.tokens)
 
 
-def _validate_prompts(model: MoDTransformer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    """One-line ValueErrors that name the offending prompt or token."""
+def _token_id(t: Any) -> int | None:
+    """``t`` as an int if it is an integer (Python, NumPy or a one-element integer tensor), else None.
+
+    Floats are refused even when whole (1.0): an id is an integer, and a float tensor of ids is
+    usually a bug upstream. So are bools: ``True`` is an int to Python, never a token.
+    """
+    if isinstance(t, bool) or type(t).__name__ == "bool_":
+        return None
+    if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+        return None
+    try:
+        return operator.index(t)
+    except TypeError:
+        return None
+
+
+def validate_prompts(model: MoDTransformer, prompts: Any, max_new_tokens: int) -> list[list[int]]:
+    """The prompts as lists of ints, or a one-line ValueError naming the offending prompt or token.
+
+    ``prompts``: token-id lists (ragged), a (B, T) tensor or one (T,) tensor. Each prompt plus
+    ``max_new_tokens`` must fit the model's context.
+    """
+    V, ctx = model.config.vocab_size, model.config.max_seq_len
+    if isinstance(prompts, torch.Tensor):
+        check_token_ids(prompts, V, "prompts", dims=(1, 2), dtypes=_PROMPT_DTYPES)
+        prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise ValueError(
+            f"prompts is a {type(prompts).__name__}: give a list of token-id lists or a (B, T) tensor of token ids"
+        )
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one prompt")
-    V, ctx = model.config.vocab_size, model.config.max_seq_len
+    out = []
     for i, p in enumerate(prompts):
-        if isinstance(p, (int, str, bytes)) or not hasattr(p, "__len__"):
-            raise ValueError(f"prompt {i} is {p!r}: each prompt must be a sequence of token ids")
+        if isinstance(p, torch.Tensor):
+            check_token_ids(p, V, f"prompt {i}", dims=(1,), dtypes=_PROMPT_DTYPES)
+            p = p.tolist()
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or not hasattr(p, "__iter__"):
+            hint = " (one prompt of ids is [[1, 2, 3]], not [1, 2, 3])" if _token_id(p) is not None else ""
+            raise ValueError(f"prompt {i} is {p!r}: each prompt must be a sequence of token ids{hint}")
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token")
         if len(p) + max_new_tokens > ctx:
@@ -130,13 +178,16 @@ def _validate_prompts(model: MoDTransformer, prompts: Sequence[Sequence[int]], m
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
                 f"{len(p) + max_new_tokens} > the model's context max_seq_len={ctx}"
             )
+        ids = []
         for t in p:
-            try:
-                ok = not isinstance(t, bool) and float(t).is_integer() and 0 <= int(t) < V
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"prompt {i} has token id {t!r} outside the vocabulary [0, {V})")
+            v = _token_id(t)
+            if v is None:
+                raise ValueError(f"prompt {i} has {t!r} ({type(t).__name__}): token ids must be ints")
+            if not 0 <= v < V:
+                raise ValueError(f"prompt {i} has token id {v} outside the vocabulary [0, {V})")
+            ids.append(v)
+        out.append(ids)
+    return out
 
 
 def sample_next(
@@ -233,9 +284,7 @@ class DecodeSession:
         **options: Any,
     ):
         cfg = self.config = GenerationConfig.resolve(config, max_new_tokens, options)
-        if isinstance(prompts, torch.Tensor):
-            prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
-        _validate_prompts(model, prompts, cfg.max_new_tokens)
+        prompts = validate_prompts(model, prompts, cfg.max_new_tokens)
         self.model, self.max_new_tokens = model, cfg.max_new_tokens
         self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
         self.use_cache, self.stream, self.trace = cfg.use_cache, stream, cfg.trace

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from modlm.config import ModelConfig
 from modlm.model import roles
 from modlm.model.block import PHASES, BlockContext, DecodePolicy, Phase, route_mask
+from modlm.model.inputs import check_inputs
 from modlm.model.kinds import block_spec
 from modlm.model.layers import Linear, RMSNorm, Rotary
 from modlm.routing.base import RouterOutput
@@ -131,8 +132,8 @@ class MoDTransformer(nn.Module):
         """Run the model.
 
         Args:
-            idx_BT: token ids (B, T), T <= config.max_seq_len.
-            targets_BT: next-token ids (B, T); -1 is ignored. Gives ``loss``.
+            idx_BT: token ids (B, T), T <= config.max_seq_len, an int64 or int32 tensor.
+            targets_BT: next-token ids (B, T), int64; -1 is ignored. Gives ``loss``.
             routing: "topk" (expert-choice over each sequence; training) or "causal" (each token
                 routes by the causal signal, as when decoding). Decode steps always route causally.
             routes: replay these per-layer routes instead of asking the routers.
@@ -144,7 +145,12 @@ class MoDTransformer(nn.Module):
                 prompt entering ``cache``) or "decode" (one new token per row; ``decode`` says
                 which rows each routed block computes). Given by the caller, never inferred.
             decode: the decode policy (``modlm.inference.decode.HostDecisions``), DECODE only.
+
+        Raises:
+            ValueError: (one line, naming the value) ids or targets of the wrong type, dtype or
+                shape, or out of range (``modlm.model.inputs``; the range is checked on CPU).
         """
+        check_inputs(self.config.vocab_size, idx_BT, targets_BT)
         phase = _check_phase(phase, idx_BT, cache, decode)
         B, T = idx_BT.shape
         if pos_BT is None:

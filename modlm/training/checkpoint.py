@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,11 @@ def save_checkpoint(
             "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
         }
         _write_json(tmp / CONFIG_FILE, manifest)
+        # safetensors creates its files 0600; every file gets the mode open() gave the JSON
+        # (0666 minus the umask), so whoever may read the config may read the weights.
+        mode = stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode)
+        for name in files:
+            os.chmod(tmp / name, mode)
         _fsync_dir(tmp)
         _swap_in(tmp, final)
     except BaseException:

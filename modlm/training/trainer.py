@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from modlm.config import ModelConfig
+from modlm.errors import EXPECTED, report
 from modlm.flops import flops as flop_report
 from modlm.flops import format_flops, train_flops
 from modlm.model.transformer import ModelOutput, MoDTransformer
@@ -606,10 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     try:
         summary = train(cfg, resume=args.resume, progress=args.progress)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        # Bad input found at run time (device, data, an existing run): one line, not a traceback.
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    except (*EXPECTED, KeyboardInterrupt) as e:
+        # Bad input found at run time (device, data, an existing run, a diverged run): one line.
+        return report(e, parser.prog)
     if summary["rank"] == 0:
         print(json.dumps(summary))
     return 0

@@ -73,11 +73,12 @@ def test_set_thresholds_and_errors():
         set_thresholds(model, float("nan"))
     with pytest.raises(ValueError, match="target_fraction=1.5"):
         calibrate_thresholds(model, _tokens(), 1.5)
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(ValueError, match=r"token id \d+ outside the vocabulary \[0, 256\)"):
         calibrate_thresholds(model, _tokens() + 300, 0.5)
     with pytest.raises(ValueError, match="router 'random'"):
         calibrate_thresholds(_model(router="random"), _tokens(), 0.5)
-    assert calibrate_thresholds(_model(router="none"), _tokens(), 0.5) == {}
+    with pytest.raises(ValueError, match="no routed blocks.*nothing to calibrate"):  # never a silent no-op
+        calibrate_thresholds(_model(router="none"), _tokens(), 0.5)
 
 
 def test_sweep_knob_reports_speed_and_quality_and_restores_thresholds():

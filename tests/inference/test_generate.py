@@ -201,7 +201,7 @@ def test_tensor_prompts_and_random_router():
         (dict(top_p=1.5), "top_p=1.5"),
         (dict(prompts=[[1, 256]]), "token id 256"),
         (dict(prompts=[[-1, 3]]), "token id -1"),
-        (dict(prompts=[[1, 2.5]]), "token id 2.5"),
+        (dict(prompts=[[1, 2.5]]), "prompt 0 has 2.5 (float)"),
         (dict(prefill_routing="random"), "prefill_routing='random'"),
     ],
 )

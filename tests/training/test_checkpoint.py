@@ -259,6 +259,19 @@ def test_directory_permissions_follow_umask(saved):
     assert (path.stat().st_mode & 0o777) == (0o777 & ~umask)
 
 
+def test_every_file_gets_the_same_mode_as_the_json(tmp_path, tiny):
+    # safetensors alone writes 0600 weights beside 0644 JSON: a reader of one must read both.
+    model, opt = _trained(tiny)
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path / "ck", model, tiny, None, opt, step=1)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert set(modes) >= {"config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors"}
+    assert set(modes.values()) == {0o640}, modes
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------

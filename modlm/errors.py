@@ -1,0 +1,100 @@
+"""How a command ends on a mistake it expected: one line, never a traceback.
+
+Every entry point (``modlm``, ``python -m modlm.training``, the benchmark scripts) runs its work
+under ``run_cli``. An expected failure (bad input the user can fix, or the machine saying no)
+prints ``{prog}: error: {message}`` on stderr, on one line, and returns 2:
+
+- ``ValueError``: a bad value (configs and checks name the field and the value);
+- ``OSError`` and its family (``FileExistsError``, ``PermissionError``, ``NotADirectoryError``,
+  ``IsADirectoryError``, ``FileNotFoundError``, a full disk...), shown as "what: which path";
+- ``FloatingPointError``: a run that diverged;
+- ``ImportError``: an optional package a feature needs is missing (the message says which and
+  how to install it).
+
+Ctrl-C (``KeyboardInterrupt``) prints ``{prog}: interrupted`` and returns 130, the shell's code
+for a process ended by SIGINT. Anything else is a bug and keeps its traceback. With
+``MODLM_DEBUG=1`` in the environment, expected failures keep theirs too.
+
+``ArgumentParser`` is argparse with the same one-line errors (no usage block): flag typos end
+like every other mistake.
+
+No torch import: ``modlm --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+__all__ = ["DEBUG_ENV", "EXPECTED", "ArgumentParser", "one_line", "report", "run_cli"]
+
+# The failures a user can cause and fix; their message is the whole story.
+EXPECTED: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, ImportError)
+DEBUG_ENV = "MODLM_DEBUG"
+EXIT_ERROR = 2  # argparse's status for bad usage; every expected failure shares it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
+
+
+def debugging() -> bool:
+    """``MODLM_DEBUG`` is set to something other than "", "0" or "false"."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line.
+
+    An ``OSError`` raised by the OS ("[Errno 13] Permission denied: 'runs/x'") reads
+    "Permission denied: runs/x"; one raised by our code with its own message keeps it. A
+    message of several lines is joined into one; an empty one becomes the exception's type.
+    """
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        what = e.strerror
+        path = os.fsdecode(e.filename)
+        if isinstance(e, FileExistsError) and os.path.exists(path) and not os.path.isdir(path):
+            # mkdir on a regular file: "File exists" alone reads as if a directory were in the way.
+            what = "File exists and is not a directory"
+        text = f"{what}: {path}"
+        if e.filename2 is not None:
+            text += f" -> {os.fsdecode(e.filename2)}"
+    else:
+        text = str(e)
+    text = " ".join(text.split())
+    return text or type(e).__name__
+
+
+def report(e: BaseException, prog: str = "modlm") -> int:
+    """Print the one line for an expected failure ``e`` and return the exit status (2, or 130 for Ctrl-C).
+
+    Re-raises ``e`` when it is not expected, or when ``MODLM_DEBUG`` asks for the traceback.
+    """
+    if debugging() or not isinstance(e, (*EXPECTED, KeyboardInterrupt)):
+        raise e
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def run_cli(fn: Callable[..., Any], *args: Any, prog: str = "modlm") -> int:
+    """``fn(*args)`` as a command: its int result is the exit status (anything else is 0), an
+    expected failure is one line on stderr (see ``report``)."""
+    try:
+        rc = fn(*args)
+    except (*EXPECTED, KeyboardInterrupt) as e:
+        return report(e, prog)
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``{prog}: error: {message} (see {prog} --help)``, exit 2.
+
+    Subparsers made with ``add_subparsers`` are of this class too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
