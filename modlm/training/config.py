@@ -17,12 +17,22 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from modlm.config import ModelConfig, dataclass_from_dict, parse_assignments, preset_names
+from modlm.config import (
+    ModelConfig,
+    conforms,
+    dataclass_from_dict,
+    describe_type,
+    field_types,
+    parse_assignments,
+    preset_names,
+)
 from modlm.routing.registry import NO_ROUTER, router_names
-from modlm.validation import is_int, is_number, require
+from modlm.validation import require
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
+# Counts and seeds stay below 2**63: they travel as int64 (torch, numpy) and in JSON.
+MAX_INT = 2**63
 
 
 def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -66,104 +76,61 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        _require(
-            isinstance(self.model, str) and self.model in preset_names(),
-            "model",
-            self.model,
-            f"must be a preset: {', '.join(preset_names())}",
-        )
-        known = {f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"name"}
-        _require(
-            isinstance(self.model_overrides, dict),
-            "model_overrides",
-            self.model_overrides,
-            "must be a dict of ModelConfig fields",
-        )
-        unknown = sorted(set(self.model_overrides) - known)
-        _require(
-            not unknown, "model_overrides", unknown, f"unknown ModelConfig field(s); known: {', '.join(sorted(known))}"
-        )
-        _require(self.data is None or isinstance(self.data, str), "data", self.data, "must be None, 'enwiki' or a path")
-        _require(
-            self.cache_dir is None or isinstance(self.cache_dir, str),
-            "cache_dir",
-            self.cache_dir,
-            "must be None or a path",
-        )
-        _require(
-            self.tokenizer is None or isinstance(self.tokenizer, str),
-            "tokenizer",
-            self.tokenizer,
-            "must be None, 'byte' or the path of a tokenizer.json",
-        )
-        _require(
-            is_number(self.val_fraction) and 0 < self.val_fraction < 1,
-            "val_fraction",
-            self.val_fraction,
-            "must be in (0, 1)",
-        )
-        _require(
-            isinstance(self.out_dir, str) and self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path"
-        )
-        for name in (
-            "batch_size",
-            "seq_len",
-            "grad_accum",
-            "max_steps",
-            "eval_interval",
-            "eval_batches",
-            "ckpt_interval",
-            "log_interval",
-        ):
+        # Every field against its declared type first (an int is never a bool, a float is
+        # finite), so the range checks only ever see values of the right kind.
+        for name, declared in field_types(TrainConfig).items():
             value = getattr(self, name)
-            _require(is_int(value) and value >= 1, name, value, "must be an int >= 1")
-        _require(is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
-        _require(
-            is_number(self.min_lr) and 0 <= self.min_lr <= self.lr,
-            "min_lr",
-            self.min_lr,
-            f"must be in [0, lr={self.lr}]",
-        )
+            _require(conforms(value, declared), name, value, f"must be {describe_type(declared)}")
         if self.warmup_steps is None:
             self.warmup_steps = min(100, self.max_steps // 10)
-        _require(
-            is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps,
-            "warmup_steps",
-            self.warmup_steps,
-            f"must be an int in [0, max_steps={self.max_steps}]",
-        )
-        _require(
-            is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0"
-        )
-        _require(is_number(self.beta1) and 0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
-        _require(is_number(self.beta2) and 0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
-        _require(
-            is_number(self.grad_clip) and self.grad_clip >= 0,
-            "grad_clip",
-            self.grad_clip,
-            "must be >= 0 (0 disables clipping)",
-        )
-        _require(is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "must be an int in [0, 2**63)")
-        _require(
-            isinstance(self.device, str) and (self.device in DEVICES or _is_cuda_index(self.device)),
-            "device",
-            self.device,
-            f"must be one of {DEVICES} or 'cuda:N'",
-        )
-        _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
-        _require(
-            self.max_time_s is None or (is_number(self.max_time_s) and self.max_time_s > 0),
-            "max_time_s",
-            self.max_time_s,
-            "must be None or a number of seconds > 0",
-        )
-        _require(isinstance(self.compile, bool), "compile", self.compile, "must be a bool")
+        self._check_ranges()
         mcfg = self.model_config()  # ModelConfig validates the overrides (one-line ValueError)
         _require(
             self.seq_len <= mcfg.max_seq_len,
             "seq_len",
             self.seq_len,
             f"must be <= the model's max_seq_len={mcfg.max_seq_len} (raise it with --model-arg max_seq_len=N)",
+        )
+
+    def _check_ranges(self) -> None:
+        """Each field within its range (types are already checked): one-line ValueError naming it."""
+        presets = preset_names()
+        _require(self.model in presets, "model", self.model, f"must be a preset: {', '.join(presets)}")
+        known = sorted({f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"name"})
+        unknown = sorted(set(self.model_overrides) - set(known))
+        _require(not unknown, "model_overrides", unknown, f"unknown ModelConfig field(s); known: {', '.join(known)}")
+        for name in ("data", "cache_dir", "tokenizer"):
+            _require(getattr(self, name) != "", name, "", "must be None or a non-empty path")
+        _require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1)")
+        _require(self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path")
+        for name in _COUNTS:
+            value = getattr(self, name)
+            _require(1 <= value < MAX_INT, name, value, "must be an int in [1, 2**63)")
+        _require(self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        _require(
+            0 <= self.warmup_steps <= self.max_steps,
+            "warmup_steps",
+            self.warmup_steps,
+            f"must be an int in [0, max_steps={self.max_steps}]",
+        )
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _require(0 <= self.seed < MAX_INT, "seed", self.seed, "must be an int in [0, 2**63)")
+        _require(
+            self.device in DEVICES or _is_cuda_index(self.device),
+            "device",
+            self.device,
+            f"must be one of {DEVICES} or 'cuda:N'",
+        )
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
+        _require(
+            self.max_time_s is None or self.max_time_s > 0,
+            "max_time_s",
+            self.max_time_s,
+            "must be None or a number of seconds > 0",
         )
 
     def model_config(self) -> ModelConfig:
@@ -184,6 +151,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return dataclass_from_dict(cls, d)
+
+
+# The int fields that count something (steps, sequences, tokens, batches): all >= 1.
+_COUNTS = (
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "max_steps",
+    "eval_interval",
+    "eval_batches",
+    "ckpt_interval",
+    "log_interval",
+)
 
 
 def _is_cuda_index(device: str) -> bool:
@@ -349,7 +329,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from parsed ``add_train_args`` flags (raises the one-line ValueError of bad values)."""
-    overrides = parse_assignments(args.model_arg or [])
+    # Each value is read by its ModelConfig field's declared type: tie_embeddings=false is False.
+    overrides = parse_assignments(args.model_arg or [], "--model-arg", into=ModelConfig)
     if args.router is not None:
         overrides["router"] = args.router
     if args.capacity is not None:

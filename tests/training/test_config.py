@@ -164,3 +164,69 @@ def test_cli_rejects_bad_values(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "tiny", "--model-arg", "no_equals_sign"])
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_every_field_is_checked_against_its_declared_type():
+    """Each field refuses a value of another type (a bool where an int is declared, a string where a
+    number is) with one line naming it: no field can be added without the check."""
+    for f in dataclasses.fields(TrainConfig):
+        for wrong in (object(), [1], True if f.type != "bool" else 1):
+            with pytest.raises(ValueError) as err:
+                TrainConfig(**{f.name: wrong})
+            msg = str(err.value)
+            assert "\n" not in msg and msg.startswith(f"TrainConfig.{f.name}="), msg
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("lr", "1e-3"), ("lr", float("inf")), ("max_time_s", float("nan")), ("max_steps", 2**63), ("data", "")],
+)
+def test_numbers_are_finite_and_counts_bounded(field, value):
+    with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}="):
+        TrainConfig(**{field: value})
+
+
+def _parse(*argv: str) -> TrainConfig:
+    return train_config_from_args(
+        add_train_args(argparse.ArgumentParser()).parse_args(["--model", "tiny", "--seq-len", "64", *argv])
+    )
+
+
+@pytest.mark.parametrize("text", ["false", "False", "no", "0", "OFF"])
+def test_model_arg_reads_bools_by_the_field_type(text):
+    from modlm.model.transformer import MoDTransformer
+
+    cfg = _parse("--model-arg", f"tie_embeddings={text}", "--model-arg", "d_model=64")
+    assert cfg.model_overrides == {"tie_embeddings": False, "d_model": 64}
+    model = MoDTransformer(cfg.model_config())
+    assert model.lm_head.weight is not model.tok_emb.weight  # untied: two tensors
+    assert _parse("--model-arg", "tie_embeddings=yes").model_overrides == {"tie_embeddings": True}
+
+
+def test_model_arg_reads_tuples_and_none():
+    cfg = _parse("--model-arg", "layer_types=dense,routed,routed,dense", "--model-arg", "d_mlp=none")
+    assert cfg.model_overrides == {"layer_types": ("dense", "routed", "routed", "dense"), "d_mlp": None}
+    assert cfg.model_config().routed_layers == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "item,fragment",
+    [
+        ("rope_base=x", "rope_base='x'"),
+        ("d_model={1,2", "d_model='{1,2'"),
+        ("d_model=64.0", "d_model='64.0'"),
+        ("tie_embeddings=maybe", "tie_embeddings='maybe'"),
+        ("capacity=nan", "capacity='nan'"),
+        ("d_modle=64", "d_modle='64'"),
+    ],
+)
+def test_bad_model_arg_is_one_line_naming_key_and_value(item, fragment, capsys):
+    with pytest.raises(ValueError) as err:
+        _parse("--model-arg", item)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"--model-arg {fragment} is invalid")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "tiny", "--model-arg", item])
+    assert exit_.value.code == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert fragment in err_lines[-1]
