@@ -74,6 +74,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
     max_time_s: float | None = None  # wall-clock budget of this invocation: stop, save, exit 0
     compile: bool = False
+    # This invocation only (like max_time_s): continue a finished run for this many more steps
+    # (a new warmup + cosine over them; ``Trainer._plan_stretch``). Implies resuming.
+    more_steps: int | None = None
 
     def __post_init__(self) -> None:
         # Every field against its declared type first (an int is never a bool, a float is
@@ -106,6 +109,12 @@ class TrainConfig:
         for name in _COUNTS:
             value = getattr(self, name)
             _require(1 <= value < MAX_INT, name, value, "must be an int in [1, 2**63)")
+        _require(
+            self.more_steps is None or 1 <= self.more_steps < MAX_INT,
+            "more_steps",
+            self.more_steps,
+            "must be None or an int in [1, 2**63)",
+        )
         _require(self.lr > 0, "lr", self.lr, "must be a finite number > 0")
         _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         _require(
@@ -171,17 +180,20 @@ def _is_cuda_index(device: str) -> bool:
     return head == "cuda" and idx.isdigit()
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based).
+def lr_at(step: int, cfg: TrainConfig, start: int = 0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of a schedule that begins at ``start``.
 
-    Linear warmup to ``lr`` over ``warmup_steps`` (step 0 already gets lr / warmup_steps, never
-    0), then a cosine from ``lr`` at ``warmup_steps`` down to ``min_lr`` at ``max_steps``.
+    Linear warmup to ``lr`` over ``warmup_steps`` (step ``start`` already gets lr / warmup_steps,
+    never 0), then a cosine from ``lr`` at ``start + warmup_steps`` down to ``min_lr`` at
+    ``max_steps``; ``min_lr`` from there on. ``start`` is 0 for a run's first stretch and the
+    step a ``--more-steps`` continuation began at for a later one.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    s = max(0, step - start)
+    if s < cfg.warmup_steps:
+        return cfg.lr * (s + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    progress = (s - cfg.warmup_steps) / (cfg.max_steps - start - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -322,7 +334,18 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest (fresh start if none)"
     )
     g.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bar (one line per log event instead)"
+        "--more-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="implies --resume: a run that reached its max steps trains N more (a new warmup to --lr, then a "
+        "cosine to --min-lr over the N steps); a run stopped early first finishes its planned steps",
+    )
+    g.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar: one line per log event (the default when stdout or stderr is not a terminal)",
     )
     return parser
 

@@ -101,6 +101,14 @@ def test_lr_schedule_without_warmup():
     )
 
 
+def test_lr_schedule_of_a_later_stretch_starts_at_its_own_step():
+    """A --more-steps stretch [start, max_steps) is the first stretch's schedule shifted to start."""
+    first = TrainConfig(model="tiny", seq_len=32, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    later = TrainConfig(model="tiny", seq_len=32, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=1110)
+    assert [lr_at(s, later, start=1000) for s in range(1000, 1115)] == [lr_at(s, first) for s in range(115)]
+    assert lr_at(999, later, start=1000) == lr_at(1000, later, start=1000) > 0  # never below the first step's
+
+
 def test_stream_seeds_are_fixed_and_distinct_per_rank_and_stream():
     seeds = {stream_seed(0, rank, stream) for rank in (0, 1) for stream in ("data", "torch", "eval")}
     assert len(seeds) == 6 and all(0 <= s < 2**63 for s in seeds)
