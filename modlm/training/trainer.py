@@ -94,6 +94,16 @@ _STOP_CODES = {None: 0, "max_time": 1, "signal": 2}
 _STOP_REASONS = {code: reason for reason, code in _STOP_CODES.items()}
 
 
+class RunExistsError(FileExistsError, ValueError):
+    """``out_dir`` already holds a run and resuming was not asked for. Also a ValueError (the
+    wrong ``--out-dir`` for a new run), so every command-line handler reports it in one line."""
+
+
+class DivergedError(FloatingPointError, ValueError):
+    """The loss or the weights stopped being finite. Also a ValueError (the settings, ``--lr``
+    first, do not suit this run), so every command-line handler reports it in one line."""
+
+
 class StepResult(NamedTuple):
     """What one optimizer step leaves for ``Trainer.log``."""
 
@@ -215,7 +225,7 @@ class Trainer:
         except FileNotFoundError:
             return
         if not self.resume_requested:
-            raise FileExistsError(
+            raise RunExistsError(
                 f"{self.out_dir} already holds a run ({self.ckpt_dir}); pass --resume to continue it, "
                 "--more-steps N to train it further once finished, or pick another --out-dir"
             )
@@ -481,11 +491,11 @@ class Trainer:
         self.lm_sum.zero_()
         self.interval_steps, self.t_interval = 0, time.perf_counter()
 
-    def _diverged(self, what: str) -> FloatingPointError:
+    def _diverged(self, what: str) -> DivergedError:
         """The one-line error of a run whose loss or weights stopped being finite."""
         cfg = self.cfg
         kept = f"; the checkpoint of step {self.saved_step} is the last one" if self.saved_step >= 0 else ""
-        return FloatingPointError(
+        return DivergedError(
             f"training diverged: {what}; lower --lr (now {cfg.lr:g}) or raise --warmup-steps "
             f"(now {cfg.warmup_steps}){kept}"
         )
@@ -773,10 +783,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     Writes ``out_dir/metrics.jsonl`` (events: start, train, eval, checkpoint, end) and the
     checkpoint ``out_dir/checkpoints/latest`` every ``ckpt_interval`` steps and at the end.
     ``resume`` continues from that checkpoint (a fresh start when there is none); without it an
-    existing checkpoint is an error (FileExistsError), so a finished run is never overwritten by
+    existing checkpoint is an error (``RunExistsError``, a FileExistsError), so a finished run is never overwritten by
     accident, and ``cfg.more_steps`` trains a finished run further. While it runs, the run holds
     ``out_dir/.lock``: a second run on the same directory raises ``RunDirLockedError`` naming it.
-    A loss or weights that stop being finite raise FloatingPointError (naming --lr) before any
+    A loss or weights that stop being finite raise ``DivergedError`` (a FloatingPointError naming --lr) before any
     checkpoint of them is written.
     Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs data-parallel; only rank 0 writes.
     """

@@ -396,6 +396,23 @@ def test_a_diverging_run_stops_with_one_line_naming_lr_and_saves_no_diverged_wei
     assert "--lr" in _one_line_error(capsys)
 
 
+def test_modlm_train_reports_each_mistake_in_one_line(corpus, tmp_path, capsys):
+    """Through the `modlm` command's own handler (it reports ValueErrors): each error above is one."""
+    from modlm.cli import main as modlm_main
+
+    out = tmp_path / "run"
+    args = ["train", *_cli_args(corpus, out, "--max-steps", "2")]
+    assert modlm_main(args) == 0
+    capsys.readouterr()
+    assert modlm_main(args) == 2  # the same command twice
+    assert "--resume" in _one_line_error(capsys)
+    diverging = ["train", *_cli_args(corpus, tmp_path / "run2", "--lr", "1e30", "--warmup-steps", "0")]
+    assert modlm_main([*diverging, "--max-steps", "6"]) == 2
+    assert "--lr" in _one_line_error(capsys)
+    assert modlm_main(["train", *_cli_args(corpus, out / "metrics.jsonl")]) == 2  # a file as --out-dir
+    assert "metrics.jsonl' is invalid: it is a file" in _one_line_error(capsys)
+
+
 # --------------------------------------------------------------------------------------------
 # What a newcomer sees: the plan, the ETA, plain lines off a terminal, the progress legend
 # --------------------------------------------------------------------------------------------
