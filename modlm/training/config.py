@@ -234,10 +234,16 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any ModelConfig field, e.g. --model-arg d_model=128 (repeatable)",
+        help="override any ModelConfig field, read by its type: d_model=128, tie_embeddings=false, "
+        "n_kv_heads=none, layer_types=dense,routed,... (repeatable)",
     )
     g = parser.add_argument_group("data")
-    g.add_argument("--data", default=None, help="'enwiki' (default: bundled Wikipedia sample), a text file or a folder")
+    g.add_argument(
+        "--data",
+        default=None,
+        help="'enwiki' (default: bundled Wikipedia sample), a folder of *.txt/*.md/*.text files (one document "
+        "each) or one UTF-8 text file (cut into ~20k-character documents at blank lines, or line ends)",
+    )
     g.add_argument(
         "--tokenizer",
         default=None,

@@ -5,7 +5,7 @@ metrics.jsonl, atomic checkpoints, exact resume, and DDP under ``torchrun``.
     torchrun --nproc_per_node=2 -m modlm.training --model tiny --max-steps 200   # CPU: gloo
 
 Resume is exact: a checkpoint holds the weights, the optimizer state, the step (the schedule is a
-pure function of it) and every RNG the loop draws from (the data generator of each rank and the
+pure function of it and of the step its stretch began at, see ``--more-steps``) and every RNG the loop draws from (the data generator of each rank and the
 global torch RNG the random router uses), so a run killed after a checkpoint and resumed with
 ``--resume`` ends with the same weights, bit for bit on CPU, as a run never interrupted.
 Evaluation runs under a forked RNG and never shifts the training random streams.
@@ -15,7 +15,11 @@ checkpoint's optimizer and RNG state), then ``run`` repeats ``step`` and, at the
 ``log``, ``evaluate`` and ``save``. The pieces it is made of live beside it: ``config``
 (TrainConfig, schedule, flags), ``optim`` (groups and clipping by parameter role),
 ``distributed`` (process group, parallel strategies), ``device``, ``evaluation``, ``metrics``,
-``signals``.
+``signals``, ``lock`` (one run per run directory).
+
+What it refuses, each in one line: a run directory another run holds (``RunDirLockedError``) or
+that cannot be made, an existing run without ``--resume`` (``RunExistsError``), a run whose loss
+or weights stop being finite (``DivergedError``, before any checkpoint of them).
 """
 
 from __future__ import annotations
@@ -120,7 +124,8 @@ class Trainer:
         info: process-group facts (``modlm.training.distributed.process_group``).
         device: where this rank computes (``modlm.training.device.resolve_device``).
         resume: continue from ``cfg.out_dir``'s checkpoint (a fresh start when there is none);
-            without it an existing checkpoint is an error.
+            without it (and without ``cfg.more_steps``, which implies it) an existing checkpoint
+            is an error.
         progress: a tqdm bar on rank 0 when stdout and stderr are terminals; otherwise (and
             with ``progress=False``) one plain line per log event.
         t0: ``time.monotonic()`` at the start of this invocation (the time budget counts from it).
