@@ -155,7 +155,13 @@ class TrainConfig:
         return ModelConfig.from_name(self.model, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except ``more_steps`` when not given: it is an instruction to one
+        invocation, not a setting of the run, so records written before it existed (a sweep's
+        runs.jsonl compares them) still match."""
+        d = dataclasses.asdict(self)
+        if d["more_steps"] is None:
+            del d["more_steps"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

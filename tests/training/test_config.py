@@ -74,6 +74,10 @@ def test_train_config_dict_round_trip():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown field"):
         TrainConfig.from_dict({"bogus": 1})
+    # more_steps is recorded only when given (so records older than it still compare equal).
+    assert "more_steps" not in cfg.to_dict()
+    extend = dataclasses.replace(cfg, more_steps=100)
+    assert extend.to_dict()["more_steps"] == 100 and TrainConfig.from_dict(extend.to_dict()) == extend
 
 
 # --------------------------------------------------------------------------------------------
