@@ -810,14 +810,10 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = train_config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        summary = train(cfg, resume=args.resume, progress=args.progress)
+        summary = train(train_config_from_args(args), resume=args.resume, progress=args.progress)
     except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError) as e:
-        # Bad input found at run time (device, data, an existing or busy run, a diverging
-        # learning rate): one line, not a traceback.
+        # A bad value, or bad input found at run time (device, data, an existing or busy run, a
+        # diverging learning rate): one line, not a traceback.
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     if summary["rank"] == 0:
