@@ -73,10 +73,17 @@ def report(e: BaseException, prog: str = "modlm") -> int:
     if debugging() or not isinstance(e, (*EXPECTED, KeyboardInterrupt)):
         raise e
     if isinstance(e, KeyboardInterrupt):
-        print(f"{prog}: interrupted", file=sys.stderr)
+        _say(f"{prog}: interrupted")
         return EXIT_INTERRUPTED
-    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+    _say(f"{prog}: error: {one_line(e)}")
     return EXIT_ERROR
+
+
+def _say(line: str) -> None:
+    # One write of the whole line: processes sharing stderr (DDP ranks under torchrun) then never
+    # interleave inside a line, as print's separate write of the newline can when unbuffered.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def run_cli(fn: Callable[..., Any], *args: Any, prog: str = "modlm") -> int:

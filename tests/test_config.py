@@ -107,3 +107,23 @@ def test_config_module_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_parse_assignments_reads_values_by_declared_type():
+    from modlm.config import parse_assignments
+
+    items = ["tie_embeddings=False", "d_model=64", "rope_base=5e3", "n_kv_heads=null", "layer_types=dense, routed"]
+    assert parse_assignments(items, into=ModelConfig) == {
+        "tie_embeddings": False,
+        "d_model": 64,
+        "rope_base": 5000.0,
+        "n_kv_heads": None,
+        "layer_types": ("dense", "routed"),
+    }
+    assert parse_assignments(["router=none", 'router="random"'], into=ModelConfig) == {"router": "random"}
+    # Without a target the values are JSON where they parse, else strings (as always).
+    assert parse_assignments(["a=1", "b=x", "c=false"]) == {"a": 1, "b": "x", "c": False}
+    with pytest.raises(ValueError, match=r"^--flag d_model='1\.5' is invalid: ModelConfig\.d_model must be an int$"):
+        parse_assignments(["d_model=1.5"], "--flag", into=ModelConfig)
+    with pytest.raises(ValueError, match=r"has no field 'wings'; known: name, vocab_size, d_model"):
+        parse_assignments(["wings=2"], into=ModelConfig)

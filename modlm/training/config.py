@@ -17,12 +17,22 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from modlm.config import ModelConfig, dataclass_from_dict, parse_assignments, preset_names
+from modlm.config import (
+    ModelConfig,
+    conforms,
+    dataclass_from_dict,
+    describe_type,
+    field_types,
+    parse_assignments,
+    preset_names,
+)
 from modlm.routing.registry import NO_ROUTER, router_names
-from modlm.validation import is_int, is_number, require
+from modlm.validation import require
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
+# Counts and seeds stay below 2**63: they travel as int64 (torch, numpy) and in JSON.
+MAX_INT = 2**63
 
 
 def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -64,106 +74,72 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
     max_time_s: float | None = None  # wall-clock budget of this invocation: stop, save, exit 0
     compile: bool = False
+    # This invocation only (like max_time_s): continue a finished run for this many more steps
+    # (a new warmup + cosine over them; ``Trainer._plan_stretch``). Implies resuming.
+    more_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _require(
-            isinstance(self.model, str) and self.model in preset_names(),
-            "model",
-            self.model,
-            f"must be a preset: {', '.join(preset_names())}",
-        )
-        known = {f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"name"}
-        _require(
-            isinstance(self.model_overrides, dict),
-            "model_overrides",
-            self.model_overrides,
-            "must be a dict of ModelConfig fields",
-        )
-        unknown = sorted(set(self.model_overrides) - known)
-        _require(
-            not unknown, "model_overrides", unknown, f"unknown ModelConfig field(s); known: {', '.join(sorted(known))}"
-        )
-        _require(self.data is None or isinstance(self.data, str), "data", self.data, "must be None, 'enwiki' or a path")
-        _require(
-            self.cache_dir is None or isinstance(self.cache_dir, str),
-            "cache_dir",
-            self.cache_dir,
-            "must be None or a path",
-        )
-        _require(
-            self.tokenizer is None or isinstance(self.tokenizer, str),
-            "tokenizer",
-            self.tokenizer,
-            "must be None, 'byte' or the path of a tokenizer.json",
-        )
-        _require(
-            is_number(self.val_fraction) and 0 < self.val_fraction < 1,
-            "val_fraction",
-            self.val_fraction,
-            "must be in (0, 1)",
-        )
-        _require(
-            isinstance(self.out_dir, str) and self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path"
-        )
-        for name in (
-            "batch_size",
-            "seq_len",
-            "grad_accum",
-            "max_steps",
-            "eval_interval",
-            "eval_batches",
-            "ckpt_interval",
-            "log_interval",
-        ):
+        # Every field against its declared type first (an int is never a bool, a float is
+        # finite), so the range checks only ever see values of the right kind.
+        for name, declared in field_types(TrainConfig).items():
             value = getattr(self, name)
-            _require(is_int(value) and value >= 1, name, value, "must be an int >= 1")
-        _require(is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
-        _require(
-            is_number(self.min_lr) and 0 <= self.min_lr <= self.lr,
-            "min_lr",
-            self.min_lr,
-            f"must be in [0, lr={self.lr}]",
-        )
+            _require(conforms(value, declared), name, value, f"must be {describe_type(declared)}")
         if self.warmup_steps is None:
             self.warmup_steps = min(100, self.max_steps // 10)
-        _require(
-            is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps,
-            "warmup_steps",
-            self.warmup_steps,
-            f"must be an int in [0, max_steps={self.max_steps}]",
-        )
-        _require(
-            is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0"
-        )
-        _require(is_number(self.beta1) and 0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
-        _require(is_number(self.beta2) and 0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
-        _require(
-            is_number(self.grad_clip) and self.grad_clip >= 0,
-            "grad_clip",
-            self.grad_clip,
-            "must be >= 0 (0 disables clipping)",
-        )
-        _require(is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "must be an int in [0, 2**63)")
-        _require(
-            isinstance(self.device, str) and (self.device in DEVICES or _is_cuda_index(self.device)),
-            "device",
-            self.device,
-            f"must be one of {DEVICES} or 'cuda:N'",
-        )
-        _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
-        _require(
-            self.max_time_s is None or (is_number(self.max_time_s) and self.max_time_s > 0),
-            "max_time_s",
-            self.max_time_s,
-            "must be None or a number of seconds > 0",
-        )
-        _require(isinstance(self.compile, bool), "compile", self.compile, "must be a bool")
+        self._check_ranges()
         mcfg = self.model_config()  # ModelConfig validates the overrides (one-line ValueError)
         _require(
             self.seq_len <= mcfg.max_seq_len,
             "seq_len",
             self.seq_len,
             f"must be <= the model's max_seq_len={mcfg.max_seq_len} (raise it with --model-arg max_seq_len=N)",
+        )
+
+    def _check_ranges(self) -> None:
+        """Each field within its range (types are already checked): one-line ValueError naming it."""
+        presets = preset_names()
+        _require(self.model in presets, "model", self.model, f"must be a preset: {', '.join(presets)}")
+        known = sorted({f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"name"})
+        unknown = sorted(set(self.model_overrides) - set(known))
+        _require(not unknown, "model_overrides", unknown, f"unknown ModelConfig field(s); known: {', '.join(known)}")
+        for name in ("data", "cache_dir", "tokenizer"):
+            _require(getattr(self, name) != "", name, "", "must be None or a non-empty path")
+        _require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1)")
+        _require(self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path")
+        for name in _COUNTS:
+            value = getattr(self, name)
+            _require(1 <= value < MAX_INT, name, value, "must be an int in [1, 2**63)")
+        _require(
+            self.more_steps is None or 1 <= self.more_steps < MAX_INT,
+            "more_steps",
+            self.more_steps,
+            "must be None or an int in [1, 2**63)",
+        )
+        _require(self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        _require(
+            0 <= self.warmup_steps <= self.max_steps,
+            "warmup_steps",
+            self.warmup_steps,
+            f"must be an int in [0, max_steps={self.max_steps}]",
+        )
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _require(0 <= self.seed < MAX_INT, "seed", self.seed, "must be an int in [0, 2**63)")
+        _require(
+            self.device in DEVICES or _is_cuda_index(self.device),
+            "device",
+            self.device,
+            f"must be one of {DEVICES} or 'cuda:N'",
+        )
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
+        _require(
+            self.max_time_s is None or self.max_time_s > 0,
+            "max_time_s",
+            self.max_time_s,
+            "must be None or a number of seconds > 0",
         )
 
     def model_config(self) -> ModelConfig:
@@ -179,11 +155,30 @@ class TrainConfig:
         return ModelConfig.from_name(self.model, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except ``more_steps`` when not given: it is an instruction to one
+        invocation, not a setting of the run, so records written before it existed (a sweep's
+        runs.jsonl compares them) still match."""
+        d = dataclasses.asdict(self)
+        if d["more_steps"] is None:
+            del d["more_steps"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return dataclass_from_dict(cls, d)
+
+
+# The int fields that count something (steps, sequences, tokens, batches): all >= 1.
+_COUNTS = (
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "max_steps",
+    "eval_interval",
+    "eval_batches",
+    "ckpt_interval",
+    "log_interval",
+)
 
 
 def _is_cuda_index(device: str) -> bool:
@@ -191,17 +186,20 @@ def _is_cuda_index(device: str) -> bool:
     return head == "cuda" and idx.isdigit()
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based).
+def lr_at(step: int, cfg: TrainConfig, start: int = 0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of a schedule that begins at ``start``.
 
-    Linear warmup to ``lr`` over ``warmup_steps`` (step 0 already gets lr / warmup_steps, never
-    0), then a cosine from ``lr`` at ``warmup_steps`` down to ``min_lr`` at ``max_steps``.
+    Linear warmup to ``lr`` over ``warmup_steps`` (step ``start`` already gets lr / warmup_steps,
+    never 0), then a cosine from ``lr`` at ``start + warmup_steps`` down to ``min_lr`` at
+    ``max_steps``; ``min_lr`` from there on. ``start`` is 0 for a run's first stretch and the
+    step a ``--more-steps`` continuation began at for a later one.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    s = max(0, step - start)
+    if s < cfg.warmup_steps:
+        return cfg.lr * (s + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    progress = (s - cfg.warmup_steps) / (cfg.max_steps - start - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -242,10 +240,16 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any ModelConfig field, e.g. --model-arg d_model=128 (repeatable)",
+        help="override any ModelConfig field, read by its type: d_model=128, tie_embeddings=false, "
+        "n_kv_heads=none, layer_types=dense,routed,... (repeatable)",
     )
     g = parser.add_argument_group("data")
-    g.add_argument("--data", default=None, help="'enwiki' (default: bundled Wikipedia sample), a text file or a folder")
+    g.add_argument(
+        "--data",
+        default=None,
+        help="'enwiki' (default: bundled Wikipedia sample), a folder of *.txt/*.md/*.text files (one document "
+        "each) or one UTF-8 text file (cut into ~20k-character documents at blank lines, or line ends)",
+    )
     g.add_argument(
         "--tokenizer",
         default=None,
@@ -342,14 +346,26 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest (fresh start if none)"
     )
     g.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bar (one line per log event instead)"
+        "--more-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="implies --resume: a run that reached its max steps trains N more (a new warmup to --lr, then a "
+        "cosine to --min-lr over the N steps); a run stopped early first finishes its planned steps",
+    )
+    g.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar: one line per log event (the default when stdout or stderr is not a terminal)",
     )
     return parser
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from parsed ``add_train_args`` flags (raises the one-line ValueError of bad values)."""
-    overrides = parse_assignments(args.model_arg or [])
+    # Each value is read by its ModelConfig field's declared type: tie_embeddings=false is False.
+    overrides = parse_assignments(args.model_arg or [], "--model-arg", into=ModelConfig)
     if args.router is not None:
         overrides["router"] = args.router
     if args.capacity is not None:

@@ -7,15 +7,28 @@ once and caches ``train.bin`` / ``val.bin`` (flat token streams) plus ``meta.jso
 folder is named after a fingerprint of everything that decides the ids (source files, split
 settings, the tokenizer's identity), so a changed input is never served a stale cache.
 
+What is read: regular files only (a FIFO, a device such as /dev/zero or a socket is refused by
+name before it is opened, and checked again on the open descriptor, so nothing blocks or reads
+forever), decoded as UTF-8 (``\r\n`` read as ``\n``); a file with NUL bytes, or where more than
+``MAX_NON_TEXT`` of the characters are undecodable bytes or control codes, is refused as binary.
+
+Building the cache holds ``<cache folder>/.lock``, so two processes never build one cache at
+once (the second waits, then reads the first one's), and any ``*.tmp-*`` file found there under
+the lock was left by a builder that was killed: it is deleted.
+
 Shape suffixes: D = number of documents, N = number of tokens in a split.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +42,19 @@ from modlm.training.wiki import MIN_DOC_CHARS, default_corpus_path, iter_enwiki_
 __all__ = ["PreparedCorpus", "prepare_corpus", "split_documents"]
 
 # Bump when the cleanup, chunking or on-disk layout changes so that old caches are not reused.
-_FORMAT_VERSION = 1
+# 2: a lone file's long paragraphs are cut at line ends; \r\n is read as \n.
+_FORMAT_VERSION = 2
 
 # Documents are joined with a blank line, the same separator that splits paragraphs inside them.
 DOC_SEPARATOR = "\n\n"
 # A single big text file is cut into documents of roughly this many characters (see _chunk_text).
 CHUNK_CHARS = 20_000
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+# A file where more than this share of the characters are undecodable bytes or control codes
+# (other than tab, newline, carriage return, form feed) is not text. Random bytes score ~57%; a
+# Latin-1 text read as UTF-8 loses only its accented letters (a few %) and is kept.
+MAX_NON_TEXT = 0.30
+_CONTROL = {c: None for c in (*range(0, 9), 11, *range(14, 32), 127, 0xFFFD)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,13 +79,76 @@ def _list_text_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _require_regular_file(path: Path) -> None:
+    """A one-line ValueError naming ``path`` unless it is (a link to) a regular file."""
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"corpus file {path} is {_file_kind(mode)}: only regular text files are read")
+
+
 def _read_text(path: Path) -> str:
-    # errors="replace": one bad byte in a scraped file should not stop a training run.
-    return path.read_text(encoding="utf-8", errors="replace").strip()
+    """The UTF-8 text of the regular file ``path``, stripped; ValueError naming it if it is not
+    a regular file or not text (NUL bytes, or mostly undecodable bytes and control codes)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the descriptor is then checked.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise ValueError(f"corpus file {path} cannot be read ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"corpus file {path} is {_file_kind(mode)}: only regular text files are read")
+        data = f.read()
+    if b"\0" in data:
+        raise ValueError(f"corpus file {path} is binary, not text (it contains NUL bytes)")
+    # errors="replace": one bad byte in a scraped file should not stop a training run; many do.
+    text = data.decode("utf-8", errors="replace")
+    non_text = len(text) - len(text.translate(_CONTROL))
+    if non_text > MAX_NON_TEXT * len(text):
+        raise ValueError(
+            f"corpus file {path} is binary, not UTF-8 text ({non_text / len(text):.0%} of it is undecodable "
+            "bytes or control codes; a text in another encoding: convert it to UTF-8)"
+        )
+    return text.replace("\r\n", "\n").strip()
+
+
+def _cut_at_line_ends(text: str, target_chars: int) -> list[str]:
+    """Split ``text`` after whole lines into pieces of at least ``target_chars`` (the last may be shorter)."""
+    pieces: list[str] = []
+    lines: list[str] = []
+    size = 0
+    for line in text.split("\n"):
+        lines.append(line)
+        size += len(line) + 1
+        if size >= target_chars:
+            pieces.append("\n".join(lines))
+            lines, size = [], 0
+    if lines:
+        pieces.append("\n".join(lines))
+    return pieces
 
 
 def _chunk_text(text: str, target_chars: int) -> list[str]:
-    """Split ``text`` on blank lines into chunks of at least ``target_chars`` (the last may be shorter)."""
+    """Split ``text`` into chunks of at least ``target_chars`` (the last may be shorter).
+
+    Whole paragraphs (separated by blank lines) are gathered until a chunk reaches the target; a
+    paragraph longer than the target (all of a text that separates its lines by single newlines)
+    is first cut at line ends (``_cut_at_line_ends``). A line is never cut.
+    """
     chunks: list[str] = []
     current: list[str] = []
     size = 0
@@ -74,11 +156,12 @@ def _chunk_text(text: str, target_chars: int) -> list[str]:
         para = para.strip()
         if not para:
             continue
-        current.append(para)
-        size += len(para) + 2
-        if size >= target_chars:
-            chunks.append("\n\n".join(current))
-            current, size = [], 0
+        for piece in _cut_at_line_ends(para, target_chars) if len(para) > target_chars else [para]:
+            current.append(piece)
+            size += len(piece) + 2
+            if size >= target_chars:
+                chunks.append("\n\n".join(current))
+                current, size = [], 0
     if current:
         chunks.append("\n\n".join(current))
     return chunks
@@ -87,8 +170,9 @@ def _chunk_text(text: str, target_chars: int) -> list[str]:
 def _single_file_documents(text: str) -> list[str]:
     """Cut one file into pseudo-documents so a by-document train/val split is possible.
 
-    Chunks are ~CHUNK_CHARS, but never so few that the validation split must take a large share:
-    a file under 20 * CHUNK_CHARS is cut into about 20 chunks.
+    The rule: chunks of about CHUNK_CHARS characters, but never so few that the validation split
+    must take a large share (a file under 20 * CHUNK_CHARS is cut into about 20), made of whole
+    paragraphs, or of whole lines where a paragraph is longer than that (``_chunk_text``).
     """
     target = max(1, min(CHUNK_CHARS, len(text) // 20))
     return _chunk_text(text, target)
@@ -228,6 +312,7 @@ def _source_fingerprint(source: str | None) -> tuple[dict[str, Any], str, Path |
         if not files:
             raise ValueError(f"no non-empty {'/'.join('*' + s for s in TEXT_SUFFIXES)} files in {path}")
     else:
+        _require_regular_file(path)  # before anything opens it: a FIFO would block, /dev/zero never end
         files = [path]
     base = path if path.is_dir() else path.parent
     entries = [[str(f.relative_to(base)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
@@ -245,8 +330,17 @@ def _load_documents(source_path: Path | None, display: str) -> list[str]:
         docs = [t] if (t := _read_text(source_path)) else []
     if not docs:
         raise ValueError(f"corpus source has no text: {display}")
+    if len(docs) > 1:
+        return docs
     # One document cannot be split by document; cut it into chunks instead.
-    return _single_file_documents(docs[0]) if len(docs) == 1 else docs
+    chunks = _single_file_documents(docs[0])
+    if len(chunks) < 2:
+        raise ValueError(
+            f"corpus source {display} is a single line of {len(docs[0]):,} characters: a lone file is cut into "
+            "documents at line ends, and need at least 2 documents to split train/val by document "
+            "(give more lines, or a folder of files)"
+        )
+    return chunks
 
 
 def _load_cached(folder: Path, fp_hash: str, tokenizer: Tokenizer) -> PreparedCorpus | None:
@@ -278,7 +372,9 @@ def prepare_corpus(
     Args:
         source: None or "enwiki" for the Wikipedia sample bundled with gensim 4.4.0; otherwise a text
             file or a folder searched recursively for *.txt, *.md and *.text files (one document per
-            file; a lone file is cut into ~20k-character documents on blank lines).
+            file; a lone file is cut into ~20k-character documents of whole paragraphs, or of whole
+            lines where a paragraph is longer: ``_single_file_documents``). Regular UTF-8 text
+            files only (see the module docstring).
         cache_dir: cache root; default ``$MODLM_CACHE`` or ``~/.cache/modlm``. The corpus lives in a
             subfolder named after a hash of the inputs' fingerprint (paths, sizes, mtimes, settings,
             the tokenizer's ``name``).
@@ -290,7 +386,9 @@ def prepare_corpus(
         PreparedCorpus with ``train`` (N_train,) and ``val`` (N_val,) read-only token memmaps.
     Raises:
         FileNotFoundError: the source path (or, for the default, gensim's file) does not exist.
-        ValueError: no usable text, fewer than 2 documents, or a bad ``val_fraction``.
+        ValueError: no usable text, a binary file, a file that is not a regular one (FIFO,
+            device, socket), fewer than 2 documents, or a bad ``val_fraction`` (one line each,
+            naming the file).
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -300,7 +398,7 @@ def prepare_corpus(
         "format_version": _FORMAT_VERSION,
         "source": source_fp,
         # The name is the tokenizer's identity (for a tokenizer.json, a hash of the file), so two
-        # tokenizers never share a cache; the byte tokenizer's stays "byte", keeping old caches valid.
+        # tokenizers never share a cache; the byte tokenizer's is "byte".
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
         "val_fraction": val_fraction,
@@ -313,23 +411,41 @@ def prepare_corpus(
     cached = _load_cached(folder, fp_hash, tokenizer)
     if cached is not None:
         return cached
-    _write_cache(folder, source_path, fingerprint, fp_hash, tokenizer)
+    display = "enwiki" if source_path is None else str(source_path)
+    docs = _load_documents(source_path, display)  # a source that cannot be read leaves no cache folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with _exclusive(folder / ".lock"):
+        # Another process may have built it while this one waited.
+        if _load_cached(folder, fp_hash, tokenizer) is None:
+            # Under the lock every temporary file is a killed builder's: none can be in use.
+            for stale in folder.glob("*.tmp-*"):
+                stale.unlink(missing_ok=True)
+            _write_cache(folder, display, docs, fingerprint, fp_hash, tokenizer)
     loaded = _load_cached(folder, fp_hash, tokenizer)
     assert loaded is not None, f"cache just written to {folder} does not load"
     return loaded
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_path`` (waiting for another holder), released on exit
+    (and by the kernel if the process dies). A filesystem without locks runs unlocked."""
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        yield
+
+
 def _write_cache(
-    folder: Path, source_path: Path | None, fingerprint: dict[str, Any], fp_hash: str, tokenizer: Tokenizer
+    folder: Path, display: str, docs: list[str], fingerprint: dict[str, Any], fp_hash: str, tokenizer: Tokenizer
 ) -> None:
-    """Read, split and tokenize the source into ``folder`` (train.bin, val.bin, then meta.json)."""
-    display = "enwiki" if source_path is None else str(source_path)
-    docs = _load_documents(source_path, display)
+    """Split and tokenize ``docs`` into ``folder`` (train.bin, val.bin, then meta.json)."""
     sizes = [len(d.encode("utf-8")) for d in docs]
     val_fraction, seed = fingerprint["val_fraction"], fingerprint["seed"]
     train_ids, val_ids = split_documents(sizes, val_fraction, seed)
-
-    folder.mkdir(parents=True, exist_ok=True)
     dtype = _token_dtype(tokenizer.vocab_size)
     counts: dict[str, dict[str, int]] = {}
     for split, ids in (("train", train_ids), ("val", val_ids)):

@@ -5,7 +5,7 @@ metrics.jsonl, atomic checkpoints, exact resume, and DDP under ``torchrun``.
     torchrun --nproc_per_node=2 -m modlm.training --model tiny --max-steps 200   # CPU: gloo
 
 Resume is exact: a checkpoint holds the weights, the optimizer state, the step (the schedule is a
-pure function of it) and every RNG the loop draws from (the data generator of each rank and the
+pure function of it and of the step its stretch began at, see ``--more-steps``) and every RNG the loop draws from (the data generator of each rank and the
 global torch RNG the random router uses), so a run killed after a checkpoint and resumed with
 ``--resume`` ends with the same weights, bit for bit on CPU, as a run never interrupted.
 Evaluation runs under a forked RNG and never shifts the training random streams.
@@ -15,12 +15,15 @@ checkpoint's optimizer and RNG state), then ``run`` repeats ``step`` and, at the
 ``log``, ``evaluate`` and ``save``. The pieces it is made of live beside it: ``config``
 (TrainConfig, schedule, flags), ``optim`` (groups and clipping by parameter role),
 ``distributed`` (process group, parallel strategies), ``device``, ``evaluation``, ``metrics``,
-``signals``.
+``signals``, ``lock`` (one run per run directory).
+
+What it refuses, each in one line: a run directory another run holds (``RunDirLockedError``) or
+that cannot be made, an existing run without ``--resume`` (``RunExistsError``), a run whose loss
+or weights stop being finite (``DivergedError``, before any checkpoint of them).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -35,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from modlm.config import ModelConfig
-from modlm.errors import EXPECTED, report
+from modlm.errors import EXPECTED, ArgumentParser, report
 from modlm.flops import flops as flop_report
 from modlm.flops import format_flops, train_flops
 from modlm.model.transformer import ModelOutput, MoDTransformer
@@ -65,6 +68,7 @@ from modlm.training.distributed import (
     process_group,
     wrap_model,
 )
+from modlm.training.lock import RunDirLock, RunDirLockedError
 from modlm.training.metrics import METRICS_FILE, MetricsWriter, truncate_metrics
 from modlm.training.optim import apply_hyperparameters, build_optimizer, clip_gradients, clip_groups, set_lr
 from modlm.training.signals import StopSignal
@@ -84,10 +88,24 @@ _QUIET_ON_RESUME = (
     "compile",
     "device",
     "eval_batches",
+    "more_steps",
 )
+# The pace (and so the ETA) is measured over this invocation's steps 2..ETA_AFTER_STEPS: the first
+# step also pays for allocation and warm-up.
+ETA_AFTER_STEPS = 3
 # How ranks agree on a stop: the largest code wins, so a signal on any rank beats the time budget.
 _STOP_CODES = {None: 0, "max_time": 1, "signal": 2}
 _STOP_REASONS = {code: reason for reason, code in _STOP_CODES.items()}
+
+
+class RunExistsError(FileExistsError, ValueError):
+    """``out_dir`` already holds a run and resuming was not asked for. Also a ValueError (the
+    wrong ``--out-dir`` for a new run), so every command-line handler reports it in one line."""
+
+
+class DivergedError(FloatingPointError, ValueError):
+    """The loss or the weights stopped being finite. Also a ValueError (the settings, ``--lr``
+    first, do not suit this run), so every command-line handler reports it in one line."""
 
 
 class StepResult(NamedTuple):
@@ -106,8 +124,10 @@ class Trainer:
         info: process-group facts (``modlm.training.distributed.process_group``).
         device: where this rank computes (``modlm.training.device.resolve_device``).
         resume: continue from ``cfg.out_dir``'s checkpoint (a fresh start when there is none);
-            without it an existing checkpoint is an error.
-        progress: a tqdm bar on rank 0 (else one line per log event).
+            without it (and without ``cfg.more_steps``, which implies it) an existing checkpoint
+            is an error.
+        progress: a tqdm bar on rank 0 when stdout and stderr are terminals; otherwise (and
+            with ``progress=False``) one plain line per log event.
         t0: ``time.monotonic()`` at the start of this invocation (the time budget counts from it).
     """
 
@@ -121,7 +141,8 @@ class Trainer:
         t0: float | None = None,
     ):
         self.cfg, self.info, self.device = cfg, info, device
-        self.resume_requested, self.progress = resume, progress
+        # --more-steps continues a run, so it implies resuming.
+        self.resume_requested, self.progress = resume or cfg.more_steps is not None, progress
         self.t0 = time.monotonic() if t0 is None else t0
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_path = self.out_dir / RUN_CHECKPOINT
@@ -129,12 +150,16 @@ class Trainer:
         self.bar: tqdm | None = None
         self.metrics = MetricsWriter(None)
         self.state: dict[str, Any] | None = None  # the checkpoint being resumed, if any
+        self.ckpt_dir: Path | None = None
         self.start_step, self.extra = 0, {}
+        self.schedule_start = 0  # the step this stretch's warmup + cosine starts from (``lr_at``)
+        self.pace: tuple[int, float] | None = None  # (step, perf_counter) the pace is measured from
+        self.sec_per_step: float | None = None
 
     def say(self, msg: str) -> None:
         """A line on rank 0's console (above the progress bar when there is one)."""
         if self.info.main:
-            (tqdm.write if self.bar is not None and not self.bar.disable else print)(msg)
+            (tqdm.write if self.bar is not None else print)(msg)
             sys.stdout.flush()
 
     # ----------------------------------------------------------------------------------------
@@ -196,19 +221,24 @@ class Trainer:
                 )
         return corpus
 
-    def _load_model(self) -> tuple[MoDTransformer, ModelConfig]:
-        """The checkpoint's model when resuming one (its state kept in ``self.state``), else a
-        fresh one initialised from ``cfg.seed``."""
-        cfg = self.cfg
+    def _find_existing_run(self) -> None:
+        """The run directory's checkpoint, if any (``self.ckpt_dir``), checked before any data is
+        read: without ``resume`` an existing checkpoint is an error, never overwritten."""
         self.ckpt_dir = None
         try:
             self.ckpt_dir = find_checkpoint(self.ckpt_path)
         except FileNotFoundError:
-            pass
-        if self.ckpt_dir is not None and not self.resume_requested:
-            raise FileExistsError(
-                f"{self.ckpt_dir} already holds a checkpoint; pass --resume to continue it or pick another --out-dir"
+            return
+        if not self.resume_requested:
+            raise RunExistsError(
+                f"{self.out_dir} already holds a run ({self.ckpt_dir}); pass --resume to continue it, "
+                "--more-steps N to train it further once finished, or pick another --out-dir"
             )
+
+    def _load_model(self) -> tuple[MoDTransformer, ModelConfig]:
+        """The checkpoint's model when resuming one (its state kept in ``self.state``), else a
+        fresh one initialised from ``cfg.seed``."""
+        cfg = self.cfg
         mcfg = cfg.model_config()
         if self.ckpt_dir is None:
             torch.manual_seed(cfg.seed)  # same init on every rank (DDP would broadcast rank 0's anyway)
@@ -229,14 +259,18 @@ class Trainer:
     def resume(self) -> None:
         """Load the checkpoint's optimizer state, step and random streams (a no-op on a fresh run).
 
-        The current config's hyperparameters win over the saved ones. A checkpoint written with
-        another world size has no streams for this rank: they are reseeded from the step, with a
-        note that the continuation matches no single run.
+        The current config's hyperparameters win over the saved ones (``--more-steps`` sets the
+        steps: ``_plan_stretch``). A checkpoint written with another world size has no streams for
+        this rank: they are reseeded from the step, with a note that the continuation matches no
+        single run.
         """
-        state, info, cfg = self.state, self.info, self.cfg
+        state, info = self.state, self.info
         if state is None:
             return
         self.start_step, self.extra = state["step"], state["extra"]
+        self.schedule_start = int(self.extra.get("schedule_start", 0))
+        new_stretch = self._plan_stretch()
+        cfg = self.cfg
         opt_state = state["optimizer"]
         if opt_state is None:
             raise ValueError(f"{self.ckpt_dir} has no optimizer state; it cannot be resumed (load_model it instead)")
@@ -260,15 +294,43 @@ class Trainer:
             self.data_gen.manual_seed(stream_seed(cfg.seed, info.rank, f"data@{self.start_step}"))
             torch.manual_seed(stream_seed(cfg.seed, info.rank, f"torch@{self.start_step}"))
         if info.main:
-            changed = [
-                k
-                for k, v in cfg.to_dict().items()
-                if (state["train"] or {}).get(k, v) != v and k not in _QUIET_ON_RESUME
-            ]
+            quiet = (*_QUIET_ON_RESUME, "max_steps", "warmup_steps") if new_stretch else _QUIET_ON_RESUME
+            changed = [k for k, v in cfg.to_dict().items() if (state["train"] or {}).get(k, v) != v and k not in quiet]
             if changed:
                 self.say(
                     f"note: resuming with changed settings {changed}; the run will differ from an uninterrupted one"
                 )
+
+    def _plan_stretch(self) -> bool:
+        """With ``--more-steps N``, the steps this invocation trains; True when it starts a new stretch.
+
+        A run that has reached the ``max_steps`` its checkpoint planned gets a new stretch of N
+        steps, ``[step, step + N)``, with its own schedule: a warmup of ``min(warmup_steps, N)``
+        steps back up to ``lr``, then a cosine down to ``min_lr`` (``lr_at`` from
+        ``schedule_start``). A run stopped before its planned end first finishes that plan, with the
+        schedule it had, so stopping and resuming changes nothing (N is not added then).
+        """
+        cfg, step = self.cfg, self.start_step
+        if cfg.more_steps is None:
+            return False
+        saved = self.state.get("train") or {}
+        planned_end = int(saved.get("max_steps", cfg.max_steps))
+        if step < planned_end:
+            warmup = int(saved.get("warmup_steps", cfg.warmup_steps))
+            self.cfg = dataclasses.replace(cfg, max_steps=planned_end, warmup_steps=warmup)
+            self.say(
+                f"note: the run stopped at step {step} of its planned {planned_end}; finishing those first "
+                f"(--more-steps {cfg.more_steps} adds steps to a finished run)"
+            )
+            return False
+        n = cfg.more_steps
+        self.schedule_start = step
+        self.cfg = dataclasses.replace(cfg, max_steps=step + n, warmup_steps=min(cfg.warmup_steps, n))
+        self.say(
+            f"note: continuing the finished run (step {step}) for {n} more steps: warmup {self.cfg.warmup_steps} "
+            f"steps to lr {cfg.lr:g}, then a cosine to min_lr {cfg.min_lr:g} at step {step + n}"
+        )
+        return True
 
     def _begin(self) -> None:
         """Counters (carried over from the checkpoint), the metrics file, the header lines and the
@@ -294,9 +356,29 @@ class Trainer:
         self.interval_steps, self.t_interval = 0, time.perf_counter()
         if not info.main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.out_dir / METRICS_FILE, self.start_step if resumed else None)
         self.metrics = MetricsWriter(self.out_dir / METRICS_FILE)
+        self._print_banner(dense_flops)
+        self.metrics.log(
+            "start",
+            step=self.start_step,
+            resumed=resumed,
+            train=cfg.to_dict(),
+            model=mcfg.to_dict(),
+            params=self.n_params,
+            flops_per_step=self.step_flops,
+            dense_flops_per_step=dense_flops,
+            tokens_per_step=self.tokens_per_step,
+            schedule_start=self.schedule_start,
+            world_size=info.world_size,
+            device=str(self.device),
+            dtype=self.dtype,
+        )
+
+    def _print_banner(self, dense_flops: int) -> None:
+        """What is trained, on what, for how long (the plan; an ETA follows after a few steps),
+        what the progress line shows, and the resolved configs."""
+        cfg, mcfg = self.cfg, self.mcfg
         rep = flop_report(mcfg, cfg.seq_len)
         print(
             f"modlm train: {mcfg.name} (router={mcfg.router}, capacity={mcfg.capacity}, routed blocks "
@@ -309,27 +391,31 @@ class Trainer:
         )
         print(
             f"  data {self.corpus.meta.get('source')}: {len(self.corpus.train):,} train / {len(self.corpus.val):,} val "
-            f"tokens | device {self.device}, dtype {self.dtype}, world size {info.world_size}"
+            f"tokens | device {self.device}, dtype {self.dtype}, world size {self.info.world_size}"
         )
-        if resumed:
+        if self.state is not None:
             print(f"  resuming from step {self.start_step} ({self.ckpt_dir})")
+        print("  " + self._plan_line())
+        print("  " + _progress_legend(mcfg))
         print("  train config: " + json.dumps(cfg.to_dict()))
         print("  model config: " + json.dumps(mcfg.to_dict()))
         sys.stdout.flush()
-        self.metrics.log(
-            "start",
-            step=self.start_step,
-            resumed=resumed,
-            train=cfg.to_dict(),
-            model=mcfg.to_dict(),
-            params=self.n_params,
-            flops_per_step=self.step_flops,
-            dense_flops_per_step=dense_flops,
-            tokens_per_step=self.tokens_per_step,
-            world_size=info.world_size,
-            device=str(self.device),
-            dtype=self.dtype,
+
+    def _plan_line(self) -> str:
+        """Steps, tokens and time this invocation plans (the ETA comes once the pace is measured)."""
+        cfg = self.cfg
+        todo = cfg.max_steps - self.start_step
+        if todo <= 0:
+            return f"plan: nothing to train, the run is at its max_steps={cfg.max_steps} (--more-steps N trains it further)"
+        line = (
+            f"plan: steps {self.start_step} -> {cfg.max_steps}: {todo:,} steps x {self.tokens_per_step:,} tokens "
+            f"= {todo * self.tokens_per_step:,} tokens"
         )
+        if cfg.max_time_s is not None:
+            line += f", or fewer if --max-time-s {cfg.max_time_s:g} runs out first"
+        if todo > ETA_AFTER_STEPS:
+            line += f"; an ETA follows step {self.start_step + ETA_AFTER_STEPS}"
+        return line
 
     def elapsed(self) -> float:
         """Training seconds of the whole run, earlier invocations included."""
@@ -343,7 +429,7 @@ class Trainer:
         """One optimizer step at the schedule's learning rate: ``grad_accum`` micro-batches,
         gradients clipped per clip group (``modlm.training.optim.clip_gradients``)."""
         cfg = self.cfg
-        lr = lr_at(self.global_step, cfg)
+        lr = lr_at(self.global_step, cfg, self.schedule_start)
         set_lr(self.optimizer, lr)
         for micro in range(cfg.grad_accum):
             x_BT, y_BT = get_batch(self.corpus.train, cfg.batch_size, cfg.seq_len, self.data_gen, self.device)
@@ -370,9 +456,7 @@ class Trainer:
         sums = torch.stack([self.loss_sum, self.lm_sum]) / (self.interval_steps * cfg.grad_accum)
         loss, lm_loss = all_reduce_mean_(sums, self.info).tolist()
         if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss} at step {step}; lower --lr (now {cfg.lr}) or raise --warmup-steps"
-            )
+            raise self._diverged(f"the training loss is {loss} at step {step}")
         dt = time.perf_counter() - self.t_interval
         tok_s = self.interval_steps * self.tokens_per_step / max(dt, 1e-9)
         stats = result.out.router_stats()
@@ -390,21 +474,44 @@ class Trainer:
         }
         self.metrics.log("train", **self.last_train, router=stats)
         summary_stat = _router_summary(stats)
-        # The LM loss: the total adds the predictor's BCE, which never reaches the LM.
-        post = {"loss": f"{lm_loss:.4f}", "aux": f"{loss - lm_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
+        # The LM loss alone: the routers' losses (the total minus it) never reach the LM.
+        post = {"loss": f"{lm_loss:.4f}"}
+        if self.mcfg.routed_layers:
+            post["router_loss"] = f"{loss - lm_loss:.3f}"
+        post["tok/s"] = f"{tok_s:,.0f}"
         if summary_stat is not None:
             post[summary_stat[0]] = f"{summary_stat[1]:.3f}"
-        if self.bar.disable and self.info.main:
+        if self.bar is not None:
+            self.bar.set_postfix(post, refresh=False)
+        elif self.info.main:
+            eta = self._eta_s()
             print(
                 f"step {step}/{cfg.max_steps} "
                 + " ".join(f"{k} {v}" for k, v in post.items())
-                + f" lr {result.lr:.3g}",
+                + f" lr {result.lr:.3g}"
+                + (f" eta {_duration(eta)}" if eta is not None else ""),
                 flush=True,
             )
-        self.bar.set_postfix(post, refresh=False)
         self.loss_sum.zero_()
         self.lm_sum.zero_()
         self.interval_steps, self.t_interval = 0, time.perf_counter()
+
+    def _diverged(self, what: str) -> DivergedError:
+        """The one-line error of a run whose loss or weights stopped being finite."""
+        cfg = self.cfg
+        kept = f"; the checkpoint of step {self.saved_step} is the last one" if self.saved_step >= 0 else ""
+        return DivergedError(
+            f"training diverged: {what}; lower --lr (now {cfg.lr:g}) or raise --warmup-steps "
+            f"(now {cfg.warmup_steps}){kept}"
+        )
+
+    def _check_finite(self) -> None:
+        """Refuse to checkpoint a diverged model: the losses of the steps since the last log line and
+        every parameter must be finite (ranks agree, so none waits alone in a collective)."""
+        checks = [torch.isfinite(self.loss_sum)] + [torch.isfinite(p).all() for p in self.model.parameters()]
+        finite = bool(torch.stack(checks).all())
+        if all_reduce_max(int(not finite), self.info, self.comm_device):
+            raise self._diverged(f"the loss or the weights are not finite at step {self.global_step}")
 
     def evaluate(self) -> None:
         """Validation loss under top-k and under causal routing (rank 0 evaluates, the others
@@ -436,7 +543,9 @@ class Trainer:
         )
 
     def save(self) -> None:
-        """Checkpoint this step: every rank's random streams are gathered, rank 0 writes."""
+        """Checkpoint this step (never a diverged one): every rank's random streams are gathered,
+        rank 0 writes."""
+        self._check_finite()
         self.saved_step = self.global_step
         local = capture_rng_state({"data": self.data_gen}, self.cuda_dev)
         rng: dict[str, Any] = {}
@@ -447,6 +556,7 @@ class Trainer:
             return
         extra_state = {
             "world_size": self.info.world_size,
+            "schedule_start": self.schedule_start,
             "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed(),
             "last_eval": self.last_eval,
@@ -482,25 +592,55 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Set up, resume, train to ``max_steps`` (or a stop signal, or the time budget) and end
-        with an evaluation and a checkpoint of the last step; returns the summary."""
+        """Hold the run directory, set up, resume, train to ``max_steps`` (or a stop signal, or the
+        time budget) and end with an evaluation and a checkpoint of the last step; returns the
+        summary."""
+        with self._hold_run_dir():
+            try:
+                self._find_existing_run()
+                self.setup()
+                self.resume()
+                self._begin()
+                self._loop()
+                # A run stopped early still ends with an evaluation and a checkpoint of its last step.
+                if self.evaluated_step != self.global_step:
+                    self.evaluate()
+                if self.saved_step != self.global_step:
+                    self.save()
+                return self._finish()
+            finally:
+                self.metrics.close()
+
+    def _hold_run_dir(self) -> contextlib.AbstractContextManager:
+        """Rank 0 takes the run directory's lock (``modlm.training.lock``); every rank learns
+        whether it could, so a refused DDP run stops on all ranks with one line."""
+        lock, error = None, None
+        if self.info.main:
+            try:
+                lock = RunDirLock(self.out_dir, say=self.say).acquire()
+            except ValueError as e:
+                error = e
+        if all_reduce_max(int(error is not None), self.info, self.comm_device) and error is None:
+            raise RunDirLockedError(f"{self.out_dir}: rank 0 could not take the run directory")
+        if error is not None:
+            raise error
+        return lock if lock is not None else contextlib.nullcontext()
+
+    def _loop(self) -> None:
+        """The steps, with their log lines, evaluations and checkpoints at their intervals, until
+        ``max_steps``, a stop signal or the time budget."""
         cfg = self.cfg
-        self.setup()
-        self.resume()
-        self._begin()
-        self.bar = tqdm(
-            total=cfg.max_steps,
-            initial=self.start_step,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (self.progress and self.info.main),
-            desc="train",
-        )
+        # A bar only where a person watches: written to a file or a pipe, its carriage returns
+        # pile up and the evaluation lines glue onto them, so plain lines are printed instead.
+        interactive = sys.stdout.isatty() and sys.stderr.isatty()
+        if self.progress and self.info.main and interactive:
+            self.bar = tqdm(total=cfg.max_steps, initial=self.start_step, unit="step", dynamic_ncols=True, desc="train")
         try:
             with StopSignal() as stop_signal:
                 while self.global_step < cfg.max_steps:
                     result = self.step()
-                    self.bar.update(1)
+                    if self.bar is not None:
+                        self.bar.update(1)
                     if self.step_delay:
                         time.sleep(self.step_delay)
                     step = self.global_step
@@ -511,18 +651,50 @@ class Trainer:
                     reason = self._agreed_stop(stop_signal)
                     if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or reason is not None:
                         self.save()
+                    self._measure_pace()
                     if reason is not None:
                         self.stop_reason = reason
                         self.say(f"stopping at step {step}/{cfg.max_steps}: {reason}")
                         break
         finally:
-            self.bar.close()
-        # A run stopped early still ends with an evaluation and a checkpoint of its last step.
-        if self.evaluated_step != self.global_step:
-            self.evaluate()
-        if self.saved_step != self.global_step:
-            self.save()
-        return self._finish()
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    def _measure_pace(self) -> None:
+        """Seconds per step, from the end of this invocation's first step; after
+        ``ETA_AFTER_STEPS`` steps, one line with the ETA (the log lines keep it up to date)."""
+        done = self.global_step - self.start_step
+        if done in (1, ETA_AFTER_STEPS) and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the steps queued so far are done, not only launched
+        now = time.perf_counter()
+        if self.pace is None:
+            self.pace = (self.global_step, now)
+            return
+        since_step, since = self.pace
+        self.sec_per_step = (now - since) / (self.global_step - since_step)
+        if done == ETA_AFTER_STEPS and self.global_step < self.cfg.max_steps:
+            self.say(self._eta_line())
+
+    def _eta_s(self) -> float | None:
+        """Seconds until this invocation ends (its max_steps or its time budget), once measured."""
+        if self.sec_per_step is None:
+            return None
+        eta = (self.cfg.max_steps - self.global_step) * self.sec_per_step
+        if self.cfg.max_time_s is not None:
+            eta = min(eta, max(0.0, self.cfg.max_time_s - (time.monotonic() - self.t0)))
+        return eta
+
+    def _eta_line(self) -> str:
+        cfg, sps = self.cfg, self.sec_per_step
+        todo = cfg.max_steps - self.global_step
+        line = f"pace: {sps:.3g} s/step; {todo:,} more step{'s' * (todo != 1)}, about {_duration(todo * sps)}"
+        if cfg.max_time_s is not None:
+            left = max(0.0, cfg.max_time_s - (time.monotonic() - self.t0))
+            if left < todo * sps:
+                reach = self.global_step + int(left / sps)
+                line += f"; --max-time-s {cfg.max_time_s:g} stops it first, in {_duration(left)} near step {reach}"
+        return line
 
     def _finish(self) -> dict[str, Any]:
         """The replicas' agreement check (DDP), the summary, its "end" event and the last line."""
@@ -539,6 +711,7 @@ class Trainer:
         summary = {
             "step": step,
             "max_steps": self.cfg.max_steps,
+            "schedule_start": self.schedule_start,
             "stop_reason": self.stop_reason,
             "resumed_from": self.start_step if self.state is not None else None,
             "train_loss": last_train.get("lm_loss"),
@@ -569,6 +742,37 @@ class Trainer:
         return summary
 
 
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h12m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _progress_legend(mcfg: ModelConfig) -> str:
+    """What the progress line's numbers are (its ``router_loss`` is the total minus the LM loss)."""
+    line = "progress: loss = the LM's cross-entropy (nats/token, as val loss)"
+    if not mcfg.routed_layers:
+        return line
+    terms = []
+    if mcfg.uses_predictor:
+        terms.append(
+            f"the causal predictor's BCE (weight {mcfg.predictor_loss_weight:g}; it trains only the predictor)"
+        )
+    if mcfg.uses_aux_loss:
+        terms.append(f"the router logit's BCE (weight {mcfg.aux_loss_weight:g})")
+    what = " + ".join(terms) if terms else f"the {mcfg.router} router's auxiliary loss, if any"
+    line += f"; router_loss = {what}, summed over the {len(mcfg.routed_layers)} routed blocks"
+    if mcfg.uses_predictor:
+        line += "; pred_acc = how often the predictor agrees with top-k (decoding routes by it)"
+    elif mcfg.uses_aux_loss:
+        line += "; aux_acc = how often sigmoid(router logit) agrees with top-k (decoding routes by it)"
+    return line
+
+
 def _router_summary(stats: dict[str, float]) -> tuple[str, float] | None:
     """One number for the progress bar: mean causal-predictor accuracy, else aux-router accuracy."""
     for key in ("pred_acc", "aux_acc"):
@@ -584,7 +788,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     Writes ``out_dir/metrics.jsonl`` (events: start, train, eval, checkpoint, end) and the
     checkpoint ``out_dir/checkpoints/latest`` every ``ckpt_interval`` steps and at the end.
     ``resume`` continues from that checkpoint (a fresh start when there is none); without it an
-    existing checkpoint is an error, so a finished run is never overwritten by accident.
+    existing checkpoint is an error (``RunExistsError``, a FileExistsError), so a finished run is never overwritten by
+    accident, and ``cfg.more_steps`` trains a finished run further. While it runs, the run holds
+    ``out_dir/.lock``: a second run on the same directory raises ``RunDirLockedError`` naming it.
+    A loss or weights that stop being finite raise ``DivergedError`` (a FloatingPointError naming --lr) before any
+    checkpoint of them is written.
     Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs data-parallel; only rank 0 writes.
     """
     if not isinstance(cfg, TrainConfig):
@@ -598,17 +806,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m modlm.training``: parse flags, train, print the summary as JSON (rank 0)."""
-    parser = argparse.ArgumentParser(prog="python -m modlm.training", description="Train a Mixture-of-Depths LM.")
+    parser = ArgumentParser(prog="python -m modlm.training", description="Train a Mixture-of-Depths LM.")
     add_train_args(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = train_config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        summary = train(cfg, resume=args.resume, progress=args.progress)
+        summary = train(train_config_from_args(args), resume=args.resume, progress=args.progress)
     except (*EXPECTED, KeyboardInterrupt) as e:
-        # Bad input found at run time (device, data, an existing run, a diverged run): one line.
+        # A bad value, or bad input found at run time (device, data, an existing or busy run, a
+        # diverging learning rate): one line, not a traceback (MODLM_DEBUG=1 shows it).
         return report(e, parser.prog)
     if summary["rank"] == 0:
         print(json.dumps(summary))

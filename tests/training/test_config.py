@@ -74,6 +74,10 @@ def test_train_config_dict_round_trip():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown field"):
         TrainConfig.from_dict({"bogus": 1})
+    # more_steps is recorded only when given (so records older than it still compare equal).
+    assert "more_steps" not in cfg.to_dict()
+    extend = dataclasses.replace(cfg, more_steps=100)
+    assert extend.to_dict()["more_steps"] == 100 and TrainConfig.from_dict(extend.to_dict()) == extend
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +103,14 @@ def test_lr_schedule_without_warmup():
     assert [lr_at(s, cfg) for s in range(5)] == pytest.approx(
         [2e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)]
     )
+
+
+def test_lr_schedule_of_a_later_stretch_starts_at_its_own_step():
+    """A --more-steps stretch [start, max_steps) is the first stretch's schedule shifted to start."""
+    first = TrainConfig(model="tiny", seq_len=32, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    later = TrainConfig(model="tiny", seq_len=32, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=1110)
+    assert [lr_at(s, later, start=1000) for s in range(1000, 1115)] == [lr_at(s, first) for s in range(115)]
+    assert lr_at(999, later, start=1000) == lr_at(1000, later, start=1000) > 0  # never below the first step's
 
 
 def test_stream_seeds_are_fixed_and_distinct_per_rank_and_stream():
@@ -156,11 +168,75 @@ def test_cli_flags_cover_train_config_and_parse():
     assert defaults == TrainConfig()
 
 
-def test_cli_rejects_bad_values(capsys):
-    with pytest.raises(SystemExit) as err:
-        main(["--model", "tiny", "--batch-size", "0"])
-    assert err.value.code == 2
-    assert "TrainConfig.batch_size=0 is invalid" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--model", "tiny", "--model-arg", "no_equals_sign"])
-    assert "KEY=VALUE" in capsys.readouterr().err
+def test_cli_rejects_bad_values_in_one_line(capsys):
+    for argv, fragment in (
+        (["--batch-size", "0"], "TrainConfig.batch_size=0 is invalid"),
+        (["--model-arg", "no_equals_sign"], "KEY=VALUE"),
+    ):
+        assert main(["--model", "tiny", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("python -m modlm.training: error: ") and fragment in err[0]
+
+
+def test_every_field_is_checked_against_its_declared_type():
+    """Each field refuses a value of another type (a bool where an int is declared, a string where a
+    number is) with one line naming it: no field can be added without the check."""
+    for f in dataclasses.fields(TrainConfig):
+        for wrong in (object(), [1], True if f.type != "bool" else 1):
+            with pytest.raises(ValueError) as err:
+                TrainConfig(**{f.name: wrong})
+            msg = str(err.value)
+            assert "\n" not in msg and msg.startswith(f"TrainConfig.{f.name}="), msg
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("lr", "1e-3"), ("lr", float("inf")), ("max_time_s", float("nan")), ("max_steps", 2**63), ("data", "")],
+)
+def test_numbers_are_finite_and_counts_bounded(field, value):
+    with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}="):
+        TrainConfig(**{field: value})
+
+
+def _parse(*argv: str) -> TrainConfig:
+    return train_config_from_args(
+        add_train_args(argparse.ArgumentParser()).parse_args(["--model", "tiny", "--seq-len", "64", *argv])
+    )
+
+
+@pytest.mark.parametrize("text", ["false", "False", "no", "0", "OFF"])
+def test_model_arg_reads_bools_by_the_field_type(text):
+    from modlm.model.transformer import MoDTransformer
+
+    cfg = _parse("--model-arg", f"tie_embeddings={text}", "--model-arg", "d_model=64")
+    assert cfg.model_overrides == {"tie_embeddings": False, "d_model": 64}
+    model = MoDTransformer(cfg.model_config())
+    assert model.lm_head.weight is not model.tok_emb.weight  # untied: two tensors
+    assert _parse("--model-arg", "tie_embeddings=yes").model_overrides == {"tie_embeddings": True}
+
+
+def test_model_arg_reads_tuples_and_none():
+    cfg = _parse("--model-arg", "layer_types=dense,routed,routed,dense", "--model-arg", "d_mlp=none")
+    assert cfg.model_overrides == {"layer_types": ("dense", "routed", "routed", "dense"), "d_mlp": None}
+    assert cfg.model_config().routed_layers == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "item,fragment",
+    [
+        ("rope_base=x", "rope_base='x'"),
+        ("d_model={1,2", "d_model='{1,2'"),
+        ("d_model=64.0", "d_model='64.0'"),
+        ("tie_embeddings=maybe", "tie_embeddings='maybe'"),
+        ("capacity=nan", "capacity='nan'"),
+        ("d_modle=64", "d_modle='64'"),
+    ],
+)
+def test_bad_model_arg_is_one_line_naming_key_and_value(item, fragment, capsys):
+    with pytest.raises(ValueError) as err:
+        _parse("--model-arg", item)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"--model-arg {fragment} is invalid")
+    assert main(["--model", "tiny", "--model-arg", item]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and fragment in err_lines[0]

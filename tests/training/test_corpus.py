@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +160,119 @@ def test_bad_sources(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="1.5"):
         prepare_corpus(str(one_line), cache_dir=tmp_path / "cache", val_fraction=1.5)
+
+
+def test_a_text_with_single_newlines_is_cut_at_line_ends(tmp_path: Path) -> None:
+    """No blank line anywhere (one sentence per line): documents of whole lines, none cut."""
+    lines = [f"LINE{i:04d} " + " ".join(["the quick brown fox jumps over the lazy dog"] * 3) for i in range(800)]
+    for name, newline in (("lines.txt", "\n"), ("crlf.txt", "\r\n")):
+        path = tmp_path / name
+        path.write_bytes(newline.join(lines).encode())
+        corpus = prepare_corpus(str(path), cache_dir=tmp_path / "cache")
+        assert corpus.meta["train_docs"] + corpus.meta["val_docs"] >= 15
+        tok = ByteTokenizer()
+        train, val = tok.decode(corpus.train), tok.decode(corpus.val)
+        assert "\r" not in train + val
+        got = [line for line in (train + "\n\n" + val).split("\n") if line]
+        assert sorted(got) == sorted(lines)  # every line whole, exactly once
+        train_marks = {w for w in train.split() if w.startswith("LINE")}
+        assert train_marks.isdisjoint(w for w in val.split() if w.startswith("LINE"))
+
+
+def _refused(path: Path, tmp_path: Path, *fragments: str) -> None:
+    """prepare_corpus refuses ``path`` at once with one line naming it (an alarm turns a hang into a failure)."""
+
+    def hang(signum, frame):
+        raise TimeoutError(f"prepare_corpus({path}) blocked")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError) as err:
+            prepare_corpus(str(path), cache_dir=tmp_path / "cache")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, msg
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # no cache left
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    _refused(fifo, tmp_path, "FIFO")
+    _refused(Path("/dev/zero"), tmp_path, "character device")
+    sock_path = tmp_path / "sock.txt"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(sock_path))
+        _refused(sock_path, tmp_path, "socket")
+    # In a folder, what is not a regular file is not part of the corpus.
+    src = _make_folder(tmp_path, n_docs=4)
+    os.mkfifo(src / "part0" / "fifo.txt")
+    (src / "part1" / "zero.txt").symlink_to("/dev/zero")
+    assert prepare_corpus(str(src), cache_dir=tmp_path / "cache2").meta["train_docs"] >= 3
+
+
+def test_binary_files_are_refused_by_name(tmp_path: Path) -> None:
+    ls_copy = tmp_path / "ls"
+    shutil.copy("/bin/ls", ls_copy)
+    _refused(ls_copy, tmp_path, "binary", "NUL")
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"plain text\nthen a NUL\x00 byte\n" * 100)
+    _refused(nul, tmp_path, "binary", "NUL")
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(range(1, 256)) * 40)  # no NUL, mostly not UTF-8
+    _refused(noise, tmp_path, "binary", "not UTF-8 text")
+    # One binary file in a folder is refused by its name.
+    src = _make_folder(tmp_path, n_docs=4)
+    shutil.copy("/bin/ls", src / "part2" / "ls.txt")
+    _refused(src, tmp_path, str(src / "part2" / "ls.txt"))
+    # A few bad bytes in a real text are kept (as U+FFFD), not a reason to refuse it.
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("\n".join(f"{i} café déjà vu, a naïve line of text" for i in range(400)).encode("latin-1"))
+    assert prepare_corpus(str(latin1), cache_dir=tmp_path / "cache3").meta["train_docs"] > 1
+
+
+# A builder that is killed while it writes the cache: its tokenizer is slow after the first document.
+_SLOW_BUILD = """
+import sys, time
+from modlm.training.corpus import prepare_corpus
+from modlm.training.tokenizers import ByteTokenizer
+
+class Slow(ByteTokenizer):  # name "byte": the same cache folder as the byte tokenizer's
+    calls = 0
+
+    def encode(self, text):
+        Slow.calls += 1
+        if Slow.calls == 2:
+            print("writing", flush=True)
+            time.sleep(600)
+        return super().encode(text)
+
+prepare_corpus(sys.argv[1], cache_dir=sys.argv[2], tokenizer=Slow())
+"""
+
+
+def test_a_builder_killed_mid_write_leaves_no_temporary_file_after_the_next_run(tmp_path: Path) -> None:
+    src, cache = _make_folder(tmp_path, n_docs=6), tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_BUILD, str(src), str(cache)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(cache.glob("*/train.bin.tmp-*"))  # what SIGKILL leaves behind
+    corpus = prepare_corpus(str(src), cache_dir=cache)
+    assert not list(corpus.path.glob("*.tmp-*"))
+    assert corpus.meta["train_docs"] + corpus.meta["val_docs"] == 6
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from modlm.training.checkpoint import load_checkpoint, read_checkpoint_config
-from modlm.training.config import TrainConfig
+from modlm.training.config import TrainConfig, lr_at
 from modlm.training.trainer import STEP_DELAY_ENV, main, train
 
 SUBPROCESS_TIMEOUT = 240  # generous: a busy 2-core CI box runs these several times slower
@@ -266,6 +266,28 @@ def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
+def test_torchrun_ddp_on_a_held_directory_stops_every_rank(corpus, tmp_path):
+    """Only rank 0 takes the lock (the run above shows rank 1 never tries); refused, all ranks exit."""
+    from modlm.training.lock import RunDirLock
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    with RunDirLock(out):
+        proc = subprocess.run(
+            [*cmd, "-m", "modlm.training.trainer", *_cli_args(corpus, out, "--max-steps", "2")],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT,
+        )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "python -m modlm.training: error:" in line]
+    assert len(errors) == 2 and all("in use by another training run" in e or "rank 0 could not" in e for e in errors)
+    assert "RunDirLockedError" not in proc.stderr  # the ranks print one line each (torchrun adds its report)
+    assert list(out.iterdir()) == []  # nothing written (the holder's lock file went with it)
+
+
 def test_training_with_a_hugging_face_tokenizer_end_to_end(corpus, tmp_path, bpe_tokenizer_file, capsys):
     from modlm.cli import main as cli_main
     from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
@@ -299,3 +321,149 @@ def test_training_with_a_hugging_face_tokenizer_end_to_end(corpus, tmp_path, bpe
     assert capsys.readouterr().out.startswith("the depth")
     with pytest.raises(ValueError, match="tokenizer"):
         _cfg(corpus, tmp_path / "x", tokenizer=str(tmp_path / "missing.json"))
+
+
+# --------------------------------------------------------------------------------------------
+# One run per directory, one line per mistake
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_second_run_on_a_held_directory_is_refused_and_writes_nothing(corpus, tmp_path, capsys):
+    from modlm.training.lock import RunDirLock, RunDirLockedError
+
+    out = tmp_path / "run"
+    with RunDirLock(out):  # as a first training would hold it
+        with pytest.raises(RunDirLockedError, match=f"pid {os.getpid()}"):
+            train(_cfg(corpus, out, ckpt_interval=1), progress=False)
+        capsys.readouterr()
+        assert main(_cli_args(corpus, out, "--ckpt-interval", "1")) == 2
+        line = _one_line_error(capsys)
+        assert "in use by another training run" in line and str(out) in line
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no checkpoint, no metrics
+    assert train(_cfg(corpus, out, max_steps=2), progress=False)["step"] == 2  # free again
+    assert not (out / ".lock").exists()
+
+
+def test_the_sweep_runners_lock_does_not_block_the_run(corpus, tmp_path):
+    import fcntl
+
+    from modlm.experiments.sweep import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / LOCK_FILE, "w") as sweep_lock:  # what sweep.train_run holds around train()
+        fcntl.flock(sweep_lock, fcntl.LOCK_EX)
+        assert train(_cfg(corpus, out, max_steps=2), resume=True, progress=False)["step"] == 2
+
+
+def test_an_out_dir_that_is_a_file_is_one_line_naming_it(corpus, tmp_path, capsys):
+    a_file = tmp_path / "out"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match=r"out_dir=.*out' is invalid: it is a file"):
+        train(_cfg(corpus, a_file), progress=False)
+    capsys.readouterr()
+    assert main(_cli_args(corpus, a_file)) == 2
+    assert str(a_file) in _one_line_error(capsys)
+
+
+def test_running_the_same_command_twice_says_to_resume_before_reading_data(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_cli_args(corpus, out, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    with pytest.raises(FileExistsError, match="pass --resume to continue it"):
+        train(_cfg(tmp_path / "no_such_corpus", out, max_steps=2), progress=False)  # the data is never read
+    assert main(_cli_args(corpus, out, "--max-steps", "2")) == 2
+    assert "--resume" in _one_line_error(capsys)
+
+
+def test_a_diverging_run_stops_with_one_line_naming_lr_and_saves_no_diverged_weights(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError) as err:
+        train(_cfg(corpus, out, lr=1e30, min_lr=0.0, warmup_steps=0, log_interval=3, ckpt_interval=1), progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "diverged" in msg and "--lr (now 1e+30)" in msg
+    step = read_checkpoint_config(out)["step"]
+    model, _, _ = load_checkpoint(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters()), f"the step-{step} checkpoint is not finite"
+    capsys.readouterr()
+    assert main(_cli_args(corpus, tmp_path / "run2", "--lr", "1e30", "--warmup-steps", "0", "--max-steps", "6")) == 2
+    assert "--lr" in _one_line_error(capsys)
+
+
+def test_modlm_train_reports_each_mistake_in_one_line(corpus, tmp_path, capsys):
+    """Through the `modlm` command's own handler (it reports ValueErrors): each error above is one."""
+    from modlm.cli import main as modlm_main
+
+    out = tmp_path / "run"
+    args = ["train", *_cli_args(corpus, out, "--max-steps", "2")]
+    assert modlm_main(args) == 0
+    capsys.readouterr()
+    assert modlm_main(args) == 2  # the same command twice
+    assert "--resume" in _one_line_error(capsys)
+    diverging = ["train", *_cli_args(corpus, tmp_path / "run2", "--lr", "1e30", "--warmup-steps", "0")]
+    assert modlm_main([*diverging, "--max-steps", "6"]) == 2
+    assert "--lr" in _one_line_error(capsys)
+    assert modlm_main(["train", *_cli_args(corpus, out / "metrics.jsonl")]) == 2  # a file as --out-dir
+    assert "metrics.jsonl' is invalid: it is a file" in _one_line_error(capsys)
+
+
+# --------------------------------------------------------------------------------------------
+# What a newcomer sees: the plan, the ETA, plain lines off a terminal, the progress legend
+# --------------------------------------------------------------------------------------------
+
+
+def test_off_a_terminal_progress_is_plain_lines_with_plan_eta_and_legend(corpus, tmp_path, capsys):
+    train(_cfg(corpus, tmp_path / "run", max_steps=8), progress=True)  # capsys: not a terminal
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err  # no progress bar redraws
+    lines = out.splitlines()
+    assert any(line.startswith("  plan: steps 0 -> 8: 8 steps x 64 tokens = 512 tokens") for line in lines)
+    legend = next(line for line in lines if line.startswith("  progress:"))
+    assert "router_loss = the causal predictor's BCE" in legend and "2 routed blocks" in legend
+    assert sum(line.startswith("pace: ") and "5 more steps, about" in line for line in lines) == 1  # after step 3
+    steps = [line for line in lines if line.startswith("step ") and "/8 loss" in line]
+    assert [s.split()[1] for s in steps] == ["2/8", "4/8", "6/8", "8/8"]
+    assert all(" router_loss " in s and " lr " in s for s in steps)
+    assert all(" eta " in s for s in steps[1:])  # once the pace is measured
+    assert not any(" aux " in line for line in lines)
+
+
+# --------------------------------------------------------------------------------------------
+# --more-steps: run the same command again to train further
+# --------------------------------------------------------------------------------------------
+
+
+def test_more_steps_continues_a_finished_run_with_a_new_warmup_and_cosine(corpus, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(max_steps=6, warmup_steps=2, more_steps=4)
+    first = train(_cfg(corpus, out, **kw), progress=False)  # a fresh run: --more-steps does nothing yet
+    assert first["step"] == 6 and first["schedule_start"] == 0
+    second = train(_cfg(corpus, out, **kw), progress=False)  # implies --resume
+    assert (second["step"], second["resumed_from"], second["schedule_start"]) == (10, 6, 6)
+    lrs = {e["step"]: e["lr"] for e in _events(out, "train")}  # the lr of each logged step's last update
+    first_cfg, more_cfg = _cfg(corpus, out, max_steps=6, warmup_steps=2), _cfg(corpus, out, max_steps=10)
+    assert lrs[6] == pytest.approx(lr_at(5, first_cfg))  # the end of the first cosine
+    assert lrs[8] == pytest.approx(3e-3)  # step 7: warmed up again to --lr in 2 steps
+    assert lrs[10] == pytest.approx(lr_at(9, more_cfg, start=6)) and lrs[10] < lrs[8]  # down the new cosine
+    assert lr_at(9, more_cfg, start=6) > lr_at(10, more_cfg, start=6) == pytest.approx(3e-4)
+    assert read_checkpoint_config(out)["train"]["max_steps"] == 10
+    assert train(_cfg(corpus, out, **kw), progress=False)["step"] == 14  # and again
+
+
+def test_more_steps_stopped_early_then_run_again_matches_an_uninterrupted_continuation(corpus, tmp_path):
+    kw = dict(max_steps=4, warmup_steps=2, more_steps=4, ckpt_interval=2)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for out in (straight, split):
+        train(_cfg(corpus, out, **kw), progress=False)
+    assert train(_cfg(corpus, straight, **kw), progress=False)["step"] == 8
+    stopped = train(_cfg(corpus, split, max_time_s=1e-6, **kw), progress=False)
+    assert stopped["step"] == 5 and stopped["stop_reason"] == "max_time"
+    # The same command again finishes the planned stretch (to 8), it does not add 4 more to step 5.
+    assert train(_cfg(corpus, split, **kw), progress=False)["step"] == 8
+    _assert_same_weights(straight, split)
