@@ -13,7 +13,7 @@ layout when it reads a GGUF file, so those arrive in the same layout.
 The converted model is dense (``router="none"``); its blocks keep the names a routed block
 uses, so its weights also load into a MoD config of the same shape (only routers are new).
 
-Only the GGUF path imports ``transformers`` (``pip install modlm[hf] gguf``); reading a
+Only the GGUF path imports ``transformers`` (``pip install 'modlm[gguf]'``); reading a
 directory of safetensors needs nothing beyond modlm's own dependencies.
 """
 
@@ -296,7 +296,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("reading a GGUF file needs transformers and gguf: pip install 'modlm[hf]' gguf") from None
+        raise ImportError(
+            "reading a GGUF file needs transformers, gguf and accelerate: pip install 'modlm[gguf]'"
+        ) from None
     return transformers
 
 
@@ -367,9 +369,7 @@ class LlamaSource:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor under its Hugging Face name (a GGUF file's dequantized by ``transformers``)."""
         if self.gguf_file is not None:
-            hf_model = _transformers().AutoModelForCausalLM.from_pretrained(
-                self.directory, gguf_file=self.gguf_file, dtype=torch.float32
-            )
+            hf_model = _transformers().AutoModelForCausalLM.from_pretrained(self.directory, gguf_file=self.gguf_file)
             return {k: v.detach() for k, v in hf_model.state_dict().items()}
         from safetensors.torch import load_file
 
@@ -423,7 +423,7 @@ def convert_llama(
 
     Args:
         src: a Hugging Face model directory (config.json + safetensors, one file or sharded) or
-            a ``.gguf`` file (read through ``transformers``, which needs the ``gguf`` package).
+            a ``.gguf`` file (dequantized to float32 by ``transformers``: ``pip install 'modlm[gguf]'``).
         out: the checkpoint directory to write (``modlm.training.checkpoint.save_checkpoint``).
         max_seq_len: see ``llama_model_config``.
         tokenizer: a tokenizer.json to ship instead of the source's own.
