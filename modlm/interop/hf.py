@@ -119,7 +119,7 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_modlm(cls, model: MoDTransformer) -> MoDForCausalLM:
         """Wrap an existing modlm model; its parameters are shared, not copied."""
-        return cls(MoDConfig(model.config), model=model).to(next(model.parameters()).device)
+        return cls(MoDConfig(model.config), model=model)
 
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -138,6 +138,7 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
+        # generate must not build a DynamicCache for a model that cannot fill it.
         return False
 
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -171,8 +172,8 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
         for key in ("past_key_values", "cache", "inputs_embeds"):
             if kwargs.get(key) is not None:
                 raise ValueError(
-                    f"MoDForCausalLM takes no {key}: it recomputes the whole sequence (generate with "
-                    "use_cache=False, the default) or use modlm.generate for the routed KV cache"
+                    f"MoDForCausalLM takes no {key}: it recomputes the whole sequence each call "
+                    "(modlm.generate decodes with the routed KV cache)"
                 )
         if routing not in ROUTINGS:
             raise ValueError(f"routing={routing!r} must be one of {ROUTINGS}")
@@ -202,7 +203,7 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
         """The whole sequence every step, routed causally (no cache: see the module docstring)."""
         for key in ("past_key_values", "cache"):
             if kwargs.get(key) is not None:
-                raise ValueError(f"MoDForCausalLM.generate takes no {key}: pass use_cache=False (the default)")
+                raise ValueError(f"MoDForCausalLM.generate takes no {key}: it recomputes the sequence each step")
         return {"input_ids": input_ids, "attention_mask": attention_mask, "routing": routing}
 
 
