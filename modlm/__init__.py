@@ -12,6 +12,7 @@ Package layout (one concern per folder):
 - ``modlm.inference``: per-layer KV caches, decode policy, ``generate``, calibration, CPU kernel.
 - ``modlm.training``: trainer, optimizer groups, distributed setup, checkpoints, data, tokenizers.
 - ``modlm.experiments``: isoFLOP sweeps and ``modlm reproduce``.
+- ``modlm.interop``: Hugging Face Llama conversion and the Auto-class wrapper (``modlm.hf``).
 - ``modlm.flops``, ``modlm.cli``, ``modlm.bench``.
 """
 
@@ -30,9 +31,17 @@ _LAZY = {
 }
 
 
+# Submodules reachable as ``modlm.X`` without importing them first (``modlm.hf`` needs transformers).
+_LAZY_MODULES = ("hf",)
+
+
 def __getattr__(name):
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f"modlm.{name}")
     raise AttributeError(f"module 'modlm' has no attribute {name!r}")

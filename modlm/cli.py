@@ -265,6 +265,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- convert
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a Hugging Face Llama-architecture model (a directory with config.json + safetensors, or a
+    .gguf file) into a dense modlm checkpoint with its tokenizer."""
+    from modlm.interop.llama import convert_llama
+    from modlm.training.checkpoint import read_checkpoint_config
+
+    def show(cfg, tok) -> None:
+        print(
+            f"# converting {args.src} -> {args.out}: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} "
+            f"kv_heads={cfg.n_kv_heads} d_mlp={cfg.d_mlp} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len} "
+            f"rope_base={cfg.rope_base:g} norm_eps={cfg.norm_eps:g} tied={cfg.tie_embeddings} tokenizer={tok.name}",
+            file=sys.stderr,
+        )
+
+    out = convert_llama(args.src, args.out, max_seq_len=args.max_seq_len, tokenizer=args.tokenizer, on_start=show)
+    print(json.dumps({"checkpoint": str(out), "model": read_checkpoint_config(out)["model"]}))
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from modlm import __version__
@@ -347,6 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help="one of: " + ", ".join(BENCHMARKS))
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("convert", help=" ".join(cmd_convert.__doc__.split()), description=cmd_convert.__doc__)
+    p.add_argument("src", help="a Hugging Face model directory (config.json + *.safetensors) or a .gguf file")
+    p.add_argument("out", help="the checkpoint directory to write")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="context to allocate rotary tables for (default: the model's, at most 8192)",
+    )
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json to ship instead of the source's own")
+    p.set_defaults(func=cmd_convert)
 
     from modlm.experiments.reproduce import add_reproduce_args, cmd_reproduce
     from modlm.experiments.sweep import add_isoflop_args, cmd_isoflop

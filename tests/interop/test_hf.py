@@ -1,0 +1,173 @@
+"""transformers' Auto classes: a modlm model saved with save_pretrained loads back with
+AutoModelForCausalLM after register(), gives the same logits, and generate() picks the same
+greedy tokens as modlm's own cached decoding, dense and routed."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import modlm
+from modlm import ModelConfig, MoDTransformer
+from modlm.inference.calibrate import calibrate_thresholds
+from modlm.inference.generate import generate
+from modlm.interop import hf
+from modlm.interop.llama import from_hf_llama
+
+
+def _model(name: str, **kw) -> MoDTransformer:
+    """A tiny model with weights large enough that greedy text varies; a routed one's causal
+    decisions are mixed (about half the tokens go through each routed block)."""
+    torch.manual_seed(0)
+    model = MoDTransformer(ModelConfig.from_name(name, init_std=0.3, **kw)).double().eval()
+    if model.config.routed_layers:
+        with torch.no_grad():
+            for blk in (model.blocks[i] for i in model.config.routed_layers):
+                blk.router.predictor.fc2.weight.mul_(50.0)
+                blk.router.predictor.fc2.bias.zero_()
+        sample = torch.randint(0, 256, (4, 96), generator=torch.Generator().manual_seed(9))
+        calibrate_thresholds(model, sample, 0.5)
+    return model
+
+
+def _prompts(B=3, T=10, seed=1):
+    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    hf.register()
+    hf.register()  # idempotent
+
+
+def test_register_makes_the_auto_classes_know_modlm():
+    assert isinstance(AutoConfig.for_model("modlm"), hf.MoDConfig)
+    assert modlm.hf.register is hf.register and modlm.hf.MoDForCausalLM is hf.MoDForCausalLM  # the short alias
+
+
+def test_config_carries_the_model_config():
+    cfg = ModelConfig.from_name("tiny", n_kv_heads=2)
+    hf_cfg = hf.MoDConfig(cfg)
+    assert hf_cfg.model_config == cfg
+    assert hf.MoDConfig.from_dict(hf_cfg.to_dict()).model_config == cfg
+    assert (hf_cfg.hidden_size, hf_cfg.num_hidden_layers, hf_cfg.num_key_value_heads) == (64, 4, 2)
+    assert hf_cfg.tie_word_embeddings is True
+    with pytest.raises(ValueError, match="ModelConfig.capacity=2.0 is invalid"):
+        hf.MoDConfig(dict(cfg.to_dict(), capacity=2.0))
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny"])
+def test_save_pretrained_loads_with_auto_and_generates_like_modlm(tmp_path, name):
+    model = _model(name)
+    wrapped = hf.MoDForCausalLM.from_modlm(model)
+    assert wrapped.model is model  # wrapped, not copied
+    wrapped.save_pretrained(tmp_path)
+    # .double() as the model was: from_pretrained(dtype=...) casts parameters but not the rotary tables.
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).double().eval()
+    assert type(loaded) is hf.MoDForCausalLM and loaded.model.config == model.config
+    assert loaded.model.lm_head.weight is loaded.model.tok_emb.weight  # still tied
+
+    idx = _prompts()
+    with torch.no_grad():
+        for routing in ("topk", "causal"):
+            want = model(idx, routing=routing).logits
+            torch.testing.assert_close(loaded(idx, routing=routing).logits, want)
+
+    got = loaded.generate(idx, max_new_tokens=24, do_sample=False)[:, idx.shape[1] :].tolist()
+    want = generate(model, idx, 24, temperature=0, trace=True)  # cached causal decoding
+    assert got == want.tokens
+    assert all(len(set(row)) > 5 for row in got)  # varied text
+    if model.config.routed_layers:  # the routes really were mixed
+        used = [len(r) for row in want.routing for r in row]  # routed blocks each new token went through
+        assert 0.1 < sum(used) / (len(used) * len(model.config.routed_layers)) < 0.9
+
+
+def test_left_padded_batch_generates_like_modlm():
+    model = _model("tiny")
+    wrapped = hf.MoDForCausalLM.from_modlm(model)
+    prompts = [_prompts(1, n, seed=n)[0].tolist() for n in (4, 11, 7)]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    got = wrapped.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert got[:, T:].tolist() == generate(model, prompts, 16, temperature=0).tokens
+
+
+def test_labels_give_modlm_loss_with_aux():
+    model = _model("tiny").float().train()
+    wrapped = hf.MoDForCausalLM.from_modlm(model)
+    idx = _prompts(2, 32)
+    labels = idx.clone()
+    labels[0, :5] = -100  # ignored
+    out = wrapped(idx, labels=labels)
+    nxt = labels[:, 1:]  # transformers shifts inside the model; modlm takes the next tokens, -1 ignored
+    targets = torch.cat([nxt.masked_fill(nxt == -100, -1), torch.full((2, 1), -1)], 1)
+    ref = model(idx, targets)
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss)
+    assert out.aux_loss > 0
+    out.loss.backward()  # trains through the wrapper
+    assert model.blocks[1].router.weight.grad is not None
+
+
+def test_a_cache_or_a_bad_routing_is_refused():
+    wrapped = hf.MoDForCausalLM.from_modlm(_model("tiny-dense"))
+    idx = _prompts(1, 4)
+    with pytest.raises(ValueError, match="takes no past_key_values"):
+        wrapped(idx, past_key_values=transformers.DynamicCache())
+    with pytest.raises(ValueError, match="routing='greedy'"):
+        wrapped(idx, routing="greedy")
+    with pytest.raises(ValueError, match="exceeds max_seq_len=128"):
+        wrapped(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_converted_llama_generates_through_auto_classes_like_llama(tmp_path):
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.15,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    hf.MoDForCausalLM.from_modlm(from_hf_llama(llama)).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    idx = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(3))
+    want = llama.generate(idx, max_new_tokens=16, do_sample=False)
+    assert loaded.generate(idx, max_new_tokens=16, do_sample=False).tolist() == want.tolist()
+
+
+# Modules that must work without transformers installed (it is an optional extra).
+_NO_TRANSFORMERS = ("modlm.config", "modlm.model", "modlm.routing", "modlm.inference", "modlm.training", "modlm.cli")
+
+
+def test_the_model_code_does_not_import_transformers():
+    root = Path(modlm.__file__).resolve().parent
+    for path in root.rglob("*.py"):
+        mod = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        if not mod.startswith(_NO_TRANSFORMERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "transformers" for n in names), f"{mod} imports transformers"
+    # and the conversion module needs it only for GGUF files
+    code = (
+        "import sys, modlm.interop.llama, modlm.inference.generate, modlm.training.trainer, modlm.cli; "
+        "assert 'transformers' not in sys.modules"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root.parent), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
