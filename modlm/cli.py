@@ -224,7 +224,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     """Forward and training FLOPs of a config (routed blocks at their capacity) beside its dense twin."""
     from modlm.flops import flops, format_flops
 
-    overrides = parse_assignments(args.model_arg)
+    overrides = parse_assignments(args.model_arg, into=ModelConfig)
     if args.capacity is not None:
         overrides["capacity"] = args.capacity
     cfg = ModelConfig.from_name(args.model, **overrides)

@@ -98,7 +98,7 @@ class Family:
         over = dict(FAMILIES[base])
         known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "d_model", "n_layers", "n_heads"}
         items = [s.strip() for s in rest.split(",") if s.strip()]
-        given = parse_assignments(items, flag=f"family {spec!r}:")
+        given = parse_assignments(items, flag=f"family {spec!r}:", into=ModelConfig)
         for key, value in given.items():
             if key not in known:
                 raise ValueError(

@@ -300,6 +300,8 @@ class _Progress:
     """One tqdm bar over the sweep's FLOPs, advanced within runs by polling their metrics.jsonl.
 
     The ETA is (FLOPs left) / (FLOP rate so far): runs of one budget cost about the same time.
+    Off a terminal (a log file, a pipe) there is no bar, only the plain per-run lines: a bar's
+    carriage returns would fill the file.
     """
 
     def __init__(self, total_flops: float, done_flops: float, enabled: bool, n_runs: int, n_done: int):
@@ -312,7 +314,7 @@ class _Progress:
         self.bar = tqdm(
             total=total_flops / self.scale,
             initial=done_flops / self.scale,
-            disable=not enabled,
+            disable=not (enabled and sys.stderr.isatty()),
             unit="TFLOP",
             dynamic_ncols=True,
             desc="sweep",
