@@ -41,6 +41,7 @@ class HostDecisions:
     def __init__(self, router_name: str):
         self.thresholded = router_name != NO_ROUTER and router_spec(router_name).thresholded
         self._const: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = {}
+        self._skip: dict[tuple[int, torch.device], RowPlan] = {}
         self._thr: dict[int, tuple[torch.Tensor, int, float]] = {}  # layer -> (buffer, version, value)
 
     def flags(self, layer_idx: int, router: Router, x_B1D: torch.Tensor) -> list[bool]:
@@ -61,7 +62,7 @@ class HostDecisions:
         b, B = sum(flags), len(flags)
         idx_B1, zero, none_B1, all_B1 = self._constants(B, x_B1D.device)
         if b == 0:
-            return RowPlan([], 0, None, None, None, RouterOutput(idx_B1, none_B1, None, zero, {}))
+            return self._skip_plan(B, x_B1D.device)
         if b == B:
             w_B1 = router.token_weights(x_B1D)
             return RowPlan(None, B, None, None, w_B1, RouterOutput(idx_B1, all_B1, w_B1, zero, {}))
@@ -69,13 +70,22 @@ class HostDecisions:
         rows_host = torch.tensor(rows)
         rows_dev = rows_host.to(x_B1D.device)
         sel_B1 = torch.tensor(flags, dtype=torch.bool).view(B, 1).to(x_B1D.device)
-        w_b1 = router.token_weights(x_B1D.index_select(0, rows_dev))  # the routed rows' weights only
+        x_b1D = x_B1D.index_select(0, rows_dev)  # gathered once: weighed here, computed by the block
+        w_b1 = router.token_weights(x_b1D)  # the routed rows' weights only
         w_B1 = (
             None
             if w_b1 is None
             else torch.zeros(B, 1, dtype=w_b1.dtype, device=w_b1.device).index_copy_(0, rows_dev, w_b1)
         )
-        return RowPlan(rows, b, rows_host, rows_dev, w_b1, RouterOutput(idx_B1, sel_B1, w_B1, zero, {}))
+        return RowPlan(rows, b, rows_host, rows_dev, w_b1, RouterOutput(idx_B1, sel_B1, w_B1, zero, {}), x_b1D)
+
+    def _skip_plan(self, B: int, device: torch.device) -> RowPlan:
+        """The plan of a block no row routes into, built once per (B, device) (read-only)."""
+        key = (B, device)
+        if key not in self._skip:
+            idx_B1, zero, none_B1, _ = self._constants(B, device)
+            self._skip[key] = RowPlan([], 0, None, None, None, RouterOutput(idx_B1, none_B1, None, zero, {}))
+        return self._skip[key]
 
     def _threshold(self, layer_idx: int, router: Router) -> float:
         # The threshold as a Python float, re-read only when the buffer changes (calibration).

@@ -56,6 +56,8 @@ class RowPlan(NamedTuple):
         host-side lengths) and on the model's device (for gathers); None when rows is None.
     weight_b1: the routed rows' weights (b, 1), None for unit weight.
     route: the RouterOutput reported for this block (decisions of every row).
+    x_b1D: the routed rows of the block's input, when the policy gathered them already (to
+        weigh them); None: the block gathers them itself.
     """
 
     rows: list[int] | None
@@ -64,6 +66,7 @@ class RowPlan(NamedTuple):
     rows_dev: torch.Tensor | None
     weight_b1: torch.Tensor | None
     route: RouterOutput
+    x_b1D: torch.Tensor | None = None
 
 
 class DecodePolicy(Protocol):
@@ -183,7 +186,7 @@ class RoutedBlock(DenseBlock):
             if plan.weight_b1 is not None:
                 f_B1D = f_B1D * plan.weight_b1.unsqueeze(-1).to(f_B1D.dtype)
             return x_B1D + f_B1D.to(x_B1D.dtype)
-        x_b1D = x_B1D.index_select(0, plan.rows_dev)
+        x_b1D = plan.x_b1D if plan.x_b1D is not None else x_B1D.index_select(0, plan.rows_dev)
         cos, sin = ctx.rotary(ctx.pos_BT.index_select(0, plan.rows_dev))
         f_b1D = self.update(x_b1D, cos, sin, cache=ctx.cache.view(rows=plan.rows_host))
         if plan.weight_b1 is not None:

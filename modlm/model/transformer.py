@@ -68,6 +68,7 @@ class MoDTransformer(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         # One class per layer kind, found by the registry (``config.layer_types``).
+        self._routed = config.routed_layers  # the config does not change under a built model
         self.blocks = nn.ModuleList(block_spec(kind).load()(config, i) for i, kind in enumerate(config.layer_types))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
@@ -188,9 +189,7 @@ class MoDTransformer(nn.Module):
             if aux is not None:
                 auxes[i] = aux
         logits_BTV = self.lm_head(self.norm(x_BTD))
-        out = ModelOutput(
-            logits=logits_BTV, routes={i: auxes[i] for i in self.config.routed_layers if i in auxes}, aux=auxes
-        )
+        out = ModelOutput(logits=logits_BTV, routes={i: auxes[i] for i in self._routed if i in auxes}, aux=auxes)
         if targets_BT is not None:
             out.lm_loss = F.cross_entropy(
                 logits_BTV.float().view(-1, logits_BTV.size(-1)), targets_BT.reshape(-1), ignore_index=-1
@@ -203,10 +202,11 @@ class MoDTransformer(nn.Module):
 
 def _check_phase(phase: Phase | str, idx_BT: torch.Tensor, cache, decode) -> Phase:
     """The phase as a ``Phase``, with one-line errors for arguments that contradict it."""
-    try:
-        phase = Phase(phase)
-    except ValueError:
-        raise ValueError(f"phase={phase!r} is invalid: must be one of {PHASES}") from None
+    if not isinstance(phase, Phase):  # the decode loop passes the enum: no lookup per token
+        try:
+            phase = Phase(phase)
+        except ValueError:
+            raise ValueError(f"phase={phase!r} is invalid: must be one of {PHASES}") from None
     if phase is Phase.TRAIN and cache is not None:
         raise ValueError(
             "phase='train' runs whole sequences without a cache; pass phase='prefill' or 'decode' with a cache"
