@@ -7,8 +7,9 @@ about each kind. A new kind (MoE, MoDE, early exit ...) is a module plus one ``r
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
+
+from modlm.registry import Registry, load_target
 
 
 @dataclass(frozen=True)
@@ -28,29 +29,22 @@ class BlockSpec:
     dense_kind: str
 
     def load(self) -> type:
-        module, _, cls = self.target.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        return load_target(self.target)
 
 
-_BLOCKS: dict[str, BlockSpec] = {}
+_BLOCKS: Registry[BlockSpec] = Registry("block kind")
 
 
 def register_block(spec: BlockSpec) -> BlockSpec:
-    if spec.name in _BLOCKS:
-        raise ValueError(f"block kind {spec.name!r} is already registered")
-    _BLOCKS[spec.name] = spec
-    return spec
+    return _BLOCKS.register(spec)
 
 
 def block_kinds() -> tuple[str, ...]:
-    return tuple(_BLOCKS)
+    return _BLOCKS.names()
 
 
 def block_spec(name: str) -> BlockSpec:
-    try:
-        return _BLOCKS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"block kind {name!r} is not registered; available: {', '.join(_BLOCKS)}") from None
+    return _BLOCKS.get(name)
 
 
 register_block(

@@ -7,10 +7,11 @@ all read this table, and ``build_router`` builds from it, so a new router is one
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from modlm.registry import Registry, load_target
 
 # ``ModelConfig.router`` value meaning "no router": every block is dense.
 NO_ROUTER = "none"
@@ -41,32 +42,25 @@ class RouterSpec:
     aux_loss: Callable[[Any], bool] = lambda config: False
 
     def load(self) -> type:
-        module, _, cls = self.target.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        return load_target(self.target)
 
 
-_ROUTERS: dict[str, RouterSpec] = {}
+_ROUTERS: Registry[RouterSpec] = Registry("router", reserved=(NO_ROUTER,))
 
 
 def register_router(spec: RouterSpec) -> RouterSpec:
     """Add a router to the registry (a name may be registered once)."""
-    if spec.name in _ROUTERS or spec.name == NO_ROUTER:
-        raise ValueError(f"router {spec.name!r} is already registered")
-    _ROUTERS[spec.name] = spec
-    return spec
+    return _ROUTERS.register(spec)
 
 
 def router_names() -> tuple[str, ...]:
     """Registered router names, in registration order."""
-    return tuple(_ROUTERS)
+    return _ROUTERS.names()
 
 
 def router_spec(name: str) -> RouterSpec:
     """The spec of a registered router; one-line ValueError naming the value otherwise."""
-    try:
-        return _ROUTERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"router {name!r} is not registered; available: {', '.join(_ROUTERS)}") from None
+    return _ROUTERS.get(name)
 
 
 register_router(

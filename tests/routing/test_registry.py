@@ -43,7 +43,7 @@ def test_config_validation_reads_the_registry():
         with pytest.raises(ValueError, match="already registered"):
             registry.register_router(spec)
     finally:
-        registry._ROUTERS.pop("stochastic-copy")
+        registry._ROUTERS.items.pop("stochastic-copy")
     with pytest.raises(ValueError, match="router 'banana' is not registered"):
         registry.router_spec("banana")
 
