@@ -117,18 +117,9 @@ class ContiguousLayerCache:
         self.slot_ok[:, start:S] = True if valid_BK is None else valid_BK
         self.lengths = [S] * self.batch_size
         self.max_len = S
-        ok_BS = self.slot_ok[:, :S]
-        if K == 1 and valid_BK is None:
-            # One real new token per row: the slots after it are empty, so the causal mask is
-            # just "holds a real token" (the new slot included).
-            mask = ok_BS[:, None, None, :]
-        else:
-            s_S = torch.arange(S, device=self.device)
-            slot_K = torch.arange(start, S, device=self.device)
-            causal_KS = s_S[None, :] <= slot_K[:, None]
-            self_KS = s_S[None, :] == slot_K[:, None]
-            mask = ((causal_KS[None] & ok_BS[:, None, :]) | self_KS[None]).unsqueeze(1)
-        return self.k[:, :, :S], self.v[:, :, :S], mask
+        single = K == 1 and valid_BK is None
+        slot_1K = None if single else torch.arange(start, S, device=self.device)[None]  # the same slots in every row
+        return self.k[:, :, :S], self.v[:, :, :S], _attention_mask(self.slot_ok[:, :S], slot_1K, single)
 
     def real_lengths(self) -> torch.Tensor:
         """Tokens stored per row (B,): real tokens only."""
@@ -193,14 +184,23 @@ class RaggedLayerCache(ContiguousLayerCache):
             k_all = self.scratch.gather(0, self.k[:, :, :S], rows_d)
             v_all = self.scratch.gather(1, self.v[:, :, :S], rows_d)
             ok_bS = self.slot_ok[:, :S].index_select(0, rows_d)
-        if K == 1 and valid_bK is None:
-            mask = ok_bS[:, None, None, :]
-        else:
-            s_S = torch.arange(S, device=self.device)
-            causal_bKS = s_S.view(1, 1, S) <= slot_bK.unsqueeze(-1)
-            self_bKS = s_S.view(1, 1, S) == slot_bK.unsqueeze(-1)
-            mask = ((causal_bKS & ok_bS.unsqueeze(1)) | self_bKS).unsqueeze(1)
-        return k_all, v_all, mask
+        return k_all, v_all, _attention_mask(ok_bS, slot_bK, K == 1 and valid_bK is None)
+
+
+def _attention_mask(ok_bS: torch.Tensor, slot_bK: torch.Tensor | None, single_real: bool) -> torch.Tensor:
+    """(b, 1, K, S) bool: new token j of a row sees the slots up to its own (``slot_bK``, (b, K) or
+    (1, K)) that hold real tokens, and always itself (so no softmax row is empty).
+
+    ``single_real``: one real new token per row, so the slots after it are empty and the mask is
+    just "holds a real token" (the new slot included); ``slot_bK`` is then not needed.
+    """
+    if single_real:
+        return ok_bS[:, None, None, :]
+    S = ok_bS.shape[1]
+    s_11S = torch.arange(S, device=ok_bS.device).view(1, 1, S)
+    causal_bKS = s_11S <= slot_bK.unsqueeze(-1)
+    self_bKS = s_11S == slot_bK.unsqueeze(-1)
+    return ((causal_bKS & ok_bS.unsqueeze(1)) | self_bKS).unsqueeze(1)
 
 
 LAYOUTS: dict[str, type[ContiguousLayerCache]] = {"contiguous": ContiguousLayerCache, "ragged": RaggedLayerCache}

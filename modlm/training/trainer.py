@@ -195,23 +195,21 @@ class Trainer:
         """The token cache: rank 0 builds it, the others read it once it is complete."""
         cfg, info = self.cfg, self.info
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        if info.main:
-            corpus = prepare_corpus(
+
+        def prepare():
+            return prepare_corpus(
                 cfg.data,
                 cache_dir=cfg.cache_dir,
                 val_fraction=cfg.val_fraction,
                 seed=cfg.seed,
                 tokenizer=self.tokenizer,
             )
+
+        if info.main:
+            corpus = prepare()
         barrier(info)
         if not info.main:
-            corpus = prepare_corpus(
-                cfg.data,
-                cache_dir=cfg.cache_dir,
-                val_fraction=cfg.val_fraction,
-                seed=cfg.seed,
-                tokenizer=self.tokenizer,
-            )
+            corpus = prepare()
         for split in ("train", "val"):
             n = len(getattr(corpus, split))
             if n < cfg.seq_len + 1:
