@@ -137,9 +137,11 @@ def run_analysis(
 ) -> dict[str, Any]:
     """Analyse the trained reference MoD and every-block MoD models; writes analysis.json."""
     from modlm.training.corpus import prepare_corpus
+    from modlm.training.tokenizers import load_tokenizer
 
     results = Path(results_dir)
-    corpus = prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.seed)
+    tokenizer = load_tokenizer(settings.tokenizer_path())  # the runs' own, so the ids are theirs
+    corpus = prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.split_seed, tokenizer=tokenizer)
     finished = read_results(results)
     out: dict[str, Any] = {"models": []}
     for key in ("mod", "every-block"):
