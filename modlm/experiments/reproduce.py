@@ -38,6 +38,7 @@ from typing import Any
 from modlm.experiments.analysis import run_analysis
 from modlm.experiments.isoflop import (
     SETTINGS_FLAGS,
+    format_budget,
     PlannedRun,
     SweepSettings,
     add_settings_args,
@@ -264,6 +265,8 @@ def _print_dry_run(runs: Sequence[PlannedRun], settings: SweepSettings, jobs: in
         print(json.dumps({"runs": len(runs), "train_flops": sum(r.train_flops for r in runs), "seconds_assumed": secs}))
         return
     est = estimate_seconds(runs, settings, jobs=jobs)
+    per_flop = est["seconds_free"] * jobs / max(1, sum(r.train_flops for r in runs))  # one core
+    extension = ", ".join(f"{per_flop * b / 60:.1f} min at {format_budget(b)}" for b in scale.budgets)
     probes = ", ".join(
         f"{p['flops_per_s'] / 1e9:.1f} GFLOP/s wall, {p['flops_per_cpu_s'] / 1e9:.1f} GFLOP per "
         f"CPU-second at {p['flops_per_step']:.3g} FLOPs/step"
@@ -272,7 +275,8 @@ def _print_dry_run(runs: Sequence[PlannedRun], settings: SweepSettings, jobs: in
     print(f"  measured with {threads} thread(s): {probes}")
     print(
         f"  estimate: {est['seconds'] / 60:.0f} min one run at a time at the speed measured now; "
-        f"{est['seconds_free'] / 60:.0f} min with --jobs {jobs} on {jobs * threads} free core(s)"
+        f"{est['seconds_free'] / 60:.0f} min with --jobs {jobs} on {jobs * threads} free core(s); "
+        f"each extension adds about {extension} of one core"
     )
     print(json.dumps({"runs": len(runs), "train_flops": sum(r.train_flops for r in runs), **est}))
 

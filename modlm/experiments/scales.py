@@ -99,9 +99,9 @@ _DEFAULT = Scale(
     name="default",
     description="about an hour on a free 2-core CPU (2 runs at once); byte-level enwiki, 256-byte "
     "sequences, models of 12K-2.7M parameters on a bracketing shape ladder, 3 seeds",
-    budgets=(5e11, 1.6e12, 5e12),
+    budgets=(3e11, 1e12, 3e12),
     shapes=parse_shapes(LADDER_CPU),
-    variant_budget=1.6e12,
+    variant_budget=1e12,
     variant_shape=Shape(64, 4),
     settings=SweepSettings(
         seq_len=256,
@@ -157,7 +157,8 @@ SCALES: dict[str, Scale] = {
     # One H100/H200, bf16, at most 8 minutes (no GPU was available to measure it: its `--dry-run`
     # estimate on a machine without one assumes 2e14 sustained FLOP/s, ~20% of an H100's dense
     # bf16 peak, plus 4 ms per step of kernel launches; a `--dry-run` on the GPU measures).
-    # One budget of 1e15 fits: its curves, seeds and lr sweep are ~30 runs of ~10 s. BPE tokens
+    # One budget of 1e15 fits: its curves, seeds and lr sweep are ~20 runs of ~15 s, the variants
+    # (at 5e14) 10 of ~8 s, with room for 2 extensions per curve and lr. BPE tokens
     # (4096, learned on the training split): at widths of 128-512 the unembedding is a smaller
     # share of the FLOPs than on the CPU ladder. NOTE: the bundled corpus is 2.7M bytes (~0.75M
     # BPE tokens); these runs repeat it. Pass --data with a larger corpus for meaningful numbers.
@@ -167,22 +168,23 @@ SCALES: dict[str, Scale] = {
         "of 1-30M parameters on a bracketing shape ladder, 3 seeds (use --data with a large corpus)",
         budgets=(1e15,),
         shapes=parse_shapes(LADDER_GPU),
-        variant_budget=1e15,
-        variant_shape=Shape(192, 6),
+        variant_budget=5e14,  # the variants compare at one shape; half the isoFLOP budget keeps 8 minutes
+        variant_shape=Shape(128, 6),
         settings=SweepSettings(
             seq_len=512,
-            batch_size=64,
+            batch_size=128,  # 64K tokens per step: fewer steps, so less launch overhead per FLOP
             head_dim=32,
             predictor_hidden=64,
             min_steps=100,
             max_steps=20000,
-            eval_batches=16,
+            eval_batches=8,
             lr=2e-3,
             tokenizer="bpe:4096",
             dtype="auto",
         ),
         analysis_sequences=128,
         lrs=(1e-3, 2e-3, 4e-3),
+        max_extensions=2,
         assumed_flops_per_s=2e14,
         assumed_step_s=0.004,
     ),

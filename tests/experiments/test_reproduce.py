@@ -8,7 +8,7 @@ from modlm.experiments.claims import NOT_BRACKETED, build_claims, expected_claim
 from modlm.experiments.isoflop import format_budget
 from modlm.experiments.report import CLAIMS_FILE, REPORT_FILE, tagged_records
 from modlm.experiments.reproduce import run_reproduction
-from modlm.experiments.scales import SCALES
+from modlm.experiments.scales import SCALES, plan_reproduction
 
 
 def _table_rows(md: str) -> list[str]:
@@ -60,3 +60,39 @@ def test_tiny_reproduction_writes_a_report_with_every_claim(tmp_path, make_corpu
     analysis = json.loads((tmp_path / "res" / "analysis.json").read_text())
     again, _ = build_claims(records, analysis, scale.budgets)
     assert [(c.id, c.ours, c.holds) for c in again] == [(c["id"], c["ours"], c["holds"]) for c in claims]
+
+
+def test_gpu_scale_fits_eight_minutes_at_its_assumed_speed_even_with_every_extension():
+    # Planner only (no GPU): the expected plan, plus every curve and lr sweep using all its
+    # extensions on its costlier side, at the scale's assumed speed.
+    from modlm.experiments.isoflop import plan_run
+    from modlm.experiments.reproduce import assumed_seconds
+    from modlm.experiments.study import first_window
+
+    scale = SCALES["gpu"]
+    s = scale.settings
+    assert min(scale.budgets) >= 1e15 and s.seq_len >= 256 and s.dtype in ("auto", "bf16")
+    assert len(scale.seeds) >= 3 and len(scale.lrs) >= 3
+
+    def secs(runs):
+        return assumed_seconds(runs, s, scale.assumed_flops_per_s, scale.assumed_step_s)
+
+    runs = plan_reproduction(scale)  # the planner no longer refuses the every-block variant's step count
+    design = scale.design()
+    extra = 0.0
+    for b in scale.budgets:
+        for fam in design.families:
+            w = first_window(design, b, fam, s)
+            sides = []
+            for rungs in (range(w[0] - 1, -1, -1), range(w[-1] + 1, len(design.ladder))):
+                side = []
+                for i in list(rungs)[: design.max_extensions]:
+                    try:
+                        side.append(plan_run(b, fam, design.ladder[i], s))
+                    except ValueError:
+                        break
+                sides.append(secs(side))
+            extra += max(sides)
+    lr_runs = [r for r in runs if "lr" in r.tags]
+    extra += design.max_extensions * max(secs([r]) for r in lr_runs) * len(design.families)
+    assert secs(runs) + extra <= 8 * 60, (secs(runs), extra)
