@@ -38,11 +38,11 @@ from typing import Any
 from modlm.experiments.analysis import run_analysis
 from modlm.experiments.isoflop import (
     SETTINGS_FLAGS,
-    format_budget,
     PlannedRun,
     SweepSettings,
     add_settings_args,
     apply_threads,
+    format_budget,
     resolve_jobs,
     settings_from_args,
     train_tokens,
