@@ -8,8 +8,11 @@ budget to within half a step (the planner keeps only runs within 1% of it, i.e. 
 FLOPs are ``modlm.flops.train_flops`` (forward + backward, routed blocks at capacity,
 evaluation not counted).
 
-Training a plan (resumable, optionally several runs at once) is ``modlm.experiments.sweep``;
-the folder it fills is ``modlm.experiments.results``.
+A run can also carry its own seed (a repeat) and learning rate (a trial), both part of its id.
+Which runs a study needs (the shapes that bracket each optimum, the seed repeats, the learning
+rates) is decided round by round by ``modlm.experiments.study``; training a plan (resumable,
+optionally several runs at once) is ``modlm.experiments.sweep``; the folder it fills is
+``modlm.experiments.results``.
 """
 
 from __future__ import annotations
@@ -117,8 +120,8 @@ def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
 class SweepSettings:
     """Training settings shared by every run of a sweep (the budget fixes each run's steps)."""
 
-    seq_len: int = 128
-    batch_size: int = 16
+    seq_len: int = 256  # a routed block at 12.5% processes 32 tokens of each sequence
+    batch_size: int = 8
     head_dim: int = 32
     predictor_hidden: int = 32
     lr: float = 2e-3
@@ -513,18 +516,11 @@ def isoflop_optima(records: Sequence[dict[str, Any]]) -> dict[tuple[float, str],
 
 
 def summarize_isoflop(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The isoFLOP-optimal run (lowest final val loss) of every (budget, family)."""
-    return [
-        {
-            "budget": b,
-            "family": f,
-            "run_id": r["run_id"],
-            "val_loss": r["val_loss"],
-            "val_bpb": r["val_bpb"],
-            "params": r["params"],
-        }
-        for (b, f), r in sorted(isoflop_optima(records).items())
-    ]
+    """The optimum of every (budget, family) curve: the fit through a bracketed best shape and its
+    neighbours, else the best measured shape (``modlm.experiments.study.curve_optima``)."""
+    from modlm.experiments.study import curve_optima  # the study plans with this module
+
+    return [{"budget": b, "family": f, **o.as_dict()} for (b, f), o in sorted(curve_optima(records).items())]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -320,6 +320,23 @@ def _try_plan(budget: float, family: str, shape: Shape, settings: SweepSettings,
         return str(e).split(": ", 1)[-1] if ": " in str(e) else str(e)
 
 
+def check_ladder(design: StudyDesign, settings: SweepSettings) -> None:
+    """Refuse a ladder whose shapes are not in increasing order of parameters (dense model): a
+    curve's neighbours are its ladder neighbours, so the order must be the size order."""
+    from modlm.config import ModelConfig
+    from modlm.experiments.isoflop import model_overrides
+    from modlm.flops import param_count
+
+    fam = Family.parse("dense")
+    sizes = [param_count(ModelConfig.from_name("tiny", **model_overrides(s, fam, settings))) for s in design.ladder]
+    for (a, na), (b, nb) in zip(zip(design.ladder, sizes), zip(design.ladder[1:], sizes[1:])):
+        if nb <= na:
+            raise ValueError(
+                f"shape ladder {','.join(s.name for s in design.ladder)} is invalid: {b.name} ({nb:,} parameters) "
+                f"must be larger than {a.name} before it ({na:,}); order the shapes by size"
+            )
+
+
 def first_window(design: StudyDesign, budget: float, family: str, settings: SweepSettings) -> list[int]:
     """The rungs trained first on a curve: ``window`` consecutive trainable rungs centred on the
     one closest (in log) to ``tokens_per_param`` tokens per non-embedding parameter."""
@@ -357,6 +374,7 @@ def expected_plan(
     """The runs the study makes if no curve needs an extension and no lr an extra value: the lr
     sweep, every curve's first window and its seeds (the middle rung best). For plans and ETAs;
     each extension adds one run of its budget."""
+    check_ladder(design, settings)
     lrs = {f: design.lrs[len(design.lrs) // 2] for f in design.families} if design.lrs else {}
     runs = lr_runs(design, settings, design.lrs) if design.lrs else []
     for b in design.budgets:
@@ -414,6 +432,7 @@ def run_study(
     Writes ``study.json`` (the lrs and each curve's state) next to ``runs.jsonl``."""
     from modlm.experiments.sweep import run_sweep
 
+    check_ladder(design, settings)
     results = Path(results_dir)
     plan: list[PlannedRun] = []
     records: dict[str, Record] = {}
