@@ -442,6 +442,7 @@ def run_study(
         nonlocal plan, rounds
         plan = merge_plans(plan, new)
         rounds += 1
+        log(f"study: round {rounds}: {len(new)} run(s) added, {len(plan)} in the plan")
         res = run_sweep(plan, results, settings, progress=progress, jobs=jobs, threads=threads)
         records.clear()
         tags = {r.run_id: list(r.tags) for r in plan}
@@ -493,7 +494,8 @@ def run_study(
                 if not measured:
                     window = first_window(design, b, fam, settings)
                     new += [_grid_run(design, b, fam, i, settings, lr, design.seeds[0]) for i in window]
-                    curves[(b, fam)] = {"state": "planned" if window else "unbracketable", "best": None, "why": ""}
+                    why = "" if window else "no shape of the ladder trains for min_steps..max_steps at this budget"
+                    curves[(b, fam)] = {"state": "planned" if window else "unbracketable", "best": None, "why": why}
                     continue
                 start = len(first_window(design, b, fam, settings))
 
