@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from modlm.experiments.curves import CurveOptimum, curve_optima, curve_points
+from modlm.experiments.curves import isoflop_noise as seed_noise_of
 from modlm.experiments.isoflop import Shape, format_budget
-from modlm.experiments.study import CurveOptimum, curve_optima, curve_points
-from modlm.experiments.study import isoflop_noise as seed_noise_of
 
 Record = dict[str, Any]
 

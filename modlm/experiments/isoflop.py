@@ -1,4 +1,4 @@
-"""isoFLOP sweeps: plan runs that each spend a training-FLOP budget; `modlm isoflop` trains and summarizes them.
+"""isoFLOP sweeps: plan runs that each spend a training-FLOP budget (`modlm isoflop` runs a study of them).
 
     modlm isoflop --budgets 1e12,4e12 --family dense --family mod --results-dir results/iso
 
@@ -513,14 +513,6 @@ def isoflop_curves(records: Sequence[dict[str, Any]]) -> dict[tuple[float, str],
 def isoflop_optima(records: Sequence[dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
     """The isoFLOP-optimal record (lowest final val loss; the first of equals) of every (budget, family)."""
     return {key: min(recs, key=lambda r: r["val_loss"]) for key, recs in isoflop_curves(records).items()}
-
-
-def summarize_isoflop(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The optimum of every (budget, family) curve: the fit through a bracketed best shape and its
-    neighbours, else the best measured shape (``modlm.experiments.study.curve_optima``)."""
-    from modlm.experiments.study import curve_optima  # the study plans with this module
-
-    return [{"budget": b, "family": f, **o.as_dict()} for (b, f), o in sorted(curve_optima(records).items())]
 
 
 # ---------------------------------------------------------------------------------------------

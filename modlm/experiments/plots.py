@@ -55,7 +55,7 @@ def plot_isoflop(records: Sequence[dict[str, Any]], path: str | Path, ylabel: st
 
     Colour shade = budget (darker = more FLOPs); line style and marker = family.
     """
-    from modlm.experiments.study import curve_optima
+    from modlm.experiments.curves import curve_optima
 
     plt = _plt()
     recs = [r for r in records if r.get("val_loss") is not None and "isoflop" in r.get("tags", ["isoflop"])]

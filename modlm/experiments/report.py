@@ -28,10 +28,11 @@ from modlm.experiments.claims import (
     noise_summary,
     variant_record,
 )
+from modlm.experiments.curves import curve_optima, lr_choices
 from modlm.experiments.isoflop import SweepSettings, format_budget, train_tokens
 from modlm.experiments.results import PLAN_FILE, read_results
 from modlm.experiments.scales import VARIANT_BY_KEY, VARIANTS, Scale
-from modlm.experiments.study import curve_optima, lr_choices, read_study
+from modlm.experiments.study import read_study
 
 REPORT_FILE = "REPORT.md"
 CLAIMS_FILE = "claims.json"

@@ -1,5 +1,7 @@
 """The adaptive isoFLOP study: per family a learning rate, per budget and family a bracketed optimum, seed noise.
 
+    modlm isoflop --budgets 3e11,1e12,3e12 --lrs 1.5e-3,3e-3,6e-3 --seeds 0,1,2 --results-dir results/iso
+
 A fixed grid cannot say where an isoFLOP optimum is: if the best run is the grid's smallest
 (or largest) model, the optimum may lie beyond it. So the study plans, trains, inspects and
 extends, in rounds (each round one resumable ``modlm.experiments.sweep.run_sweep`` over the
@@ -23,35 +25,45 @@ whole plan so far):
 
 The optimum of a bracketed curve is the vertex of the parabola (loss vs log parameters) through
 the best rung and its two neighbours; the noise is the pooled standard deviation over seeds
-(``seed_noise``). Every decision is a function of the finished runs, so a restarted study
-replays the rounds (nothing is retrained) and continues where it stopped.
+(``modlm.experiments.curves``, which reads the curves back). Every decision is a function of the
+finished runs, so a restarted study replays the rounds (nothing is retrained) and continues
+where it stopped. `modlm reproduce` runs a scale's study (``modlm.experiments.scales``) with the
+variant runs; `modlm isoflop` (here) runs one from flags.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modlm.experiments.curves import ISOFLOP_TAG, LR_TAG, SEED_TAG, Record, lr_choices, summarize_isoflop
 from modlm.experiments.isoflop import (
+    DEFAULT_SHAPES,
+    FAMILIES,
     Family,
     PlannedRun,
     Shape,
     SweepSettings,
+    add_settings_args,
+    apply_threads,
     format_budget,
     merge_plans,
+    parse_floats,
+    parse_shapes,
     plan_run,
+    resolve_jobs,
+    settings_from_args,
 )
+from modlm.experiments.results import RUNS_FILE
 
 STUDY_FILE = "study.json"
-ISOFLOP_TAG = "isoflop"
-SEED_TAG = "seed"
-LR_TAG = "lr"
-
-Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -142,157 +154,6 @@ def decide_curve(
     if extensions_left <= 0:
         return CurveDecision("unbracketable", best, why=f"the limit of extensions is reached ({names(want)} is next)")
     return CurveDecision("extend", best, add=want)
-
-
-def fit_bracket(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """(params, loss) at the vertex of the parabola loss(log params) through three points, the
-    middle one lowest; the middle point itself if the three are (nearly) collinear."""
-    (p0, y0), (p1, y1), (p2, y2) = points
-    x0, x1, x2 = math.log(p0), math.log(p1), math.log(p2)
-    # Lagrange form: y = a x^2 + b x + c.
-    d = (x0 - x1) * (x0 - x2) * (x1 - x2)
-    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / d
-    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / d
-    if a <= 1e-12:
-        return p1, y1
-    xv = -b / (2 * a)
-    xv = min(max(xv, x0), x2)  # a middle minimum puts it between the outer points; clamp rounding
-    c = y0 - a * x0 * x0 - b * x0
-    return math.exp(xv), a * xv * xv + b * xv + c
-
-
-def seed_noise(groups: Sequence[Sequence[float]]) -> tuple[float | None, int]:
-    """Pooled standard deviation of losses repeated over seeds: sqrt(sum of squared deviations
-    from each group's mean / sum of (n - 1)), over groups of >= 2 seeds; and the smallest
-    number of seeds per repeated group (0 if none is repeated)."""
-    sq, dof, n_min = 0.0, 0, 0
-    for g in groups:
-        if len(g) < 2:
-            continue
-        m = sum(g) / len(g)
-        sq += sum((x - m) ** 2 for x in g)
-        dof += len(g) - 1
-        n_min = len(g) if n_min == 0 else min(n_min, len(g))
-    return (math.sqrt(sq / dof) if dof else None), n_min
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading curves back from run records (used by the study and by the claims)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CurvePoint:
-    """One shape of an isoFLOP curve: its losses over seeds and their mean."""
-
-    shape: str
-    params: int
-    core_params: int
-    forward_flops_per_token: float
-    losses: list[float]
-    records: list[Record] = field(default_factory=list)
-
-    @property
-    def loss(self) -> float:
-        return sum(self.losses) / len(self.losses)
-
-
-@dataclass
-class CurveOptimum:
-    """The optimum of one (budget, family) curve. ``bracketed``: the best shape has a measured
-    smaller and larger neighbour, and ``params``/``loss`` are the fit through the three; else
-    they are the best measured point's."""
-
-    budget: float
-    family: str
-    shape: str
-    params: float
-    loss: float
-    bracketed: bool
-    best: CurvePoint
-    points: list[CurvePoint]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "shape": self.shape,
-            "params": self.params,
-            "loss": self.loss,
-            "bracketed": self.bracketed,
-            "measured_loss": self.best.loss,
-            "n_seeds": len(self.best.losses),
-        }
-
-
-def curve_points(records: Sequence[Record]) -> dict[tuple[float, str], list[CurvePoint]]:
-    """{(budget, family): points ordered by parameters}, one point per shape (seeds averaged),
-    from the records tagged 'isoflop' with a validation loss."""
-    by: dict[tuple[float, str], dict[str, CurvePoint]] = {}
-    for r in records:
-        if ISOFLOP_TAG not in r.get("tags", []) or r.get("val_loss") is None:
-            continue
-        name = Shape(**r["shape"]).name
-        pts = by.setdefault((r["budget"], r["family"]), {})
-        if name not in pts:
-            pts[name] = CurvePoint(
-                name, r["params"], r.get("core_params", r["params"]), r["forward_flops_per_token"], []
-            )
-        pts[name].losses.append(r["val_loss"])
-        pts[name].records.append(r)
-    return {k: sorted(v.values(), key=lambda p: p.params) for k, v in by.items()}
-
-
-def curve_optima(records: Sequence[Record]) -> dict[tuple[float, str], CurveOptimum]:
-    """The optimum of every isoFLOP curve of ``records`` (see ``CurveOptimum``)."""
-    out = {}
-    for (b, fam), pts in curve_points(records).items():
-        i = min(range(len(pts)), key=lambda j: pts[j].loss)
-        best = pts[i]
-        if 0 < i < len(pts) - 1:
-            params, loss = fit_bracket([(p.params, p.loss) for p in pts[i - 1 : i + 2]])
-            out[(b, fam)] = CurveOptimum(b, fam, best.shape, params, loss, True, best, pts)
-        else:
-            out[(b, fam)] = CurveOptimum(b, fam, best.shape, float(best.params), best.loss, False, best, pts)
-    return out
-
-
-def isoflop_noise(records: Sequence[Record]) -> tuple[float | None, int]:
-    """``seed_noise`` over the isoFLOP runs repeated with several seeds (same budget, family,
-    shape and learning rate)."""
-    groups: dict[tuple, list[float]] = {}
-    for r in records:
-        if ISOFLOP_TAG in r.get("tags", []) and r.get("val_loss") is not None:
-            key = (r["budget"], r["family"], Shape(**r["shape"]).name, r.get("lr"))
-            groups.setdefault(key, []).append(r["val_loss"])
-    return seed_noise(list(groups.values()))
-
-
-@dataclass
-class LrChoice:
-    """One family's learning-rate sweep: {lr: loss}, the best, and whether it is bracketed."""
-
-    family: str
-    losses: dict[float, float]
-    best: float
-    bracketed: bool
-    shape: str
-    budget: float
-
-
-def lr_choices(records: Sequence[Record]) -> dict[str, LrChoice]:
-    """{family: LrChoice} from the records of the learning-rate sweep (tagged 'lr')."""
-    by: dict[str, list[Record]] = {}
-    for r in records:
-        if LR_TAG in r.get("tags", []) and r.get("val_loss") is not None and r.get("lr") is not None:
-            by.setdefault(r["family"], []).append(r)
-    out = {}
-    for fam, recs in by.items():
-        losses = {r["lr"]: r["val_loss"] for r in recs}
-        best = min(sorted(losses), key=losses.__getitem__)
-        bracketed = min(losses) < best < max(losses)
-        out[fam] = LrChoice(
-            fam, dict(sorted(losses.items())), best, bracketed, Shape(**recs[0]["shape"]).name, recs[0]["budget"]
-        )
-    return out
 
 
 def family_lr(family: str, lrs: dict[str, float], default: float) -> float:
@@ -543,3 +404,124 @@ def read_study(results_dir: str | Path) -> dict[str, Any] | None:
         return json.loads((Path(results_dir) / STUDY_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# `modlm isoflop`
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds, e.g. 0,1,2") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be ints >= 0")
+    return seeds
+
+
+def add_isoflop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of `modlm isoflop`."""
+    parser.add_argument(
+        "--budgets",
+        type=parse_floats,
+        required=True,
+        metavar="B1,B2,...",
+        help="training-FLOP budgets, one isoFLOP curve per family each, e.g. 1e12,4e12",
+    )
+    parser.add_argument(
+        "--family",
+        action="append",
+        default=None,
+        metavar="NAME[:KEY=VALUE,...]",
+        help=f"model family (repeatable; default: dense and mod): one of {', '.join(sorted(FAMILIES))}, "
+        "optionally with ModelConfig overrides, e.g. mod:capacity=0.25,route_every=1",
+    )
+    parser.add_argument(
+        "--shapes",
+        default=DEFAULT_SHAPES,
+        metavar="WxL,...",
+        help="the shape ladder, ordered by parameters: each curve starts on --window of them and grows "
+        "a shape at a time until its best has a smaller and a larger neighbour (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=3, help="shapes trained first on every curve (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-extensions",
+        type=int,
+        default=4,
+        help="shapes (or lrs) a curve (or lr sweep) may add beyond its first ones; beyond that it is "
+        "reported as not bracketed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_parse_seeds,
+        default=(0, 1, 2),
+        metavar="S1,S2,...",
+        help="seeds (init and data order) of the repeats of each curve's best shape and its two "
+        "neighbours; the first is every run's seed; one seed: no repeats, no noise (default: 0,1,2)",
+    )
+    parser.add_argument(
+        "--lrs",
+        type=parse_floats,
+        default=None,
+        metavar="LR1,LR2,LR3",
+        help="learning rates tried per family at the middle budget (>= 3, ascending); each family then "
+        "trains at its best (default: no sweep, --lr for every run)",
+    )
+    parser.add_argument(
+        "--results-dir", default="results/isoflop", help="runs.jsonl, plots and run folders (default: %(default)s)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the expected plan and exit")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots at the end")
+    add_settings_args(parser)
+    return parser
+
+
+def cmd_isoflop(args: argparse.Namespace) -> int:
+    """isoFLOP study: for each budget, dense and MoD models trained for exactly that many FLOPs on
+    a shape ladder that extends itself until each optimum is bracketed, the best shapes repeated
+    over seeds, optionally a learning rate per family; resumable; results in RESULTS_DIR/runs.jsonl,
+    study.json and PNG plots."""
+    settings = settings_from_args(args)
+    threads = apply_threads(args.threads)
+    jobs = resolve_jobs(args.jobs)
+    design = StudyDesign(
+        budgets=tuple(args.budgets),
+        ladder=parse_shapes(args.shapes),
+        families=tuple(Family.parse(f).label for f in (args.family or ["dense", "mod"])),
+        window=args.window,
+        seeds=args.seeds,
+        lrs=tuple(args.lrs or ()),
+        max_extensions=args.max_extensions,
+    )
+    settings = settings.replace(seed=design.seeds[0])
+    runs = expected_plan(design, settings)
+    print(
+        f"modlm isoflop: {len(runs)} runs expected (more where a curve needs extending), "
+        f"{sum(r.train_flops for r in runs):.3g} training FLOPs -> {args.results_dir}"
+    )
+    print("  settings: " + json.dumps(dataclasses.asdict(settings)))
+    for r in runs:
+        print(
+            f"  {r.run_id:<48} {r.steps:>6} steps x {r.flops_per_step:.3g} = {r.train_flops:.4g} FLOPs "
+            f"({r.train_flops / r.budget - 1:+.2%}), {r.params:,} params  {','.join(r.tags)}"
+        )
+    sys.stdout.flush()
+    if args.dry_run:
+        return 0
+    result = run_study(design, args.results_dir, settings, progress=args.progress, jobs=jobs, threads=threads)
+    if not result.complete:
+        return 130
+    if args.plots:
+        from modlm.experiments.plots import plot_isoflop, plot_loss_vs_flops
+
+        out = Path(args.results_dir)
+        plot_isoflop(result.records, out / "isoflop.png")
+        plot_loss_vs_flops(result.records, out / "loss_vs_flops.png")
+        print(f"plots: {out / 'isoflop.png'}, {out / 'loss_vs_flops.png'}")
+    summary = summarize_isoflop(result.records)
+    print(json.dumps({"results": str(Path(args.results_dir) / RUNS_FILE), "lrs": result.lrs, "optimal": summary}))
+    return 0

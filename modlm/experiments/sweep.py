@@ -11,12 +11,12 @@ Parallel runs: ``jobs > 1`` trains that many runs at once, each in its own proce
 than as a second thread. A per-run lock file keeps two processes off one run's checkpoint.
 
 The folder it writes is described in ``modlm.experiments.results``; what it trains comes from
-``modlm.experiments.isoflop``'s planner.
+``modlm.experiments.isoflop``'s planner, round by round from ``modlm.experiments.study`` (the
+adaptive isoFLOP study, and `modlm isoflop`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -31,18 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from modlm.experiments.isoflop import (
-    DEFAULT_SHAPES,
-    FAMILIES,
-    Family,
     PlannedRun,
     SweepSettings,
-    add_settings_args,
-    apply_threads,
-    parse_floats,
-    parse_shapes,
-    resolve_jobs,
-    settings_from_args,
-    summarize_isoflop,
 )
 from modlm.experiments.results import (
     RUNS_DIR,
@@ -362,126 +352,3 @@ class _Progress:
         if self._thread is not None:
             self._thread.join()
         self.bar.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# `modlm isoflop`
-# ---------------------------------------------------------------------------------------------
-
-
-def _parse_seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds, e.g. 0,1,2") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be ints >= 0")
-    return seeds
-
-
-def add_isoflop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of `modlm isoflop`."""
-    parser.add_argument(
-        "--budgets",
-        type=parse_floats,
-        required=True,
-        metavar="B1,B2,...",
-        help="training-FLOP budgets, one isoFLOP curve per family each, e.g. 1e12,4e12",
-    )
-    parser.add_argument(
-        "--family",
-        action="append",
-        default=None,
-        metavar="NAME[:KEY=VALUE,...]",
-        help=f"model family (repeatable; default: dense and mod): one of {', '.join(sorted(FAMILIES))}, "
-        "optionally with ModelConfig overrides, e.g. mod:capacity=0.25,route_every=1",
-    )
-    parser.add_argument(
-        "--shapes",
-        default=DEFAULT_SHAPES,
-        metavar="WxL,...",
-        help="the shape ladder, ordered by parameters: each curve starts on --window of them and grows "
-        "a shape at a time until its best has a smaller and a larger neighbour (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--window", type=int, default=3, help="shapes trained first on every curve (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-extensions",
-        type=int,
-        default=4,
-        help="shapes (or lrs) a curve (or lr sweep) may add beyond its first ones; beyond that it is "
-        "reported as not bracketed (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=_parse_seeds,
-        default=(0, 1, 2),
-        metavar="S1,S2,...",
-        help="seeds (init and data order) of the repeats of each curve's best shape and its two "
-        "neighbours; the first is every run's seed; one seed: no repeats, no noise (default: 0,1,2)",
-    )
-    parser.add_argument(
-        "--lrs",
-        type=parse_floats,
-        default=None,
-        metavar="LR1,LR2,LR3",
-        help="learning rates tried per family at the middle budget (>= 3, ascending); each family then "
-        "trains at its best (default: no sweep, --lr for every run)",
-    )
-    parser.add_argument(
-        "--results-dir", default="results/isoflop", help="runs.jsonl, plots and run folders (default: %(default)s)"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="print the expected plan and exit")
-    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots at the end")
-    add_settings_args(parser)
-    return parser
-
-
-def cmd_isoflop(args: argparse.Namespace) -> int:
-    """isoFLOP study: for each budget, dense and MoD models trained for exactly that many FLOPs on
-    a shape ladder that extends itself until each optimum is bracketed, the best shapes repeated
-    over seeds, optionally a learning rate per family; resumable; results in RESULTS_DIR/runs.jsonl,
-    study.json and PNG plots."""
-    from modlm.experiments.study import StudyDesign, expected_plan, run_study
-
-    settings = settings_from_args(args)
-    threads = apply_threads(args.threads)
-    jobs = resolve_jobs(args.jobs)
-    design = StudyDesign(
-        budgets=tuple(args.budgets),
-        ladder=parse_shapes(args.shapes),
-        families=tuple(Family.parse(f).label for f in (args.family or ["dense", "mod"])),
-        window=args.window,
-        seeds=args.seeds,
-        lrs=tuple(args.lrs or ()),
-        max_extensions=args.max_extensions,
-    )
-    settings = settings.replace(seed=design.seeds[0])
-    runs = expected_plan(design, settings)
-    print(
-        f"modlm isoflop: {len(runs)} runs expected (more where a curve needs extending), "
-        f"{sum(r.train_flops for r in runs):.3g} training FLOPs -> {args.results_dir}"
-    )
-    print("  settings: " + json.dumps(dataclasses.asdict(settings)))
-    for r in runs:
-        print(
-            f"  {r.run_id:<48} {r.steps:>6} steps x {r.flops_per_step:.3g} = {r.train_flops:.4g} FLOPs "
-            f"({r.train_flops / r.budget - 1:+.2%}), {r.params:,} params  {','.join(r.tags)}"
-        )
-    sys.stdout.flush()
-    if args.dry_run:
-        return 0
-    result = run_study(design, args.results_dir, settings, progress=args.progress, jobs=jobs, threads=threads)
-    if not result.complete:
-        return 130
-    if args.plots:
-        from modlm.experiments.plots import plot_isoflop, plot_loss_vs_flops
-
-        out = Path(args.results_dir)
-        plot_isoflop(result.records, out / "isoflop.png")
-        plot_loss_vs_flops(result.records, out / "loss_vs_flops.png")
-        print(f"plots: {out / 'isoflop.png'}, {out / 'loss_vs_flops.png'}")
-    summary = summarize_isoflop(result.records)
-    print(json.dumps({"results": str(Path(args.results_dir) / RUNS_FILE), "lrs": result.lrs, "optimal": summary}))
-    return 0

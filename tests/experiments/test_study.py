@@ -10,18 +10,11 @@ import torch
 
 from modlm.experiments import sweep
 from modlm.experiments.claims import NOT_BRACKETED
+from modlm.experiments.curves import fit_bracket, seed_noise
 from modlm.experiments.isoflop import Shape, SweepSettings, parse_shapes, plan_run
 from modlm.experiments.report import CLAIMS_FILE, REPORT_FILE, write_report
 from modlm.experiments.scales import Scale
-from modlm.experiments.study import (
-    STUDY_FILE,
-    StudyDesign,
-    decide_curve,
-    first_window,
-    fit_bracket,
-    run_study,
-    seed_noise,
-)
+from modlm.experiments.study import STUDY_FILE, StudyDesign, decide_curve, first_window, run_study
 
 
 def _can(_i):
