@@ -102,7 +102,7 @@ _DEFAULT = Scale(
     budgets=(3e11, 1e12, 3e12),
     shapes=parse_shapes(LADDER_CPU),
     variant_budget=1e12,
-    variant_shape=Shape(64, 4),
+    variant_shape=Shape(48, 4),  # near the curves' optima at 1e12, with 2 routed blocks
     settings=SweepSettings(
         seq_len=256,
         batch_size=8,
@@ -115,6 +115,11 @@ _DEFAULT = Scale(
     ),
     jobs=2,
     lrs=(1.5e-3, 3e-3, 6e-3),
+    # Where each curve's first window is centred. Chinchilla's ~20 tokens per parameter is too
+    # few for these tiny models: in a check at 3e11 FLOPs (one seed) the best dense run saw ~100
+    # tokens per non-embedding parameter and the best MoD run ~35, both at the small end of a
+    # window centred on 20. Extensions correct a wrong guess; a good one saves their rounds.
+    tokens_per_param=60.0,
 )
 
 SCALES: dict[str, Scale] = {
