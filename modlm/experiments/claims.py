@@ -223,17 +223,21 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
     pairs = [(b, optima.get((b, "dense")), optima.get((b, "mod"))) for b in budgets]
     pairs = [(b, d, m) for b, d, m in pairs if d is not None and m is not None]
     if pairs:
-        # Fitted sizes of bracketed optima; the best measured shape's otherwise.
+        # Fitted sizes of bracketed optima (the best measured shape's otherwise), without routers
+        # and predictors: the same shape is the same size in both families.
+        def core(o: CurveOptimum) -> float:
+            return o.params * o.best.core_params / o.best.params
+
         ours = (
             "; ".join(
-                f"{format_budget(b)}: MoD {format_params(m.params)} ({m.shape}) vs dense {format_params(d.params)} "
+                f"{format_budget(b)}: MoD {format_params(core(m))} ({m.shape}) vs dense {format_params(core(d))} "
                 f"({d.shape}){'' if d.bracketed and m.bracketed else ' (not bracketed)'}"
                 for b, d, m in pairs
             )
-            + " (fitted optimum sizes)"
+            + " (fitted optimum sizes, parameters without routers)"
         )
         judged = [(d, m) for _, d, m in pairs if d.bracketed and m.bracketed]
-        more = [m.params > d.params for d, m in judged]
+        more = [core(m) > core(d) for d, m in judged]
         holds = NOT_BRACKETED if not judged else "yes" if all(more) else "partly" if any(more) else "no"
     else:
         ours, holds = NOT_RUN
