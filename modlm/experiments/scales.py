@@ -91,7 +91,9 @@ class Scale:
 
 
 # About an hour on a free 2-core CPU with its 2 jobs (`--dry-run` measures and prints the
-# estimate for the machine it runs on). Byte tokens: at these widths (16-192) a 4-8k BPE
+# estimate for the machine it runs on: 46-48 min for the expected 68 runs, 9.1e13 FLOPs, on a
+# shared machine; each extension adds 0.3-3 min, and the study's rounds leave a core idle
+# while the last run of a round finishes). Byte tokens: at these widths (16-192) a 4-8k BPE
 # vocabulary would put 15-67% of every model's FLOPs in the unembedding, which no router can
 # skip; the paper's models spend nearly all of theirs in the blocks, as byte models here do.
 # Sequences of 256 bytes: a routed block at 12.5% processes 32 tokens of each.
@@ -149,13 +151,14 @@ SCALES: dict[str, Scale] = {
         max_extensions=1,
     ),
     "default": _DEFAULT,
-    # The default's grid, variants and settings at its two smaller budgets: ~0.44 of its FLOPs,
-    # about 25 minutes on a free 2-core CPU. Runs are shared with "default" when they use the
-    # same --results-dir, so a quick study can later be extended to the full one.
+    # The default's ladder, variants and settings at its two smaller budgets (3e11 and 1e12, so
+    # the same lr sweep at 1e12): about 25 minutes on a free 2-core CPU (`--dry-run`: 23 min for
+    # its expected plan). Runs are shared with "default" when they use the same --results-dir,
+    # so a quick study can later be extended to the full one.
     "quick": dataclasses.replace(
         _DEFAULT,
         name="quick",
-        description="about 25 minutes on a free 2-core CPU (2 runs at once): the default grid "
+        description="about 25 minutes on a free 2-core CPU (2 runs at once): the default study "
         "at its two smaller budgets",
         budgets=_DEFAULT.budgets[:2],
     ),
