@@ -237,7 +237,7 @@ def _setup(records: list[dict[str, Any]], noise: float | None, scale: Scale, set
         "## Setup\n",
         f"- Data: the bundled enwiki sample ({'default' if settings.data in (None, 'enwiki') else settings.data}), "
         f"{settings.tokenizer_label()}, whole documents held out for validation (split seed "
-        f"{settings.split_seed}, the same for every run); loss in {unit}.",
+        f"{settings.split_seed}, the same for every run); loss in {unit}. {scale.tokenizer_note}".rstrip(),
         f"- Training: AdamW, warmup {settings.warmup_frac:.0%} of steps, cosine to {settings.min_lr_ratio:g} x lr "
         f"over each run, batch {settings.batch_size} sequences x {settings.seq_len} tokens = {tokens:,} tokens per "
         f"step for every run (so a larger model trains for fewer steps), weight decay {settings.weight_decay:g}. "
