@@ -232,12 +232,13 @@ def _setup(records: list[dict[str, Any]], noise: float | None, scale: Scale, set
     else:
         lr_line = f"- Learning rate: {settings.lr:g} for every run (no sweep)."
     unit = "nats per byte" if settings.tokenizer == "byte" else "nats per token (bits per byte in the tables)"
+    note = scale.tokenizer_note if settings.tokenizer == scale.settings.tokenizer else ""  # not for --tokenizer
     tokens = settings.batch_size * settings.seq_len
     return [
         "## Setup\n",
         f"- Data: the bundled enwiki sample ({'default' if settings.data in (None, 'enwiki') else settings.data}), "
         f"{settings.tokenizer_label()}, whole documents held out for validation (split seed "
-        f"{settings.split_seed}, the same for every run); loss in {unit}. {scale.tokenizer_note}".rstrip(),
+        f"{settings.split_seed}, the same for every run); loss in {unit}. {note}".rstrip(),
         f"- Training: AdamW, warmup {settings.warmup_frac:.0%} of steps, cosine to {settings.min_lr_ratio:g} x lr "
         f"over each run, batch {settings.batch_size} sequences x {settings.seq_len} tokens = {tokens:,} tokens per "
         f"step for every run (so a larger model trains for fewer steps), weight decay {settings.weight_decay:g}. "
