@@ -178,7 +178,7 @@ def run_reproduction(
     complete = True
     if not report_only:
         study = run_study(
-            scale.design(),
+            scale.design(settings.seed),
             results,
             settings,
             progress=progress,

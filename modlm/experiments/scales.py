@@ -78,14 +78,14 @@ class Scale:
     assumed_step_s: float = 0.0
     tokenizer_note: str = ""  # why this scale uses its tokenizer (shown in the report)
 
-    def design(self) -> StudyDesign:
-        """The isoFLOP study of this scale."""
+    def design(self, base_seed: int = 0) -> StudyDesign:
+        """The isoFLOP study of this scale; its seeds counted from ``base_seed`` (``--seed``)."""
         return StudyDesign(
             budgets=self.budgets,
             ladder=self.shapes,
             window=self.window,
             tokens_per_param=self.tokens_per_param,
-            seeds=self.seeds,
+            seeds=tuple(base_seed + s for s in self.seeds),
             lrs=self.lrs,
             max_extensions=self.max_extensions,
         )
@@ -233,4 +233,4 @@ def plan_reproduction(scale: Scale, settings: SweepSettings | None = None) -> li
     ``expected_plan``): for plans and estimates. A run shared by two experiments is planned once
     (tags merged)."""
     s = settings or scale.settings
-    return expected_plan(scale.design(), s, extra=lambda lrs: plan_variants(scale, s, lrs))
+    return expected_plan(scale.design(s.seed), s, extra=lambda lrs: plan_variants(scale, s, lrs))

@@ -458,10 +458,11 @@ def add_isoflop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument(
         "--seeds",
         type=_parse_seeds,
-        default=(0, 1, 2),
+        default=None,
         metavar="S1,S2,...",
         help="seeds (init and data order) of the repeats of each curve's best shape and its two "
-        "neighbours; the first is every run's seed; one seed: no repeats, no noise (default: 0,1,2)",
+        "neighbours; the first is every run's seed; one seed: no repeats, no noise (default: --seed, "
+        "--seed + 1, --seed + 2)",
     )
     parser.add_argument(
         "--lrs",
@@ -493,7 +494,7 @@ def cmd_isoflop(args: argparse.Namespace) -> int:
         ladder=parse_shapes(args.shapes),
         families=tuple(Family.parse(f).label for f in (args.family or ["dense", "mod"])),
         window=args.window,
-        seeds=args.seeds,
+        seeds=args.seeds or tuple(settings.seed + i for i in range(3)),
         lrs=tuple(args.lrs or ()),
         max_extensions=args.max_extensions,
     )
