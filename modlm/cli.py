@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     from modlm.experiments.reproduce import add_reproduce_args, cmd_reproduce
-    from modlm.experiments.sweep import add_isoflop_args, cmd_isoflop
+    from modlm.experiments.study import add_isoflop_args, cmd_isoflop
 
     p = sub.add_parser("isoflop", help=" ".join(cmd_isoflop.__doc__.split()), description=cmd_isoflop.__doc__)
     add_isoflop_args(p)

@@ -143,9 +143,14 @@ CLI_CASES = [
     ("isoflop-seq-len-zero", ["isoflop", "--budgets", "1e12", "--seq-len", "0", "--dry-run"], "seq_len=0"),
     (
         "isoflop-results-dir-is-a-file",
-        ["isoflop", "--budgets", "1e12", "--shapes", "160x6", "--family", "mod", "--results-dir", "{file}"],
+        ["isoflop", "--budgets", "1e12", "--shapes", "64x2,64x3,64x4", "--family", "mod", "--results-dir", "{file}"],
         "{file}",
     ),
+    ("isoflop-one-shape", ["isoflop", "--budgets", "1e12", "--shapes", "64x2", "--dry-run"], "ladder=['d64L2']"),
+    ("isoflop-ladder-order", ["isoflop", "--budgets", "1e12", "--shapes", "64x4,64x2,96x4", "--dry-run"], "d64L2"),
+    ("isoflop-two-lrs", ["isoflop", "--budgets", "1e12", "--lrs", "1e-3,2e-3", "--dry-run"], "lrs=(0.001, 0.002)"),
+    ("isoflop-seeds", ["isoflop", "--budgets", "1e12", "--seeds", "0,x", "--dry-run"], "'0,x'"),
+    ("isoflop-tokenizer", ["isoflop", "--budgets", "1e12", "--tokenizer", "bpe:7", "--dry-run"], "'bpe:7'"),
     # --- reproduce
     ("reproduce-unknown-scale", ["reproduce", "--scale", "huge"], "'huge'"),
     (

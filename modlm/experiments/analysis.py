@@ -98,8 +98,12 @@ def analyze_run(
             ent_all += ent_BT.flatten().tolist()
         # Heatmap sample: a window that starts a paragraph, so the text reads naturally.
         val = np.asarray(val_tokens)
-        starts = np.flatnonzero((val[:-2] == 10) & (val[1:-1] == 10))
-        start = int(starts[min(len(starts) - 1, 3)] + 2) if len(starts) else 0
+        sep = tokenizer.encode("\n\n")  # the paragraph break in this tokenizer's ids (bytes: 10, 10)
+        hit = np.ones(len(val) - len(sep), dtype=bool)
+        for j, tok in enumerate(sep):
+            hit &= val[j : len(val) - len(sep) + j] == tok
+        starts = np.flatnonzero(hit)
+        start = int(starts[min(len(starts) - 1, 3)] + len(sep)) if len(starts) else 0
         start = min(start, len(val) - T - 1)
         x_1T = torch.as_tensor(val[start : start + T].astype("int64")).unsqueeze(0)
         out = model(x_1T, routing="topk")
@@ -137,9 +141,11 @@ def run_analysis(
 ) -> dict[str, Any]:
     """Analyse the trained reference MoD and every-block MoD models; writes analysis.json."""
     from modlm.training.corpus import prepare_corpus
+    from modlm.training.tokenizers import load_tokenizer
 
     results = Path(results_dir)
-    corpus = prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.seed)
+    tokenizer = load_tokenizer(settings.tokenizer_path())  # the runs' own, so the ids are theirs
+    corpus = prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.split_seed, tokenizer=tokenizer)
     finished = read_results(results)
     out: dict[str, Any] = {"models": []}
     for key in ("mod", "every-block"):

@@ -5,9 +5,14 @@ analysis (``analysis.json``) into one ``Claim`` row per claim: what the paper sa
 measured, and whether it holds. Nothing here trains or reads files, so the verdicts are a
 function of the results alone.
 
-Noise: differences are judged against a noise estimate, the RMS residual of quadratic fits
-(loss vs log parameters) to the isoFLOP curves: how far single runs scatter around a smooth
-curve. A claim "holds" when our difference has the paper's sign and exceeds that noise.
+Noise: differences are judged against the seed noise sigma, the pooled standard deviation of
+the final validation loss over the isoFLOP runs repeated with several seeds (same shape, budget,
+family and learning rate; each seed changes the init and the data order, not the validation
+set): ``modlm.experiments.study.isoflop_noise``. A claim "holds" when our difference has the
+paper's sign and exceeds ``VERDICT_SIGMAS`` (2) sigma, fails when it has the opposite sign
+beyond that, and is "within noise" otherwise. An isoFLOP comparison is judged only between
+optima that are bracketed (the best shape has a measured smaller and larger neighbour, and the
+optimum is read from the fit through the three); otherwise its row says "not bracketed".
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from modlm.experiments.isoflop import Shape, format_budget, isoflop_curves, isoflop_optima
+from modlm.experiments.curves import CurveOptimum, curve_optima, curve_points
+from modlm.experiments.curves import isoflop_noise as seed_noise_of
+from modlm.experiments.isoflop import Shape, format_budget
 
 Record = dict[str, Any]
 
@@ -31,6 +38,8 @@ S1, S2, S3, S4, S5, S6 = (
     "6. Routing analysis",
 )
 NOT_RUN = ("not run", "n/a")  # (ours, holds) of a claim whose runs are missing
+VERDICT_SIGMAS = 2.0  # a difference is a verdict only beyond this many seed sigmas
+NOT_BRACKETED = "not bracketed"  # holds of an isoFLOP comparison whose optimum is not bracketed
 
 
 @dataclass
@@ -44,33 +53,23 @@ class Claim:
     ours: str
     holds: str
     why_not: str = ""  # our explanation, shown when the claim does not hold
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # claims.json fields of this row
 
-    def as_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {**{k: v for k, v in d.items() if k != "extra"}, **d["extra"]}
 
 
 def verdict(improvement: float | None, noise: float | None) -> str:
-    """'yes' when ``improvement`` (positive = the paper's direction) exceeds the noise, 'no' when
-    it is negative beyond the noise, else 'within noise'."""
+    """'yes' when ``improvement`` (positive = the paper's direction) exceeds ``VERDICT_SIGMAS``
+    times the noise, 'no' when it is negative beyond that, else 'within noise'."""
     if improvement is None or not math.isfinite(improvement):
         return "n/a"
     if noise is None or not math.isfinite(noise):
         return "yes" if improvement > 0 else "no"
-    if abs(improvement) <= noise:
+    if abs(improvement) <= VERDICT_SIGMAS * noise:
         return "within noise"
     return "yes" if improvement > 0 else "no"
-
-
-def _fit_quadratic(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]] | None:
-    """Least-squares y = a + b x + c x^2; returns (coefficients, residuals), None if < 4 points."""
-    n = len(xs)
-    if n < 4:
-        return None
-    import numpy as np
-
-    A = np.stack([np.ones(n), np.asarray(xs), np.asarray(xs) ** 2], axis=1)
-    coef, *_ = np.linalg.lstsq(A, np.asarray(ys), rcond=None)
-    return coef.tolist(), (np.asarray(ys) - A @ coef).tolist()
 
 
 def isoflop_runs(records: Sequence[Record]) -> list[Record]:
@@ -79,15 +78,15 @@ def isoflop_runs(records: Sequence[Record]) -> list[Record]:
 
 
 def isoflop_noise(records: Sequence[Record]) -> float | None:
-    """RMS residual of quadratic fits (loss vs log10 params) to every isoFLOP curve with >= 4 runs,
-    corrected for the fitted degrees of freedom: the scatter of single runs around a smooth curve."""
-    sq, dof = 0.0, 0
-    for recs in isoflop_curves(isoflop_runs(records)).values():
-        fit = _fit_quadratic([math.log10(r["params"]) for r in recs], [r["val_loss"] for r in recs])
-        if fit is not None:
-            sq += sum(e * e for e in fit[1])
-            dof += len(recs) - 3
-    return math.sqrt(sq / dof) if dof > 0 else None
+    """The seed noise sigma of the isoFLOP runs (None: no configuration was repeated)."""
+    return seed_noise_of(isoflop_runs(records))[0]
+
+
+def noise_summary(records: Sequence[Record]) -> dict[str, Any]:
+    """claims.json's ``noise``: {"method": "seeds", "sigma", "n_seeds"} (sigma None: no repeats;
+    n_seeds: the fewest seeds of a repeated configuration)."""
+    sigma, n = seed_noise_of(isoflop_runs(records))
+    return {"method": "seeds", "sigma": sigma, "n_seeds": n}
 
 
 def variant_record(records: Sequence[Record], key: str) -> Record | None:
@@ -144,7 +143,7 @@ def build_claims(
 ) -> tuple[list[Claim], float | None]:
     """Every claim row, computed from run records and the routing analysis; and the noise used."""
     noise = isoflop_noise(records)
-    nz = f"noise {noise:.4f}" if noise is not None else "noise not measured"
+    nz = f"seed sigma {noise:.4f}" if noise is not None else "seed noise not measured"
     claims = (
         _isoflop_claims(records, budgets, noise, nz)
         + _capacity_claims(records, noise, nz)
@@ -176,49 +175,70 @@ def expected_claim_ids(budgets: Sequence[float]) -> list[str]:
     ]
 
 
+def _optimum_text(o: CurveOptimum) -> str:
+    """'2.0740 (fit; best d64L2 2.0791 over 3 seeds, 125K)' or '... (NOT bracketed: best d64L2, ...)'."""
+    seeds = f"{len(o.best.losses)} seed{'s' if len(o.best.losses) > 1 else ''}"
+    if o.bracketed:
+        return f"{o.loss:.4f} (fit at {format_params(o.params)}; best {o.shape} {o.best.loss:.4f} over {seeds})"
+    return f"{o.loss:.4f} (NOT bracketed: best {o.shape}, {format_params(o.params)}, an end of its curve; {seeds})"
+
+
 def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: float | None, nz: str) -> list[Claim]:
     """1. The best MoD beats the isoFLOP-optimal dense model at every budget, with more parameters,
-    about as many forward FLOPs, and some MoD matches dense with fewer (paper Fig. 4)."""
-    curves = isoflop_curves(isoflop_runs(records))
-    optima = isoflop_optima(isoflop_runs(records))
+    about as many forward FLOPs, and some MoD matches dense with fewer (paper Fig. 4). Optima are
+    fits through bracketed curves (``modlm.experiments.study.curve_optima``)."""
+    iso = isoflop_runs(records)
+    curves = curve_points(iso)
+    optima = curve_optima(iso)
     claims: list[Claim] = []
     for b in budgets:
         d, m = optima.get((b, "dense")), optima.get((b, "mod"))
+        cid = f"isoflop@{format_budget(b)}"
         claim = f"At {format_budget(b)} training FLOPs, the best MoD model has a lower loss than the isoFLOP-optimal dense model"
         paper = "yes at 6e18, 2e19, 1e20 (Fig. 4); up to 1.5% lower loss; ~3.10 vs ~3.14 at 6e18 (approx.)"
+        extra: dict[str, Any] = {
+            "budget": float(b),
+            "dense_optimum": d.as_dict() if d else None,
+            "mod_optimum": m.as_dict() if m else None,
+            "difference_sigma": None,
+        }
         if d is None or m is None:
-            claims.append(Claim(f"isoflop@{format_budget(b)}", S1, claim, paper, *NOT_RUN))
+            claims.append(Claim(cid, S1, claim, paper, *NOT_RUN, extra=extra))
             continue
+        diff = d.loss - m.loss
+        sig = diff / noise if noise else None
+        extra["difference_sigma"] = sig
         ours = (
-            f"MoD {m['val_loss']:.4f} ({shape_name(m)}, {format_params(m['params'])}) vs dense {d['val_loss']:.4f} "
-            f"({shape_name(d)}, {format_params(d['params'])}): {_pct(m['val_loss'], d['val_loss'])}; {nz}"
+            f"MoD {_optimum_text(m)} vs dense {_optimum_text(d)}: {_pct(m.loss, d.loss)}"
+            + (f", {sig:+.1f} sigma" if sig is not None else "")
+            + f"; {nz}"
         )
-        claims.append(
-            Claim(
-                f"isoflop@{format_budget(b)}",
-                S1,
-                claim,
-                paper,
-                ours,
-                verdict(d["val_loss"] - m["val_loss"], noise),
-                WHY["isoflop"],
-            )
-        )
+        if not (d.bracketed and m.bracketed):
+            holds = NOT_BRACKETED
+        elif noise is None:
+            holds = "n/a"  # no seed repeats: no noise, so no verdict
+        else:
+            holds = verdict(diff, noise)
+        claims.append(Claim(cid, S1, claim, paper, ours, holds, WHY["isoflop"], extra=extra))
     pairs = [(b, optima.get((b, "dense")), optima.get((b, "mod"))) for b in budgets]
     pairs = [(b, d, m) for b, d, m in pairs if d is not None and m is not None]
     if pairs:
-        # Sizes without routers and predictors: the same shape is the same size.
-        size = {id(r): r.get("core_params", r["params"]) for _, d, m in pairs for r in (d, m)}
+        # Fitted sizes of bracketed optima (the best measured shape's otherwise), without routers
+        # and predictors: the same shape is the same size in both families.
+        def core(o: CurveOptimum) -> float:
+            return o.params * o.best.core_params / o.best.params
+
         ours = (
             "; ".join(
-                f"{format_budget(b)}: MoD {shape_name(m)} ({format_params(size[id(m)])}) vs dense {shape_name(d)} "
-                f"({format_params(size[id(d)])})"
+                f"{format_budget(b)}: MoD {format_params(core(m))} ({m.shape}) vs dense {format_params(core(d))} "
+                f"({d.shape}){'' if d.bracketed and m.bracketed else ' (not bracketed)'}"
                 for b, d, m in pairs
             )
-            + " (parameters without routers)"
+            + " (fitted optimum sizes, parameters without routers)"
         )
-        more = [size[id(m)] > size[id(d)] for _, d, m in pairs]
-        holds = "yes" if all(more) else "partly" if any(more) else "no"
+        judged = [(d, m) for _, d, m in pairs if d.bracketed and m.bracketed]
+        more = [core(m) > core(d) for d, m in judged]
+        holds = NOT_BRACKETED if not judged else "yes" if all(more) else "partly" if any(more) else "no"
     else:
         ours, holds = NOT_RUN
     claims.append(
@@ -233,8 +253,10 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
         )
     )
     if pairs:
-        ratios = [m["forward_flops_per_token"] / d["forward_flops_per_token"] for _, d, m in pairs]
-        ours = "; ".join(f"{format_budget(b)}: {r:.2f}x" for (b, _, _), r in zip(pairs, ratios))
+        ratios = [m.best.forward_flops_per_token / d.best.forward_flops_per_token for _, d, m in pairs]
+        ours = "; ".join(
+            f"{format_budget(b)}: {r:.2f}x ({m.shape} vs {d.shape})" for (b, d, m), r in zip(pairs, ratios)
+        )
         holds = "yes" if all(0.67 <= r <= 1.5 for r in ratios) else "no"
     else:
         ours, holds = NOT_RUN
@@ -243,7 +265,7 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
             "forward_flops_ratio",
             S1,
             "The isoFLOP-optimal MoD uses about as many FLOPs per forward pass as the isoFLOP-optimal "
-            "dense model (we call 0.67x-1.5x 'about')",
+            "dense model (we call 0.67x-1.5x 'about'; the best measured shapes)",
             "rule of thumb: ~1x (§4.1, Fig. 4)",
             ours,
             holds,
@@ -252,19 +274,19 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
     )
     rows = []
     for b, d, _ in pairs:
-        cheaper = [r for r in curves.get((b, "mod"), []) if r["val_loss"] <= d["val_loss"]]
+        cheaper = [p for p in curves.get((b, "mod"), []) if p.loss <= d.loss]
         if cheaper:
-            c = min(cheaper, key=lambda r: r["forward_flops_per_token"])
-            rows.append((b, 1 - c["forward_flops_per_token"] / d["forward_flops_per_token"], c))
+            c = min(cheaper, key=lambda p: p.forward_flops_per_token)
+            rows.append((b, 1 - c.forward_flops_per_token / d.best.forward_flops_per_token, c))
         else:
             rows.append((b, None, None))
     if rows:
         ours = "; ".join(
             f"{format_budget(b)}: "
             + (
-                f"{shape_name(c)} with {100 * s:.0f}% fewer"
+                f"{c.shape} with {100 * s:.0f}% fewer"
                 if c is not None and s > 0
-                else f"{shape_name(c)}, {-100 * s:.0f}% MORE"
+                else f"{c.shape}, {-100 * s:.0f}% MORE"
                 if c is not None
                 else "no MoD run matches"
             )
@@ -283,7 +305,7 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
         Claim(
             "parity_fewer_flops",
             S1,
-            "Some MoD model matches the isoFLOP-optimal dense loss with fewer FLOPs per forward pass",
+            "Some MoD model matches the isoFLOP-optimal dense loss with fewer FLOPs per forward pass (mean over seeds)",
             "yes, up to 50% fewer (abstract, Fig. 4)",
             ours,
             holds,

@@ -1,4 +1,4 @@
-"""isoFLOP sweeps: plan runs that each spend a training-FLOP budget; `modlm isoflop` trains and summarizes them.
+"""isoFLOP sweeps: plan runs that each spend a training-FLOP budget (`modlm isoflop` runs a study of them).
 
     modlm isoflop --budgets 1e12,4e12 --family dense --family mod --results-dir results/iso
 
@@ -8,8 +8,11 @@ budget to within half a step (the planner keeps only runs within 1% of it, i.e. 
 FLOPs are ``modlm.flops.train_flops`` (forward + backward, routed blocks at capacity,
 evaluation not counted).
 
-Training a plan (resumable, optionally several runs at once) is ``modlm.experiments.sweep``;
-the folder it fills is ``modlm.experiments.results``.
+A run can also carry its own seed (a repeat) and learning rate (a trial), both part of its id.
+Which runs a study needs (the shapes that bracket each optimum, the seed repeats, the learning
+rates) is decided round by round by ``modlm.experiments.study``; training a plan (resumable,
+optionally several runs at once) is ``modlm.experiments.sweep``; the folder it fills is
+``modlm.experiments.results``.
 """
 
 from __future__ import annotations
@@ -117,8 +120,8 @@ def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
 class SweepSettings:
     """Training settings shared by every run of a sweep (the budget fixes each run's steps)."""
 
-    seq_len: int = 128
-    batch_size: int = 16
+    seq_len: int = 256  # a routed block at 12.5% processes 32 tokens of each sequence
+    batch_size: int = 8
     head_dim: int = 32
     predictor_hidden: int = 32
     lr: float = 2e-3
@@ -131,9 +134,13 @@ class SweepSettings:
     evals_per_run: int = 1  # validations per run (the last at the end)
     ckpts_per_run: int = 5  # checkpoints per run (resume granularity)
     log_points: int = 40  # training-loss records per run (the loss-vs-FLOPs curves)
-    seed: int = 0
+    seed: int = 0  # the base seed (init and data order); repeats use others (``PlannedRun.seed``)
+    split_seed: int = 0  # the train/val document split: one validation set for every run and seed
     data: str | None = None
     cache_dir: str | None = None
+    # "byte" (UTF-8 bytes), "bpe:N" (a byte-level BPE of N ids learned on the training split,
+    # ``modlm.training.bpe``) or a Hugging Face tokenizer.json.
+    tokenizer: str = "byte"
     device: str = "auto"
     dtype: str = "auto"
 
@@ -178,9 +185,61 @@ class SweepSettings:
         _require(
             is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0"
         )
+        _require(is_int(self.split_seed) and self.split_seed >= 0, "split_seed", self.split_seed, "must be an int >= 0")
+        _require(
+            isinstance(self.tokenizer, str) and self.tokenizer != "",
+            "tokenizer",
+            self.tokenizer,
+            "must be 'byte', 'bpe:N' or a tokenizer.json path",
+        )
+        if self.tokenizer.startswith("bpe:"):
+            from modlm.training.bpe import parse_bpe_spec
+
+            parse_bpe_spec(self.tokenizer)  # one line naming a bad vocabulary size
+
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary for this tokenizer (None: the preset's 256 bytes). For 'bpe:N'
+        it is N before the tokenizer is trained, so plans and FLOPs need no training."""
+        if self.tokenizer == "byte":
+            return None
+        if self.tokenizer.startswith("bpe:"):
+            return int(self.tokenizer[4:])
+        from modlm.training.tokenizers import load_tokenizer
+
+        return load_tokenizer(self.tokenizer).vocab_size
+
+    def tokenizer_path(self) -> str | None:
+        """What TrainConfig.tokenizer gets: None for bytes, else a tokenizer.json (a 'bpe:N'
+        tokenizer is trained on first use and cached beside the data)."""
+        if self.tokenizer == "byte":
+            return None
+        if self.tokenizer.startswith("bpe:"):
+            return _bpe_path(self.data, self.cache_dir, self.split_seed, int(self.tokenizer[4:]))
+        return self.tokenizer
+
+    def tokenizer_label(self) -> str:
+        """'bytes (vocabulary 256)' or 'BPE (vocabulary N, learned on the training split)'."""
+        if self.tokenizer == "byte":
+            return "UTF-8 bytes (vocabulary 256)"
+        if self.tokenizer.startswith("bpe:"):
+            return f"byte-level BPE (vocabulary {self.tokenizer[4:]}, learned on the training split)"
+        return f"{self.tokenizer} (vocabulary {self.vocab_size()})"
 
     def replace(self, **changes: Any) -> SweepSettings:
         return dataclasses.replace(self, **changes)
+
+
+_BPE_PATHS: dict[tuple, str] = {}
+
+
+def _bpe_path(data: str | None, cache_dir: str | None, split_seed: int, vocab: int) -> str:
+    """``modlm.training.bpe.bpe_tokenizer``, looked up once per process (it fingerprints the corpus)."""
+    key = (data, cache_dir, split_seed, vocab)
+    if key not in _BPE_PATHS:
+        from modlm.training.bpe import bpe_tokenizer
+
+        _BPE_PATHS[key] = str(bpe_tokenizer(data, vocab, cache_dir=cache_dir, split_seed=split_seed))
+    return _BPE_PATHS[key]
 
 
 def model_overrides(shape: Shape, family: Family, settings: SweepSettings) -> dict[str, Any]:
@@ -196,6 +255,9 @@ def model_overrides(shape: Shape, family: Family, settings: SweepSettings) -> di
         "max_seq_len": settings.seq_len,
         "predictor_hidden": settings.predictor_hidden,
     }
+    vocab = settings.vocab_size()
+    if vocab is not None:
+        over["vocab_size"] = vocab
     over.update(family.model_overrides)
     if over.get("route_start", 0) >= shape.n_layers:
         over["route_start"] = shape.n_layers - 1
@@ -224,6 +286,7 @@ class PlannedRun:
     forward_flops_per_token: float
     seed: int = 0
     tags: tuple[str, ...] = ()
+    lr: float | None = None  # peak learning rate; None: the sweep's ``SweepSettings.lr``
 
     @property
     def train_flops(self) -> int:
@@ -245,17 +308,19 @@ class PlannedRun:
         from modlm.training.config import TrainConfig
 
         warmup = min(200, max(10, round(settings.warmup_frac * self.steps)), self.steps)
+        lr = settings.lr if self.lr is None else self.lr
         return TrainConfig(
             model="tiny",
             model_overrides=dict(self.overrides),
             data=settings.data,
             cache_dir=settings.cache_dir,
+            tokenizer=settings.tokenizer_path(),
             out_dir=str(out_dir),
             batch_size=settings.batch_size,
             seq_len=settings.seq_len,
             max_steps=self.steps,
-            lr=settings.lr,
-            min_lr=settings.lr * settings.min_lr_ratio,
+            lr=lr,
+            min_lr=lr * settings.min_lr_ratio,
             warmup_steps=warmup,
             weight_decay=settings.weight_decay,
             eval_interval=max(1, math.ceil(self.steps / settings.evals_per_run)),
@@ -263,6 +328,7 @@ class PlannedRun:
             ckpt_interval=max(1, math.ceil(self.steps / settings.ckpts_per_run)),
             log_interval=max(1, self.steps // settings.log_points),
             seed=self.seed,
+            split_seed=settings.split_seed,
             device=settings.device,
             dtype=settings.dtype,
         )
@@ -283,6 +349,7 @@ class PlannedRun:
             forward_flops_per_token=d["forward_flops_per_token"],
             seed=d["seed"],
             tags=tuple(d["tags"]),
+            lr=d.get("lr"),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -301,13 +368,25 @@ class PlannedRun:
             "forward_flops_per_token": self.forward_flops_per_token,
             "seed": self.seed,
             "tags": list(self.tags),
+            "lr": self.lr,
         }
 
 
 def plan_run(
-    budget: float, family: Family | str, shape: Shape, settings: SweepSettings, tags: Iterable[str] = ()
+    budget: float,
+    family: Family | str,
+    shape: Shape,
+    settings: SweepSettings,
+    tags: Iterable[str] = (),
+    seed: int | None = None,
+    lr: float | None = None,
+    max_steps: int | None = None,
 ) -> PlannedRun:
     """The run of ``shape`` in ``family`` that spends ``budget`` training FLOPs (to within 1%).
+
+    ``seed`` (None: ``settings.seed``) and ``lr`` (None: ``settings.lr``) make repeats and
+    learning-rate trials; a seed other than the base one and an explicit lr are part of the run
+    id. ``max_steps`` (None: ``settings.max_steps``) bounds the step count.
 
     Raises ValueError when no step count in [min_steps, max_steps] lands within 1% of the budget.
     """
@@ -321,14 +400,20 @@ def plan_run(
     rep = flops(cfg, settings.seq_len)
     fps = settings.batch_size * rep.train
     steps = round(budget / fps)
-    if not settings.min_steps <= steps <= settings.max_steps:
+    top = settings.max_steps if max_steps is None else max_steps
+    if not settings.min_steps <= steps <= top:
         raise ValueError(
             f"{fam.label} {shape.name} at {format_budget(budget)} FLOPs needs {steps} steps of "
-            f"{fps:.3g} FLOPs: outside [min_steps={settings.min_steps}, max_steps={settings.max_steps}]"
+            f"{fps:.3g} FLOPs: outside [min_steps={settings.min_steps}, max_steps={top}]"
         )
     if abs(steps * fps - budget) > BUDGET_TOLERANCE * budget:  # cannot happen for steps >= 50; kept as a guard
         raise ValueError(f"{fam.label} {shape.name}: {steps} steps miss the budget {budget:.3g} by more than 1%")
     run_id = f"B{format_budget(budget)}-{fam.slug}-{shape.name}"
+    if lr is not None:
+        run_id += f"-lr{lr:g}"
+    seed = settings.seed if seed is None else seed
+    if seed != settings.seed:
+        run_id += f"-s{seed}"
     return PlannedRun(
         run_id=run_id,
         budget=float(budget),
@@ -340,8 +425,9 @@ def plan_run(
         params=param_count(cfg),
         non_embedding_params=param_count(cfg, True),
         forward_flops_per_token=rep.forward_per_token,
-        seed=settings.seed,
+        seed=seed,
         tags=tuple(tags),
+        lr=None if lr is None else float(lr),
     )
 
 
@@ -385,7 +471,7 @@ def merge_plans(*plans: Iterable[PlannedRun]) -> list[PlannedRun]:
         for run in plan:
             if run.run_id in merged:
                 old = merged[run.run_id]
-                if old.overrides != run.overrides or old.steps != run.steps:
+                if (old.overrides, old.steps, old.seed, old.lr) != (run.overrides, run.steps, run.seed, run.lr):
                     raise ValueError(f"run {run.run_id} is planned twice with different settings")
                 tags = tuple(dict.fromkeys(old.tags + run.tags))
                 merged[run.run_id] = dataclasses.replace(old, tags=tags)
@@ -399,8 +485,12 @@ def train_tokens(settings: SweepSettings) -> int:
     corpus cannot be read. For the epochs a run makes over its data."""
     try:
         from modlm.training.corpus import prepare_corpus  # cached after the first call
+        from modlm.training.tokenizers import load_tokenizer
 
-        return len(prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.seed).train)
+        tok = load_tokenizer(settings.tokenizer_path())
+        return len(
+            prepare_corpus(settings.data, cache_dir=settings.cache_dir, seed=settings.split_seed, tokenizer=tok).train
+        )
     except (OSError, ValueError):
         return 0
 
@@ -425,21 +515,6 @@ def isoflop_optima(records: Sequence[dict[str, Any]]) -> dict[tuple[float, str],
     return {key: min(recs, key=lambda r: r["val_loss"]) for key, recs in isoflop_curves(records).items()}
 
 
-def summarize_isoflop(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The isoFLOP-optimal run (lowest final val loss) of every (budget, family)."""
-    return [
-        {
-            "budget": b,
-            "family": f,
-            "run_id": r["run_id"],
-            "val_loss": r["val_loss"],
-            "val_bpb": r["val_bpb"],
-            "params": r["params"],
-        }
-        for (b, f), r in sorted(isoflop_optima(records).items())
-    ]
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line (wired into modlm.cli as `modlm isoflop`)
 # ---------------------------------------------------------------------------------------------
@@ -455,8 +530,10 @@ SETTINGS_FLAGS = (
     "max_steps",
     "eval_batches",
     "seed",
+    "split_seed",
     "data",
     "cache_dir",
+    "tokenizer",
     "device",
     "dtype",
 )
@@ -494,11 +571,26 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"validation batches at the end of a run (default: {d.eval_batches})",
     )
-    g.add_argument("--seed", type=int, default=None, help=f"seed of every run (default: {d.seed})")
+    g.add_argument(
+        "--seed", type=int, default=None, help=f"base seed of init and data order of every run (default: {d.seed})"
+    )
+    g.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help=f"seed of the train/val document split, the same for every run (default: {d.split_seed})",
+    )
     g.add_argument(
         "--data", default=None, help="'enwiki' (default: the bundled Wikipedia sample), a text file or a folder"
     )
     g.add_argument("--cache-dir", default=None, help="token cache root (default: $MODLM_CACHE or ~/.cache/modlm)")
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="byte|bpe:N|PATH",
+        help="byte (UTF-8 bytes), bpe:N (a byte-level BPE of N ids, e.g. bpe:4096, learned on the training "
+        "split and cached beside the data) or a tokenizer.json (default: the scale's; isoflop: byte)",
+    )
     g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=None, help="autocast dtype (default: auto)")
     g.add_argument(

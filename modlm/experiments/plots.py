@@ -48,50 +48,60 @@ def _budget_label(b: float) -> str:
     return f"{b:.2g} FLOPs"
 
 
-def plot_isoflop(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Final validation loss vs parameters: one curve per (budget, family), the minimum starred.
+def plot_isoflop(records: Sequence[dict[str, Any]], path: str | Path, ylabel: str = "nats/byte") -> Path:
+    """Final validation loss vs parameters: one curve per (budget, family), one point per shape
+    (the mean over its seeds; bars: their min-max), the optimum starred (the fit through a
+    bracketed curve's best shape and its neighbours; an open star: not bracketed).
 
     Colour shade = budget (darker = more FLOPs); line style and marker = family.
     """
+    from modlm.experiments.curves import curve_optima
+
     plt = _plt()
     recs = [r for r in records if r.get("val_loss") is not None and "isoflop" in r.get("tags", ["isoflop"])]
-    fams = sorted({r["family"] for r in recs}, key=lambda f: (f != "dense", f))
-    budgets = sorted({r["budget"] for r in recs})
+    recs = [dict(r, tags=["isoflop"]) for r in recs]
+    optima = curve_optima(recs)
+    fams = sorted({f for _, f in optima}, key=lambda f: (f != "dense", f))
+    budgets = sorted({b for b, _ in optima})
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for fi, fam in enumerate(fams):
         st = _style(fam, fi)
         for bi, b in enumerate(budgets):
-            pts = sorted(
-                (r["params"], r["val_loss"], r["run_id"]) for r in recs if r["family"] == fam and r["budget"] == b
-            )
-            if not pts:
+            opt = optima.get((b, fam))
+            if opt is None:
                 continue
             alpha = 0.45 + 0.55 * (bi + 1) / len(budgets)
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(
+            xs = [p.params for p in opt.points]
+            ys = [p.loss for p in opt.points]
+            err = [
+                [y - min(p.losses) for y, p in zip(ys, opt.points)],
+                [max(p.losses) - y for y, p in zip(ys, opt.points)],
+            ]
+            ax.errorbar(
                 xs,
                 ys,
+                yerr=err,
                 color=st["color"],
                 marker=st["marker"],
                 linestyle=st["linestyle"],
                 alpha=alpha,
+                capsize=2,
                 label=f"{fam}, {_budget_label(b)}",
             )
-            i = min(range(len(ys)), key=ys.__getitem__)
             ax.plot(
-                [xs[i]],
-                [ys[i]],
+                [opt.params],
+                [opt.loss],
                 marker="*",
                 markersize=16,
-                color=st["color"],
+                color=st["color"] if opt.bracketed else "white",
                 alpha=alpha,
                 markeredgecolor="black",
                 linestyle="none",
             )
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
-    ax.set_ylabel("final validation loss (nats/byte)")
-    ax.set_title("isoFLOP curves (star: isoFLOP-optimal)")
+    ax.set_ylabel(f"final validation loss ({ylabel}), mean over seeds")
+    ax.set_title("isoFLOP curves (star: fitted optimum; open star: not bracketed)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

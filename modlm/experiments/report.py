@@ -15,27 +15,31 @@ from typing import Any
 
 from modlm.experiments.analysis import ANALYSIS_FILE
 from modlm.experiments.claims import (
+    NOT_BRACKETED,
     S1,
     S2,
     S5,
     S6,
+    VERDICT_SIGMAS,
     Claim,
     build_claims,
     format_params,
     isoflop_runs,
-    shape_name,
+    noise_summary,
     variant_record,
 )
-from modlm.experiments.isoflop import SweepSettings, format_budget, isoflop_curves, train_tokens
+from modlm.experiments.curves import curve_optima, lr_choices
+from modlm.experiments.isoflop import SweepSettings, format_budget, train_tokens
 from modlm.experiments.results import PLAN_FILE, read_results
 from modlm.experiments.scales import VARIANT_BY_KEY, VARIANTS, Scale
+from modlm.experiments.study import read_study
 
 REPORT_FILE = "REPORT.md"
 CLAIMS_FILE = "claims.json"
 
 CAPTIONS = {
-    "isoflop": "isoFLOP curves: final validation loss vs parameters, one curve per budget, dense and MoD; "
-    "stars mark the isoFLOP-optimal runs.",
+    "isoflop": "isoFLOP curves: final validation loss (mean over seeds; bars: min-max) vs parameters, one curve "
+    "per budget, dense and MoD; stars mark the fitted optima (open: not bracketed).",
     "loss_vs_flops": "Training loss vs training FLOPs for every isoFLOP run (thin) and the optimal runs (bold); "
     "markers are final validation losses.",
     "variants": "Variants of one shape at equal training FLOPs; dashed line: the same shape dense; grey band: "
@@ -63,20 +67,29 @@ def write_report(
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or scale.settings
-    records = _tagged_records(results)
+    records = tagged_records(results)
     analysis = None
     if (results / ANALYSIS_FILE).exists():
         analysis = json.loads((results / ANALYSIS_FILE).read_text())
     claims, noise = build_claims(records, analysis, scale.budgets)
-    figs = _plot(records, analysis, noise, scale, out)
+    figs = _plot(records, analysis, noise, scale, out, settings)
     md = _render(records, claims, noise, figs, scale, settings, command, results)
     path = out / REPORT_FILE
     path.write_text(md, encoding="utf-8")
-    (out / CLAIMS_FILE).write_text(json.dumps({"noise": noise, "claims": [c.as_dict() for c in claims]}, indent=1))
+    lrs = {f: c.best for f, c in lr_choices(records).items()}
+    doc = {
+        "budgets": [float(b) for b in scale.budgets],
+        "noise": noise_summary(records),
+        "lrs": lrs,
+        "tokenizer": settings.tokenizer,
+        "seq_len": settings.seq_len,
+        "claims": [c.as_dict() for c in claims],
+    }
+    (out / CLAIMS_FILE).write_text(json.dumps(doc, indent=1))
     return path
 
 
-def _tagged_records(results: Path) -> list[dict[str, Any]]:
+def tagged_records(results: Path) -> list[dict[str, Any]]:
     """The finished runs, each with the tags of the current plan (a run shared by two experiments
     may have been recorded by a plan that knew only one of them)."""
     try:
@@ -88,7 +101,12 @@ def _tagged_records(results: Path) -> list[dict[str, Any]]:
 
 
 def _plot(
-    records: list[dict[str, Any]], analysis: dict[str, Any] | None, noise: float | None, scale: Scale, out: Path
+    records: list[dict[str, Any]],
+    analysis: dict[str, Any] | None,
+    noise: float | None,
+    scale: Scale,
+    out: Path,
+    settings: SweepSettings,
 ) -> dict[str, str]:
     """Every figure the results allow, written to ``out``: {figure key: PNG file name}."""
     from modlm.experiments.plots import (
@@ -103,8 +121,10 @@ def _plot(
     figs: dict[str, str] = {}
     iso = isoflop_runs(records)
     if iso:
-        figs["isoflop"] = plot_isoflop(iso, out / "isoflop.png").name
-        figs["loss_vs_flops"] = plot_loss_vs_flops(iso, out / "loss_vs_flops.png").name
+        unit = "nats/byte" if settings.tokenizer == "byte" else "nats/token"
+        figs["isoflop"] = plot_isoflop(iso, out / "isoflop.png", ylabel=unit).name
+        if any(r.get("train_curve") for r in iso):
+            figs["loss_vs_flops"] = plot_loss_vs_flops(iso, out / "loss_vs_flops.png").name
     vrows = []
     for v in VARIANTS:
         r = variant_record(records, v.key)
@@ -156,7 +176,7 @@ def _render(
     """The text of REPORT.md: how it was made, the setup, a summary table, one section per part
     of the paper, our disagreements and every run."""
     L = _introduction(records, command, scale, settings, results)
-    L += _setup(noise, scale, settings)
+    L += _setup(records, noise, scale, settings)
     n_yes = sum(c.holds == "yes" for c in claims)
     L.append(f"## Summary: {n_yes} of {len(claims)} claims hold at this scale\n")
     L.append(
@@ -164,7 +184,7 @@ def _render(
     )
     L.append("")
     for sec in dict.fromkeys(c.section for c in claims):
-        L += _section(sec, [c for c in claims if c.section == sec], records, figs)
+        L += _section(sec, [c for c in claims if c.section == sec], records, figs, results)
     L += _disagreements(claims)
     L += _all_runs(records, settings)
     return "\n".join(L)
@@ -190,35 +210,65 @@ def _introduction(
     ]
 
 
-def _setup(noise: float | None, scale: Scale, settings: SweepSettings) -> list[str]:
-    noise_txt = f"{noise:.4f} nats" if noise is not None else "not measured (too few isoFLOP runs)"
+def _setup(records: list[dict[str, Any]], noise: float | None, scale: Scale, settings: SweepSettings) -> list[str]:
+    ns = noise_summary(records)
+    noise_txt = (
+        f"sigma = {noise:.4f} nats, the pooled standard deviation of the final validation loss over "
+        f"{ns['n_seeds']}+ seeds of the same run (each seed changes the init and the data order; the "
+        "train/val split is fixed)"
+        if noise is not None
+        else "not measured (no run was repeated with other seeds)"
+    )
+    lrs = lr_choices(records)
+    if lrs:
+        lr_txt = "; ".join(
+            f"{f} {c.best:g}{'' if c.bracketed else ' (an end of those tried)'}" for f, c in sorted(lrs.items())
+        )
+        lr_line = (
+            f"- Learning rate per family, from a sweep at {format_budget(next(iter(lrs.values())).budget)} FLOPs on "
+            f"{next(iter(lrs.values())).shape}: {lr_txt}. Every run of a family trains at its lr; MoD variants "
+            "at MoD's (table in section 1)."
+        )
+    else:
+        lr_line = f"- Learning rate: {settings.lr:g} for every run (no sweep)."
+    unit = "nats per byte" if settings.tokenizer == "byte" else "nats per token (bits per byte in the tables)"
+    note = scale.tokenizer_note if settings.tokenizer == scale.settings.tokenizer else ""  # not for --tokenizer
+    tokens = settings.batch_size * settings.seq_len
     return [
         "## Setup\n",
         f"- Data: the bundled enwiki sample ({'default' if settings.data in (None, 'enwiki') else settings.data}), "
-        "byte tokens (vocabulary 256), whole documents held out for validation; loss in nats per byte "
-        "(bits per byte = loss / ln 2).",
-        f"- Training: AdamW, peak lr {settings.lr:g}, warmup {settings.warmup_frac:.0%} of steps, cosine to "
-        f"{settings.min_lr_ratio:g} x lr over each run, batch {settings.batch_size} x {settings.seq_len} tokens, "
-        f"weight decay {settings.weight_decay:g}, seed {settings.seed}. The number of steps of each run is "
-        "round(budget / FLOPs per step), so each run spends its budget to within 1%.",
+        f"{settings.tokenizer_label()}, whole documents held out for validation (split seed "
+        f"{settings.split_seed}, the same for every run); loss in {unit}. {note}".rstrip(),
+        f"- Training: AdamW, warmup {settings.warmup_frac:.0%} of steps, cosine to {settings.min_lr_ratio:g} x lr "
+        f"over each run, batch {settings.batch_size} sequences x {settings.seq_len} tokens = {tokens:,} tokens per "
+        f"step for every run (so a larger model trains for fewer steps), weight decay {settings.weight_decay:g}. "
+        "The number of steps of each run is round(budget / FLOPs per step), so each run spends its budget to "
+        "within 1%.",
+        lr_line,
         "- FLOPs: `modlm.flops` (matmuls only, attention as the full square, routed blocks at their capacity, "
         "router and predictor included, training = forward + backward; checked against "
         "`torch.utils.flop_counter` in `tests/test_flops.py`). Evaluation FLOPs are not counted.",
-        f"- isoFLOP budgets {', '.join(format_budget(b) for b in scale.budgets)}; shape grid "
-        f"{', '.join(s.name for s in scale.shapes)} (dLn = width n x depth L, head size {settings.head_dim}), "
-        f"kept where a run has {settings.min_steps}-{settings.max_steps} steps. MoD = learned expert-choice "
-        "routing, capacity 12.5%, every other block, causal predictor (the paper's best setting).",
-        f"- Variants: shape {scale.variant_shape.name} at {format_budget(scale.variant_budget)} FLOPs.",
+        f"- isoFLOP budgets {', '.join(format_budget(b) for b in scale.budgets)}, on the shape ladder "
+        f"{', '.join(s.name for s in scale.shapes)} (dWLn = width W x depth L, head size {settings.head_dim}), "
+        f"runs of {settings.min_steps}-{settings.max_steps} steps. Each curve starts with {scale.window} shapes "
+        f"around ~{scale.tokens_per_param:g} tokens per parameter and is extended a shape at a time (up to "
+        f"{scale.max_extensions}) until its best shape has a measured smaller and larger neighbour; the "
+        f"optimum is the vertex of the parabola (loss vs log parameters) through those three, each the mean "
+        f"over seeds {', '.join(str(s) for s in scale.seeds)}. MoD = learned expert-choice routing, capacity "
+        "12.5%, every other block, causal predictor (the paper's best setting).",
+        f"- Variants: shape {scale.variant_shape.name} at {format_budget(scale.variant_budget)} FLOPs, one seed.",
         "- Final validation loss: "
         f"{settings.eval_batches * settings.batch_size} windows of {settings.seq_len} tokens spread over the "
         "validation split, top-k routing unless stated.",
-        f"- Noise: {noise_txt}, the RMS residual of quadratic fits of loss vs log(parameters) to the isoFLOP "
-        "curves. **holds?** is *yes* when our difference has the paper's sign and exceeds it, *no* when it "
-        "has the opposite sign beyond it, *within noise* otherwise. One seed per configuration.\n",
+        f"- Noise: {noise_txt}. **holds?** is *yes* when our difference has the paper's sign and exceeds "
+        f"{VERDICT_SIGMAS:g} sigma, *no* when it has the opposite sign beyond that, *within noise* otherwise; "
+        f"*{NOT_BRACKETED}* when an isoFLOP optimum could not be bracketed (no verdict).\n",
     ]
 
 
-def _section(sec: str, rows: list[Claim], records: list[dict[str, Any]], figs: dict[str, str]) -> list[str]:
+def _section(
+    sec: str, rows: list[Claim], records: list[dict[str, Any]], figs: dict[str, str], results: Path
+) -> list[str]:
     """One part of the paper: its claim table, its figures and, for isoFLOP and variants, the runs."""
     L = [f"## {sec}\n"]
     L.append(_md_table(["claim", "paper", "ours", "holds?"], [(c.claim, c.paper, c.ours, c.holds) for c in rows]))
@@ -228,8 +278,9 @@ def _section(sec: str, rows: list[Claim], records: list[dict[str, Any]], figs: d
             L.append(f"![{key}]({figs[key]})\n")
             L.append(f"*{CAPTIONS[key]}*\n")
     if sec == S1:
+        L.extend(_lr_table(records))
         L.append(_isoflop_table(records))
-        L.extend(_edge_notes(records))
+        L.extend(_bracket_notes(records, results))
     if sec == S2:
         L.append(_variant_table(records))
     return L
@@ -237,11 +288,18 @@ def _section(sec: str, rows: list[Claim], records: list[dict[str, Any]], figs: d
 
 def _disagreements(claims: list[Claim]) -> list[str]:
     L = ["## Where ours disagrees with the paper, and why we think it does\n"]
-    off = [c for c in claims if c.holds not in ("yes", "n/a")]
+    off = [c for c in claims if c.holds not in ("yes", "n/a", NOT_BRACKETED)]
     if not off:
         L.append("Every claim we could test holds at this scale.\n")
     for c in off:
         L.append(f"- **{c.claim}** — ours: {c.holds}. {c.why_not}")
+    undecided = [c for c in claims if c.holds == NOT_BRACKETED]
+    if undecided:
+        L.append(
+            "\nNo verdict (an isoFLOP optimum is not bracketed, see section 1): "
+            + "; ".join(c.claim for c in undecided)
+            + "."
+        )
     missing = [c for c in claims if c.holds == "n/a"]
     if missing:
         L.append("\nNot run (the sweep is incomplete): " + "; ".join(c.claim for c in missing) + ".")
@@ -263,6 +321,8 @@ def _all_runs(records: list[dict[str, Any]], settings: SweepSettings) -> list[st
                 r["family"],
                 format_params(r["params"]),
                 r["steps"],
+                r.get("seed", 0),
+                f"{r.get('train', {}).get('lr', float('nan')):g}",
                 f"{r['train_flops']:.3g}",
                 f"{r['val_loss']:.4f}",
                 f"{r['val_bpb']:.3f}",
@@ -279,6 +339,8 @@ def _all_runs(records: list[dict[str, Any]], settings: SweepSettings) -> list[st
                 "family",
                 "params",
                 "steps",
+                "seed",
+                "lr",
                 "train FLOPs",
                 "val loss",
                 "val bpb",
@@ -292,38 +354,89 @@ def _all_runs(records: list[dict[str, Any]], settings: SweepSettings) -> list[st
     ]
 
 
-def _edge_notes(records: list[dict[str, Any]]) -> list[str]:
-    """A warning for every isoFLOP optimum that sits at the edge of its curve's grid."""
+def _bracket_notes(records: list[dict[str, Any]], results: Path) -> list[str]:
+    """One line per isoFLOP curve whose optimum is not bracketed, with the limit the study hit."""
+    why = {(c["budget"], c["family"]): c.get("why", "") for c in (read_study(results) or {}).get("curves", [])}
     notes = []
-    for (b, fam), recs in sorted(isoflop_curves(isoflop_runs(records)).items()):
-        if len(recs) < 3:
-            continue
-        best = min(recs, key=lambda r: r["val_loss"])
-        params = sorted(r["params"] for r in recs)
-        if best["params"] in (params[0], params[-1]):
-            side = "smallest" if best["params"] == params[0] else "largest"
+    for (b, fam), o in sorted(curve_optima(isoflop_runs(records)).items()):
+        if not o.bracketed:
+            reason = why.get((b, fam)) or "the best shape is an end of the measured curve"
             notes.append(
-                f"- Note: the {fam} optimum at {format_budget(b)} FLOPs is the {side} model of its grid "
-                f"({shape_name(best)}); the true isoFLOP optimum may lie outside the grid."
+                f"- Not bracketed: the {fam} optimum at {format_budget(b)} FLOPs ({o.shape}): {reason}. "
+                "No verdict is drawn at this budget."
             )
     return notes + ([""] if notes else [])
 
 
-def _isoflop_table(records: list[dict[str, Any]]) -> str:
+def _lr_table(records: list[dict[str, Any]]) -> list[str]:
+    """The learning-rate sweep: final validation loss per lr and family, the chosen one marked."""
+    choices = lr_choices(records)
+    if not choices:
+        return []
     rows = []
-    for r in sorted(isoflop_runs(records), key=lambda r: (r["budget"], r["params"], r["family"])):
+    for fam, c in sorted(choices.items()):
+        cells = ", ".join(f"{lr:g}: {loss:.4f}" + (" (best)" if lr == c.best else "") for lr, loss in c.losses.items())
+        rows.append((fam, f"{c.shape} at {format_budget(c.budget)}", cells, "yes" if c.bracketed else "no"))
+    return [
+        "Learning-rate sweep (each family then trains at its best lr):\n",
+        _md_table(["family", "run", "lr: val loss", "best lr bracketed?"], rows),
+        "",
+    ]
+
+
+def _isoflop_table(records: list[dict[str, Any]]) -> str:
+    """Every shape of every curve: mean loss over its seeds, their spread, and the optimum."""
+    rows = []
+    for (b, fam), o in sorted(curve_optima(isoflop_runs(records)).items()):
+        for p in o.points:
+            r = p.records[0]
+            spread = f"{min(p.losses):.4f}-{max(p.losses):.4f}" if len(p.losses) > 1 else ""
+            rows.append(
+                (
+                    format_budget(b),
+                    fam,
+                    p.shape + (" (best)" if p is o.best else ""),
+                    format_params(p.params),
+                    r["steps"],
+                    f"{r.get('lr') or r.get('train', {}).get('lr', float('nan')):g}",
+                    f"{p.forward_flops_per_token:.3g}",
+                    f"{p.loss:.4f}",
+                    len(p.losses),
+                    spread,
+                )
+            )
         rows.append(
             (
-                format_budget(r["budget"]),
-                r["family"],
-                shape_name(r),
-                format_params(r["params"]),
-                r["steps"],
-                f"{r['forward_flops_per_token']:.3g}",
-                f"{r['val_loss']:.4f}",
+                format_budget(b),
+                fam,
+                "**optimum**" + ("" if o.bracketed else " (NOT bracketed)"),
+                format_params(o.params),
+                "",
+                "",
+                "",
+                f"{o.loss:.4f}",
+                "",
+                "fit through the best and its neighbours" if o.bracketed else "the best measured shape",
             )
         )
-    return _md_table(["budget", "family", "shape", "params", "steps", "fwd FLOPs/token", "val loss"], rows) + "\n"
+    return (
+        _md_table(
+            [
+                "budget",
+                "family",
+                "shape",
+                "params",
+                "steps",
+                "lr",
+                "fwd FLOPs/token",
+                "val loss (mean)",
+                "seeds",
+                "range",
+            ],
+            rows,
+        )
+        + "\n"
+    )
 
 
 def _variant_table(records: list[dict[str, Any]]) -> str:

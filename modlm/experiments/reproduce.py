@@ -10,7 +10,9 @@ their verdicts are ``modlm.experiments.claims``.
 
 Experiments (all at equal training FLOPs within a comparison):
 
-1. isoFLOP: for each budget, a grid of shapes, dense vs MoD (12.5%, every other block).
+1. isoFLOP: for each budget, dense vs MoD (12.5%, every other block) on a shape ladder that
+   extends itself until each optimum is bracketed, the best shapes repeated over seeds, each
+   family at its own learning rate (``modlm.experiments.study``).
 2. Variants of one shape at one budget: capacity 12.5/25/50/95%, routing every block,
    random routing (12.5% and 50%), token-choice routing, aux-loss causal routing, and the
    dense model of the same shape.
@@ -40,14 +42,15 @@ from modlm.experiments.isoflop import (
     SweepSettings,
     add_settings_args,
     apply_threads,
+    format_budget,
     resolve_jobs,
     settings_from_args,
     train_tokens,
 )
 from modlm.experiments.report import CLAIMS_FILE, write_report
 from modlm.experiments.results import PLAN_FILE, RUNS_FILE, read_results, write_plan
-from modlm.experiments.scales import SCALES, Scale, plan_reproduction
-from modlm.experiments.sweep import run_sweep
+from modlm.experiments.scales import SCALES, Scale, plan_reproduction, plan_variants
+from modlm.experiments.study import run_study
 
 # ---------------------------------------------------------------------------------------------
 # Time estimate (measured on this machine)
@@ -125,9 +128,7 @@ def estimate_seconds(
     overhead = 1.1
     now = free = 0.0
     for r in runs:
-        evals = settings.evals_per_run * settings.eval_batches * settings.batch_size * settings.seq_len
-        eval_flops = evals * r.forward_flops_per_token * (2 if r.overrides.get("router") != "none" else 1)
-        flops = r.train_flops + eval_flops
+        flops = r.train_flops + _eval_flops(r, settings)
         now += overhead * flops / rate(r.flops_per_step, 1) + 2.0
         free += overhead * flops / rate(r.flops_per_step, 2) + (2.0 if jobs == 1 else 8.0)  # + a process start
     return {
@@ -135,6 +136,21 @@ def estimate_seconds(
         "seconds_free": free / jobs,
         "probes": [{"flops_per_step": f, "flops_per_s": w, "flops_per_cpu_s": c} for f, w, c in measured],
     }
+
+
+def _eval_flops(run: PlannedRun, settings: SweepSettings) -> float:
+    """Forward FLOPs of a run's validations (top-k, and causal for a routed model)."""
+    evals = settings.evals_per_run * settings.eval_batches * settings.batch_size * settings.seq_len
+    return evals * run.forward_flops_per_token * (2 if run.overrides.get("router") != "none" else 1)
+
+
+def assumed_seconds(
+    runs: Sequence[PlannedRun], settings: SweepSettings, flops_per_s: float, step_s: float, per_run_s: float = 3.0
+) -> float:
+    """Wall-clock seconds of a plan at an assumed sustained rate (one run at a time): FLOPs /
+    ``flops_per_s`` plus ``step_s`` per step (kernel launches, optimizer, data) plus ``per_run_s``
+    per run (set-up, checkpoints). For a device that is not here to measure."""
+    return sum((r.train_flops + _eval_flops(r, settings)) / flops_per_s + r.steps * step_s + per_run_s for r in runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,14 +175,21 @@ def run_reproduction(
     results = Path(results_dir)
     report = Path(report_dir) if report_dir is not None else results / "report"
     command = command or f"modlm reproduce --scale {scale.name} --results-dir {results} --report-dir {report}"
-    runs = plan_reproduction(scale, settings)
     complete = True
     if not report_only:
-        res = run_sweep(runs, results, settings, progress=progress, jobs=jobs, threads=threads)
-        complete = res.complete
+        study = run_study(
+            scale.design(settings.seed),
+            results,
+            settings,
+            progress=progress,
+            jobs=jobs,
+            threads=threads,
+            extra=lambda lrs: plan_variants(scale, settings, lrs),
+        )
+        complete = study.complete
         if not complete:
             return {"complete": False, "results_dir": str(results)}
-        run_analysis(results, scale, settings, runs)
+        run_analysis(results, scale, settings, study.runs)
     else:
         if not read_results(results):
             # A report of no runs would say "0 of N claims hold", which reads like a result.
@@ -175,7 +198,7 @@ def run_reproduction(
                 "train them first (the same command without --report-only)"
             )
         if not (results / PLAN_FILE).exists():  # the report reads the runs' tags from the plan
-            write_plan(results, runs, settings)
+            write_plan(results, plan_reproduction(scale, settings), settings)
     path = write_report(results, report, scale, command, settings)
     claims = json.loads((report / CLAIMS_FILE).read_text())
     return {
@@ -183,6 +206,7 @@ def run_reproduction(
         "report": str(path),
         "results_dir": str(results),
         "noise": claims["noise"],
+        "budgets": claims["budgets"],
         "holds": {c["claim"]: c["holds"] for c in claims["claims"]},
     }
 
@@ -193,7 +217,8 @@ def add_reproduce_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--scale",
         choices=sorted(SCALES),
         default="default",
-        help="tiny (seconds; tests), quick (~25 min on a free 2-core CPU), default (~1 h), gpu (one GPU; bring --data)",
+        help="tiny (seconds; tests), quick (~25 min on a free 2-core CPU), default (~1 h on a free 2-core CPU), "
+        "gpu (~8 min on one H100/H200; bring --data)",
     )
     parser.add_argument("--results-dir", default=None, help="runs and results (default: results/reproduce-SCALE)")
     parser.add_argument("--report-dir", default=None, help="REPORT.md and plots (default: RESULTS_DIR/report)")
@@ -216,14 +241,32 @@ def _command_line(args: argparse.Namespace, results: Path, report: Path) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _print_dry_run(runs: Sequence[PlannedRun], settings: SweepSettings, jobs: int, threads: int) -> None:
-    """The plan, run by run, and the time it would take here (measured now); one JSON line last."""
+def _print_dry_run(runs: Sequence[PlannedRun], settings: SweepSettings, jobs: int, threads: int, scale: Scale) -> None:
+    """The plan, run by run, and the time it would take here (measured now; or, for a scale whose
+    device is not here, at the scale's assumed speed); one JSON line last."""
     for r in runs:
         print(
-            f"  {r.run_id:<44} {r.steps:>6} steps  {r.train_flops:.4g} FLOPs  {r.params:>10,} params  "
+            f"  {r.run_id:<52} {r.steps:>6} steps  {r.train_flops:.4g} FLOPs  {r.params:>10,} params  "
             f"{','.join(r.tags)}"
         )
+    print(
+        "  (the expected plan: the study adds one run of its budget for every rung an isoFLOP curve needs "
+        "to be bracketed, and one lr trial where a best lr is an end of those tried)"
+    )
+    import torch
+
+    if scale.assumed_flops_per_s is not None and not torch.cuda.is_available():
+        secs = assumed_seconds(runs, settings, scale.assumed_flops_per_s, scale.assumed_step_s)
+        print(
+            f"  no GPU here, so not measured: at an assumed {scale.assumed_flops_per_s:.3g} FLOP/s and "
+            f"{1e3 * scale.assumed_step_s:g} ms per step, {secs / 60:.1f} min on one GPU "
+            "(run --dry-run on the GPU to measure)"
+        )
+        print(json.dumps({"runs": len(runs), "train_flops": sum(r.train_flops for r in runs), "seconds_assumed": secs}))
+        return
     est = estimate_seconds(runs, settings, jobs=jobs)
+    per_flop = est["seconds_free"] * jobs / max(1, sum(r.train_flops for r in runs))  # one core
+    extension = ", ".join(f"{per_flop * b / 60:.1f} min at {format_budget(b)}" for b in scale.budgets)
     probes = ", ".join(
         f"{p['flops_per_s'] / 1e9:.1f} GFLOP/s wall, {p['flops_per_cpu_s'] / 1e9:.1f} GFLOP per "
         f"CPU-second at {p['flops_per_step']:.3g} FLOPs/step"
@@ -232,7 +275,8 @@ def _print_dry_run(runs: Sequence[PlannedRun], settings: SweepSettings, jobs: in
     print(f"  measured with {threads} thread(s): {probes}")
     print(
         f"  estimate: {est['seconds'] / 60:.0f} min one run at a time at the speed measured now; "
-        f"{est['seconds_free'] / 60:.0f} min with --jobs {jobs} on {jobs * threads} free core(s)"
+        f"{est['seconds_free'] / 60:.0f} min with --jobs {jobs} on {jobs * threads} free core(s); "
+        f"each extension adds about {extension} of one core"
     )
     print(json.dumps({"runs": len(runs), "train_flops": sum(r.train_flops for r in runs), **est}))
 
@@ -260,7 +304,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             )
     sys.stdout.flush()
     if args.dry_run:
-        _print_dry_run(runs, settings, jobs, threads)
+        _print_dry_run(runs, settings, jobs, threads, scale)
         return 0
     summary = run_reproduction(
         scale,

@@ -11,12 +11,12 @@ Parallel runs: ``jobs > 1`` trains that many runs at once, each in its own proce
 than as a second thread. A per-run lock file keeps two processes off one run's checkpoint.
 
 The folder it writes is described in ``modlm.experiments.results``; what it trains comes from
-``modlm.experiments.isoflop``'s planner.
+``modlm.experiments.isoflop``'s planner, round by round from ``modlm.experiments.study`` (the
+adaptive isoFLOP study, and `modlm isoflop`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -31,19 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from modlm.experiments.isoflop import (
-    DEFAULT_SHAPES,
-    FAMILIES,
-    Family,
     PlannedRun,
     SweepSettings,
-    add_settings_args,
-    apply_threads,
-    parse_floats,
-    parse_shapes,
-    plan_sweep,
-    resolve_jobs,
-    settings_from_args,
-    summarize_isoflop,
 )
 from modlm.experiments.results import (
     RUNS_DIR,
@@ -363,74 +352,3 @@ class _Progress:
         if self._thread is not None:
             self._thread.join()
         self.bar.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# `modlm isoflop`
-# ---------------------------------------------------------------------------------------------
-
-
-def add_isoflop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of `modlm isoflop`."""
-    parser.add_argument(
-        "--budgets",
-        type=parse_floats,
-        required=True,
-        metavar="B1,B2,...",
-        help="training-FLOP budgets, one isoFLOP curve each, e.g. 1e12,4e12",
-    )
-    parser.add_argument(
-        "--family",
-        action="append",
-        default=None,
-        metavar="NAME[:KEY=VALUE,...]",
-        help=f"model family (repeatable; default: dense and mod): one of {', '.join(sorted(FAMILIES))}, "
-        "optionally with ModelConfig overrides, e.g. mod:capacity=0.25,route_every=1",
-    )
-    parser.add_argument(
-        "--shapes", default=DEFAULT_SHAPES, metavar="WxL,...", help="the grid of widths x depths (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--results-dir", default="results/isoflop", help="runs.jsonl, plots and run folders (default: %(default)s)"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots at the end")
-    add_settings_args(parser)
-    return parser
-
-
-def cmd_isoflop(args: argparse.Namespace) -> int:
-    """isoFLOP sweep: for each budget, a grid of model sizes trained for exactly that many FLOPs,
-    dense and MoD side by side; resumable; results in RESULTS_DIR/runs.jsonl and PNG plots."""
-    settings = settings_from_args(args)
-    threads = apply_threads(args.threads)
-    jobs = resolve_jobs(args.jobs)
-    families = [Family.parse(f) for f in (args.family or ["dense", "mod"])]
-    shapes = parse_shapes(args.shapes)
-    runs = plan_sweep(args.budgets, families, shapes, settings)
-    print(
-        f"modlm isoflop: {len(runs)} runs, {sum(r.train_flops for r in runs):.3g} training FLOPs in all -> "
-        f"{args.results_dir}"
-    )
-    print("  settings: " + json.dumps(dataclasses.asdict(settings)))
-    for r in runs:
-        print(
-            f"  {r.run_id:<40} {r.steps:>6} steps x {r.flops_per_step:.3g} = {r.train_flops:.4g} FLOPs "
-            f"({r.train_flops / r.budget - 1:+.2%}), {r.params:,} params"
-        )
-    sys.stdout.flush()
-    if args.dry_run:
-        return 0
-    result = run_sweep(runs, args.results_dir, settings, progress=args.progress, jobs=jobs, threads=threads)
-    if not result.complete:
-        return 130
-    if args.plots:
-        from modlm.experiments.plots import plot_isoflop, plot_loss_vs_flops
-
-        out = Path(args.results_dir)
-        plot_isoflop(result.records, out / "isoflop.png")
-        plot_loss_vs_flops(result.records, out / "loss_vs_flops.png")
-        print(f"plots: {out / 'isoflop.png'}, {out / 'loss_vs_flops.png'}")
-    summary = summarize_isoflop(result.records)
-    print(json.dumps({"results": str(Path(args.results_dir) / RUNS_FILE), "optimal": summary}))
-    return 0

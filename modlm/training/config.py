@@ -70,6 +70,9 @@ class TrainConfig:
     ckpt_interval: int = 500
     log_interval: int = 10
     seed: int = 0
+    # Seed of the train/val document split; None: ``seed``. Repeating a run with other seeds
+    # (init, data order) but the same split keeps its validation set and token cache.
+    split_seed: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
     max_time_s: float | None = None  # wall-clock budget of this invocation: stop, save, exit 0
@@ -128,6 +131,12 @@ class TrainConfig:
         _require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
         _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _require(0 <= self.seed < MAX_INT, "seed", self.seed, "must be an int in [0, 2**63)")
+        _require(
+            self.split_seed is None or 0 <= self.split_seed < MAX_INT,
+            "split_seed",
+            self.split_seed,
+            "must be None or an int in [0, 2**63)",
+        )
         _require(
             self.device in DEVICES or _is_cuda_index(self.device),
             "device",
@@ -330,6 +339,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=default("seed"),
         help="seed of init, data order and random routing (default: %(default)s)",
+    )
+    g.add_argument(
+        "--split-seed",
+        type=int,
+        default=default("split_seed"),
+        help="seed of the train/val document split (default: the --seed)",
     )
     g.add_argument("--device", default=default("device"), help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     g.add_argument(

@@ -201,7 +201,7 @@ class Trainer:
                 cfg.data,
                 cache_dir=cfg.cache_dir,
                 val_fraction=cfg.val_fraction,
-                seed=cfg.seed,
+                seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
                 tokenizer=self.tokenizer,
             )
 
