@@ -386,9 +386,7 @@ class ModelConfig:
         routed = tuple(k for k in block_kinds() if block_spec(k).routed)
         _require(self.block_kind in unrouted, "block_kind", self.block_kind, f"must be one of {unrouted}")
         _require(self.routed_kind in routed, "routed_kind", self.routed_kind, f"must be one of {routed}")
-        _require(
-            is_int(self.n_experts) and self.n_experts >= 1, "n_experts", self.n_experts, "must be an int >= 1"
-        )
+        _require(is_int(self.n_experts) and self.n_experts >= 1, "n_experts", self.n_experts, "must be an int >= 1")
         _require(
             is_int(self.n_noop_experts) and self.n_noop_experts >= 0,
             "n_noop_experts",
@@ -409,7 +407,10 @@ class ModelConfig:
             "must be > 0 (1.0: each expert takes its balanced share) or None (no token dropping)",
         )
         _require(
-            isinstance(self.moe_shared_expert, bool), "moe_shared_expert", self.moe_shared_expert, "must be true or false"
+            isinstance(self.moe_shared_expert, bool),
+            "moe_shared_expert",
+            self.moe_shared_expert,
+            "must be true or false",
         )
         for name in ("moe_balance_weight", "moe_z_weight", "exit_loss_weight"):
             value = getattr(self, name)

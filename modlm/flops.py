@@ -292,6 +292,8 @@ def causal_forward_flops(
             prev = seq_len if n is None else n
         total += 2 * seq_len * D * V
     return total / rows
+
+
 def forward_flops(config: ModelConfig, seq_len: int | None = None, batch_size: int = 1) -> int:
     """Forward FLOPs of ``batch_size`` sequences (routed blocks at capacity)."""
     return batch_size * flops(config, seq_len).forward

@@ -151,7 +151,13 @@ class DenseBlock(nn.Module):
     def forward(self, x_BTD: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, Any]:
         cache = None if ctx.cache is None else ctx.cache.view(valid=ctx.token_mask_BT)
         f_BTD, aux = self.update(
-            x_BTD, ctx.cos, ctx.sin, cache=cache, attn_mask=ctx.attn_mask, routing=ctx.routing, valid_BT=ctx.token_mask_BT
+            x_BTD,
+            ctx.cos,
+            ctx.sin,
+            cache=cache,
+            attn_mask=ctx.attn_mask,
+            routing=ctx.routing,
+            valid_BT=ctx.token_mask_BT,
         )
         return x_BTD + f_BTD, aux
 

@@ -65,7 +65,12 @@ register_block(
 )
 register_block(
     BlockSpec(
-        "mode-staged", "modlm.model.mode:StagedMoDEBlock", routed=True, cache_layout="ragged", dense_kind="dense", moe=True
+        "mode-staged",
+        "modlm.model.mode:StagedMoDEBlock",
+        routed=True,
+        cache_layout="ragged",
+        dense_kind="dense",
+        moe=True,
     )
 )
 register_block(
