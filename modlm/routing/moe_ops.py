@@ -127,7 +127,10 @@ def expert_mlps(
         outs.append((F.silu(gate) * up) @ w_down_EFD[e])
         start += n
     if not outs:
-        return x_aD.new_zeros(0, w_down_EFD.shape[-1])
+        # No expert got a row: an empty product through expert 0 keeps the weights in the graph
+        # (zero gradients, no FLOPs), so data parallelism still sees every parameter used.
+        gate, up = (x_aD[:0] @ w_gate_up_EDF2[0]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w_down_EFD[0]
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
