@@ -42,6 +42,16 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("random0.5", "mod-random:capacity=0.5", "random routing 50%, every other block"),
     Variant("token-choice", "mod-tc", "token choice 12.5% (+ balancing loss), every other block"),
     Variant("aux-loss", "mod:causal_routing=aux_loss", "MoD 12.5%, aux-loss causal routing"),
+    # MoE and MoDE (claims section 7): MLP FLOP fractions 0.5 and 0.25 by expert capacity (MoE,
+    # tokens dropped) or by no-op experts (integrated MoDE: E/(E+no-ops) of the assignments real).
+    Variant("moe", "moe", "MoE 4 experts top-1, no drop"),
+    Variant("moe-c0.5", "moe:moe_capacity_factor=0.5", "MoE, capacity factor 0.5 (dropping)"),
+    Variant("moe-c0.25", "moe:moe_capacity_factor=0.25", "MoE, capacity factor 0.25 (dropping)"),
+    Variant("mode-c0.5", "mode-integrated:n_noop_experts=4", "integrated MoDE, 4 real + 4 no-op experts"),
+    Variant("mode-c0.25", "mode-integrated:n_noop_experts=12", "integrated MoDE, 4 real + 12 no-op experts"),
+    Variant("mode-staged", "mode-staged", "staged MoDE: MoD 12.5% every other block around MoE blocks"),
+    # Early exit (claims section 8): calibrated after training to the MoD model's FLOP fraction.
+    Variant("early-exit", "early-exit", "early exit (LayerSkip-style exit losses)"),
 )
 VARIANT_BY_KEY = {v.key: v for v in VARIANTS}
 
@@ -93,7 +103,9 @@ SCALES: dict[str, Scale] = {
         description="pipeline check in seconds; models of 10^4 parameters, numbers meaningless",
         budgets=(6e8, 9e8),
         shapes=parse_shapes("16x2,16x4"),
-        variant_budget=6e8,
+        # 9e8, not 6e8: the early-exit variant's per-layer LM heads (V=256 at d=16) make its steps
+        # so costly that 6e8 would buy it fewer than min_steps.
+        variant_budget=9e8,
         variant_shape=Shape(16, 2),
         settings=SweepSettings(
             seq_len=32,

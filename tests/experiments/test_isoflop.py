@@ -40,6 +40,6 @@ def test_family_specs():
     fam = Family.parse("mod:capacity=0.25,route_every=1")
     assert fam.model_overrides["capacity"] == 0.25 and fam.model_overrides["router"] == "learned"
     assert "=" not in fam.slug and ":" not in fam.slug
-    for bad in ("moe", "mod:capacity", "mod:d_model=64", "mod:nonsense=1"):
+    for bad in ("banana", "mod:capacity", "mod:d_model=64", "mod:nonsense=1"):
         with pytest.raises(ValueError, match="family"):
             Family.parse(bad)
