@@ -115,23 +115,65 @@ def expert_mlps(
 ) -> torch.Tensor:
     """SwiGLU of expert e on rows [start_e, start_e + counts[e]) of ``x_aD`` (rows grouped by expert).
 
-    Returns y_aD. Each expert runs one gate/up matmul and one down matmul over its own slice;
-    an expert with no rows is skipped.
+    Returns y_aD. Each expert runs one gate/up matmul and one down matmul over its own slice
+    (three of each in the backward); an expert with no rows is skipped and gets zero gradients.
     """
-    outs = []
+    return _ExpertMLPs.apply(x_aD, w_gate_up_EDF2, w_down_EFD, tuple(int(n) for n in counts))
+
+
+def _bounds(counts: tuple[int, ...]):
+    """(expert, start, end) of every expert with rows."""
     start = 0
     for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        gate, up = (x_aD[start : start + n] @ w_gate_up_EDF2[e]).chunk(2, dim=-1)
-        outs.append((F.silu(gate) * up) @ w_down_EFD[e])
+        if n:
+            yield e, start, start + n
         start += n
-    if not outs:
-        # No expert got a row: an empty product through expert 0 keeps the weights in the graph
-        # (zero gradients, no FLOPs), so data parallelism still sees every parameter used.
-        gate, up = (x_aD[:0] @ w_gate_up_EDF2[0]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ w_down_EFD[0]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+class _ExpertMLPs(torch.autograd.Function):
+    """The per-expert SwiGLU loop with a hand-written backward.
+
+    Autograd through slices of the stacked weights (``w[e]``, or ``unbind``) would build each
+    weight's gradient from per-expert pieces (a full-size zero tensor per expert, or a stack
+    copying all of them); here every matmul writes its result straight into its slot of one
+    preallocated output or gradient. The pre-activations (a, 2F) are kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x_aD, w1_EDF2, w2_EFD, counts):
+        a, D = x_aD.shape
+        F2 = w1_EDF2.shape[-1]
+        h_aF2 = x_aD.new_empty(a, F2)
+        y_aD = x_aD.new_empty(a, D)
+        for e, s, t in _bounds(counts):
+            torch.mm(x_aD[s:t], w1_EDF2[e], out=h_aF2[s:t])
+            gate, up = h_aF2[s:t].chunk(2, dim=-1)
+            torch.mm(F.silu(gate) * up, w2_EFD[e], out=y_aD[s:t])
+        ctx.save_for_backward(x_aD, w1_EDF2, w2_EFD, h_aF2)
+        ctx.counts = counts
+        return y_aD
+
+    @staticmethod
+    def backward(ctx, dy_aD):
+        x_aD, w1_EDF2, w2_EFD, h_aF2 = ctx.saved_tensors
+        dy_aD = dy_aD.contiguous()
+        dx_aD = torch.empty_like(x_aD)
+        dw1 = torch.zeros_like(w1_EDF2) if ctx.needs_input_grad[1] else None
+        dw2 = torch.zeros_like(w2_EFD) if ctx.needs_input_grad[2] else None
+        F_ = w2_EFD.shape[1]
+        for e, s, t in _bounds(ctx.counts):
+            gate, up = h_aF2[s:t, :F_], h_aF2[s:t, F_:]
+            sg = torch.sigmoid(gate)
+            silu = gate * sg
+            dy = dy_aD[s:t]
+            if dw2 is not None:
+                torch.mm((silu * up).t(), dy, out=dw2[e])
+            d_act = dy @ w2_EFD[e].t()  # (n, F)
+            dh = torch.cat((d_act * up * sg * (1 + gate * (1 - sg)), d_act * silu), dim=-1)  # d gate, d up
+            if dw1 is not None:
+                torch.mm(x_aD[s:t].t(), dh, out=dw1[e])
+            torch.mm(dh, w1_EDF2[e].t(), out=dx_aD[s:t])
+        return dx_aD, dw1, dw2, None
 
 
 def combine(n_tokens: int, token_a: torch.Tensor, gate_a: torch.Tensor, y_aD: torch.Tensor) -> torch.Tensor:

@@ -83,3 +83,29 @@ def test_expert_mlps_and_combine_equal_per_token_reference():
     assert untouched and bool((out[untouched] == 0).all())
     # no rows at all: empty output, still the right width
     assert expert_mlps(x[:0], [0] * E, w1, w2).shape == (0, D)
+
+
+def test_expert_mlps_backward_equals_autograd_of_the_reference_and_passes_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    D, Fh, E = 5, 4, 3
+    counts = [4, 0, 3]  # an expert with no rows gets zero gradients
+    x = torch.randn(7, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(E, D, 2 * Fh, generator=g, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(E, Fh, D, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b, c: expert_mlps(a, counts, b, c), (x, w1, w2))
+    dy = torch.randn(7, D, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(expert_mlps(x, counts, w1, w2), (x, w1, w2), dy)
+    starts = [0, 4, 4]
+
+    def ref(x, w1, w2):
+        rows = []
+        for e, (s, n) in enumerate(zip(starts, counts)):
+            if n:
+                a, b = (x[s : s + n] @ w1[e]).chunk(2, -1)
+                rows.append((F.silu(a) * b) @ w2[e])
+        return torch.cat(rows)
+
+    want = torch.autograd.grad(ref(x, w1, w2), (x, w1, w2), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert bool((got[1][1] == 0).all()) and bool((got[2][1] == 0).all())
