@@ -87,9 +87,9 @@ class MoE(nn.Module):
         valid_N = None if valid_BT is None else valid_BT.reshape(N)
         plan = dispatch_plan(expert_Nk, self.n_experts, X, cap, valid_N)
         x_aD = h_ND.index_select(0, plan.token_a)
-        y_aD = expert_mlps(x_aD, plan.counts, self.w_gate_up.to(h_ND.dtype), self.w_down.to(h_ND.dtype))
+        y_aD = expert_mlps(x_aD, plan.counts, self.w_gate_up, self.w_down)
         gate_a = gate_Nk[plan.token_a, plan.choice_a]
-        y_ND = combine(N, plan.token_a, gate_a, y_aD)
+        y_ND = combine(N, plan.token_a, gate_a, y_aD).to(h_ND.dtype)
         if self.shared is not None:
             y_ND = y_ND + self.shared(h_ND)
         return y_ND.view(B, T, D), self._aux(logits_NX, probs_NX, plan, valid_N)

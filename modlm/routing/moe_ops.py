@@ -118,6 +118,13 @@ def expert_mlps(
     Returns y_aD. Each expert runs one gate/up matmul and one down matmul over its own slice
     (three of each in the backward); an expert with no rows is skipped and gets zero gradients.
     """
+    if torch.is_autocast_enabled(x_aD.device.type):
+        # Mixed precision: the products in the autocast dtype, computed with autocast off (the
+        # matmuls write into preallocated outputs, which autocast does not handle).
+        dt = torch.get_autocast_dtype(x_aD.device.type)
+        x_aD, w_gate_up_EDF2, w_down_EFD = x_aD.to(dt), w_gate_up_EDF2.to(dt), w_down_EFD.to(dt)
+        with torch.autocast(device_type=x_aD.device.type, enabled=False):
+            return _ExpertMLPs.apply(x_aD, w_gate_up_EDF2, w_down_EFD, tuple(int(n) for n in counts))
     return _ExpertMLPs.apply(x_aD, w_gate_up_EDF2, w_down_EFD, tuple(int(n) for n in counts))
 
 
