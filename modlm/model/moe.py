@@ -112,7 +112,7 @@ class MoE(nn.Module):
             "balance_loss": balance.detach(),
             "z_loss": z_loss.detach(),
             "dropped_frac": (1.0 - kept / real_req).detach(),
-            "expert_tokens": torch.tensor(float(kept)),
+            "expert_tokens": probs_NX.new_tensor(float(kept)),
         }
         if self.n_noop:
             stats["noop_frac"] = (requested_X[self.n_experts :].sum() / n_req).detach()
