@@ -650,6 +650,9 @@ def _early_exit_claims(
         f"{ee['early_exit_flop_fraction']:.3f} (threshold {ee['threshold']:.4f}; without exits "
         f"{ee['early_exit_full_val_loss']:.4f} at {ee['early_exit_full_flop_fraction']:.3f}); {nz}"
     )
+    if ee["early_exit_flop_fraction"] > ee["mod_flop_fraction"] + 0.05:
+        # Exiting after the first layer is as cheap as early exit gets (the gate's LM head included).
+        ours += "; early exit could not get down to MoD's FLOPs: every token exits as early as it can"
     holds = verdict(ee["early_exit_val_loss"] - ee["mod_val_loss"], noise)
     return [Claim("mod_vs_early_exit", S8, claim, paper, ours, holds, WHY["early_exit"])]
 

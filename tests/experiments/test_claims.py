@@ -83,6 +83,10 @@ def test_mode_and_early_exit_claims_on_synthetic_records():
     assert by_id["staged_vs_moe"].holds == "yes"
     assert by_id["staged_vs_integrated"].holds == "no"  # integrated 1.91 beats staged 1.95
     assert by_id["mod_vs_early_exit"].holds == "yes" and "at 0.630 (threshold 0.3000" in by_id["mod_vs_early_exit"].ours
+    assert "could not get down" not in by_id["mod_vs_early_exit"].ours
+    analysis["early_exit"]["early_exit_flop_fraction"] = 0.93  # the target was out of reach
+    late = {c.id: c for c in build_claims(records, analysis, [1e12])[0]}["mod_vs_early_exit"]
+    assert "could not get down to MoD's FLOPs" in late.ours
     assert all(c.section.startswith(("7.", "8.")) for c in claims if c.id.startswith(("mode", "staged", "mod_vs_e")))
     # nothing run: every new row says so
     empty = {c.id: c for c in build_claims([], None, [1e12])[0]}
