@@ -146,3 +146,21 @@ def test_noop_experts_and_capacity_cut_expert_flops_and_exit_heads_are_counted()
 def test_new_kind_param_count_matches_the_model(name):
     cfg = ModelConfig.from_name("tiny", **NEW_KINDS[name])
     assert param_count(cfg) == MoDTransformer(cfg).num_params()
+
+
+def test_causal_forward_flops_from_the_tokens_each_layer_ran():
+    from modlm.config import capacity_k
+    from modlm.flops import causal_forward_flops
+
+    mod = ModelConfig.from_name("tiny", capacity=0.25)
+    k = capacity_k(0.25, T)
+    at_capacity = {i: [k, k] for i in mod.routed_layers}
+    assert causal_forward_flops(mod, at_capacity, T) == flops(mod, T).forward
+    ee = ModelConfig.from_name("tiny-early-exit")
+    D, V = ee.d_model, ee.vocab_size
+    # nobody exits: the dense forward plus a gate head over every token at layers 1..3
+    no_exit = causal_forward_flops(ee, {i: [T] for i in (1, 2, 3)}, T)
+    assert no_exit == flops(ee.dense_twin(), T).forward + 3 * 2 * T * D * V
+    # everyone exits at layer 1's gate: one block, one gate head, the final head
+    all_exit = causal_forward_flops(ee, {i: [0] for i in (1, 2, 3)}, T)
+    assert all_exit == flops(ee.dense_twin(), T).dense_blocks / 4 + 2 * 2 * T * D * V
