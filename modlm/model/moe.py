@@ -6,7 +6,9 @@ E real experts, X = E + no-op experts, k experts per token, a kept assignments.
 What it does (``modlm.routing.moe_ops`` holds the dispatch and combine ops):
 
 - Router: logits = W_r h over all X experts, in fp32. Token-choice top-k (k = 1 or 2), gates
-  renormalised over the chosen k (Mixtral).
+  renormalised over the chosen k for k = 2 (Mixtral); for k = 1 the gate is the chosen
+  expert's probability (Switch), since a renormalised single gate is always 1 and would leave
+  the router without any gradient from the LM loss.
 - No-op experts (Raposo et al. 2024 §4.3, integrated MoDE): choosing one adds nothing, so the
   token rides the residual stream through this MLP for free. Its gate still sums with the real
   choice's to 1, so with k = 2 a real expert's update can be scaled down.
@@ -54,7 +56,8 @@ class MoEOutput(NamedTuple):
 class MoE(nn.Module):
     """E SwiGLU experts (hidden size ``config.d_mlp`` each) plus ``n_noop`` no-op experts.
 
-    With E = 1, k = 1 and no drop it computes exactly the dense ``MLP`` holding the same weights.
+    With E = 1, k = 1 and no drop it computes exactly the dense ``MLP`` holding the same weights
+    (the one expert's probability is 1).
     """
 
     param_roles = {"router.weight": roles.ROUTER, "w_gate_up": roles.MATRIX, "w_down": roles.OUT_MATRIX}

@@ -43,13 +43,18 @@ def topk_gates(logits_NX: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     """Token-choice top-k in fp32.
 
     Returns probs_NX (softmax over all experts, fp32), expert_Nk (int64, best first; ties go to
-    the lower expert id via a stable sort) and gate_Nk (fp32 probabilities of the chosen experts
-    renormalised to sum to 1 per token).
+    the lower expert id via a stable sort) and gate_Nk (fp32): for k >= 2 the chosen experts'
+    probabilities renormalised to sum to 1 per token (Mixtral); for k = 1 the chosen expert's
+    probability itself (Switch).
+
+    NOTE: renormalising a single choice would make every gate 1, and the router would get no
+    gradient from the LM loss at all (only from the balance and z losses): it could never learn
+    which tokens an expert, or a no-op, suits.
     """
     probs_NX = torch.softmax(logits_NX.float(), dim=-1)
     if k == 1:
         gate_N1, expert_N1 = probs_NX.max(dim=-1, keepdim=True)
-        return probs_NX, expert_N1, torch.ones_like(gate_N1)  # one expert: its gate is 1 after renormalising
+        return probs_NX, expert_N1, gate_N1
     order_NX = torch.sort(probs_NX, dim=-1, descending=True, stable=True).indices
     expert_Nk = order_NX[:, :k]
     gate_Nk = torch.gather(probs_NX, 1, expert_Nk)

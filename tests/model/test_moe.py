@@ -126,3 +126,17 @@ def test_new_kinds_train_with_aux_losses_and_every_parameter_has_a_role(preset):
         assert all(f"L{i}/noop_frac" in stats for i in range(4))
     if preset == "tiny-early-exit":
         assert sorted(k for k in stats if k.endswith("exit_loss")) == [f"L{i}/exit_loss" for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("top_k,n_noop", [(1, 0), (1, 3), (2, 3)])
+def test_the_lm_loss_trains_the_router_at_top1_and_with_noops(top_k, n_noop):
+    kind = "mode-integrated" if n_noop else "moe"
+    cfg = tiny(router="none", block_kind=kind, n_experts=2, n_noop_experts=n_noop, moe_top_k=top_k)
+    torch.manual_seed(4)
+    moe = MoE(cfg, n_noop=n_noop)
+    torch.nn.init.normal_(moe.router.weight)
+    torch.nn.init.normal_(moe.w_gate_up, std=0.1)
+    torch.nn.init.normal_(moe.w_down, std=0.1)
+    y, _ = moe(torch.randn(2, 16, cfg.d_model), "topk")
+    y.pow(2).sum().backward()  # the output alone, no aux loss: the gate must carry a gradient
+    assert moe.router.weight.grad.abs().sum() > 0
