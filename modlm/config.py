@@ -216,9 +216,13 @@ class ModelConfig:
     sequence, k = max(1, round(capacity * T)); the other tokens pass on the residual stream.
     ``router="none"`` gives the dense transformer with identical parameters minus routers.
 
-    ``layer_types`` names each layer's block kind (``modlm.model.kinds``: "dense", "routed");
-    left unset it is derived from ``router``, ``route_every`` and ``route_start``. Derived
-    fields (``DERIVED_FIELDS``) are recomputed by ``replace`` unless the change names them.
+    ``layer_types`` names each layer's block kind (``modlm.model.kinds``: "dense", "routed",
+    "moe", "mode-staged", "mode-integrated", "exit"); left unset it is derived from ``router``,
+    ``route_every`` and ``route_start``: routed positions get ``routed_kind``, the others
+    ``block_kind``. Derived fields (``DERIVED_FIELDS``) are recomputed by ``replace`` unless the
+    change names them. The ``n_experts`` / ``moe_*`` fields shape MoE feed-forwards
+    (``modlm.model.moe``), ``n_noop_experts`` integrated MoDE's no-op experts, and
+    ``exit_loss_weight`` the early-exit losses (``modlm.model.early_exit``).
     """
 
     name: str = "custom"
