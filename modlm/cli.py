@@ -230,7 +230,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     cfg = ModelConfig.from_name(args.model, **overrides)
     T = cfg.max_seq_len if args.seq_len is None else args.seq_len
     rows = []
-    for c in (cfg, cfg.dense_twin()) if cfg.router != "none" else (cfg,):
+    twin = cfg.dense_twin()
+    for c in (cfg, twin) if twin.layer_types != cfg.layer_types else (cfg,):
         r = flops(c, T)
         rows.append((c.name, r))
     print(f"{'config':<16}{'fwd/seq':>14}{'train/seq':>14}{'train/token':>14}{'routed blocks':>16}{'routers':>12}")
@@ -243,7 +244,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if len(rows) == 2:
         out["dense"] = rows[1][1].as_dict()
         out["flop_ratio"] = rows[0][1].forward / rows[1][1].forward
-        print(f"MoD / dense forward FLOPs: {out['flop_ratio']:.3f}")
+        print(f"{cfg.name} / dense forward FLOPs: {out['flop_ratio']:.3f}")
     print(json.dumps(out))
     return 0
 

@@ -216,9 +216,13 @@ class ModelConfig:
     sequence, k = max(1, round(capacity * T)); the other tokens pass on the residual stream.
     ``router="none"`` gives the dense transformer with identical parameters minus routers.
 
-    ``layer_types`` names each layer's block kind (``modlm.model.kinds``: "dense", "routed");
-    left unset it is derived from ``router``, ``route_every`` and ``route_start``. Derived
-    fields (``DERIVED_FIELDS``) are recomputed by ``replace`` unless the change names them.
+    ``layer_types`` names each layer's block kind (``modlm.model.kinds``: "dense", "routed",
+    "moe", "mode-staged", "mode-integrated", "exit"); left unset it is derived from ``router``,
+    ``route_every`` and ``route_start``: routed positions get ``routed_kind``, the others
+    ``block_kind``. Derived fields (``DERIVED_FIELDS``) are recomputed by ``replace`` unless the
+    change names them. The ``n_experts`` / ``moe_*`` fields shape MoE feed-forwards
+    (``modlm.model.moe``), ``n_noop_experts`` integrated MoDE's no-op experts, and
+    ``exit_loss_weight`` the early-exit losses (``modlm.model.early_exit``).
     """
 
     name: str = "custom"
@@ -244,6 +248,18 @@ class ModelConfig:
     predictor_loss_weight: float = 1.0  # weight of the predictor BCE (its input is detached)
     predictor_hidden: int = 64
     layer_types: tuple[str, ...] | None = None  # None: from router / route_every / route_start
+
+    # --- block kinds, Mixture-of-Experts and early exit (modlm.model.kinds, modlm.model.moe) ---
+    block_kind: str = "dense"  # kind of the layers no MoD router wraps (when layer_types is derived)
+    routed_kind: str = "routed"  # kind of the routed layers (when layer_types is derived)
+    n_experts: int = 8  # real SwiGLU experts of an MoE feed-forward (each of hidden size d_mlp)
+    moe_top_k: int = 2  # experts per token (token choice), 1 or 2
+    moe_capacity_factor: float | None = None  # None: no drop; c: each expert takes <= c*k*N/experts
+    n_noop_experts: int = 0  # no-op (residual) experts: mode-integrated layers only
+    moe_shared_expert: bool = False  # a dense SwiGLU every token also goes through
+    moe_balance_weight: float = 0.01  # Switch/megablocks load-balancing loss weight
+    moe_z_weight: float = 0.001  # ST-MoE router z-loss weight
+    exit_loss_weight: float = 0.2  # early exit: layer l's exit loss weight is this * (l+1)/n_layers
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried with checkpoints
     # Which DERIVED_FIELDS were computed rather than given (not part of equality).
@@ -333,11 +349,12 @@ class ModelConfig:
             self.predictor_hidden,
             "must be a positive int",
         )
+        self._check_kinds_and_experts()
         if self.layer_types is None:
             routed = (
                 set() if self.router == NO_ROUTER else set(range(self.route_start, self.n_layers, self.route_every))
             )
-            self.layer_types = tuple("routed" if i in routed else "dense" for i in range(self.n_layers))
+            self.layer_types = tuple(self.routed_kind if i in routed else self.block_kind for i in range(self.n_layers))
         _require(
             isinstance(self.layer_types, (list, tuple))
             and len(self.layer_types) == self.n_layers
@@ -353,6 +370,55 @@ class ModelConfig:
             self.layer_types,
             "has routed layers but router='none' (give a router, or only dense layers)",
         )
+        noop_kinds = [t for t in self.layer_types if block_spec(t).noop_experts]
+        _require(
+            self.n_noop_experts == 0 or bool(noop_kinds),
+            "n_noop_experts",
+            self.n_noop_experts,
+            "must be 0 unless some layer is 'mode-integrated' (only integrated MoDE has no-op experts)",
+        )
+        _require(
+            self.n_noop_experts > 0 or not noop_kinds,
+            "n_noop_experts",
+            self.n_noop_experts,
+            "must be >= 1 for 'mode-integrated' layers (their MLP router picks among real and no-op experts)",
+        )
+
+    def _check_kinds_and_experts(self) -> None:
+        """Block-kind fields and the MoE / early-exit fields (ranges; cross-checks come later)."""
+        unrouted = tuple(k for k in block_kinds() if not block_spec(k).routed)
+        routed = tuple(k for k in block_kinds() if block_spec(k).routed)
+        _require(self.block_kind in unrouted, "block_kind", self.block_kind, f"must be one of {unrouted}")
+        _require(self.routed_kind in routed, "routed_kind", self.routed_kind, f"must be one of {routed}")
+        _require(is_int(self.n_experts) and self.n_experts >= 1, "n_experts", self.n_experts, "must be an int >= 1")
+        _require(
+            is_int(self.n_noop_experts) and self.n_noop_experts >= 0,
+            "n_noop_experts",
+            self.n_noop_experts,
+            "must be an int >= 0",
+        )
+        total = self.n_experts + self.n_noop_experts if is_int(self.n_noop_experts) else self.n_experts
+        _require(
+            is_int(self.moe_top_k) and self.moe_top_k in (1, 2) and self.moe_top_k <= total,
+            "moe_top_k",
+            self.moe_top_k,
+            f"must be 1 or 2 and <= n_experts + n_noop_experts = {total}",
+        )
+        _require(
+            self.moe_capacity_factor is None or (is_number(self.moe_capacity_factor) and self.moe_capacity_factor > 0),
+            "moe_capacity_factor",
+            self.moe_capacity_factor,
+            "must be > 0 (1.0: each expert takes its balanced share) or None (no token dropping)",
+        )
+        _require(
+            isinstance(self.moe_shared_expert, bool),
+            "moe_shared_expert",
+            self.moe_shared_expert,
+            "must be true or false",
+        )
+        for name in ("moe_balance_weight", "moe_z_weight", "exit_loss_weight"):
+            value = getattr(self, name)
+            _require(is_number(value) and value >= 0, name, value, "must be a number >= 0")
 
     # --- derived ---
     @property
@@ -394,11 +460,10 @@ class ModelConfig:
     def dense_twin(self) -> ModelConfig:
         """The same transformer with no routing (the isoshape dense baseline)."""
         name = self.name if self.name.endswith("-dense") else f"{self.name}-dense"
+        plain = dict(router=NO_ROUTER, name=name, block_kind="dense", routed_kind="routed", n_noop_experts=0)
         if "layer_types" in self._derived:
-            return self.replace(router=NO_ROUTER, name=name)
-        return self.replace(
-            router=NO_ROUTER, name=name, layer_types=tuple(block_spec(t).dense_kind for t in self.layer_types)
-        )
+            return self.replace(**plain)
+        return self.replace(**plain, layer_types=tuple(block_spec(t).dense_kind for t in self.layer_types))
 
     def to_dict(self) -> dict[str, Any]:
         """Every field with its value, plus ``"derived"``: the fields that were computed (a
@@ -443,7 +508,7 @@ class ModelConfig:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(names)}")
         d = dict(PRESETS[base], name=name)
         if dense:
-            d["router"] = "none"
+            d.update(router="none", block_kind="dense", routed_kind="routed", n_noop_experts=0)
         d.update(overrides)
         return cls(**d)
 
@@ -457,6 +522,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(d_model=512, n_layers=8, n_heads=8, max_seq_len=2048),
     "gpt2-small": dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=2048, vocab_size=50304),
 }
+
+
+# MoE, MoDE and early-exit presets (``modlm.model.mode``, ``modlm.model.early_exit``): the shapes
+# above with another block kind. MoE: every layer, top-2 token choice. Staged MoDE: MoD routing
+# every other block (capacity 12.5%) around MoE blocks. Integrated MoDE: as many no-op experts as
+# real ones, so about half the assignments ride the residual. Early exit: every layer may exit.
+_KIND_VARIANTS: dict[str, dict[str, Any]] = {
+    "moe": dict(router="none", block_kind="moe"),
+    "mode-staged": dict(router="learned", block_kind="moe", routed_kind="mode-staged"),
+    "mode-integrated": dict(router="none", block_kind="mode-integrated"),
+    "early-exit": dict(router="none", block_kind="exit"),
+}
+for _shape, _experts in (("tiny", 4), ("small", 8)):
+    for _variant, _fields in _KIND_VARIANTS.items():
+        _extra = dict(n_experts=_experts) if _variant != "early-exit" else {}
+        if _variant == "mode-integrated":
+            _extra["n_noop_experts"] = _experts
+        PRESETS[f"{_shape}-{_variant}"] = dict(PRESETS[_shape], **_fields, **_extra)
 
 
 def preset_names() -> list[str]:

@@ -22,6 +22,21 @@ Convention (stated once, used everywhere; ``tests/test_flops.py`` checks it agai
   layer computes no input gradient, and its backward is 2·T·(D·h + 2h) instead of 2·forward.
   So training is a little under 3x forward for a model with a predictor, exactly 3x otherwise.
 
+Block kinds beyond dense / routed (``modlm.model.kinds``), each counted layer by layer:
+
+- MoE feed-forward (``"moe"``, ``"mode-staged"``, ``"mode-integrated"``): the router 2·n·D·X
+  (X = real + no-op experts) over the n tokens reaching it, plus 2·s·3·D·F for the s expert
+  assignments real experts compute (no-op experts are free), plus a shared expert's 2·n·3·D·F.
+  s depends on the data; given ``expert_tokens`` (per layer and sequence: the ``expert_tokens``
+  stat of a forward divided by the batch size) the count is exact. Without it s is nominal:
+  k·n·E/X·min(1, c), the balanced load the balance loss drives towards, capped by the
+  capacity factor c (an upper bound when the load is uneven and c < 1; exact for a plain MoE
+  without dropping). The MoE router's input is not detached: backward 2x, as for any matmul.
+- Early exit (``"exit"``): in training every token runs every layer and each exit block
+  (index > 0) applies the LM head to its input for the exit loss: 2·T·D·V per exit block
+  (``exit_heads``). Inference with exits is data-dependent: ``causal_forward_flops`` counts it
+  from the tokens each layer ran.
+
 Known difference from ``FlopCounterMode`` (exact, and tested): it has no formula for
 ``aten.mv``, so it counts the router score r = w·x (a matrix-vector product) as 0 in the
 forward and the backward. We count it (2·T·D forward, 4·T·D backward) because the work is real;
@@ -30,9 +45,11 @@ it is ~0.1% of a routed model's FLOPs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from modlm.config import ModelConfig, capacity_k
+from modlm.model.kinds import block_spec
 from modlm.routing.registry import NO_ROUTER, router_spec
 
 
@@ -63,6 +80,53 @@ def attention_flops(config: ModelConfig, tokens: int, causal: bool = False) -> i
 def block_flops(config: ModelConfig, tokens: int, causal_attention: bool = False) -> int:
     """Forward FLOPs of one block over ``tokens`` tokens attending among themselves."""
     return 2 * tokens * block_params(config) + attention_flops(config, tokens, causal_attention)
+
+
+def n_all_experts(config: ModelConfig, kind: str) -> int:
+    """X, the experts a layer of this kind routes among (real + its no-op experts)."""
+    return config.n_experts + (config.n_noop_experts if block_spec(kind).noop_experts else 0)
+
+
+def nominal_expert_tokens(config: ModelConfig, kind: str, tokens: float) -> float:
+    """Expert assignments real experts compute for ``tokens`` tokens: k·n·E/X·min(1, c)."""
+    c = 1.0 if config.moe_capacity_factor is None else min(1.0, config.moe_capacity_factor)
+    return config.moe_top_k * tokens * config.n_experts / n_all_experts(config, kind) * c
+
+
+def layer_flops(
+    config: ModelConfig,
+    layer_idx: int,
+    seq_len: int,
+    tokens: float | None = None,
+    expert_tokens: float | None = None,
+    causal_attention: bool = False,
+) -> tuple[float, float]:
+    """(block FLOPs, attention part) of one layer's forward over one sequence of ``seq_len``.
+
+    ``tokens``: tokens the layer processes (default: T, or the capacity for a routed kind).
+    ``expert_tokens``: real-expert assignments of an MoE layer (default: nominal). Router,
+    predictor and exit-head FLOPs are not included (see ``flops``).
+    """
+    kind = config.layer_types[layer_idx]
+    spec = block_spec(kind)
+    n = tokens if tokens is not None else capacity_k(config.capacity, seq_len) if spec.routed else seq_len
+    attn = attention_flops(config, n, causal_attention)
+    if not spec.moe:
+        return 2 * n * block_params(config) + attn, attn
+    D = config.d_model
+    mlp = 3 * D * config.d_mlp
+    s = nominal_expert_tokens(config, kind, n) if expert_tokens is None else expert_tokens
+    out = 2 * n * (block_params(config) - mlp) + attn  # attention projections
+    out += 2 * s * mlp + 2 * n * D * n_all_experts(config, kind)  # experts at their tokens + MoE router
+    if config.moe_shared_expert:
+        out += 2 * n * mlp
+    return out, attn
+
+
+def moe_router_flops(config: ModelConfig, layer_idx: int, tokens: float) -> float:
+    """Forward FLOPs of an MoE layer's router over ``tokens`` tokens (0 for a dense MLP)."""
+    kind = config.layer_types[layer_idx]
+    return 2 * tokens * config.d_model * n_all_experts(config, kind) if block_spec(kind).moe else 0
 
 
 def router_score_flops(config: ModelConfig, seq_len: int) -> int:
@@ -108,10 +172,11 @@ class FlopReport:
     predictors: int = 0
     predictors_backward: int = 0
     attention: int = 0
+    exit_heads: int = 0
 
     @property
     def forward(self) -> int:
-        return self.dense_blocks + self.routed_blocks + self.routers + self.lm_head
+        return self.dense_blocks + self.routed_blocks + self.routers + self.lm_head + self.exit_heads
 
     @property
     def backward(self) -> int:
@@ -141,16 +206,24 @@ class FlopReport:
             "routers": self.routers,
             "predictors": self.predictors,
             "lm_head": self.lm_head,
+            "exit_heads": self.exit_heads,
             "attention": self.attention,
             "forward_per_token": self.forward_per_token,
             "train_per_token": self.train_per_token,
         }
 
 
-def flops(config: ModelConfig, seq_len: int | None = None, causal_attention: bool = False) -> FlopReport:
+def flops(
+    config: ModelConfig,
+    seq_len: int | None = None,
+    causal_attention: bool = False,
+    expert_tokens: Mapping[int, float] | None = None,
+) -> FlopReport:
     """FLOPs of one sequence of length ``seq_len`` (default: max_seq_len), routed blocks at capacity.
 
     ``causal_attention=True`` counts only the attended (lower-triangle) pairs of attention.
+    ``expert_tokens``: {layer: real-expert assignments per sequence} of MoE layers, measured
+    (exact); layers not named use the nominal count (see the module docstring).
     """
     T = config.max_seq_len if seq_len is None else seq_len
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
@@ -161,20 +234,64 @@ def flops(config: ModelConfig, seq_len: int | None = None, causal_attention: boo
             f"seq_len={T} is invalid: must be <= the model's max_seq_len={config.max_seq_len} "
             "(count a longer context with a config that has it: --model-arg max_seq_len=N)"
         )
-    n_routed = len(config.routed_layers)
-    n_dense = config.n_layers - n_routed
+    expert_tokens = expert_tokens or {}
+    parts = {"dense": 0, "routed": 0, "routers": 0, "attention": 0, "exit": 0}
     k = capacity_k(config.capacity, T)
+    for i, kind in enumerate(config.layer_types):
+        spec = block_spec(kind)
+        n = k if spec.routed else T
+        blk, attn = layer_flops(config, i, T, n, expert_tokens.get(i), causal_attention)
+        router = moe_router_flops(config, i, n)
+        parts["routed" if spec.routed else "dense"] += blk - router
+        parts["routers"] += router + (router_flops(config, T) if spec.routed else 0)
+        parts["attention"] += attn
+        if spec.exit_gate and i > 0 and config.exit_loss_weight > 0:
+            parts["exit"] += 2 * T * config.d_model * config.vocab_size
+    n_routed = len(config.routed_layers)
     return FlopReport(
         seq_len=T,
-        dense_blocks=n_dense * block_flops(config, T, causal_attention),
-        routed_blocks=n_routed * block_flops(config, k, causal_attention),
-        routers=n_routed * router_flops(config, T),
+        dense_blocks=parts["dense"],
+        routed_blocks=parts["routed"],
+        routers=parts["routers"],
         lm_head=2 * T * config.d_model * config.vocab_size,
         predictors=n_routed * predictor_flops(config, T),
         predictors_backward=n_routed * predictor_backward_flops(config, T),
-        attention=n_dense * attention_flops(config, T, causal_attention)
-        + n_routed * attention_flops(config, k, causal_attention),
+        attention=parts["attention"],
+        exit_heads=parts["exit"],
     )
+
+
+def causal_forward_flops(
+    config: ModelConfig,
+    layer_tokens: Mapping[int, Sequence[int]],
+    seq_len: int,
+    expert_tokens: Mapping[int, float] | None = None,
+) -> float:
+    """Forward FLOPs per sequence of a causal (inference) pass, from the tokens each layer ran.
+
+    ``layer_tokens``: {layer: tokens processed in each row} for the layers that process a
+    data-dependent number (causally routed, or after early exits); other layers process T
+    (or, if routed and not named, their capacity). Each row is one sequence of ``seq_len``
+    tokens; its routed attention runs among the tokens it kept. Routers and predictors score
+    all T tokens; an exit gate evaluates the LM head for the tokens still running at its input
+    (those that ran the previous layer); the final head runs over all T. Averaged over rows.
+    """
+    rows = max((len(v) for v in layer_tokens.values()), default=1)
+    D, V = config.d_model, config.vocab_size
+    expert_tokens = expert_tokens or {}
+    total = 0.0
+    for b in range(rows):
+        prev = seq_len
+        for i, kind in enumerate(config.layer_types):
+            spec = block_spec(kind)
+            n = layer_tokens[i][b] if i in layer_tokens else None
+            blk, _ = layer_flops(config, i, seq_len, n, expert_tokens.get(i))
+            total += blk + (router_flops(config, seq_len) if spec.routed else 0)
+            if spec.exit_gate and i > 0:
+                total += 2 * prev * D * V
+            prev = seq_len if n is None else n
+        total += 2 * seq_len * D * V
+    return total / rows
 
 
 def forward_flops(config: ModelConfig, seq_len: int | None = None, batch_size: int = 1) -> int:
@@ -193,6 +310,10 @@ def param_count(config: ModelConfig, exclude_embeddings: bool = False) -> int:
     n_routed = len(config.routed_layers)
     per_block = block_params(config) + 2 * D  # matmuls + two RMSNorm gains
     n = config.n_layers * per_block + D  # + the final norm
+    mlp = 3 * D * config.d_mlp
+    for kind in config.layer_types:
+        if block_spec(kind).moe:  # E experts (+ a shared one) instead of one MLP, and the MoE router
+            n += (config.n_experts - 1 + int(config.moe_shared_expert)) * mlp + D * n_all_experts(config, kind)
     if _scores_tokens(config):
         n += n_routed * D  # router vector w
     if config.uses_predictor:

@@ -61,6 +61,35 @@ CLI_CASES = [
     ("train-unknown-router", ["train", "--router", "magic"], "magic"),
     ("train-unknown-dtype", ["train", "--dtype", "fp8"], "fp8"),
     ("train-capacity-above-one", ["train", "--capacity", "1.5"], "capacity=1.5"),
+    # --- MoE / MoDE fields
+    ("train-moe-zero-experts", ["train", "--model", "tiny-moe", "--model-arg", "n_experts=0"], "n_experts=0"),
+    ("train-moe-top-k-above-experts", ["train", "--model", "tiny-moe", "--model-arg", "n_experts=1"], "moe_top_k=2"),
+    ("train-moe-top-k-three", ["train", "--model", "tiny-moe", "--model-arg", "moe_top_k=3"], "moe_top_k=3"),
+    (
+        "train-moe-capacity-zero",
+        ["train", "--model", "tiny-moe", "--model-arg", "moe_capacity_factor=0"],
+        "moe_capacity_factor=0",
+    ),
+    (
+        "train-moe-capacity-negative",
+        ["train", "--model", "tiny-moe", "--model-arg", "moe_capacity_factor=-1"],
+        "moe_capacity_factor=-1",
+    ),
+    (
+        "train-noop-experts-on-moe",
+        ["train", "--model", "tiny-moe", "--model-arg", "n_noop_experts=2"],
+        "n_noop_experts=2",
+    ),
+    (
+        "train-integrated-without-noop",
+        ["train", "--model", "tiny-mode-integrated", "--model-arg", "n_noop_experts=0"],
+        "n_noop_experts=0",
+    ),
+    (
+        "train-block-kind-routed",
+        ["train", "--model", "tiny", "--model-arg", "block_kind=routed"],
+        "block_kind='routed'",
+    ),
     ("train-model-arg-no-equals", ["train", "--model-arg", "d_model"], "d_model"),
     ("train-model-arg-unknown-field", ["train", "--model-arg", "colour=1"], "colour"),
     ("train-seq-len-over-context", ["train", "--model", "tiny", "--seq-len", "4096"], "seq_len=4096"),
@@ -276,6 +305,15 @@ def _flops(seq_len):
     return call
 
 
+def _calibrate_exit(fraction):
+    def call(tiny, files):
+        from modlm.inference.calibrate import calibrate_exit_threshold
+
+        calibrate_exit_threshold(tiny, _ids(2, 16), fraction)
+
+    return call
+
+
 API_CASES = [
     # MoDTransformer.forward
     (
@@ -353,6 +391,8 @@ API_CASES = [
     ("load-model-empty-dir", _load("empty"), FileNotFoundError, "{empty}"),
     ("flops-beyond-context", _flops(10000), ValueError, "seq_len=10000"),
     ("flops-seq-len-bool", _flops(True), ValueError, "seq_len=True"),
+    # early exit
+    ("calibrate-exit-no-exit-layers", _calibrate_exit(0.5), ValueError, "no early-exit layers"),
 ]
 
 

@@ -11,6 +11,9 @@ def test_every_preset_validates(name):
     assert cfg.name == name
     if name.endswith("-dense"):
         assert cfg.router == "none" and cfg.routed_layers == ()
+        assert set(cfg.layer_types) == {"dense"}
+    elif cfg.router == "none":  # MoE, integrated MoDE, early exit: one kind in every layer
+        assert cfg.routed_layers == () and set(cfg.layer_types) == {cfg.block_kind} != {"dense"}
     else:
         assert cfg.routed_layers == tuple(range(1, cfg.n_layers, 2))  # every other block, from the second
 
@@ -88,7 +91,7 @@ def test_layer_types_explicit_and_validated():
     assert cfg.layer_types == ("routed", "dense", "routed", "routed") and cfg.routed_layers == (0, 2, 3)
     assert cfg.dense_twin().layer_types == ("dense",) * 4 and cfg.dense_twin().routed_layers == ()
     assert ModelConfig.from_name("tiny-dense").layer_types == ("dense",) * 4
-    for bad, fragment in [(["dense"] * 3, "layer_types"), (["dense", "moe", "dense", "dense"], "layer_types")]:
+    for bad, fragment in [(["dense"] * 3, "layer_types"), (["dense", "banana", "dense", "dense"], "layer_types")]:
         with pytest.raises(ValueError, match=fragment) as e:
             ModelConfig.from_name("tiny", layer_types=bad)
         assert "\n" not in str(e.value)

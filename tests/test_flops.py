@@ -82,3 +82,85 @@ def test_param_count_matches_the_model(name):
     model = MoDTransformer(cfg)
     assert param_count(cfg) == model.num_params()
     assert param_count(cfg, exclude_embeddings=True) == model.num_params(exclude_embeddings=True)
+
+
+# MoE, MoDE and early exit: expert FLOPs at the real (measured) expert token counts.
+NEW_KINDS = {
+    "moe-top2": dict(router="none", block_kind="moe", n_experts=4, moe_top_k=2),
+    "moe-top1-shared": dict(router="none", block_kind="moe", n_experts=3, moe_top_k=1, moe_shared_expert=True),
+    "moe-capacity": dict(router="none", block_kind="moe", n_experts=4, moe_top_k=2, moe_capacity_factor=0.5),
+    "mode-staged": dict(router="learned", block_kind="moe", routed_kind="mode-staged", n_experts=4),
+    "mode-integrated": dict(router="none", block_kind="mode-integrated", n_experts=2, n_noop_experts=2),
+    "early-exit": dict(router="none", block_kind="exit"),
+}
+
+
+def _count_with_experts(cfg: ModelConfig, backward: bool) -> tuple[int, dict[int, float]]:
+    torch.manual_seed(0)
+    model = MoDTransformer(cfg)
+    for blk in model.blocks:  # spread the routing, so capacity drops and no-op choices happen
+        if hasattr(blk.mlp, "router"):
+            torch.nn.init.normal_(blk.mlp.router.weight)
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model(x, x)
+        if backward:
+            out.loss.backward()
+    stats = out.router_stats()
+    expert_tokens = {i: stats[f"L{i}/expert_tokens"] / B for i in range(cfg.n_layers) if f"L{i}/expert_tokens" in stats}
+    return counter.get_total_flops(), expert_tokens
+
+
+@pytest.mark.parametrize("name", sorted(NEW_KINDS))
+def test_new_kind_flops_match_pytorch_counter_at_measured_expert_tokens(name):
+    cfg = ModelConfig.from_name("tiny", **NEW_KINDS[name])
+    fwd, experts = _count_with_experts(cfg, backward=False)
+    trn, _ = _count_with_experts(cfg, backward=True)
+    rep = flops(cfg, T, expert_tokens=experts)
+    score = len(cfg.routed_layers) * router_score_flops(cfg, T)  # aten.mv: 0 in the counter
+    assert B * (rep.forward - score) == pytest.approx(fwd, rel=1e-9)
+    assert B * (rep.train - 3 * score) == pytest.approx(trn, rel=1e-9)
+    assert abs(B * rep.forward - fwd) / fwd < 0.02
+    if name in ("moe-capacity", "mode-integrated"):
+        nominal = flops(cfg, T)
+        assert rep.forward < flops(cfg.replace(moe_capacity_factor=None, n_noop_experts=0, block_kind="moe"), T).forward
+        assert nominal.forward >= rep.forward * 0.9  # the nominal count is the balanced load
+
+
+def test_noop_experts_and_capacity_cut_expert_flops_and_exit_heads_are_counted():
+    base = ModelConfig.from_name("tiny", router="none", block_kind="moe", n_experts=4, moe_top_k=2)
+    half = base.replace(moe_capacity_factor=0.5)
+    integ = base.replace(block_kind="mode-integrated", n_noop_experts=4)
+    mlp = 3 * base.d_model * base.d_mlp
+    per_layer = 2 * T * 2 * mlp  # top-2: every token through two experts
+    assert flops(base, T).dense_blocks - flops(half, T).dense_blocks == 4 * per_layer // 2
+    # X = 8 experts, 4 real: half of the assignments are free; the router scores 8 experts
+    assert flops(integ, T).dense_blocks == flops(half, T).dense_blocks
+    assert flops(integ, T).routers - flops(base, T).routers == 4 * 2 * T * base.d_model * 4
+    ee = ModelConfig.from_name("tiny-early-exit")
+    assert flops(ee, T).exit_heads == 3 * 2 * T * ee.d_model * ee.vocab_size
+    assert flops(ee, T).forward == flops(ee.dense_twin(), T).forward + flops(ee, T).exit_heads
+
+
+@pytest.mark.parametrize("name", sorted(NEW_KINDS))
+def test_new_kind_param_count_matches_the_model(name):
+    cfg = ModelConfig.from_name("tiny", **NEW_KINDS[name])
+    assert param_count(cfg) == MoDTransformer(cfg).num_params()
+
+
+def test_causal_forward_flops_from_the_tokens_each_layer_ran():
+    from modlm.config import capacity_k
+    from modlm.flops import causal_forward_flops
+
+    mod = ModelConfig.from_name("tiny", capacity=0.25)
+    k = capacity_k(0.25, T)
+    at_capacity = {i: [k, k] for i in mod.routed_layers}
+    assert causal_forward_flops(mod, at_capacity, T) == flops(mod, T).forward
+    ee = ModelConfig.from_name("tiny-early-exit")
+    D, V = ee.d_model, ee.vocab_size
+    # nobody exits: the dense forward plus a gate head over every token at layers 1..3
+    no_exit = causal_forward_flops(ee, {i: [T] for i in (1, 2, 3)}, T)
+    assert no_exit == flops(ee.dense_twin(), T).forward + 3 * 2 * T * D * V
+    # everyone exits at layer 1's gate: one block, one gate head, the final head
+    all_exit = causal_forward_flops(ee, {i: [0] for i in (1, 2, 3)}, T)
+    assert all_exit == flops(ee.dense_twin(), T).dense_blocks / 4 + 2 * 2 * T * D * V

@@ -139,7 +139,8 @@ def analyze_run(
 def run_analysis(
     results_dir: str | Path, scale: Scale, settings: SweepSettings, runs: Sequence[PlannedRun]
 ) -> dict[str, Any]:
-    """Analyse the trained reference MoD and every-block MoD models; writes analysis.json."""
+    """Analyse the trained reference MoD and every-block MoD models, and MoD against early exit at
+    equal inference FLOPs; writes analysis.json."""
     from modlm.training.corpus import prepare_corpus
     from modlm.training.tokenizers import load_tokenizer
 
@@ -158,5 +159,70 @@ def run_analysis(
         )
         a.update(run_id=run.run_id, variant=key)
         out["models"].append(a)
+    early = analyze_early_exit(results, runs, settings, corpus.val, scale.analysis_sequences)
+    if early is not None:
+        out["early_exit"] = early
     (results / ANALYSIS_FILE).write_text(json.dumps(out, indent=1))
     return out
+
+
+def analyze_early_exit(
+    results_dir: str | Path, runs: Sequence[PlannedRun], settings: SweepSettings, val_tokens, n_sequences: int
+) -> dict[str, Any] | None:
+    """MoD vs early exit at equal inference FLOPs (claims section 8); None unless both ran.
+
+    On ``n_sequences`` validation windows (at least 2): the MoD model's causal routing (as when
+    decoding) is measured, its FLOP fraction of the dense twin's forward counted from the tokens
+    each routed block took (``modlm.flops.causal_forward_flops``); the early-exit model's
+    threshold is calibrated to that fraction on the first half of the windows and both causal
+    losses are measured on the second half.
+    """
+    import torch
+
+    from modlm.flops import causal_forward_flops, flops
+    from modlm.inference.calibrate import (
+        calibrate_exit_threshold,
+        causal_val_loss,
+        exit_flop_fraction,
+        set_exit_threshold,
+    )
+    from modlm.model.block import route_mask
+    from modlm.training.batching import iter_eval_batches
+    from modlm.training.checkpoint import load_model
+
+    results = Path(results_dir)
+    finished = read_results(results)
+    found = {}
+    for key in ("mod", "early-exit"):
+        run = next((r for r in runs if f"variant:{key}" in r.tags), None)
+        if run is None or run.run_id not in finished:
+            return None
+        found[key] = run
+    T = settings.seq_len
+    n_batches = math.ceil(max(2, n_sequences) / settings.batch_size)
+    windows = torch.cat(
+        [torch.cat([x, y[:, -1:]], 1) for x, y in iter_eval_batches(val_tokens, settings.batch_size, T, n_batches)]
+    )
+    half = max(1, windows.shape[0] // 2)
+    calib, evals = windows[:half, :-1], windows[half:]
+    mod = load_model(results / RUNS_DIR / found["mod"].run_id, device="cpu").eval()
+    ee = load_model(results / RUNS_DIR / found["early-exit"].run_id, device="cpu").eval()
+    with torch.no_grad():
+        out = mod(evals[:, :-1], routing="causal")
+    layer_tokens = {i: route_mask(r, T).sum(1).tolist() for i, r in out.routes.items()}
+    mod_frac = causal_forward_flops(mod.config, layer_tokens, T) / flops(mod.config.dense_twin(), T).forward
+    set_exit_threshold(ee, 1.0)  # no exits: the early-exit model at full depth
+    full_loss, full_frac = causal_val_loss(ee, evals), exit_flop_fraction(ee, evals[:, :-1])
+    threshold = calibrate_exit_threshold(ee, calib, mod_frac)
+    return {
+        "mod_run_id": found["mod"].run_id,
+        "early_exit_run_id": found["early-exit"].run_id,
+        "n_sequences": int(evals.shape[0]),
+        "mod_flop_fraction": mod_frac,
+        "mod_val_loss": causal_val_loss(mod, evals),
+        "threshold": threshold,
+        "early_exit_flop_fraction": exit_flop_fraction(ee, evals[:, :-1]),
+        "early_exit_val_loss": causal_val_loss(ee, evals),
+        "early_exit_full_val_loss": full_loss,
+        "early_exit_full_flop_fraction": full_frac,
+    }

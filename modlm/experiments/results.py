@@ -117,6 +117,7 @@ def _curves(run_dir: Path) -> dict[str, Any]:
                     "routed_frac",
                     "dropped_frac",
                     "empty_slot_frac",
+                    "noop_frac",  # integrated MoDE: the share of assignments choosing a no-op expert
                 )
             }
             if keep:

@@ -41,6 +41,16 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("random0.5", "mod-random:capacity=0.5", "random routing 50%, every other block"),
     Variant("token-choice", "mod-tc", "token choice 12.5% (+ balancing loss), every other block"),
     Variant("aux-loss", "mod:causal_routing=aux_loss", "MoD 12.5%, aux-loss causal routing"),
+    # MoE and MoDE (claims section 7): MLP FLOP fractions 0.5 and 0.25 by expert capacity (MoE,
+    # tokens dropped) or by no-op experts (integrated MoDE: E/(E+no-ops) of the assignments real).
+    Variant("moe", "moe", "MoE 4 experts top-1, no drop"),
+    Variant("moe-c0.5", "moe:moe_capacity_factor=0.5", "MoE, capacity factor 0.5 (dropping)"),
+    Variant("moe-c0.25", "moe:moe_capacity_factor=0.25", "MoE, capacity factor 0.25 (dropping)"),
+    Variant("mode-c0.5", "mode-integrated:n_noop_experts=4", "integrated MoDE, 4 real + 4 no-op experts"),
+    Variant("mode-c0.25", "mode-integrated:n_noop_experts=12", "integrated MoDE, 4 real + 12 no-op experts"),
+    Variant("mode-staged", "mode-staged", "staged MoDE: MoD 12.5% every other block around MoE blocks"),
+    # Early exit (claims section 8): calibrated after training to the MoD model's FLOP fraction.
+    Variant("early-exit", "early-exit", "early exit (LayerSkip-style exit losses)"),
 )
 VARIANT_BY_KEY = {v.key: v for v in VARIANTS}
 
@@ -135,7 +145,9 @@ SCALES: dict[str, Scale] = {
         description="pipeline check in seconds; models of 10^4 parameters, numbers meaningless",
         budgets=(8e8,),
         shapes=parse_shapes("8x2,16x2,16x3,16x4,24x4"),
-        variant_budget=8e8,
+        # 9e8, not 8e8: the early-exit variant's per-layer LM heads (V=256 at d=16) make its steps
+        # so costly that a smaller budget would buy it fewer than min_steps.
+        variant_budget=9e8,
         variant_shape=Shape(16, 2),
         settings=SweepSettings(
             seq_len=32,
@@ -170,7 +182,7 @@ SCALES: dict[str, Scale] = {
     # estimate on a machine without one assumes 2e14 sustained FLOP/s, ~20% of an H100's dense
     # bf16 peak, plus 4 ms per step of kernel launches; a `--dry-run` on the GPU measures).
     # One budget of 1e15 fits: its curves, seeds and lr sweep are ~20 runs of ~15 s, the variants
-    # (at 5e14) 10 of ~8 s, with room for 2 extensions per curve and lr. BPE tokens
+    # (at 3e14) 17 of ~5 s, with room for 2 extensions per curve and lr. BPE tokens
     # (4096, learned on the training split): at widths of 128-512 the unembedding is a smaller
     # share of the FLOPs than on the CPU ladder. NOTE: the bundled corpus is 2.7M bytes (~0.75M
     # BPE tokens); these runs repeat it. Pass --data with a larger corpus for meaningful numbers.
@@ -180,7 +192,7 @@ SCALES: dict[str, Scale] = {
         "of 1-30M parameters on a bracketing shape ladder, 3 seeds (use --data with a large corpus)",
         budgets=(1e15,),
         shapes=parse_shapes(LADDER_GPU),
-        variant_budget=5e14,  # the variants compare at one shape; half the isoFLOP budget keeps 8 minutes
+        variant_budget=3e14,  # the variants (MoD, MoE, MoDE, early exit...) compare at one shape; 3e14 keeps 8 minutes
         variant_shape=Shape(128, 6),
         settings=SweepSettings(
             seq_len=512,

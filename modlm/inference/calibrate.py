@@ -20,19 +20,25 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from modlm.flops import causal_forward_flops, flops
 from modlm.inference.generate import generate
 from modlm.model.block import route_mask
 from modlm.model.inputs import check_token_ids
+from modlm.model.kinds import block_spec
 from modlm.model.transformer import MoDTransformer
 from modlm.routing.registry import router_spec
 from modlm.validation import is_number
 
 __all__ = [
     "calibratable_blocks",
+    "calibrate_exit_threshold",
     "calibrate_thresholds",
     "causal_val_loss",
+    "exit_blocks",
+    "exit_flop_fraction",
     "get_thresholds",
     "measure_routed_fraction",
+    "set_exit_threshold",
     "set_thresholds",
     "sweep_knob",
 ]
@@ -220,3 +226,65 @@ def sweep_knob(
     finally:
         set_thresholds(model, saved)
     return results
+
+
+# --- early exit (modlm.model.early_exit): one confidence threshold, calibrated to a FLOP fraction ---
+
+
+def exit_blocks(model: MoDTransformer) -> dict:
+    """{layer: block} of the blocks with an exit gate (``BlockSpec.exit_gate``, index > 0); a
+    one-line ValueError when there are none."""
+    blocks = {
+        i: model.blocks[i] for i, kind in enumerate(model.config.layer_types) if block_spec(kind).exit_gate and i > 0
+    }
+    if not blocks:
+        raise ValueError(f"model {model.config.name!r} has no early-exit layers: no exit threshold to calibrate")
+    return blocks
+
+
+def set_exit_threshold(model: MoDTransformer, threshold: float) -> None:
+    """Set every exit gate's confidence threshold (a token exits when top1 - top2 > threshold)."""
+    if not is_number(threshold):
+        raise ValueError(f"exit threshold={threshold!r} is invalid: must be a finite number")
+    for blk in exit_blocks(model).values():
+        blk.exit_threshold.fill_(float(threshold))
+
+
+@torch.no_grad()
+def exit_flop_fraction(model: MoDTransformer, tokens_BT: torch.Tensor) -> float:
+    """Inference FLOPs per token of a causal pass over ``tokens_BT``, as a fraction of the dense
+    twin's forward (``modlm.flops.causal_forward_flops``: the layers each token ran, the exit
+    gates' head evaluations for the tokens still running, the final head)."""
+    blocks = exit_blocks(model)
+    tokens_BT = _check_tokens(model, tokens_BT)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(tokens_BT, routing="causal")
+    finally:
+        model.train(was_training)
+    T = tokens_BT.shape[1]
+    layer_tokens = {i: route_mask(out.aux[i], T).sum(1).tolist() for i in blocks}
+    return causal_forward_flops(model.config, layer_tokens, T) / flops(model.config.dense_twin(), T).forward
+
+
+@torch.no_grad()
+def calibrate_exit_threshold(
+    model: MoDTransformer, tokens_BT: torch.Tensor, target_flop_fraction: float, steps: int = 24
+) -> float:
+    """The exit threshold whose inference FLOPs on ``tokens_BT`` come closest to
+    ``target_flop_fraction`` of the dense twin's forward (bisection: fewer exits as the
+    threshold rises). Sets it on the model and returns it. A target below what exiting after
+    the first layer costs gives threshold 0 (every token exits as early as it can)."""
+    if not is_number(target_flop_fraction) or target_flop_fraction <= 0:
+        raise ValueError(f"target_flop_fraction={target_flop_fraction!r} is invalid: must be a number > 0")
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        set_exit_threshold(model, mid)
+        if exit_flop_fraction(model, tokens_BT) > target_flop_fraction:
+            hi = mid
+        else:
+            lo = mid
+    set_exit_threshold(model, lo)
+    return lo

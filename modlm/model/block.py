@@ -25,7 +25,8 @@ A new kind is a new class here (or in its own module) plus a ``modlm.model.kinds
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -88,6 +89,10 @@ class BlockContext:
     attn_mask: the padding mask of dense attention without a cache. cache: the model's KV cache
     (``modlm.inference.cache.ModelCache``) in PREFILL and DECODE. replay: per-layer routes to
     reuse instead of asking the routers. decode: the decode policy (DECODE only).
+    targets_BT: the next-token targets when the caller gave them (per-layer exit losses).
+    head: the model's shared final norm + LM head, h -> logits (early-exit gates and losses).
+    state: scratch for this one forward call, shared by the blocks in order (e.g. which tokens
+    have exited); built empty per call, never kept.
     """
 
     phase: Phase
@@ -101,6 +106,9 @@ class BlockContext:
     cache: Any = None
     replay: dict[int, RouterOutput] | None = None
     decode: DecodePolicy | None = None
+    targets_BT: torch.Tensor | None = None
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 class DenseBlock(nn.Module):
@@ -116,6 +124,14 @@ class DenseBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
+    def ffn(self, h_BTD: torch.Tensor, routing: str, valid_BT: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """The feed-forward of the normed stream, and its aux output (None for the dense MLP).
+
+        A kind with another feed-forward (an MoE) overrides this; ``routing`` says whether it may
+        use batch-dependent rules (``"topk"``: training) or must stay per-token (``"causal"``).
+        """
+        return self.mlp(h_BTD), None
+
     def update(
         self,
         x_BTD: torch.Tensor,
@@ -123,15 +139,27 @@ class DenseBlock(nn.Module):
         sin: torch.Tensor,
         cache=None,
         attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """f(x), the block's update of the residual stream, over whatever tokens it is given."""
+        routing: str = "causal",
+        valid_BT: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """f(x), the block's update of the residual stream, over whatever tokens it is given,
+        and the feed-forward's aux output (None for a dense MLP)."""
         a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask=attn_mask, cache=cache)
-        m_BTD = self.mlp(self.mlp_norm(x_BTD + a_BTD))
-        return a_BTD + m_BTD
+        m_BTD, aux = self.ffn(self.mlp_norm(x_BTD + a_BTD), routing, valid_BT)
+        return a_BTD + m_BTD, aux
 
-    def forward(self, x_BTD: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, None]:
+    def forward(self, x_BTD: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, Any]:
         cache = None if ctx.cache is None else ctx.cache.view(valid=ctx.token_mask_BT)
-        return x_BTD + self.update(x_BTD, ctx.cos, ctx.sin, cache=cache, attn_mask=ctx.attn_mask), None
+        f_BTD, aux = self.update(
+            x_BTD,
+            ctx.cos,
+            ctx.sin,
+            cache=cache,
+            attn_mask=ctx.attn_mask,
+            routing=ctx.routing,
+            valid_BT=ctx.token_mask_BT,
+        )
+        return x_BTD + f_BTD, aux
 
 
 class RoutedBlock(DenseBlock):
@@ -153,10 +181,16 @@ class RoutedBlock(DenseBlock):
         """Returns the new residual stream and the router's output (indices, weights, losses)."""
         if ctx.phase is Phase.DECODE:
             plan = ctx.decode.plan(self.layer_idx, self.router, x_BTD, ctx.token_mask_BT)
-            return self.compute_rows(x_BTD, ctx, plan), plan.route
+            x_B1D, ffn_aux = self.compute_rows(x_BTD, ctx, plan)
+            return x_B1D, with_ffn_aux(plan.route, ffn_aux)
         route = ctx.replay.get(self.layer_idx) if ctx.replay is not None else None
         if route is None:
             route = self.router(x_BTD, ctx.routing, ctx.token_mask_BT)
+        x_BTD, ffn_aux = self.run_route(x_BTD, ctx, route)
+        return x_BTD, with_ffn_aux(route, ffn_aux)
+
+    def run_route(self, x_BTD: torch.Tensor, ctx: BlockContext, route: RouterOutput) -> tuple[torch.Tensor, Any]:
+        """Gather the routed tokens, compute f on them only, scatter x + w·f back (TRAIN, PREFILL)."""
         idx_BK, valid_BK, weight_BK = route.idx_BK, route.valid_BK, route.weight_BK
         pos_BK = torch.gather(ctx.pos_BT, 1, idx_BK)  # true positions of the routed tokens, for RoPE
         cos, sin = ctx.rotary(pos_BK)
@@ -164,34 +198,43 @@ class RoutedBlock(DenseBlock):
         # Padded slots (causal routing) sit after every real one, so the causal mask already
         # hides them from real queries; their own outputs are dropped below.
         cache = None if ctx.cache is None else ctx.cache.view(valid=valid_BK)
-        f_BKD = self.update(x_BKD, cos, sin, cache=cache)
+        f_BKD, ffn_aux = self.update(x_BKD, cos, sin, cache=cache, routing=ctx.routing, valid_BT=valid_BK)
         if valid_BK is not None:
             f_BKD = f_BKD.masked_fill(~valid_BK.unsqueeze(-1), 0.0)
             if weight_BK is not None:
                 weight_BK = weight_BK.masked_fill(~valid_BK, 0.0)
-        return scatter_add_weighted(x_BTD, idx_BK, f_BKD, weight_BK), route
+        return scatter_add_weighted(x_BTD, idx_BK, f_BKD, weight_BK), ffn_aux
 
-    def compute_rows(self, x_B1D: torch.Tensor, ctx: BlockContext, plan: RowPlan) -> torch.Tensor:
+    def compute_rows(self, x_B1D: torch.Tensor, ctx: BlockContext, plan: RowPlan) -> tuple[torch.Tensor, Any]:
         """One new token per row: compute exactly the rows the plan names, x + w·f(x) for them.
 
         Computing every row and masking would save nothing. When every row runs (always the
         case at batch size 1 when the block runs) nothing is gathered and the cache hands back
-        views; a skipped block costs nothing here.
+        views; a skipped block costs nothing here. Returns the new stream and the feed-forward's
+        aux output (None when nothing ran or the MLP is dense).
         """
         if plan.n_rows == 0:
-            return x_B1D
+            return x_B1D, None
         if plan.rows is None:
             cos, sin = ctx.rotary(ctx.pos_BT)
-            f_B1D = self.update(x_B1D, cos, sin, cache=ctx.cache.view())
+            f_B1D, aux = self.update(x_B1D, cos, sin, cache=ctx.cache.view())
             if plan.weight_b1 is not None:
                 f_B1D = f_B1D * plan.weight_b1.unsqueeze(-1).to(f_B1D.dtype)
-            return x_B1D + f_B1D.to(x_B1D.dtype)
+            return x_B1D + f_B1D.to(x_B1D.dtype), aux
         x_b1D = plan.x_b1D if plan.x_b1D is not None else x_B1D.index_select(0, plan.rows_dev)
         cos, sin = ctx.rotary(ctx.pos_BT.index_select(0, plan.rows_dev))
-        f_b1D = self.update(x_b1D, cos, sin, cache=ctx.cache.view(rows=plan.rows_host))
+        f_b1D, aux = self.update(x_b1D, cos, sin, cache=ctx.cache.view(rows=plan.rows_host))
         if plan.weight_b1 is not None:
             f_b1D = f_b1D * plan.weight_b1.unsqueeze(-1).to(f_b1D.dtype)
-        return x_B1D.index_add(0, plan.rows_dev, f_b1D.to(x_B1D.dtype))
+        return x_B1D.index_add(0, plan.rows_dev, f_b1D.to(x_B1D.dtype)), aux
+
+
+def with_ffn_aux(route: RouterOutput, ffn_aux: Any) -> RouterOutput:
+    """The route with a feed-forward's aux output folded in (losses summed, stats merged), so a
+    routed block still reports one RouterOutput."""
+    if ffn_aux is None:
+        return route
+    return route._replace(aux_loss=route.aux_loss + ffn_aux.aux_loss, stats={**route.stats, **ffn_aux.stats})
 
 
 def route_mask(route: RouterOutput, seq_len: int) -> torch.Tensor:

@@ -19,7 +19,11 @@ class BlockSpec:
         ``ModelConfig.router != "none"``, and its FLOPs run at the capacity).
     cache_layout: the KV cache this layer needs when decoding: "contiguous" (every row holds
         every token) or "ragged" (rows hold only the tokens processed there).
-    dense_kind: the kind this layer takes in the dense twin (same parameters, no routing).
+    dense_kind: the kind this layer takes in the dense twin (same attention, a dense MLP).
+    moe: its feed-forward is a Mixture-of-Experts (``modlm.model.moe``; FLOPs by expert tokens).
+    noop_experts: its MoE has ``ModelConfig.n_noop_experts`` no-op experts (integrated MoDE).
+    exit_gate: a token may leave the model at this layer's input (early exit); when it does, it
+        has no keys or values here (the ``ragged`` cache), and its gate evaluates the LM head.
     """
 
     name: str
@@ -27,6 +31,9 @@ class BlockSpec:
     routed: bool
     cache_layout: str
     dense_kind: str
+    moe: bool = False
+    noop_experts: bool = False
+    exit_gate: bool = False
 
     def load(self) -> type:
         return load_target(self.target)
@@ -52,4 +59,38 @@ register_block(
 )
 register_block(
     BlockSpec("routed", "modlm.model.block:RoutedBlock", routed=True, cache_layout="ragged", dense_kind="dense")
+)
+register_block(
+    BlockSpec("moe", "modlm.model.mode:MoEBlock", routed=False, cache_layout="contiguous", dense_kind="dense", moe=True)
+)
+register_block(
+    BlockSpec(
+        "mode-staged",
+        "modlm.model.mode:StagedMoDEBlock",
+        routed=True,
+        cache_layout="ragged",
+        dense_kind="dense",
+        moe=True,
+    )
+)
+register_block(
+    BlockSpec(
+        "mode-integrated",
+        "modlm.model.mode:IntegratedMoDEBlock",
+        routed=False,
+        cache_layout="contiguous",
+        dense_kind="dense",
+        moe=True,
+        noop_experts=True,
+    )
+)
+register_block(
+    BlockSpec(
+        "exit",
+        "modlm.model.early_exit:EarlyExitBlock",
+        routed=False,
+        cache_layout="ragged",
+        dense_kind="dense",
+        exit_gate=True,
+    )
 )

@@ -46,8 +46,9 @@ class ModelOutput:
     aux: dict[int, Any] = field(default_factory=dict)
 
     def router_stats(self) -> dict[str, float]:
-        """Per-block statistics as plain floats, keyed ``L{layer}/{name}`` (one host sync)."""
-        flat = {f"L{i}/{k}": v for i, r in self.routes.items() for k, v in r.stats.items()}
+        """Per-block statistics (routers, MoE feed-forwards, exit gates) as plain floats, keyed
+        ``L{layer}/{name}`` (one host sync)."""
+        flat = {f"L{i}/{k}": v for i, a in self.aux.items() for k, v in a.stats.items()}
         if not flat:
             return {}
         values = torch.stack([v.float() for v in flat.values()]).tolist()
@@ -113,6 +114,10 @@ class MoDTransformer(nn.Module):
         rest = [t for t in params if t[2] not in (roles.EMBEDDING, roles.LM_HEAD)]
         for _, p, role in first + rest:
             init[role.init](p)
+
+    def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The final norm + LM head, h -> logits (B, T, V); early-exit gates share it."""
+        return self.lm_head(self.norm(x_BTD))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -181,6 +186,8 @@ class MoDTransformer(nn.Module):
             cache=cache,
             replay=routes,
             decode=decode,
+            targets_BT=targets_BT,
+            head=self.head,
         )
         x_BTD = self.tok_emb(idx_BT)
         auxes: dict[int, Any] = {}
@@ -188,7 +195,7 @@ class MoDTransformer(nn.Module):
             x_BTD, aux = block(x_BTD, ctx)
             if aux is not None:
                 auxes[i] = aux
-        logits_BTV = self.lm_head(self.norm(x_BTD))
+        logits_BTV = self.head(x_BTD)
         out = ModelOutput(logits=logits_BTV, routes={i: auxes[i] for i in self._routed if i in auxes}, aux=auxes)
         if targets_BT is not None:
             out.lm_loss = F.cross_entropy(

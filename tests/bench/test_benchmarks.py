@@ -144,6 +144,7 @@ def test_cli_bench_runs_a_benchmark_and_scripts_are_thin_entry_points(capsys):
         "decode": "bench_decode",
         "profile-decode": "profile_decode",
         "kernels": "bench_kernels",
+        "moe": "bench_moe",
     }
     assert set(scripts) == set(BENCHMARKS)
     for name, script in scripts.items():
@@ -156,3 +157,18 @@ def test_cli_bench_runs_a_benchmark_and_scripts_are_thin_entry_points(capsys):
         timeout=120,
     )
     assert out.returncode == 0 and "--rows" in out.stdout
+
+
+def test_bench_moe_runs_and_charges_experts_their_real_tokens(capsys):
+    bench = _load("bench_moe")
+    res = bench.main(
+        ["--preset", "tiny", "--seq-len", "32", "--steps", "1", "--warmup", "0", "--experts", "4", "--threads", "1"]
+    )
+    assert _last_json(capsys) == json.loads(json.dumps(res))
+    for key in ("moe_step_s", "mode_step_s", "dense_step_s", "moe_flop_ratio", "mode_flop_ratio"):
+        assert res[key] > 0
+    for name in ("moe", "mode"):
+        assert res[f"{name}_overhead"] == pytest.approx(res[f"{name}_time_ratio"] / res[f"{name}_flop_ratio"])
+    # top-2 of 4 same-size experts doubles the MLP's FLOPs; half the MoDE choices are free no-ops
+    assert res["moe_flop_ratio"] > res["mode_flop_ratio"] and res["moe_flop_ratio"] > 1.0
+    assert 0 < res["mode_noop_frac"] < 1

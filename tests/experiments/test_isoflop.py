@@ -40,6 +40,16 @@ def test_family_specs():
     fam = Family.parse("mod:capacity=0.25,route_every=1")
     assert fam.model_overrides["capacity"] == 0.25 and fam.model_overrides["router"] == "learned"
     assert "=" not in fam.slug and ":" not in fam.slug
-    for bad in ("moe", "mod:capacity", "mod:d_model=64", "mod:nonsense=1"):
+    for bad in ("banana", "mod:capacity", "mod:d_model=64", "mod:nonsense=1"):
         with pytest.raises(ValueError, match="family"):
             Family.parse(bad)
+
+
+@pytest.mark.parametrize("family", ["moe", "mode-integrated:n_noop_experts=12", "mode-staged", "early-exit"])
+def test_new_kind_families_plan_runs_at_their_budget(family):
+    settings = SweepSettings()
+    run = plan_run(3.6e12, family, Shape(128, 4), settings)
+    cfg = run.model_config()
+    assert abs(run.train_flops - 3.6e12) <= 0.01 * 3.6e12
+    assert run.flops_per_step == train_flops(cfg, settings.seq_len, settings.batch_size)
+    assert set(cfg.layer_types) != {"dense"}

@@ -45,7 +45,7 @@ def test_capacity_one_unit_weight_equals_dense_block():
     route = RouterOutput(torch.arange(T).expand(B, T), None, None, x.new_zeros(()), {})
     y, _ = blk(x, _ctx(rot, pos.expand(B, T), route))
     cos, sin = rot(pos)
-    dense = x + DenseBlock.update(blk, x, cos, sin)
+    dense = x + DenseBlock.update(blk, x, cos, sin)[0]
     assert torch.equal(y, dense)  # bit-for-bit: same ops, same order
 
 
@@ -87,12 +87,12 @@ def test_selected_output_equals_dense_block_on_gathered_subsequence_at_true_posi
         idx = route.idx_BK[b]
         xs = x[b : b + 1, idx]
         cos, sin = rot(idx)  # true positions, not 0..k-1
-        ref = xs + r[b, idx].view(1, -1, 1) * DenseBlock.update(blk, xs, cos, sin)
+        ref = xs + r[b, idx].view(1, -1, 1) * DenseBlock.update(blk, xs, cos, sin)[0]
         torch.testing.assert_close(y[b : b + 1, idx], ref, rtol=1e-5, atol=1e-5)
     # compacted positions would give a different answer (guards against the RoPE bug)
     idx = route.idx_BK[0]
     cos, sin = rot(torch.arange(len(idx)))
-    wrong = x[:1, idx] + r[0, idx].view(1, -1, 1) * DenseBlock.update(blk, x[:1, idx], cos, sin)
+    wrong = x[:1, idx] + r[0, idx].view(1, -1, 1) * DenseBlock.update(blk, x[:1, idx], cos, sin)[0]
     assert not torch.allclose(y[:1, idx], wrong, atol=1e-4)
 
 

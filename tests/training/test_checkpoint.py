@@ -132,7 +132,16 @@ def test_continued_training_matches_after_reload(saved):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(tie_embeddings=False), dict(router="none"), dict(router="random"), dict(causal_routing="both", n_kv_heads=2)],
+    [
+        dict(tie_embeddings=False),
+        dict(router="none"),
+        dict(router="random"),
+        dict(causal_routing="both", n_kv_heads=2),
+        dict(router="none", block_kind="moe", n_experts=3, moe_capacity_factor=1.25, moe_shared_expert=True),
+        dict(router="learned", block_kind="moe", routed_kind="mode-staged", n_experts=2),
+        dict(router="none", block_kind="mode-integrated", n_experts=2, n_noop_experts=2),
+        dict(router="none", block_kind="exit"),
+    ],
 )
 def test_round_trip_variants(tmp_path, overrides):
     cfg = ModelConfig.from_name("tiny", **overrides)
@@ -409,3 +418,17 @@ def test_tokenizer_larger_than_the_vocabulary(tmp_path, tiny, bpe_tokenizer_file
     with pytest.raises(ValueError, match="vocab_size=400 > the model's vocab_size=256"):
         save_checkpoint(tmp_path / "c", model, tiny, tokenizer=load_tokenizer(str(bpe_tokenizer_file)))
     assert not (tmp_path / "c").exists()
+
+
+def test_new_kind_loads_with_its_calibrated_exit_threshold_and_same_logits(tmp_path):
+    from modlm.inference.calibrate import calibrate_exit_threshold
+
+    cfg = ModelConfig.from_name("tiny-early-exit")
+    model, opt = _trained(cfg, steps=1)
+    thr = calibrate_exit_threshold(model, torch.randint(0, 256, (2, T)), 0.8)
+    save_checkpoint(tmp_path / "c", model, cfg, None, opt, 1)
+    model2, _, _ = load_checkpoint(tmp_path / "c")
+    assert float(model2.blocks[2].exit_threshold) == thr
+    x = torch.randint(0, 256, (2, T))
+    model.eval(), model2.eval()
+    torch.testing.assert_close(model2(x, routing="causal").logits, model(x, routing="causal").logits)

@@ -100,3 +100,20 @@ def test_param_digest_sees_parameters_not_buffers():
     with torch.no_grad():
         b.norm.weight[0] += 1e-3
     assert param_digest(a) != param_digest(b)
+
+
+@pytest.mark.filterwarnings("ignore:`broadcast_buffers` is deprecated:FutureWarning")
+@pytest.mark.parametrize("preset", ["tiny-mode-integrated", "tiny-mode-staged"])
+def test_ddp_runs_moe_kinds_with_every_parameter_getting_a_gradient(gloo_world_of_one, preset):
+    torch.manual_seed(0)
+    model = MoDTransformer(ModelConfig.from_name(preset))
+    torch.manual_seed(0)
+    reference = MoDTransformer(ModelConfig.from_name(preset))
+    wrapped = wrap_model(model, DistInfo(), CPU, strategy="ddp")
+    x_BT = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    expected = _grads(reference, x_BT)
+    wrapped.module(x_BT, x_BT).loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() == {n for n, _ in model.named_parameters()}
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], msg=n)
