@@ -72,6 +72,7 @@ from modlm.training.distributed import (
     wrap_model,
 )
 from modlm.training.lock import RunDirLock, RunDirLockedError
+from modlm.training.loggers import HEATMAP_TAG, TensorBoardSink, require_tensorboard, routing_heatmap
 from modlm.training.metrics import METRICS_FILE, MetricsWriter, truncate_metrics
 from modlm.training.optim import apply_hyperparameters, build_optimizer, clip_gradients, clip_groups, set_lr
 from modlm.training.runfile import write_resolved
@@ -153,6 +154,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_path = self.out_dir / RUN_CHECKPOINT
         self.comm_device = comm_device(device)
+        self.tensorboard: TensorBoardSink | None = None  # rank 0 with --log tensorboard (``setup``)
         self.bar: tqdm | None = None
         self.metrics = MetricsWriter(None)
         self.state: dict[str, Any] | None = None  # the checkpoint being resumed, if any
@@ -178,6 +180,8 @@ class Trainer:
         for ``resume``."""
         cfg, device = self.cfg, self.device
         self.dtype = resolve_dtype(cfg.dtype, device)
+        if cfg.log == "tensorboard":  # before any data is read: a missing extra is one line now
+            require_tensorboard()
         self.corpus = self._load_data()
         self.model, self.mcfg = self._load_model()
         if self.mcfg.vocab_size < self.corpus.tokenizer.vocab_size:
@@ -372,7 +376,9 @@ class Trainer:
         if not info.main:
             return
         truncate_metrics(self.out_dir / METRICS_FILE, self.start_step if resumed else None)
-        self.metrics = MetricsWriter(self.out_dir / METRICS_FILE)
+        if cfg.log == "tensorboard":
+            self.tensorboard = TensorBoardSink(self.out_dir, purge_step=self.start_step + 1 if resumed else None)
+        self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, [self.tensorboard] if self.tensorboard else [])
         write_resolved(cfg, self.out_dir)  # what `--resume` reads back (modlm.training.runfile)
         self._print_banner(dense_flops)
         self.metrics.log(
@@ -547,6 +553,11 @@ class Trainer:
             if self.mcfg.router == "none"
             else evaluation.evaluate(self.model, val, self.cfg, self.device, self.dtype, tpb, "causal")
         )
+        heatmap = None
+        if self.cfg.log == "tensorboard":  # every rank decides alike: a sharded forward needs them all
+            x_1T = torch.tensor(val[: self.cfg.seq_len], dtype=torch.long, device=self.device).unsqueeze(0)  # a copy
+            with autocast(self.device, self.dtype):
+                heatmap = routing_heatmap(self.model, x_1T)
         if not self.info.main:
             return
         self.last_eval = {
@@ -559,6 +570,8 @@ class Trainer:
         if "routed_frac" in causal:
             self.last_eval["causal_routed_frac"] = causal["routed_frac"]
         self.metrics.log("eval", **self.last_eval, tokens=topk["tokens"])
+        if heatmap is not None and self.tensorboard is not None:
+            self.tensorboard.image(HEATMAP_TAG, heatmap, step)
         frac = f", routed {causal['routed_frac']:.3f}" if "routed_frac" in causal else ""
         self.say(
             f"step {step}: val loss {topk['loss']:.4f} ({topk['bpb']:.3f} bpb) | causal routing "
@@ -638,6 +651,8 @@ class Trainer:
                 return self._finish()
             finally:
                 self.metrics.close()
+                if self.tensorboard is not None:  # closed by metrics too, unless set-up failed before it
+                    self.tensorboard.close()
 
     def _hold_run_dir(self) -> contextlib.AbstractContextManager:
         """Rank 0 takes the run directory's lock (``modlm.training.lock``); every rank learns
