@@ -26,7 +26,6 @@ left out of a written file, which reads back as the default (None for every such
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -144,10 +143,3 @@ def layered_settings(given: dict[str, Any], defaults: dict[str, Any], config: st
         settings.update({k: v for k, v in layer.items() if k != OVERRIDES_TABLE})
     settings[OVERRIDES_TABLE] = overrides
     return settings
-
-
-def train_fields() -> list[str]:
-    """The TrainConfig fields a run file may set."""
-    from modlm.training.config import TrainConfig
-
-    return [f.name for f in dataclasses.fields(TrainConfig)]
