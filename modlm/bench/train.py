@@ -172,32 +172,58 @@ class MatmulTimer:
         self.b = torch.randn(K, N, generator=g).to(device)
         self.shape, self.device, self.reps = shape, device, reps
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     def measure(self, record: bool) -> None:
         for _ in range(self.reps):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             torch.mm(self.a, self.b)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             if record:
                 self.times.append(time.perf_counter() - t0)
+                self.cpu_times.append(time.process_time() - c0)
+
+    def _rate(self, times: list[float]) -> float:
+        M, K, N = self.shape
+        return 2 * M * K * N / statistics.median(times) / 1e9
 
     @property
     def gflops(self) -> float:
-        M, K, N = self.shape
-        return 2 * M * K * N / statistics.median(self.times) / 1e9
+        return self._rate(self.times)
+
+    @property
+    def cpu_gflops(self) -> float:
+        """From process CPU time: steadier than wall time when neighbours share the cores."""
+        return self._rate(self.cpu_times)
 
 
-def compile_figures(eager_mod, eager_dense, mod, dense, matmul, mod_f: int, dense_f: int, flop_ratio: float) -> dict:
+def compile_figures(
+    eager_mod, eager_dense, mod, dense, matmul, mod_f: int, dense_f: int, flop_ratio: float, cpu: bool = False
+) -> dict:
     """The ``--compile`` fields (empty without it): speed-ups over eager, the eager pair's
-    figures, and the compiled steps' counted FLOP/s as a fraction of the plain matmul's."""
+    figures, and the compiled steps' counted FLOP/s as a fraction of the plain matmul's. With
+    ``cpu`` (a CPU run) the same figures from process CPU time too (``cpu_`` prefix): on a
+    shared machine a neighbour's time is not counted there."""
     if matmul is None:
         return {}
     gflops = matmul.gflops
     eager_ratio = eager_mod.median / eager_dense.median
+    by_cpu = {}
+    if cpu:
+        cpu_gflops = matmul.cpu_gflops
+        by_cpu = {
+            "cpu_compile_speedup_mod": eager_mod.cpu_median / mod.cpu_median,
+            "cpu_compile_speedup_dense": eager_dense.cpu_median / dense.cpu_median,
+            "cpu_matmul_gflops": cpu_gflops,
+            "cpu_mod_frac_of_matmul": mod_f / mod.cpu_median / 1e9 / cpu_gflops,
+            "cpu_dense_frac_of_matmul": dense_f / dense.cpu_median / 1e9 / cpu_gflops,
+            "cpu_eager_overhead": eager_mod.cpu_median / eager_dense.cpu_median / flop_ratio,
+        }
     return {
+        **by_cpu,
         "compile_speedup_mod": eager_mod.median / mod.median,
         "compile_speedup_dense": eager_dense.median / dense.median,
         "matmul_gflops": gflops,
@@ -313,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{f / s.median / 1e12:>10.3f} TF/s"
         )
     print()
-    compiled = compile_figures(eager_mod, eager_dense, mod, dense, matmul, mod_f, dense_f, flop_ratio)
+    compiled = compile_figures(
+        eager_mod, eager_dense, mod, dense, matmul, mod_f, dense_f, flop_ratio, cpu=device.type == "cpu"
+    )
     if compiled:
         M, K, N = matmul.shape
         print(
@@ -325,6 +353,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"reach MoD {compiled['mod_frac_of_matmul']:.2f}, dense {compiled['dense_frac_of_matmul']:.2f} of it; "
             f"eager overhead {compiled['eager_overhead']:.3f}"
         )
+        if "cpu_matmul_gflops" in compiled:
+            print(
+                f"  by CPU time: speed-up MoD {compiled['cpu_compile_speedup_mod']:.2f}x, dense "
+                f"{compiled['cpu_compile_speedup_dense']:.2f}x; matmul {compiled['cpu_matmul_gflops']:.1f} GFLOP/s; "
+                f"MoD {compiled['cpu_mod_frac_of_matmul']:.2f}, dense {compiled['cpu_dense_frac_of_matmul']:.2f} of "
+                f"it; eager overhead {compiled['cpu_eager_overhead']:.3f}"
+            )
     print(
         f"MoD / dense: time {time_ratio:.3f}   FLOPs {flop_ratio:.3f}   overhead (time/FLOPs) {overhead:.3f}   "
         f"speed-up {1 / time_ratio:.2f}x"
