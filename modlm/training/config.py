@@ -392,7 +392,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     g.add_argument(
-        "--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest (fresh start if none)"
+        "--resume",
+        action="store_true",
+        help="continue from OUT_DIR/checkpoints/latest (fresh start if none), with the settings of OUT_DIR/run.toml "
+        "under --config and the flags given",
     )
     g.add_argument(
         "--more-steps",

@@ -1,8 +1,10 @@
 """Training loop: AdamW, warmup + cosine, grad accumulation, eval (top-k and causal routing),
-metrics.jsonl, atomic checkpoints, exact resume, and DDP under ``torchrun``.
+metrics.jsonl (and TensorBoard), atomic checkpoints, exact resume, DDP or FSDP2 under
+``torchrun``, ``torch.compile``, activation checkpointing, TOML run files.
 
     python -m modlm.training --model tiny --data path/to/texts --max-steps 200 --out-dir runs/tiny
     torchrun --nproc_per_node=2 -m modlm.training --model tiny --max-steps 200   # CPU: gloo
+    torchrun --nproc_per_node=2 -m modlm.training --config run.toml --parallel fsdp
 
 Resume is exact: a checkpoint holds the weights, the optimizer state, the step (the schedule is a
 pure function of it and of the step its stretch began at, see ``--more-steps``) and every RNG the loop draws from (the data generator of each rank and the
