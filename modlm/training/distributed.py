@@ -324,5 +324,13 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def compile_wrapped(wrapped: WrappedModel) -> WrappedModel:
-    """The same wrapper with its forward under ``torch.compile`` (no_sync still reaches the wrapper)."""
+    """The same wrapper with its forward under ``torch.compile`` (no_sync still reaches the wrapper).
+
+    Sharded (FSDP): each block is compiled in place instead (``nn.Module.compile``, names kept),
+    as torchtitan does: dynamo leaves FSDP's gather and free hooks around each block eager
+    (``torch._dynamo.config.skip_fsdp_hooks``) and compiles the block's math between them."""
+    if wrapped.sharded:
+        for block in wrapped.module.blocks:
+            block.compile()
+        return wrapped
     return replace(wrapped, module=torch.compile(wrapped.module))

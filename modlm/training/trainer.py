@@ -211,7 +211,8 @@ class Trainer:
         self.eval_model: torch.nn.Module = self.model
         if cfg.compile:
             self.wrapped = compile_wrapped(self.wrapped)
-            self.eval_model = torch.compile(self.model)
+            # Sharded, the blocks are compiled in place already (``compile_wrapped``).
+            self.eval_model = self.model if self.wrapped.sharded else torch.compile(self.model)
 
     def _load_data(self):
         """The token cache: rank 0 builds it, the others read it once it is complete."""
