@@ -81,7 +81,7 @@ class TrainConfig:
     max_time_s: float | None = None  # wall-clock budget of this invocation: stop, save, exit 0
     compile: bool = False  # torch.compile the training (and top-k evaluation) forward
     parallel: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp
-    activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    activation_checkpointing: bool = False  # recompute each block's f(x) in the backward
     log: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and a TensorBoard event file)
     # This invocation only (like max_time_s): continue a finished run for this many more steps
     # (a new warmup + cosine over them; ``Trainer._plan_stretch``). Implies resuming.
@@ -380,8 +380,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--activation-checkpointing",
         action="store_true",
-        help="recompute each block's activations in the backward pass instead of storing them: less memory, "
-        "about one more forward of compute; same numbers",
+        help="recompute each block's attention and MLP in the backward pass instead of storing their activations "
+        "(the routing runs once): less memory, about one more forward of compute; same numbers",
     )
     g.add_argument(
         "--log",

@@ -308,19 +308,20 @@ def wrap_model(
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every block's activations during the backward pass instead of storing them.
+    """Recompute every block's update f(x) (attention + MLP) in the backward pass instead of
+    storing its activations.
 
-    Applied from outside, on each block instance (its class and parameter names are untouched,
-    so checkpoints and parameter roles do not see it). Non-reentrant ``torch.utils.checkpoint``
-    takes the block's whole ``(x, ctx)`` call and returns its ``(x, aux)``; it restores the RNG
-    state for the recomputation, so the random router draws the same tokens twice. Costs one
-    more forward per block; saves the activations of all but the block being recomputed.
+    Applied from outside, on each block instance's ``update`` (its class and parameter names are
+    untouched, so checkpoints and parameter roles do not see it), with non-reentrant
+    ``torch.utils.checkpoint``. Only f is recomputed, never the routing: a router's decision
+    and its side effects (the predictor's running statistics of r) happen once per step, as
+    without checkpointing, and f's activations are nearly all of a block's. Costs about one
+    more forward of f; the numbers are the same.
     """
     from torch.utils.checkpoint import checkpoint
 
     for block in model.blocks:
-        forward = block.forward
-        block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        block.update = functools.partial(checkpoint, block.update, use_reentrant=False)
 
 
 def compile_wrapped(wrapped: WrappedModel) -> WrappedModel:

@@ -113,9 +113,9 @@ def test_param_digest_sees_parameters_not_buffers():
     assert param_digest(a) != param_digest(b)
 
 
-def test_activation_checkpointing_keeps_names_losses_and_gradients():
-    """Recomputing the blocks in the backward changes no number (the random router too: the
-    RNG is restored for the recomputation) and no parameter name."""
+def test_activation_checkpointing_keeps_names_losses_gradients_and_statistics():
+    """Recomputing the blocks' updates in the backward changes no number and no parameter name,
+    and the routing runs once: the predictor's running statistics move as without it."""
     for router in ("learned", "random"):
         torch.manual_seed(0)
         ref = MoDTransformer(ModelConfig.from_name("tiny", router=router))
@@ -123,14 +123,19 @@ def test_activation_checkpointing_keeps_names_losses_and_gradients():
         ckpt = MoDTransformer(ModelConfig.from_name("tiny", router=router))
         apply_activation_checkpointing(ckpt)
         assert [n for n, _ in ckpt.named_parameters()] == [n for n, _ in ref.named_parameters()]
-        x_BT = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+        # Two batches: the first sets the running statistics, the second moves them by the EMA
+        # (a recomputed router would move them twice).
+        gen = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, 256, (2, 32), generator=gen) for _ in range(2)]
         torch.manual_seed(2)
-        expected = _grads(ref, x_BT)
+        expected = [_grads(ref, x_BT) for x_BT in batches][-1]
         torch.manual_seed(2)
-        got = _grads(ckpt, x_BT)
+        got = [_grads(ckpt, x_BT) for x_BT in batches][-1]
         assert got.keys() == expected.keys()
         for n in expected:
             torch.testing.assert_close(got[n], expected[n], rtol=0, atol=0, msg=n)
+        for (n, a), (_, b) in zip(ref.named_buffers(), ckpt.named_buffers()):
+            assert torch.equal(a, b), n
 
 
 @pytest.mark.slow
