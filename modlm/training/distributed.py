@@ -16,8 +16,8 @@ model or the loop changes.
   checkpoints are gathered to the usual single-file safetensors format on rank 0
   (``WrappedModel.gather_state``), so a run can resume under any strategy and world size.
 
-``apply_activation_checkpointing`` recomputes each block's activations in the backward pass
-instead of keeping them (``torch.utils.checkpoint``), also from outside the model.
+``apply_activation_checkpointing`` recomputes each block's update f(x) in the backward pass
+instead of keeping its activations (``torch.utils.checkpoint``), also from outside the model.
 """
 
 from __future__ import annotations
