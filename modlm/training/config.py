@@ -461,5 +461,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["capacity"] = args.capacity
     given[OVERRIDES_TABLE] = overrides
     resume = bool(getattr(args, "resume", False)) or given.get("more_steps") is not None
-    settings = layered_settings(given, {}, getattr(args, "config", None), resume)
+    settings = layered_settings(
+        given, field_types(TrainConfig), getattr(args, "config", None), resume, TrainConfig.out_dir
+    )
     return TrainConfig(**settings)

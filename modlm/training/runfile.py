@@ -51,12 +51,12 @@ def _tomllib():
     return tomllib
 
 
-def read_run_file(path: str | Path) -> dict[str, Any]:
+def read_run_file(path: str | Path, declared: dict[str, Any]) -> dict[str, Any]:
     """The settings of a TOML run file, checked key by key: ``{field: value}`` plus the
-    ``model_overrides`` dict. An unreadable file, an unknown key or a value of the wrong type is
-    a one-line ValueError naming the file and the key (ranges are checked by ``TrainConfig``)."""
-    from modlm.training.config import TrainConfig
-
+    ``model_overrides`` dict. ``declared``: the type of each TrainConfig field
+    (``field_types(TrainConfig)``; passed in, as ``modlm.training.config`` imports this module).
+    An unreadable file, an unknown key or a value of the wrong type is a one-line ValueError
+    naming the file and the key (ranges are checked by ``TrainConfig``)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config {p}: no such file")
@@ -66,7 +66,6 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"--config {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except ValueError as e:  # tomllib.TOMLDecodeError is a ValueError
         raise ValueError(f"--config {p} is not valid TOML: {e}") from None
-    declared = field_types(TrainConfig)
     for key, value in data.items():
         if key not in declared:
             known = ", ".join(sorted(declared))
@@ -126,16 +125,20 @@ def write_resolved(cfg, out_dir: str | Path) -> Path:
     return path
 
 
-def layered_settings(given: dict[str, Any], defaults: dict[str, Any], config: str | None, resume: bool) -> dict:
-    """The TrainConfig keyword arguments, layered (lowest first): ``defaults``, the run
-    directory's resolved file when ``resume``, the ``config`` file, then ``given`` (the flags on
-    the command line). ``model_overrides`` merge key by key in the same order."""
-    file_settings = read_run_file(config) if config else {}
-    out_dir = given.get("out_dir", file_settings.get("out_dir", defaults.get("out_dir")))
+def layered_settings(
+    given: dict[str, Any], declared: dict[str, Any], config: str | None, resume: bool, default_out_dir: str
+) -> dict:
+    """The TrainConfig keyword arguments, layered (lowest first): the run directory's resolved
+    file when ``resume``, the ``config`` file, then ``given`` (the flags on the command line);
+    what none sets is left to TrainConfig's defaults. ``model_overrides`` merge key by key in
+    the same order. ``declared``: as for ``read_run_file``; the run directory is the one given,
+    else the file's, else ``default_out_dir``."""
+    file_settings = read_run_file(config, declared) if config else {}
+    out_dir = given.get("out_dir", file_settings.get("out_dir", default_out_dir))
     resolved: dict[str, Any] = {}
     if resume and out_dir and (Path(out_dir) / RESOLVED_FILE).is_file():
-        resolved = read_run_file(Path(out_dir) / RESOLVED_FILE)
-    layers = [defaults, resolved, file_settings, given]
+        resolved = read_run_file(Path(out_dir) / RESOLVED_FILE, declared)
+    layers = [resolved, file_settings, given]
     settings: dict[str, Any] = {}
     overrides: dict[str, Any] = {}
     for layer in layers:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from modlm.config import field_types
 from modlm.training.checkpoint import read_checkpoint_config
 from modlm.training.config import TrainConfig, add_train_args, train_config_from_args
 from modlm.training.runfile import RESOLVED_FILE, read_run_file, to_toml
@@ -91,7 +92,7 @@ def test_the_resolved_file_reads_back_to_the_same_config(tmp_path):
         max_time_s=30.0,
     )
     path = _write(tmp_path, to_toml(cfg))
-    back = read_run_file(path)
+    back = read_run_file(path, field_types(TrainConfig))
     assert "max_time_s" not in back  # this invocation's budget, not a setting of the run
     again = _parse("--config", path)
     assert again.data == cfg.data and again.max_time_s is None
@@ -116,7 +117,7 @@ def test_resume_reads_the_run_directory_resolved_file(tmp_path):
     path = _write(tmp_path, run)
     assert main(["--config", path, "--max-time-s", "1e-6", "--no-progress"]) == 0
     assert read_checkpoint_config(out)["step"] == 1
-    resolved = read_run_file(out / RESOLVED_FILE)
+    resolved = read_run_file(out / RESOLVED_FILE, field_types(TrainConfig))
     assert resolved["model"] == "tiny" and resolved["model_overrides"]["capacity"] == 0.25
     assert "max_time_s" not in resolved
     # Only the directory and --resume: the model, sizes and schedule come from OUT_DIR/run.toml.

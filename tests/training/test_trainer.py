@@ -281,7 +281,12 @@ def test_torchrun_ddp_two_processes_on_cpu(corpus, tmp_path):
 
     model, _, state = load_checkpoint(out)
     assert state["step"] == 4 and state["extra"]["world_size"] == 2
-    assert {"rank0.generator.data", "rank1.generator.data", "rank0.torch.cpu", "rank1.torch.cpu"} == set(state["rng"])
+    streams = {k for k in state["rng"] if ".buffer." not in k}
+    assert {"rank0.generator.data", "rank1.generator.data", "rank0.torch.cpu", "rank1.torch.cpu"} == streams
+    # Each replica's own buffers too (the predictors' running statistics follow its batches).
+    assert {"rank0.buffer.blocks.1.router.predictor.r_mean", "rank1.buffer.blocks.1.router.predictor.r_mean"} <= set(
+        state["rng"]
+    )
     # Each rank drew its own batches.
     assert not torch.equal(state["rng"]["rank0.generator.data"], state["rng"]["rank1.generator.data"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
