@@ -132,6 +132,8 @@ def test_stop_on_time_budget_then_resume_is_bit_exact(corpus, tmp_path):
 
 
 @pytest.mark.slow
+# torch's own inductor code still calls torch.jit.script_method; nothing of modlm's.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_training_and_evaluation_match_eager(corpus, tmp_path):
     """--compile (inductor, C++ on CPU) trains and evaluates ``tiny`` to the same losses as eager:
     every logged training loss and both validation losses within rtol 1e-4 (inductor fuses the
