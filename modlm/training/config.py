@@ -375,7 +375,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=default("parallel"),
         help="under torchrun: ddp (every rank holds all weights) or fsdp (FSDP2 fully_shard per block, then the "
         "root: weights, gradients and AdamW state split over the ranks; bf16 gather / fp32 reduce on CUDA); "
-        "auto = ddp. A single process ignores it (default: %(default)s)",
+        "auto = ddp; none is refused there (unsynchronised copies). A single process ignores it (default: %(default)s)",
     )
     g.add_argument(
         "--activation-checkpointing",

@@ -292,6 +292,11 @@ def strategy_for(info: DistInfo, requested: str = "auto") -> str:
     world of one always none (there is nothing to synchronise or shard, and no process group)."""
     if not info.enabled:
         return "none"
+    if requested == "none":
+        raise ValueError(
+            f"TrainConfig.parallel='none' is invalid under torchrun (world size {info.world_size}): the ranks would "
+            "train unsynchronised copies; use ddp, fsdp or auto"
+        )
     return "ddp" if requested == "auto" else requested
 
 

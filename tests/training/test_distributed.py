@@ -50,7 +50,9 @@ def test_strategy_follows_the_world_size():
     assert set(PARALLEL) == {"auto", *STRATEGIES}  # TrainConfig's choices (named without torch)
     two = DistInfo(rank=1, world_size=2, local_rank=1)
     assert strategy_for(DistInfo()) == "none" and strategy_for(DistInfo(), "fsdp") == "none"
-    assert strategy_for(two) == "ddp" and strategy_for(two, "fsdp") == "fsdp" and strategy_for(two, "none") == "none"
+    assert strategy_for(two) == "ddp" and strategy_for(two, "ddp") == "ddp" and strategy_for(two, "fsdp") == "fsdp"
+    with pytest.raises(ValueError, match=r"^TrainConfig\.parallel='none' is invalid under torchrun \(world size 2\)"):
+        strategy_for(two, "none")
 
 
 def test_a_world_of_one_runs_the_model_itself():
