@@ -20,6 +20,7 @@ EPILOG = """examples:
   modlm train                                   # the default MoD model on the bundled corpus
   modlm train --data my_texts/ --out-dir runs/mine --max-steps 3000
   modlm train --model small-dense --out-dir runs/dense   # the dense twin, for comparison
+  modlm train --config run.toml --compile --log tensorboard   # a TOML run file; flags override it
   modlm generate --ckpt runs/mod --prompt "The history of" --show-routing
   modlm flops --model small --seq-len 256
   modlm bench decode --batch-sizes 1 16          # decode tokens/s, MoD vs dense twin

@@ -271,6 +271,30 @@ def timed_pair(models: dict, prompts: torch.Tensor, args, seed: int, first: str,
     return tps, frac
 
 
+def count_device_syncs(mod, batch: int, device: torch.device, steps: int = 8) -> float | None:
+    """Host synchronisations per decode step, counted on CUDA: ``torch.cuda.set_sync_debug_mode``
+    warns at every operation that makes the host wait for the device, over ``steps`` decode steps
+    of a fresh session (prefill excluded). None on any other device."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    prompts = torch.randint(0, mod.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(0))
+    session = DecodeSession(mod, prompts.to(device), steps + 1, temperature=0.0, seed=0)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    session.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        session.close()
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
 def sync_probe(mod, batch: int, device: torch.device, step_s: float) -> dict:
     """Cost of the host copies a decode step makes: the routing decision of each routed block
     (B fp32 logits, ``tolist`` as in ``modlm.inference.decode.HostDecisions``) and the sampled tokens.
@@ -289,9 +313,14 @@ def sync_probe(mod, batch: int, device: torch.device, step_s: float) -> dict:
         per_call.append((time.perf_counter() - t0) / n_calls)
     call_s = statistics.median(per_call)
     n_sync = len(mod.config.routed_layers) + 1
+    measured = count_device_syncs(mod, batch, device)
     return {
         "batch": batch,
         "syncs_per_step": n_sync,
+        # Counted by CUDA's sync debug mode over real decode steps (None off CUDA: the host is
+        # the device there, a copy waits for nothing).
+        "measured_syncs_per_step": measured,
+        "syncs_per_token": (measured if measured is not None else n_sync) / batch,
         "us_per_call": call_s * 1e6,
         "us_per_step": n_sync * call_s * 1e6,
         "share_of_step": n_sync * call_s / step_s,
@@ -406,6 +435,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"host sync (batch {p['batch']}): {p['syncs_per_step']} per step (one per routed block + the "
             f"sampled tokens), {p['us_per_call']:.1f} us each in isolation = {p['us_per_step']:.1f} us/step = "
             f"{100 * p['share_of_step']:.2f}% of a MoD decode step"
+            + (
+                f"; counted on the device: {p['measured_syncs_per_step']:.1f} per step"
+                if p["measured_syncs_per_step"] is not None
+                else ""
+            )
+            + f"; {p['syncs_per_token']:.2f} per decoded token"
         )
 
     nominal = {i: (target if target is not None else frac_held[i]) for i in routed}
@@ -427,6 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ideal_speedup_bytes": {str(B): r["ideal_bytes"] for B, r in results.items()},
         "host_sync": probes,
         "host_sync_us_per_step": {str(p["batch"]): p["us_per_step"] for p in probes},
+        "host_syncs_per_token": {str(p["batch"]): p["syncs_per_token"] for p in probes},
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,

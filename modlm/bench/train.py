@@ -19,6 +19,16 @@ means MoD converts its FLOP savings into wall-clock savings one for one.
 
     python benchmarks/bench_train.py                         # base preset, B=8, T=512, CPU fp32
     python benchmarks/bench_train.py --device cuda --dtype bf16 --seq-len 2048
+    python benchmarks/bench_train.py --compile --threads 1  # + torch.compile'd twins, matmul rate
+
+With ``--compile`` four steppers are interleaved (MoD and dense, eager and ``torch.compile``d;
+the compiled ones compile during their first warm-up step, so ``--warmup`` is at least 1), and
+the headline fields (``mod_step_s``, ``overhead``, ...) are the compiled pair's; the eager pair's
+carry an ``eager_`` prefix, and ``compile_speedup_{mod,dense}`` = eager step / compiled step.
+``matmul_gflops`` is a plain fp32 ``torch.mm`` at the step's largest GEMM shape (the largest
+linear layer over all B*T tokens), same threads, timed between the steps of the same run;
+``{mod,dense}_frac_of_matmul`` = counted FLOPs per second of the compiled step / it: how close
+the step runs to what this machine's matmul does.
 
 The last line printed is one JSON object (for scripts); everything above it is for people.
 """
@@ -64,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step in the timed region")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and the batch")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also step torch.compile'd twins (inductor); report compile speed-ups and the fraction of a plain "
+        "fp32 matmul's rate the compiled steps reach",
+    )
     args = p.parse_args(argv)
     check_minimums(
         p,
@@ -93,9 +109,14 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
 class Stepper:
     """One model + its (optional) optimizer; ``step()`` runs one timed training step."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, optimizer: bool, seed: int):
+    def __init__(
+        self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, optimizer: bool, seed: int, compile: bool
+    ):
         torch.manual_seed(seed)
         self.model = MoDTransformer(cfg).to(device).train()
+        # The same weights either way (same seed); compiled, the forward and its backward run
+        # as inductor kernels around the library GEMMs.
+        self.forward = torch.compile(self.model) if compile else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4) if optimizer else None
         self.device = device
         self.autocast = (
@@ -113,7 +134,7 @@ class Stepper:
         t0, c0 = time.perf_counter(), time.process_time()
         self.model.zero_grad(set_to_none=True)
         with self.autocast:
-            loss = self.model(idx_BT, tgt_BT).loss
+            loss = self.forward(idx_BT, tgt_BT).loss
         loss.backward()
         if self.opt is not None:
             self.opt.step()
@@ -133,6 +154,92 @@ class Stepper:
         return statistics.median(self.cpu_times)
 
 
+def largest_gemm(model: torch.nn.Module, n_tokens: int) -> tuple[int, int, int]:
+    """(M, K, N) of the step's largest matrix product: the linear layer with the most weights,
+    applied to all ``n_tokens`` tokens of the batch (a dense block's MLP, or the LM head)."""
+    linear = max((m for m in model.modules() if isinstance(m, torch.nn.Linear)), key=lambda m: m.weight.numel())
+    return n_tokens, linear.in_features, linear.out_features
+
+
+class MatmulTimer:
+    """A plain fp32 ``torch.mm`` of shape (M, K) @ (K, N): the rate this machine's GEMM reaches
+    at the step's largest shape, with the same threads, timed in the same run as the steps."""
+
+    def __init__(self, shape: tuple[int, int, int], device: torch.device, reps: int = 3):
+        M, K, N = shape
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(M, K, generator=g).to(device)
+        self.b = torch.randn(K, N, generator=g).to(device)
+        self.shape, self.device, self.reps = shape, device, reps
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+
+    def measure(self, record: bool) -> None:
+        for _ in range(self.reps):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            torch.mm(self.a, self.b)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if record:
+                self.times.append(time.perf_counter() - t0)
+                self.cpu_times.append(time.process_time() - c0)
+
+    def _rate(self, times: list[float]) -> float:
+        M, K, N = self.shape
+        return 2 * M * K * N / statistics.median(times) / 1e9
+
+    @property
+    def gflops(self) -> float:
+        return self._rate(self.times)
+
+    @property
+    def cpu_gflops(self) -> float:
+        """From process CPU time: steadier than wall time when neighbours share the cores."""
+        return self._rate(self.cpu_times)
+
+
+def compile_figures(
+    eager_mod, eager_dense, mod, dense, matmul, mod_f: int, dense_f: int, flop_ratio: float, cpu: bool = False
+) -> dict:
+    """The ``--compile`` fields (empty without it): speed-ups over eager, the eager pair's
+    figures, and the compiled steps' counted FLOP/s as a fraction of the plain matmul's. With
+    ``cpu`` (a CPU run) the same figures from process CPU time too (``cpu_`` prefix): on a
+    shared machine a neighbour's time is not counted there."""
+    if matmul is None:
+        return {}
+    gflops = matmul.gflops
+    eager_ratio = eager_mod.median / eager_dense.median
+    by_cpu = {}
+    if cpu:
+        cpu_gflops = matmul.cpu_gflops
+        by_cpu = {
+            "cpu_compile_speedup_mod": eager_mod.cpu_median / mod.cpu_median,
+            "cpu_compile_speedup_dense": eager_dense.cpu_median / dense.cpu_median,
+            "cpu_matmul_gflops": cpu_gflops,
+            "cpu_mod_frac_of_matmul": mod_f / mod.cpu_median / 1e9 / cpu_gflops,
+            "cpu_dense_frac_of_matmul": dense_f / dense.cpu_median / 1e9 / cpu_gflops,
+            "cpu_eager_overhead": eager_mod.cpu_median / eager_dense.cpu_median / flop_ratio,
+        }
+    return {
+        **by_cpu,
+        "compile_speedup_mod": eager_mod.median / mod.median,
+        "compile_speedup_dense": eager_dense.median / dense.median,
+        "matmul_gflops": gflops,
+        "matmul_shape": list(matmul.shape),
+        "mod_frac_of_matmul": mod_f / mod.median / 1e9 / gflops,
+        "dense_frac_of_matmul": dense_f / dense.median / 1e9 / gflops,
+        "eager_mod_step_s": eager_mod.median,
+        "eager_dense_step_s": eager_dense.median,
+        "eager_time_ratio": eager_ratio,
+        "eager_overhead": eager_ratio / flop_ratio,
+        "eager_mod_step_times_s": eager_mod.times,
+        "eager_dense_step_times_s": eager_dense.times,
+        "matmul_times_s": matmul.times,
+    }
+
+
 def fmt_time(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
 
@@ -150,19 +257,30 @@ def main(argv: list[str] | None = None) -> dict:
     mod_cfg, dense_cfg = build_configs(args)
     B, T = args.batch_size, args.seq_len
     k = mod_cfg.capacity_tokens(T)
-    mod = Stepper(mod_cfg, device, dtype, args.optimizer, args.seed)
-    dense = Stepper(dense_cfg, device, dtype, args.optimizer, args.seed)
+    mod = Stepper(mod_cfg, device, dtype, args.optimizer, args.seed, compile=False)
+    dense = Stepper(dense_cfg, device, dtype, args.optimizer, args.seed, compile=False)
+    steppers = [mod, dense]
+    eager_mod = eager_dense = matmul = None
+    if args.compile:
+        eager_mod, eager_dense = mod, dense
+        mod = Stepper(mod_cfg, device, dtype, args.optimizer, args.seed, compile=True)
+        dense = Stepper(dense_cfg, device, dtype, args.optimizer, args.seed, compile=True)
+        steppers += [mod, dense]
+        matmul = MatmulTimer(largest_gemm(dense.model, B * T), device)
 
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, mod_cfg.vocab_size, (B, T + 1), generator=g).to(device)
     idx_BT, tgt_BT = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
-    # Interleave, alternating who goes first, so neither model always runs on a warmer cache.
-    for i in range(args.warmup + args.steps):
-        record = i >= args.warmup
-        pair = (mod, dense) if i % 2 == 0 else (dense, mod)
-        for s in pair:
+    # Interleave, rotating who goes first, so no model always runs on a warmer cache; the plain
+    # matmul is timed in every round too, so it sees the same machine load as the steps.
+    warmup = max(args.warmup, 1) if args.compile else args.warmup
+    for i in range(warmup + args.steps):
+        record = i >= warmup
+        for s in steppers[i % len(steppers) :] + steppers[: i % len(steppers)]:
             s.step(idx_BT, tgt_BT, record)
+        if matmul is not None:
+            matmul.measure(record)
 
     mod_s, dense_s = mod.median, dense.median
     mod_f, dense_f = train_flops(mod_cfg, T, B), train_flops(dense_cfg, T, B)
@@ -197,9 +315,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"routing capacity={mod_cfg.capacity} (k={k} of {T}) routed blocks={list(mod_cfg.routed_layers)} "
         f"causal_routing={mod_cfg.causal_routing}"
     )
-    print(f"timed   {timed}; median of {args.steps} interleaved steps after {args.warmup} warm-up")
+    print(f"timed   {timed}; median of {args.steps} interleaved steps after {warmup} warm-up")
     print()
     rows = [("MoD", mod, mod_f), ("dense", dense, dense_f)]
+    if args.compile:  # the compiled pair first (the headline figures), then the eager one
+        rows = [
+            ("MoD c", mod, mod_f),
+            ("dense c", dense, dense_f),
+            ("MoD", eager_mod, mod_f),
+            ("dense", eager_dense, dense_f),
+        ]
     hdr = (
         f"{'model':<7}{'params':>10}{'step (median)':>15}{'min':>11}{'max':>11}{'CPU s/step':>12}"
         f"{'tokens/s':>11}{'train FLOPs':>16}{'FLOP/s':>14}"
@@ -214,6 +339,27 @@ def main(argv: list[str] | None = None) -> dict:
             f"{f / s.median / 1e12:>10.3f} TF/s"
         )
     print()
+    compiled = compile_figures(
+        eager_mod, eager_dense, mod, dense, matmul, mod_f, dense_f, flop_ratio, cpu=device.type == "cpu"
+    )
+    if compiled:
+        M, K, N = matmul.shape
+        print(
+            f"compiled:    speed-up MoD {compiled['compile_speedup_mod']:.2f}x, dense "
+            f"{compiled['compile_speedup_dense']:.2f}x (eager step / compiled step; 'c' rows are compiled)"
+        )
+        print(
+            f"             fp32 matmul ({M}x{K} @ {K}x{N}) {compiled['matmul_gflops']:.1f} GFLOP/s; the compiled steps "
+            f"reach MoD {compiled['mod_frac_of_matmul']:.2f}, dense {compiled['dense_frac_of_matmul']:.2f} of it; "
+            f"eager overhead {compiled['eager_overhead']:.3f}"
+        )
+        if "cpu_matmul_gflops" in compiled:
+            print(
+                f"  by CPU time: speed-up MoD {compiled['cpu_compile_speedup_mod']:.2f}x, dense "
+                f"{compiled['cpu_compile_speedup_dense']:.2f}x; matmul {compiled['cpu_matmul_gflops']:.1f} GFLOP/s; "
+                f"MoD {compiled['cpu_mod_frac_of_matmul']:.2f}, dense {compiled['cpu_dense_frac_of_matmul']:.2f} of "
+                f"it; eager overhead {compiled['cpu_eager_overhead']:.3f}"
+            )
     print(
         f"MoD / dense: time {time_ratio:.3f}   FLOPs {flop_ratio:.3f}   overhead (time/FLOPs) {overhead:.3f}   "
         f"speed-up {1 / time_ratio:.2f}x"
@@ -262,10 +408,12 @@ def main(argv: list[str] | None = None) -> dict:
         "routed_layers": list(mod_cfg.routed_layers),
         "causal_routing": mod_cfg.causal_routing,
         "steps": args.steps,
-        "warmup": args.warmup,
+        "warmup": warmup,
         "dtype": args.dtype,
         "tf32": device.type == "cuda",
         "threads": threads,
+        "compile": args.compile,
+        **compiled,
         **environment(device),
     }
     print(json.dumps(result))

@@ -183,6 +183,18 @@ def _tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
+def _tied_parameters(model: nn.Module) -> dict[str, str]:
+    """{alias: kept name} of parameters registered under two names (the tied lm_head/tok_emb)."""
+    seen: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases[name] = seen[id(p)]
+        else:
+            seen[id(p)] = name
+    return aliases
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP (``.module``) and/or torch.compile (``._orig_mod``) wrappers."""
     while True:
@@ -212,10 +224,11 @@ def _recover(path: Path) -> None:
 
 
 def _optimizer_payload(
-    optimizer: torch.optim.Optimizer, model: nn.Module
+    optimizer: torch.optim.Optimizer, model: nn.Module, sd: dict[str, Any] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten ``optimizer.state_dict()`` into tensors (safetensors) and plain values (JSON)."""
-    sd = optimizer.state_dict()
+    """Flatten ``optimizer.state_dict()`` (or ``sd``, a full state of the same shape) into
+    tensors (safetensors) and plain values (JSON)."""
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for idx, per_param in sd["state"].items():
@@ -254,6 +267,8 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     rng_state: dict[str, torch.Tensor] | None = None,
     tokenizer: Tokenizer | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically; returns ``path``.
 
@@ -269,6 +284,9 @@ def save_checkpoint(
             global CPU RNG (``capture_rng_state()``).
         tokenizer: the tokenizer whose ids the model reads; its files are written into the
             checkpoint and its ``spec()`` into ``config.json["tokenizer"]``. None is the byte tokenizer.
+        model_state / optimizer_state: full state dicts to write instead of ``model.state_dict()``
+            / ``optimizer.state_dict()`` (a sharded model's, gathered by
+            ``modlm.training.distributed.WrappedModel.gather_state``); the files are the same.
     Raises:
         ValueError: a negative ``step``, a ``config`` different from ``model.config``, or a
             tokenizer with more ids than the model's vocabulary.
@@ -303,8 +321,11 @@ def save_checkpoint(
     tmp = parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        state = model.state_dict()
-        aliases = _tied_aliases(state)
+        if model_state is None:
+            state = model.state_dict()
+            aliases = _tied_aliases(state)
+        else:  # gathered copies share no storage: tied weights are found by parameter identity
+            state, aliases = model_state, _tied_parameters(model)
         weights = {k: v for k, v in state.items() if k not in aliases}
         # One metadata key: safetensors writes metadata in hash-map order, and several keys would
         # make identical weights produce different bytes from run to run.
@@ -312,7 +333,7 @@ def save_checkpoint(
         files = [MODEL_FILE]
 
         if optimizer is not None:
-            opt_tensors, opt_meta = _optimizer_payload(optimizer, model)
+            opt_tensors, opt_meta = _optimizer_payload(optimizer, model, optimizer_state)
             _save_tensors(opt_tensors, tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
             _write_json(tmp / OPTIMIZER_JSON, opt_meta)
             files += [OPTIMIZER_FILE, OPTIMIZER_JSON]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -31,6 +32,11 @@ from modlm.validation import require
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
+# modlm.training.distributed.STRATEGIES, plus "auto" (DDP under torchrun); named here so that
+# validating a config imports no torch (a test keeps the two in step).
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+# Where metrics go besides metrics.jsonl (always written): nothing else, or TensorBoard too.
+LOGGERS = ("jsonl", "tensorboard")
 # Counts and seeds stay below 2**63: they travel as int64 (torch, numpy) and in JSON.
 MAX_INT = 2**63
 
@@ -76,7 +82,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
     max_time_s: float | None = None  # wall-clock budget of this invocation: stop, save, exit 0
-    compile: bool = False
+    compile: bool = False  # torch.compile the training (and top-k evaluation) forward
+    parallel: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp
+    activation_checkpointing: bool = False  # recompute each block's f(x) in the backward
+    log: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and a TensorBoard event file)
     # This invocation only (like max_time_s): continue a finished run for this many more steps
     # (a new warmup + cosine over them; ``Trainer._plan_stretch``). Implies resuming.
     more_steps: int | None = None
@@ -144,6 +153,8 @@ class TrainConfig:
             f"must be one of {DEVICES} or 'cuda:N'",
         )
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
+        _require(self.parallel in PARALLEL, "parallel", self.parallel, f"must be one of {PARALLEL}")
+        _require(self.log in LOGGERS, "log", self.log, f"must be one of {LOGGERS}")
         _require(
             self.max_time_s is None or self.max_time_s > 0,
             "max_time_s",
@@ -226,11 +237,21 @@ def stream_seed(seed: int, rank: int, stream: str) -> int:
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the training flags (defaults from TrainConfig) plus --resume / --no-progress."""
     d = TrainConfig.__dataclass_fields__
+    first_new_action = len(parser._actions)
 
     def default(name: str) -> Any:
         f = d[name]
         return f.default
 
+    g = parser.add_argument_group("run file")
+    g.add_argument(
+        "--config",
+        default=None,
+        metavar="RUN.TOML",
+        help="read settings from a TOML run file (TrainConfig fields by name, ModelConfig overrides in a "
+        "[model_overrides] table); flags given here override it. Every run writes its resolved settings to "
+        "OUT_DIR/run.toml, which --resume reads back (below this file and the flags)",
+    )
     g = parser.add_argument_group("model")
     g.add_argument(
         "--model", default=default("model"), help=f"preset: {', '.join(preset_names())} (default: %(default)s)"
@@ -356,9 +377,40 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--max-time-s", type=float, default=None, help="wall-clock budget in seconds: stop, checkpoint, exit 0"
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     g.add_argument(
-        "--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest (fresh start if none)"
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (inductor: C++ on CPU, Triton on CUDA) for training and top-k evaluation; "
+        "the first step pays a one-off compile (about a minute on CPU). Causal-routing evaluation stays eager: "
+        "its per-row token counts are data-dependent",
+    )
+    g.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        default=default("parallel"),
+        help="under torchrun: ddp (every rank holds all weights) or fsdp (FSDP2 fully_shard per block, then the "
+        "root: weights, gradients and AdamW state split over the ranks; bf16 gather / fp32 reduce on CUDA); "
+        "auto = ddp; none is refused there (unsynchronised copies). A single process ignores it (default: %(default)s)",
+    )
+    g.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block's attention and MLP in the backward pass instead of storing their activations "
+        "(the routing runs once): less memory, about one more forward of compute; same numbers",
+    )
+    g.add_argument(
+        "--log",
+        choices=LOGGERS,
+        default=default("log"),
+        help="tensorboard: also write OUT_DIR/tensorboard (the scalars of metrics.jsonl and a routing heatmap per "
+        "evaluation; needs the tb extra: pip install 'modlm[tb]'). metrics.jsonl is always written "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT_DIR/checkpoints/latest (fresh start if none), with the settings of OUT_DIR/run.toml "
+        "under --config and the flags given",
     )
     g.add_argument(
         "--more-steps",
@@ -374,17 +426,57 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_false",
         help="no progress bar: one line per log event (the default when stdout or stderr is not a terminal)",
     )
+    _record_given(parser, first_new_action)
     return parser
 
 
+# The Namespace attribute listing the destinations of the flags given on the command line.
+GIVEN = "_given_flags"
+
+
+@functools.cache
+def _recording(cls: type) -> type:
+    """``cls`` (an argparse Action class) that also notes its destination in ``GIVEN``: only
+    flags actually given run their action, which is how a flag is told from its default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = set(getattr(namespace, GIVEN, ()))
+        given.add(self.dest)
+        setattr(namespace, GIVEN, given)
+        cls.__call__(self, parser, namespace, values, option_string)
+
+    return type(f"Recorded{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+def _record_given(parser: argparse.ArgumentParser, first: int) -> None:
+    # NOTE: ``_actions`` is argparse's list of the parser's actions (private, stable for decades);
+    # re-classing the ones added here is how the run-file layering sees which flags were given.
+    for action in parser._actions[first:]:
+        action.__class__ = _recording(type(action))
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed ``add_train_args`` flags (raises the one-line ValueError of bad values)."""
+    """TrainConfig from parsed ``add_train_args`` flags (raises the one-line ValueError of bad values).
+
+    Layered (``modlm.training.runfile.layered_settings``): TrainConfig's defaults, then the run
+    directory's resolved ``run.toml`` when resuming, then the ``--config`` file, then the flags
+    given on the command line. A Namespace not made by ``add_train_args``'s parser (no record of
+    given flags) counts every attribute as given."""
+    from modlm.training.runfile import OVERRIDES_TABLE, layered_settings
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_overrides"}
+    recorded = getattr(args, GIVEN, None)
+    given_names = set(vars(args)) if recorded is None and not hasattr(args, "config") else set(recorded or ())
+    given: dict[str, Any] = {name: getattr(args, name) for name in names & given_names}
     # Each value is read by its ModelConfig field's declared type: tie_embeddings=false is False.
     overrides = parse_assignments(args.model_arg or [], "--model-arg", into=ModelConfig)
     if args.router is not None:
         overrides["router"] = args.router
     if args.capacity is not None:
         overrides["capacity"] = args.capacity
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_overrides"}
-    kwargs = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return TrainConfig(model_overrides=overrides, **kwargs)
+    given[OVERRIDES_TABLE] = overrides
+    resume = bool(getattr(args, "resume", False)) or given.get("more_steps") is not None
+    settings = layered_settings(
+        given, field_types(TrainConfig), getattr(args, "config", None), resume, TrainConfig.out_dir
+    )
+    return TrainConfig(**settings)

@@ -13,22 +13,29 @@ METRICS_FILE = "metrics.jsonl"
 
 class MetricsWriter:
     """metrics.jsonl writer: one JSON object per line, flushed at once. ``path=None`` writes nothing
-    (every rank but 0)."""
+    (every rank but 0). Each event also goes to the ``sinks`` (``modlm.training.loggers``: an
+    object with ``log(event, fields)`` and ``close()``), so they see the very same numbers."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, sinks: list | tuple = ()):
         self.path = path
         self.f = open(path, "a", encoding="utf-8") if path is not None else None
+        self.sinks = list(sinks)
 
     def log(self, event: str, **fields: Any) -> None:
         if self.f is None:
             return
         self.f.write(json.dumps({"event": event, **fields}) + "\n")
         self.f.flush()
+        for sink in self.sinks:
+            sink.log(event, fields)
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
             self.f = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def truncate_metrics(path: Path, max_step: int | None) -> int:

@@ -77,5 +77,23 @@ def clip_gradients(groups: dict[str, list[nn.Parameter]], max_norm: float) -> to
 
     Returns the LM group's total gradient norm before clipping (a 0-dim tensor).
     """
-    norms = {name: torch.nn.utils.clip_grad_norm_(params, max_norm) for name, params in groups.items()}
+    norms = {name: _clip_group(params, max_norm) for name, params in groups.items()}
     return norms[LM_CLIP_GROUP]
+
+
+def _clip_group(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` of one group; with FSDP-sharded gradients, the global norm: the
+    sharded gradients' norm gathered over the ranks, combined with that of the whole (0-dim,
+    already averaged) ones every rank holds alike."""
+    from modlm.training.distributed import full_tensor, is_sharded
+
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if is_sharded(g)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    whole = [g for g in grads if not is_sharded(g)]
+    total = full_tensor(torch.nn.utils.get_total_norm(sharded))
+    if whole:
+        total = torch.linalg.vector_norm(torch.stack([total, torch.nn.utils.get_total_norm(whole).to(total.device)]))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -1,8 +1,10 @@
 """Training loop: AdamW, warmup + cosine, grad accumulation, eval (top-k and causal routing),
-metrics.jsonl, atomic checkpoints, exact resume, and DDP under ``torchrun``.
+metrics.jsonl (and TensorBoard), atomic checkpoints, exact resume, DDP or FSDP2 under
+``torchrun``, ``torch.compile``, activation checkpointing, TOML run files.
 
     python -m modlm.training --model tiny --data path/to/texts --max-steps 200 --out-dir runs/tiny
     torchrun --nproc_per_node=2 -m modlm.training --model tiny --max-steps 200   # CPU: gloo
+    torchrun --nproc_per_node=2 -m modlm.training --config run.toml --parallel fsdp
 
 Resume is exact: a checkpoint holds the weights, the optimizer state, the step (the schedule is a
 pure function of it and of the step its stretch began at, see ``--more-steps``) and every RNG the loop draws from (the data generator of each rank and the
@@ -60,17 +62,22 @@ from modlm.training.distributed import (
     all_gather,
     all_reduce_max,
     all_reduce_mean_,
+    apply_activation_checkpointing,
     barrier,
     comm_device,
     compile_wrapped,
     dist_info_from_env,
+    local_tensor,
     param_digest,
     process_group,
+    strategy_for,
     wrap_model,
 )
 from modlm.training.lock import RunDirLock, RunDirLockedError
+from modlm.training.loggers import HEATMAP_TAG, TensorBoardSink, require_tensorboard, routing_heatmap
 from modlm.training.metrics import METRICS_FILE, MetricsWriter, truncate_metrics
 from modlm.training.optim import apply_hyperparameters, build_optimizer, clip_gradients, clip_groups, set_lr
+from modlm.training.runfile import write_resolved
 from modlm.training.signals import StopSignal
 from modlm.training.tokenizers import load_tokenizer
 
@@ -89,6 +96,8 @@ _QUIET_ON_RESUME = (
     "device",
     "eval_batches",
     "more_steps",
+    "activation_checkpointing",
+    "log",
 )
 # The pace (and so the ETA) is measured over this invocation's steps 2..ETA_AFTER_STEPS: the first
 # step also pays for allocation and warm-up.
@@ -147,6 +156,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_path = self.out_dir / RUN_CHECKPOINT
         self.comm_device = comm_device(device)
+        self.tensorboard: TensorBoardSink | None = None  # rank 0 with --log tensorboard (``setup``)
         self.bar: tqdm | None = None
         self.metrics = MetricsWriter(None)
         self.state: dict[str, Any] | None = None  # the checkpoint being resumed, if any
@@ -172,6 +182,8 @@ class Trainer:
         for ``resume``."""
         cfg, device = self.cfg, self.device
         self.dtype = resolve_dtype(cfg.dtype, device)
+        if cfg.log == "tensorboard":  # before any data is read: a missing extra is one line now
+            require_tensorboard()
         self.corpus = self._load_data()
         self.model, self.mcfg = self._load_model()
         if self.mcfg.vocab_size < self.corpus.tokenizer.vocab_size:
@@ -181,15 +193,26 @@ class Trainer:
             )
         self.model.to(device)
         self.model.train()
+        # Parallelism from outside the model, in torchtitan's order: activation checkpointing,
+        # then the strategy; the optimizer after it (FSDP replaces the parameters with shards).
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.strategy = strategy_for(self.info, cfg.parallel)
+        self.wrapped = wrap_model(self.model, self.info, device, self.strategy, self.dtype)
         self.optimizer = build_optimizer(self.model, cfg)
         self.clip_groups = clip_groups(self.model)
         self.data_gen = torch.Generator()
         self.data_gen.manual_seed(stream_seed(cfg.seed, self.info.rank, "data"))
         torch.manual_seed(stream_seed(cfg.seed, self.info.rank, "torch"))
         self.cuda_dev = device if device.type == "cuda" else None
-        self.wrapped = wrap_model(self.model, self.info, device)
+        # Top-k evaluation runs the training graph without gradients, so it compiles (one more
+        # graph); causal evaluation stays eager: its token counts per row are data-dependent
+        # (``mask_to_padded_indices`` reads K on the host), which would break the graph per block.
+        self.eval_model: torch.nn.Module = self.model
         if cfg.compile:
             self.wrapped = compile_wrapped(self.wrapped)
+            # Sharded, the blocks are compiled in place already (``compile_wrapped``).
+            self.eval_model = self.model if self.wrapped.sharded else torch.compile(self.model)
 
     def _load_data(self):
         """The token cache: rank 0 builds it, the others read it once it is complete."""
@@ -278,12 +301,13 @@ class Trainer:
             raise ValueError(
                 f"{self.ckpt_dir}/optimizer.json orders parameters differently from this model; cannot resume"
             )
-        self.optimizer.load_state_dict(opt_state["state_dict"])
+        self.wrapped.load_optimizer(self.optimizer, opt_state["state_dict"])
         apply_hyperparameters(self.optimizer, cfg)
         prefix = f"rank{info.rank}."
         local_rng = {k[len(prefix) :]: v for k, v in state["rng"].items() if k.startswith(prefix)}
         if self.extra.get("world_size", 1) == info.world_size and local_rng:
             restore_rng_state(local_rng, {"data": self.data_gen}, self.cuda_dev)
+            restore_rank_buffers(self.model, local_rng)
         else:
             self.say(
                 f"note: checkpoint was written with world_size={self.extra.get('world_size')}, now {info.world_size}; "
@@ -355,7 +379,10 @@ class Trainer:
         if not info.main:
             return
         truncate_metrics(self.out_dir / METRICS_FILE, self.start_step if resumed else None)
-        self.metrics = MetricsWriter(self.out_dir / METRICS_FILE)
+        if cfg.log == "tensorboard":
+            self.tensorboard = TensorBoardSink(self.out_dir, purge_step=self.start_step + 1 if resumed else None)
+        self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, [self.tensorboard] if self.tensorboard else [])
+        write_resolved(cfg, self.out_dir)  # what `--resume` reads back (modlm.training.runfile)
         self._print_banner(dense_flops)
         self.metrics.log(
             "start",
@@ -369,6 +396,7 @@ class Trainer:
             tokens_per_step=self.tokens_per_step,
             schedule_start=self.schedule_start,
             world_size=info.world_size,
+            parallel=self.strategy,
             device=str(self.device),
             dtype=self.dtype,
         )
@@ -506,24 +534,35 @@ class Trainer:
     def _check_finite(self) -> None:
         """Refuse to checkpoint a diverged model: the losses of the steps since the last log line and
         every parameter must be finite (ranks agree, so none waits alone in a collective)."""
-        checks = [torch.isfinite(self.loss_sum)] + [torch.isfinite(p).all() for p in self.model.parameters()]
+        # Each rank checks the shard it holds (all of it, but under FSDP).
+        checks = [torch.isfinite(self.loss_sum)] + [
+            torch.isfinite(local_tensor(p)).all() for p in self.model.parameters()
+        ]
         finite = bool(torch.stack(checks).all())
         if all_reduce_max(int(not finite), self.info, self.comm_device):
             raise self._diverged(f"the loss or the weights are not finite at step {self.global_step}")
 
     def evaluate(self) -> None:
         """Validation loss under top-k and under causal routing (rank 0 evaluates, the others
-        only note the step), as an "eval" event and a console line."""
+        only note the step; with sharded weights every rank runs the same batches, rank 0
+        reports), as an "eval" event and a console line."""
         self.evaluated_step = step = self.global_step
-        if not self.info.main:
+        if not (self.info.main or self.wrapped.sharded):
             return
         val, tpb = self.corpus.val, self.corpus.tokens_per_byte
-        topk = evaluation.evaluate(self.model, val, self.cfg, self.device, self.dtype, tpb, "topk")
+        topk = evaluation.evaluate(self.eval_model, val, self.cfg, self.device, self.dtype, tpb, "topk")
         causal = (
             topk
             if self.mcfg.router == "none"
             else evaluation.evaluate(self.model, val, self.cfg, self.device, self.dtype, tpb, "causal")
         )
+        heatmap = None
+        if self.cfg.log == "tensorboard":  # every rank decides alike: a sharded forward needs them all
+            x_1T = torch.tensor(val[: self.cfg.seq_len], dtype=torch.long, device=self.device).unsqueeze(0)  # a copy
+            with autocast(self.device, self.dtype):
+                heatmap = routing_heatmap(self.model, x_1T)
+        if not self.info.main:
+            return
         self.last_eval = {
             "step": step,
             "val_loss": topk["loss"],
@@ -534,6 +573,8 @@ class Trainer:
         if "routed_frac" in causal:
             self.last_eval["causal_routed_frac"] = causal["routed_frac"]
         self.metrics.log("eval", **self.last_eval, tokens=topk["tokens"])
+        if heatmap is not None and self.tensorboard is not None:
+            self.tensorboard.image(HEATMAP_TAG, heatmap, step)
         frac = f", routed {causal['routed_frac']:.3f}" if "routed_frac" in causal else ""
         self.say(
             f"step {step}: val loss {topk['loss']:.4f} ({topk['bpb']:.3f} bpb) | causal routing "
@@ -546,10 +587,13 @@ class Trainer:
         self._check_finite()
         self.saved_step = self.global_step
         local = capture_rng_state({"data": self.data_gen}, self.cuda_dev)
+        if self.info.enabled:  # each replica's own running statistics, for an exact resume
+            local.update(capture_rank_buffers(self.model))
         rng: dict[str, Any] = {}
         for key in sorted(local):  # same keys on every rank
             parts = all_gather(local[key], self.info, self.comm_device)
             rng.update({f"rank{r}.{key}": t for r, t in enumerate(parts)})
+        model_state, optimizer_state = self.wrapped.gather_state(self.optimizer)  # a collective under FSDP
         if not self.info.main:
             return
         extra_state = {
@@ -570,6 +614,8 @@ class Trainer:
             extra_state,
             rng,
             tokenizer=self.tokenizer,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
         self.metrics.log("checkpoint", step=self.global_step, path=str(path))
 
@@ -608,6 +654,8 @@ class Trainer:
                 return self._finish()
             finally:
                 self.metrics.close()
+                if self.tensorboard is not None:  # closed by metrics too, unless set-up failed before it
+                    self.tensorboard.close()
 
     def _hold_run_dir(self) -> contextlib.AbstractContextManager:
         """Rank 0 takes the run directory's lock (``modlm.training.lock``); every rank learns
@@ -702,7 +750,8 @@ class Trainer:
             digests = all_gather(torch.tensor([param_digest(self.model)], dtype=torch.int64), info, self.comm_device)
             in_sync = len({int(d.item()) for d in digests}) == 1
             self.say(
-                f"DDP check: parameters {'identical' if in_sync else 'DIFFER'} on all {info.world_size} ranks "
+                f"{self.strategy.upper()} check: parameters {'identical' if in_sync else 'DIFFER'} on all "
+                f"{info.world_size} ranks "
                 f"(digests {[hex(int(d.item())) for d in digests]})"
             )
         last_train, last_eval = self.last_train, self.last_eval
@@ -725,6 +774,7 @@ class Trainer:
             "params": self.n_params,
             "flops_per_step": self.step_flops,
             "world_size": info.world_size,
+            "parallel": self.strategy,
             "rank": info.rank,
             "ddp_params_in_sync": in_sync,
             "out_dir": str(self.out_dir),
@@ -738,6 +788,30 @@ class Trainer:
                 f"{summary['val_loss_causal']}; checkpoint {self.ckpt_path}"
             )
         return summary
+
+
+# Per-rank copies of the model's buffers ride in the checkpoint's per-rank state as raw bytes
+# (``rank{r}.buffer.{name}``): the predictors' running statistics of r are updated from each
+# rank's own batches, so the state dict (rank 0's) alone would resume rank 1 with rank 0's.
+_BUFFER_PREFIX = "buffer."
+
+
+def capture_rank_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's persistent buffers as flat uint8 CPU tensors (same shapes on every rank)."""
+    sd_keys = set(model.state_dict().keys())
+    return {
+        _BUFFER_PREFIX + name: b.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).clone()
+        for name, b in model.named_buffers()
+        if name in sd_keys
+    }
+
+
+def restore_rank_buffers(model: torch.nn.Module, local_state: dict[str, torch.Tensor]) -> None:
+    """Inverse of ``capture_rank_buffers`` (checkpoints without them keep the state dict's)."""
+    for name, b in model.named_buffers():
+        raw = local_state.get(_BUFFER_PREFIX + name)
+        if raw is not None:
+            b.copy_(raw.view(b.dtype).reshape(b.shape))
 
 
 def _duration(seconds: float) -> str:

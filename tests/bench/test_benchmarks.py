@@ -172,3 +172,40 @@ def test_bench_moe_runs_and_charges_experts_their_real_tokens(capsys):
     # top-2 of 4 same-size experts doubles the MLP's FLOPs; half the MoDE choices are free no-ops
     assert res["moe_flop_ratio"] > res["mode_flop_ratio"] and res["moe_flop_ratio"] > 1.0
     assert 0 < res["mode_noop_frac"] < 1
+
+
+def test_bench_decode_counts_host_syncs_per_decoded_token_on_cpu():
+    """Off CUDA nothing waits on a device: the count is the structural one (a decision per
+    routed block + the sampled tokens per step), shared by the step's rows."""
+    from modlm.config import ModelConfig
+    from modlm.model.transformer import MoDTransformer
+
+    bench = _load("bench_decode")
+    mod = MoDTransformer(ModelConfig.from_name("tiny"))
+    probe = bench.sync_probe(mod, 2, torch.device("cpu"), step_s=1.0)
+    assert probe["measured_syncs_per_step"] is None
+    assert probe["syncs_per_step"] == len(mod.config.routed_layers) + 1
+    assert probe["syncs_per_token"] == probe["syncs_per_step"] / 2
+
+
+def test_bench_train_compile_figures_are_ratios_of_the_measured_steps():
+    """--compile's fields, from timings (no compile here: the compiled steps are exercised by the
+    trainer's compile test): speed-ups are eager / compiled, the matmul fractions are counted
+    FLOP/s over the plain matmul's; the largest GEMM is the biggest linear over all tokens."""
+    from types import SimpleNamespace
+
+    from modlm.config import ModelConfig
+    from modlm.model.transformer import MoDTransformer
+
+    bench = _load("bench_train")
+    cfg = ModelConfig.from_name("tiny")
+    assert bench.largest_gemm(MoDTransformer(cfg), 64) == (64, cfg.d_model, 2 * cfg.d_mlp)
+    step = lambda s: SimpleNamespace(median=s, times=[s])  # noqa: E731
+    matmul = bench.MatmulTimer((4, 8, 16), torch.device("cpu"))
+    matmul.times = [2 * 4 * 8 * 16 / 1e9]  # exactly 1 GFLOP/s
+    fig = bench.compile_figures(step(2.0), step(3.0), step(1.0), step(2.0), matmul, 4e9, 6e9, 4 / 6)
+    assert fig["compile_speedup_mod"] == 2.0 and fig["compile_speedup_dense"] == 1.5
+    assert fig["matmul_gflops"] == pytest.approx(1.0)
+    assert fig["mod_frac_of_matmul"] == pytest.approx(4.0) and fig["dense_frac_of_matmul"] == pytest.approx(3.0)
+    assert fig["eager_overhead"] == pytest.approx((2 / 3) / (4 / 6))
+    assert bench.compile_figures(step(1), step(1), step(1), step(1), None, 1, 1, 1) == {}
