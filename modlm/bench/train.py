@@ -110,7 +110,13 @@ class Stepper:
     """One model + its (optional) optimizer; ``step()`` runs one timed training step."""
 
     def __init__(
-        self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, optimizer: bool, seed: int, compile: bool
+        self,
+        cfg: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        optimizer: bool,
+        seed: int,
+        compile: bool = False,
     ):
         torch.manual_seed(seed)
         self.model = MoDTransformer(cfg).to(device).train()
