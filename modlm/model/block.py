@@ -25,7 +25,7 @@ A new kind is a new class here (or in its own module) plus a ``modlm.model.kinds
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -34,6 +34,7 @@ import torch.nn as nn
 from modlm.config import ModelConfig
 from modlm.model.attention import Attention
 from modlm.model.layers import MLP, RMSNorm, Rotary
+from modlm.routing.attention_based import received_attention
 from modlm.routing.base import RouterOutput, build_router
 from modlm.routing.ops import gather_tokens, scatter_add_weighted
 
@@ -88,6 +89,10 @@ class BlockContext:
     attn_mask: the padding mask of dense attention without a cache. cache: the model's KV cache
     (``modlm.inference.cache.ModelCache``) in PREFILL and DECODE. replay: per-layer routes to
     reuse instead of asking the routers. decode: the decode policy (DECODE only).
+    record_attention: layers that must record the attention their tokens receive (the blocks
+    before A-MoD routed blocks, when those route by top-k); each writes its (B, T) statistic
+    (``modlm.routing.attention_based.received_attention``) to ``received_attention[layer]``,
+    where the next block's router reads it.
     """
 
     phase: Phase
@@ -101,6 +106,8 @@ class BlockContext:
     cache: Any = None
     replay: dict[int, RouterOutput] | None = None
     decode: DecodePolicy | None = None
+    record_attention: frozenset[int] = frozenset()
+    received_attention: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class DenseBlock(nn.Module):
@@ -123,15 +130,24 @@ class DenseBlock(nn.Module):
         sin: torch.Tensor,
         cache=None,
         attn_mask: torch.Tensor | None = None,
+        record=None,
     ) -> torch.Tensor:
-        """f(x), the block's update of the residual stream, over whatever tokens it is given."""
-        a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask=attn_mask, cache=cache)
+        """f(x), the block's update of the residual stream, over whatever tokens it is given
+        (``record``: see ``Attention.forward``)."""
+        a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask=attn_mask, cache=cache, record=record)
         m_BTD = self.mlp(self.mlp_norm(x_BTD + a_BTD))
         return a_BTD + m_BTD
 
     def forward(self, x_BTD: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, None]:
         cache = None if ctx.cache is None else ctx.cache.view(valid=ctx.token_mask_BT)
-        return x_BTD + self.update(x_BTD, ctx.cos, ctx.sin, cache=cache, attn_mask=ctx.attn_mask), None
+        record = None
+        if self.layer_idx in ctx.record_attention:
+
+            def record(q_BHTE, k_BGTE):
+                ctx.received_attention[self.layer_idx] = received_attention(q_BHTE, k_BGTE, ctx.token_mask_BT)
+
+        f_BTD = self.update(x_BTD, ctx.cos, ctx.sin, cache=cache, attn_mask=ctx.attn_mask, record=record)
+        return x_BTD + f_BTD, None
 
 
 class RoutedBlock(DenseBlock):
@@ -156,7 +172,8 @@ class RoutedBlock(DenseBlock):
             return self.compute_rows(x_BTD, ctx, plan), plan.route
         route = ctx.replay.get(self.layer_idx) if ctx.replay is not None else None
         if route is None:
-            route = self.router(x_BTD, ctx.routing, ctx.token_mask_BT)
+            received_BT = ctx.received_attention.get(self.layer_idx - 1)
+            route = self.router(x_BTD, ctx.routing, ctx.token_mask_BT, received_BT=received_BT)
         idx_BK, valid_BK, weight_BK = route.idx_BK, route.valid_BK, route.weight_BK
         pos_BK = torch.gather(ctx.pos_BT, 1, idx_BK)  # true positions of the routed tokens, for RoPE
         cos, sin = ctx.rotary(pos_BK)
@@ -164,7 +181,16 @@ class RoutedBlock(DenseBlock):
         # Padded slots (causal routing) sit after every real one, so the causal mask already
         # hides them from real queries; their own outputs are dropped below.
         cache = None if ctx.cache is None else ctx.cache.view(valid=valid_BK)
-        f_BKD = self.update(x_BKD, cos, sin, cache=cache)
+        record = None
+        if self.layer_idx in ctx.record_attention:
+
+            def record(q_BHKE, k_BGKE):
+                # Only the K routed tokens are keys here; a token that skipped the block receives 0.
+                recv_BK = received_attention(q_BHKE, k_BGKE, valid_BK)
+                recv_BT = recv_BK.new_zeros(x_BTD.shape[:2])
+                ctx.received_attention[self.layer_idx] = recv_BT.scatter_add_(1, idx_BK, recv_BK)
+
+        f_BKD = self.update(x_BKD, cos, sin, cache=cache, record=record)
         if valid_BK is not None:
             f_BKD = f_BKD.masked_fill(~valid_BK.unsqueeze(-1), 0.0)
             if weight_BK is not None:
