@@ -11,6 +11,7 @@ BENCHMARKS = {
     "decode": ("decode", "decode tokens/s at batch 1 and 16, MoD vs dense twin"),
     "profile-decode": ("profile_decode", "where a decode step's time goes, block by block"),
     "kernels": ("kernels", "few-row linear products: torch vs modlm's native kernel"),
+    "adapt": ("adapt", "converted + adapted pretrained model: parity, decode vs Hugging Face generate"),
 }
 
 
