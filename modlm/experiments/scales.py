@@ -42,6 +42,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("random0.5", "mod-random:capacity=0.5", "random routing 50%, every other block"),
     Variant("token-choice", "mod-tc", "token choice 12.5% (+ balancing loss), every other block"),
     Variant("aux-loss", "mod:causal_routing=aux_loss", "MoD 12.5%, aux-loss causal routing"),
+    # A-MoD (arXiv 2412.20875) from scratch: routing by the attention received in the previous
+    # block, no router parameters; at the same training FLOPs as "mod" (its recomputed attention
+    # scores are counted, so it gets slightly fewer steps).
+    Variant("amod", "mod:router=attention", "A-MoD 12.5% (attention-based routing), every other block"),
 )
 VARIANT_BY_KEY = {v.key: v for v in VARIANTS}
 

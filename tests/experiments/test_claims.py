@@ -35,3 +35,16 @@ def test_claims_judge_differences_against_the_isoflop_noise():
     by_id = {c.id: c for c in claims}
     assert by_id["isoflop@1e12"].holds == "yes"
     assert by_id["capacity_12.5_best"].holds == "n/a"  # no variant runs here
+
+
+def test_amod_vs_learned_is_judged_on_the_two_variant_runs():
+    def variant(key, loss, causal=None):
+        return {"run_id": key, "tags": [f"variant:{key}"], "val_loss": loss, "val_loss_causal": causal, "params": 1000}
+
+    claims, _ = build_claims([variant("mod", 2.00), variant("amod", 1.90, 1.95)], None, [])
+    row = {c.id: c for c in claims}["amod_vs_learned"]
+    assert row.holds == "yes" and "A-MoD" in row.ours and "1.9500" in row.ours
+    claims, _ = build_claims([variant("mod", 2.00), variant("amod", 2.10)], None, [])
+    assert {c.id: c for c in claims}["amod_vs_learned"].holds == "no"
+    claims, _ = build_claims([variant("mod", 2.00)], None, [])
+    assert {c.id: c for c in claims}["amod_vs_learned"].holds == "n/a"
