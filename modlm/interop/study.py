@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from modlm.bench.adapt import decode_compute_fraction, hf_decoder, load_hf, modlm_decoder, side_by_side, smollm2_gguf
+from modlm.inference.generate import generate
 from modlm.interop.adapt import (
     AdaptConfig,
     adapt_model,
@@ -90,8 +91,11 @@ def evaluate(model: MoDTransformer, windows_BT1: torch.Tensor, routing: str) -> 
     return math.exp(total / n), sum(kept) / len(kept)
 
 
-def run_study(cfg: StudyConfig, work_dir: Path, out_dir: Path, log=print) -> dict:
-    """Run every method at every capacity, the decode comparison, and write the report."""
+def run_study(cfg: StudyConfig, work_dir: Path, out_dir: Path, log=print, decode_only: bool = False) -> dict:
+    """Run every method at every capacity, the decode comparison, and write the report.
+
+    ``decode_only``: take the perplexity rows from an earlier run's ``adapt.json`` in ``out_dir``
+    and its adapted checkpoints from ``work_dir``; measure only the decode comparison again."""
     from modlm.interop.llama import convert_llama
     from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint, save_checkpoint
     from modlm.training.corpus import prepare_corpus
@@ -125,43 +129,55 @@ def run_study(cfg: StudyConfig, work_dir: Path, out_dir: Path, log=print) -> dic
             f"{method:<26} c={capacity!s:<5} kept={fraction:.3f} ppl={ppl:10.2f}  [{time.perf_counter() - t_start:5.0f}s]"
         )
 
-    ppl, frac = evaluate(dense, windows, "topk")
-    record("original", None, ppl, frac)
     adapted: dict[str, tuple[float, float, Path]] = {}
-    for c in cfg.capacities:
-        m = round(cfg.n_routed * (1 - c))
-        drop = tuple(sorted([i for i in order if 0 < i < L - 1][:m]))
-        ppl, frac = evaluate(remove_layers(dense, drop), windows, "topk")
-        record("layer removal", c, ppl, (L - m) / L, removed=list(drop))
+    previous = json.loads((out_dir / "adapt.json").read_text()) if decode_only else None
+    if previous is not None:  # the perplexity rows and adapted checkpoints of an earlier run
+        rows.extend(previous["rows"])
+        for r in rows:
+            prefix = {"A-MoD + predictor": "amod", "tuned routers": "tuned"}.get(r["method"])
+            if prefix is not None:
+                adapted[f"{r['method']} c={r['capacity']:g}"] = (
+                    r["ppl"],
+                    r["fraction"],
+                    work_dir / f"{prefix}-c{r['capacity']:g}",
+                )
+    else:
+        ppl, frac = evaluate(dense, windows, "topk")
+        record("original", None, ppl, frac)
+        for c in cfg.capacities:
+            m = round(cfg.n_routed * (1 - c))
+            drop = tuple(sorted([i for i in order if 0 < i < L - 1][:m]))
+            ppl, frac = evaluate(remove_layers(dense, drop), windows, "topk")
+            record("layer removal", c, ppl, (L - m) / L, removed=list(drop))
 
-        rand = _routed(dense, "random", c, routed_layers)
-        torch.manual_seed(cfg.seed)
-        ppl, frac = evaluate(rand, windows, "topk")
-        record("random skipping", c, ppl, frac)
+            rand = _routed(dense, "random", c, routed_layers)
+            torch.manual_seed(cfg.seed)
+            ppl, frac = evaluate(rand, windows, "topk")
+            record("random skipping", c, ppl, frac)
 
-        amod = adapt_model(dense, "attention", c, routed_layers)
-        ppl, frac = evaluate(amod, windows, "topk")
-        record("A-MoD (top-k, untrained)", c, ppl, frac)
-        acfg = AdaptConfig(
-            "attention", c, routed_layers, cfg.seq_len, 1, cfg.predictor_steps, cfg.lr, cfg.calib_tokens, anneal=0.0
-        )
-        hist = tune_routers(amod, train, acfg)
-        ppl, frac = evaluate(amod, windows, "causal")
-        record("A-MoD + predictor", c, ppl, frac, pred_acc=hist[-1].get("pred_acc") if hist else None)
-        path = work_dir / f"amod-c{c:g}"
-        save_checkpoint(path, amod, amod.config, tokenizer=tok)
-        adapted[f"A-MoD + predictor c={c:g}"] = (ppl, frac, path)
+            amod = adapt_model(dense, "attention", c, routed_layers)
+            ppl, frac = evaluate(amod, windows, "topk")
+            record("A-MoD (top-k, untrained)", c, ppl, frac)
+            acfg = AdaptConfig(
+                "attention", c, routed_layers, cfg.seq_len, 1, cfg.predictor_steps, cfg.lr, cfg.calib_tokens, anneal=0.0
+            )
+            hist = tune_routers(amod, train, acfg)
+            ppl, frac = evaluate(amod, windows, "causal")
+            record("A-MoD + predictor", c, ppl, frac, pred_acc=hist[-1].get("pred_acc") if hist else None)
+            path = work_dir / f"amod-c{c:g}"
+            save_checkpoint(path, amod, amod.config, tokenizer=tok)
+            adapted[f"A-MoD + predictor c={c:g}"] = (ppl, frac, path)
 
-        tuned = adapt_model(dense, "tuned", c, routed_layers)
-        tcfg = AdaptConfig(
-            "tuned", c, routed_layers, cfg.seq_len, 1, cfg.tuned_steps, cfg.lr, cfg.calib_tokens, anneal=0.5
-        )
-        hist = tune_routers(tuned, train, tcfg)
-        ppl, frac = evaluate(tuned, windows, "causal")
-        record("tuned routers", c, ppl, frac, train_lm_loss=hist[-1]["lm_loss"] if hist else None)
-        path = work_dir / f"tuned-c{c:g}"
-        save_checkpoint(path, tuned, tuned.config, tokenizer=tok)
-        adapted[f"tuned routers c={c:g}"] = (ppl, frac, path)
+            tuned = adapt_model(dense, "tuned", c, routed_layers)
+            tcfg = AdaptConfig(
+                "tuned", c, routed_layers, cfg.seq_len, 1, cfg.tuned_steps, cfg.lr, cfg.calib_tokens, anneal=0.5
+            )
+            hist = tune_routers(tuned, train, tcfg)
+            ppl, frac = evaluate(tuned, windows, "causal")
+            record("tuned routers", c, ppl, frac, train_lm_loss=hist[-1]["lm_loss"] if hist else None)
+            path = work_dir / f"tuned-c{c:g}"
+            save_checkpoint(path, tuned, tuned.config, tokenizer=tok)
+            adapted[f"tuned routers c={c:g}"] = (ppl, frac, path)
 
     # The adapted model to decode with: the least compute among those within 1.5x the original's
     # perplexity, else the lowest perplexity (every point is reported anyway).
@@ -171,20 +187,20 @@ def run_study(cfg: StudyConfig, work_dir: Path, out_dir: Path, log=print) -> dic
     hf = load_hf(source)
     best = load_model(adapted[best_name][2])
     prompt = val[: cfg.prompt_len].tolist()
-    traced = modlm_decoder(best, prompt, cfg.new_tokens, trace=True)
     rates = side_by_side(
         {
             "hf": hf_decoder(hf, prompt, cfg.new_tokens),
             "dense": modlm_decoder(dense, prompt, cfg.new_tokens),
-            "routed": traced,
+            "routed": modlm_decoder(best, prompt, cfg.new_tokens),
         },
         cfg.new_tokens,
         cfg.rounds,
     )
+    traced = generate(best, [prompt], cfg.new_tokens, temperature=0, trace=True)  # untimed: tracing costs
     decode = {
         "best": best_name,
         "tok_s": rates,
-        "routed_decode_fraction": decode_compute_fraction(best, traced.last),
+        "routed_decode_fraction": decode_compute_fraction(best, traced),
         "ppl": adapted[best_name][0],
     }
     log(f"# tok/s {json.dumps(rates)}")
@@ -196,7 +212,7 @@ def run_study(cfg: StudyConfig, work_dir: Path, out_dir: Path, log=print) -> dic
         "rows": rows,
         "decode": decode,
         "threads": torch.get_num_threads(),
-        "wall_s": time.perf_counter() - t_start,
+        "wall_s": (previous["wall_s"] if previous else 0.0) + time.perf_counter() - t_start,
     }
     write_report(result, out_dir)
     return result
@@ -306,7 +322,15 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"its perplexity is {dec['ppl']:.2f} against {orig['ppl']:.2f} for the original.",
         "",
     ]
-    (out_dir / "ADAPT.md").write_text("\n".join(lines))
+    path = out_dir / "ADAPT.md"
+    # A hand-written "## Discussion" (reading this run's numbers) survives a rerun.
+    old = path.read_text() if path.is_file() else ""
+    if DISCUSSION in old:
+        lines.append(old[old.index(DISCUSSION) :].rstrip() + "\n")
+    path.write_text("\n".join(lines))
+
+
+DISCUSSION = "## Discussion"
 
 
 def add_study_args(p: argparse.ArgumentParser) -> None:
@@ -322,6 +346,12 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the machine is shared)")
+    p.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="re-measure only the decode comparison, reusing the perplexities (--out-dir/adapt.json) "
+        "and adapted checkpoints (--work-dir) of an earlier run",
+    )
 
 
 def cmd_adapt_study(args: argparse.Namespace) -> int:
@@ -339,7 +369,9 @@ def cmd_adapt_study(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         rounds=args.rounds,
     )
-    res = run_study(cfg, Path(args.work_dir), Path(args.out_dir), log=lambda s: print(s, flush=True))
+    res = run_study(
+        cfg, Path(args.work_dir), Path(args.out_dir), log=lambda s: print(s, flush=True), decode_only=args.decode_only
+    )
     print(json.dumps({"report": str(Path(args.out_dir) / "ADAPT.md"), "decode": res["decode"]}))
     return 0
 
