@@ -290,8 +290,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     --capacity, the base frozen, only the routing parameters trained on a text sample, then the
     causal thresholds calibrated for decoding. --router tuned trains a zero-initialised score
     through the LM loss; --router attention (A-MoD) routes by the attention received in the
-    previous layer and trains only its decode predictor. The defaults finish in about 15 min on
-    2 CPU cores for SmolLM2-135M."""
+    previous layer and trains only its decode predictor. The defaults finish in 10-20 min on
+    one CPU thread for SmolLM2-135M."""
     from modlm.interop.adapt import AdaptConfig, adapt_checkpoint, parse_layers
 
     _set_threads(args.threads)

@@ -59,7 +59,7 @@ METHODS = (
 
 @dataclass
 class StudyConfig:
-    """The study's sizes (defaults: ~25 min on one shared CPU core)."""
+    """The study's sizes (defaults: 41 min on one thread of the shared 2-core CPU it was recorded on)."""
 
     n_routed: int = 12
     capacities: tuple[float, ...] = (0.75, 0.5, 0.25)

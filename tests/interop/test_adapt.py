@@ -12,7 +12,16 @@ import transformers
 from modlm.cli import main
 from modlm.inference.calibrate import measure_routed_fraction
 from modlm.inference.generate import generate
-from modlm.interop.adapt import AdaptConfig, adapt_checkpoint, adapt_model, default_layers, parse_layers
+from modlm.interop.adapt import (
+    AdaptConfig,
+    adapt_checkpoint,
+    adapt_model,
+    block_influence,
+    default_layers,
+    least_influential_layers,
+    parse_layers,
+    remove_layers,
+)
 from modlm.interop.llama import from_hf_llama
 from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint, save_checkpoint
 from modlm.training.tokenizers import HFTokenizer
@@ -115,3 +124,23 @@ def test_cli_adapt_refuses_bad_input_in_one_line(dense_ckpt, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("modlm: error: ") and fragment in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_layer_removal_and_the_block_influence_ranking(dense_ckpt):
+    dense = load_model(dense_ckpt[0])
+    x = torch.randint(0, 512, (1, 24))
+    short = remove_layers(dense, (2,))
+    assert short.config.n_layers == 3
+    with torch.no_grad():  # the kept blocks in order, each with its own weights
+        h = dense.tok_emb(x)
+        ref = dense(x, routing="topk")
+        cos, sin = dense.rotary(torch.arange(24))
+        for i in (0, 1, 3):
+            h = h + dense.blocks[i].update(h, cos, sin)
+        torch.testing.assert_close(short(x).logits, dense.lm_head(dense.norm(h)), rtol=0, atol=1e-5)
+        assert not torch.allclose(short(x).logits, ref.logits)
+    influence = block_influence(dense, x)
+    assert sorted(influence) == [0, 1, 2, 3] and all(0 <= v <= 2 for v in influence.values())
+    assert least_influential_layers({0: 0.0, 1: 0.1, 2: 0.2, 3: 0.3, 4: 0.0, 5: 0.0}, 2) == (1, 4)
+    with pytest.raises(ValueError, match="only 2 layers can be chosen"):
+        least_influential_layers({0: 0.0, 1: 0.1, 2: 0.2, 3: 0.3, 4: 0.0, 5: 0.0}, 3)
