@@ -239,7 +239,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     # --- routing ---
-    router: str = "learned"  # learned top-k | random top-k baseline | token_choice baseline | none (dense)
+    router: str = "learned"  # a registered router (learned, random, token_choice, attention, tuned) | none
     capacity: float = 0.125  # fraction of each sequence a routed block processes
     route_every: int = 2  # a routed block every `route_every` blocks...
     route_start: int = 1  # ...starting at this block index (the paper routes every other block)
@@ -364,6 +364,15 @@ class ModelConfig:
             f"must list one of {block_kinds()} for each of the n_layers={self.n_layers} layers",
         )
         self.layer_types = tuple(self.layer_types)
+        _require(
+            self.router == NO_ROUTER
+            or not router_spec(self.router).needs_received_attention
+            or not any(block_spec(t).routed for t in self.layer_types[:1]),
+            "layer_types",
+            self.layer_types,
+            f"routes layer 0, but router={self.router!r} scores tokens by the previous block's attention "
+            "(layer 0 has none): route from layer 1 on",
+        )
         _require(
             self.router != NO_ROUTER or not any(block_spec(t).routed for t in self.layer_types),
             "layer_types",
@@ -521,6 +530,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(d_model=256, n_layers=8, n_heads=8, max_seq_len=256),
     "base": dict(d_model=512, n_layers=8, n_heads=8, max_seq_len=2048),
     "gpt2-small": dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=2048, vocab_size=50304),
+    # A-MoD (parameter-free routing by received attention) trained from scratch.
+    "tiny-amod": dict(d_model=64, n_layers=4, n_heads=4, max_seq_len=128, predictor_hidden=16, router="attention"),
 }
 
 

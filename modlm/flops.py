@@ -16,6 +16,11 @@ Convention (stated once, used everywhere; ``tests/test_flops.py`` checks it agai
 - Routers: the score r = w·x costs 2·T·D per routed block (learned and token-choice routers;
   the random router is free). The causal predictor (paper §3.5) is an MLP over every token:
   2·T·(D·h + h) forward.
+- A-MoD (``router="attention"``): the block before each routed block recomputes its attention
+  probabilities to score tokens by the attention they receive (fused attention does not return
+  them): one more QK^T, 2·S²·D for its S tokens (S = T for a dense block, K for a routed one),
+  forward only (the scores choose indices; nothing backpropagates through them). Counted in
+  ``routers`` and kept apart as ``received_attention``. Its causal predictor counts as below.
 - LM head: 2·T·D·V (tied or not).
 - Training = forward + backward. Backward costs twice the forward for every matmul (the input
   gradient and the weight gradient), EXCEPT the predictor: its input is detached, so its first
@@ -150,6 +155,20 @@ def predictor_backward_flops(config: ModelConfig, seq_len: int) -> int:
     return 2 * seq_len * (config.d_model * h + 2 * h)
 
 
+def received_attention_flops(config: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs of recomputing attention scores for A-MoD over a whole model, one sequence.
+
+    Each routed block whose router ``needs_received_attention`` reads the block before it, which
+    recomputes QK^T over its own tokens (T, or K if it is routed itself): 2·S²·H·E = 2·S²·D.
+    """
+    if config.router == NO_ROUTER or not router_spec(config.router).needs_received_attention:
+        return 0
+    k = capacity_k(config.capacity, seq_len)
+    routed = set(config.routed_layers)
+    sizes = [k if i - 1 in routed else seq_len for i in config.routed_layers]
+    return sum(2 * s * s * config.n_heads * config.head_dim for s in sizes)
+
+
 def router_flops(config: ModelConfig, seq_len: int) -> int:
     """Forward FLOPs of a routed block's router (+ predictor) over all T tokens."""
     return router_score_flops(config, seq_len) + predictor_flops(config, seq_len)
@@ -162,6 +181,7 @@ class FlopReport:
     ``routers`` includes ``predictors`` (the forward FLOPs of the causal predictors), which are
     kept apart because their backward is not 2x their forward (see the module docstring).
     ``attention`` is the part of ``dense_blocks + routed_blocks`` spent on scores and values.
+    ``received_attention`` (A-MoD's recomputed scores) is part of ``routers`` and has no backward.
     """
 
     seq_len: int
@@ -173,6 +193,7 @@ class FlopReport:
     predictors_backward: int = 0
     attention: int = 0
     exit_heads: int = 0
+    received_attention: int = 0
 
     @property
     def forward(self) -> int:
@@ -180,7 +201,7 @@ class FlopReport:
 
     @property
     def backward(self) -> int:
-        return 2 * (self.forward - self.predictors) + self.predictors_backward
+        return 2 * (self.forward - self.predictors - self.received_attention) + self.predictors_backward
 
     @property
     def train(self) -> int:
@@ -208,6 +229,7 @@ class FlopReport:
             "lm_head": self.lm_head,
             "exit_heads": self.exit_heads,
             "attention": self.attention,
+            "received_attention": self.received_attention,
             "forward_per_token": self.forward_per_token,
             "train_per_token": self.train_per_token,
         }
@@ -252,12 +274,13 @@ def flops(
         seq_len=T,
         dense_blocks=parts["dense"],
         routed_blocks=parts["routed"],
-        routers=parts["routers"],
+        routers=parts["routers"] + received_attention_flops(config, T),
         lm_head=2 * T * config.d_model * config.vocab_size,
         predictors=n_routed * predictor_flops(config, T),
         predictors_backward=n_routed * predictor_backward_flops(config, T),
         attention=parts["attention"],
         exit_heads=parts["exit"],
+        received_attention=received_attention_flops(config, T),
     )
 
 

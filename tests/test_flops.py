@@ -17,6 +17,11 @@ CONFIGS = {
     "mod-random": dict(router="random"),
     "mod-token-choice": dict(router="token_choice", aux_loss_weight=1.0),
     "mod-gqa-untied": dict(router="learned", n_heads=4, n_kv_heads=2, tie_embeddings=False, capacity=0.25),
+    "mod-tuned": dict(router="tuned", capacity=0.5),
+    # A-MoD: the recomputed attention scores of the providing blocks (dense ones here) ...
+    "amod": dict(router="attention"),
+    # ... and of routed ones (every block from 1 on is routed, so blocks 1 and 2 provide at K tokens).
+    "amod-gqa-every-block": dict(router="attention", route_every=1, route_start=1, n_kv_heads=2, capacity=0.5),
 }
 
 
@@ -164,3 +169,13 @@ def test_causal_forward_flops_from_the_tokens_each_layer_ran():
     # everyone exits at layer 1's gate: one block, one gate head, the final head
     all_exit = causal_forward_flops(ee, {i: [0] for i in (1, 2, 3)}, T)
     assert all_exit == flops(ee.dense_twin(), T).dense_blocks / 4 + 2 * 2 * T * D * V
+
+
+def test_amod_counts_the_recomputed_attention_scores_forward_only():
+    cfg = ModelConfig.from_name("tiny", router="attention", route_every=1, route_start=1, capacity=0.25)
+    rep = flops(cfg, T)
+    k = 16  # 0.25 * 64
+    # layer 0 (dense) provides for 1 at T tokens; layers 1 and 2 (routed) provide for 2 and 3 at K
+    assert rep.received_attention == 2 * cfg.d_model * (T * T + 2 * k * k)
+    assert rep.backward == 2 * (rep.forward - rep.predictors - rep.received_attention) + rep.predictors_backward
+    assert flops(cfg.replace(router="learned"), T).received_attention == 0

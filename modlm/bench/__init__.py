@@ -12,6 +12,7 @@ BENCHMARKS = {
     "profile-decode": ("profile_decode", "where a decode step's time goes, block by block"),
     "kernels": ("kernels", "few-row linear products: torch vs modlm's native kernel"),
     "moe": ("moe", "training-step time and FLOPs, MoE and integrated MoDE vs dense twin"),
+    "adapt": ("adapt", "converted + adapted pretrained model: parity, decode vs Hugging Face generate"),
 }
 
 

@@ -51,6 +51,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("mode-staged", "mode-staged", "staged MoDE: MoD 12.5% every other block around MoE blocks"),
     # Early exit (claims section 8): calibrated after training to the MoD model's FLOP fraction.
     Variant("early-exit", "early-exit", "early exit (LayerSkip-style exit losses)"),
+    # A-MoD (arXiv 2412.20875) from scratch: routing by the attention received in the previous
+    # block, no router parameters; at the same training FLOPs as "mod" (its recomputed attention
+    # scores are counted, so it gets slightly fewer steps).
+    Variant("amod", "mod:router=attention", "A-MoD 12.5% (attention-based routing), every other block"),
 )
 VARIANT_BY_KEY = {v.key: v for v in VARIANTS}
 

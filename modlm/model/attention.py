@@ -38,7 +38,11 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         cache=None,
+        record=None,
     ) -> torch.Tensor:
+        """Attention over the given tokens. ``record``, if given, is called with this call's
+        queries and keys after RoPE, (B, H, T, E) and (B, G, T, E), before any cache: the block
+        derives the attention its tokens receive from them (A-MoD, ``modlm.routing.attention_based``)."""
         B, T, D = x_BTD.shape
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x_BTD).split([H * E, G * E, G * E], dim=-1)
@@ -46,6 +50,8 @@ class Attention(nn.Module):
         k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
         v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if record is not None:
+            record(q, k)
         if cache is not None:
             # The cache returns this layer's keys/values for the whole visible history (B, G, S, E)
             # and the mask that makes each query see exactly its own causal past.

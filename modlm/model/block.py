@@ -35,6 +35,7 @@ import torch.nn as nn
 from modlm.config import ModelConfig
 from modlm.model.attention import Attention
 from modlm.model.layers import MLP, RMSNorm, Rotary
+from modlm.routing.attention_based import received_attention
 from modlm.routing.base import RouterOutput, build_router
 from modlm.routing.ops import gather_tokens, scatter_add_weighted
 
@@ -93,6 +94,10 @@ class BlockContext:
     head: the model's shared final norm + LM head, h -> logits (early-exit gates and losses).
     state: scratch for this one forward call, shared by the blocks in order (e.g. which tokens
     have exited); built empty per call, never kept.
+    record_attention: layers that must record the attention their tokens receive (the blocks
+    before A-MoD routed blocks, when those route by top-k); each writes its (B, T) statistic
+    (``modlm.routing.attention_based.received_attention``) to ``received_attention[layer]``,
+    where the next block's router reads it.
     """
 
     phase: Phase
@@ -109,6 +114,8 @@ class BlockContext:
     targets_BT: torch.Tensor | None = None
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    record_attention: frozenset[int] = frozenset()
+    received_attention: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class DenseBlock(nn.Module):
@@ -141,15 +148,23 @@ class DenseBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
         routing: str = "causal",
         valid_BT: torch.Tensor | None = None,
+        record=None,
     ) -> tuple[torch.Tensor, Any]:
         """f(x), the block's update of the residual stream, over whatever tokens it is given,
-        and the feed-forward's aux output (None for a dense MLP)."""
-        a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask=attn_mask, cache=cache)
+        and the feed-forward's aux output (None for a dense MLP). ``record``: see
+        ``Attention.forward`` (A-MoD's received attention)."""
+        a_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, attn_mask=attn_mask, cache=cache, record=record)
         m_BTD, aux = self.ffn(self.mlp_norm(x_BTD + a_BTD), routing, valid_BT)
         return a_BTD + m_BTD, aux
 
     def forward(self, x_BTD: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, Any]:
         cache = None if ctx.cache is None else ctx.cache.view(valid=ctx.token_mask_BT)
+        record = None
+        if self.layer_idx in ctx.record_attention:
+
+            def record(q_BHTE, k_BGTE):
+                ctx.received_attention[self.layer_idx] = received_attention(q_BHTE, k_BGTE, ctx.token_mask_BT)
+
         f_BTD, aux = self.update(
             x_BTD,
             ctx.cos,
@@ -158,6 +173,7 @@ class DenseBlock(nn.Module):
             attn_mask=ctx.attn_mask,
             routing=ctx.routing,
             valid_BT=ctx.token_mask_BT,
+            record=record,
         )
         return x_BTD + f_BTD, aux
 
@@ -185,7 +201,8 @@ class RoutedBlock(DenseBlock):
             return x_B1D, with_ffn_aux(plan.route, ffn_aux)
         route = ctx.replay.get(self.layer_idx) if ctx.replay is not None else None
         if route is None:
-            route = self.router(x_BTD, ctx.routing, ctx.token_mask_BT)
+            received_BT = ctx.received_attention.get(self.layer_idx - 1)
+            route = self.router(x_BTD, ctx.routing, ctx.token_mask_BT, received_BT=received_BT)
         x_BTD, ffn_aux = self.run_route(x_BTD, ctx, route)
         return x_BTD, with_ffn_aux(route, ffn_aux)
 
@@ -198,7 +215,18 @@ class RoutedBlock(DenseBlock):
         # Padded slots (causal routing) sit after every real one, so the causal mask already
         # hides them from real queries; their own outputs are dropped below.
         cache = None if ctx.cache is None else ctx.cache.view(valid=valid_BK)
-        f_BKD, ffn_aux = self.update(x_BKD, cos, sin, cache=cache, routing=ctx.routing, valid_BT=valid_BK)
+        record = None
+        if self.layer_idx in ctx.record_attention:
+
+            def record(q_BHKE, k_BGKE):
+                # Only the K routed tokens are keys here; a token that skipped the block receives 0.
+                recv_BK = received_attention(q_BHKE, k_BGKE, valid_BK)
+                recv_BT = recv_BK.new_zeros(x_BTD.shape[:2])
+                ctx.received_attention[self.layer_idx] = recv_BT.scatter_add_(1, idx_BK, recv_BK)
+
+        f_BKD, ffn_aux = self.update(
+            x_BKD, cos, sin, cache=cache, routing=ctx.routing, valid_BT=valid_BK, record=record
+        )
         if valid_BK is not None:
             f_BKD = f_BKD.masked_fill(~valid_BK.unsqueeze(-1), 0.0)
             if weight_BK is not None:

@@ -54,6 +54,8 @@ OUT_MATRIX = Role("out_matrix", decay=True, init="scaled_normal")
 NORM = Role("norm", decay=False, init="ones")
 BIAS = Role("bias", decay=False, init="zeros")
 ROUTER = Role("router", decay=False, init="router", routing=True)
+# A router added to a pretrained model: zero at init, so it starts with no preference (modlm adapt).
+ROUTER_ZERO = Role("router_zero", decay=False, init="zeros", routing=True)
 PREDICTOR_MATRIX = Role("predictor_matrix", decay=True, init="module", clip_group="predictor", routing=True)
 PREDICTOR_VECTOR = Role("predictor_vector", decay=False, init="module", clip_group="predictor", routing=True)
 
@@ -65,6 +67,7 @@ ROLES: tuple[Role, ...] = (
     NORM,
     BIAS,
     ROUTER,
+    ROUTER_ZERO,
     PREDICTOR_MATRIX,
     PREDICTOR_VECTOR,
 )

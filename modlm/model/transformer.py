@@ -25,6 +25,7 @@ from modlm.model.inputs import check_inputs
 from modlm.model.kinds import block_spec
 from modlm.model.layers import Linear, RMSNorm, Rotary
 from modlm.routing.base import RouterOutput
+from modlm.routing.registry import NO_ROUTER, router_spec
 
 __all__ = ["ModelOutput", "MoDTransformer", "route_mask"]
 
@@ -70,6 +71,10 @@ class MoDTransformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         # One class per layer kind, found by the registry (``config.layer_types``).
         self._routed = config.routed_layers  # the config does not change under a built model
+        # Blocks whose next block routes by the attention its tokens receive here (A-MoD): they
+        # record it whenever routing is top-k (``BlockContext.record_attention``).
+        scores_by_attention = config.router != NO_ROUTER and router_spec(config.router).needs_received_attention
+        self._attention_providers = frozenset(i - 1 for i in self._routed) if scores_by_attention else frozenset()
         self.blocks = nn.ModuleList(block_spec(kind).load()(config, i) for i, kind in enumerate(config.layer_types))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
@@ -188,6 +193,10 @@ class MoDTransformer(nn.Module):
             decode=decode,
             targets_BT=targets_BT,
             head=self.head,
+            # Decoding and causal routing decide per token and never read received attention.
+            record_attention=self._attention_providers
+            if routing == "topk" and phase is not Phase.DECODE
+            else frozenset(),
         )
         x_BTD = self.tok_emb(idx_BT)
         auxes: dict[int, Any] = {}

@@ -83,9 +83,17 @@ class Router(nn.Module):
         self.capacity = config.capacity
 
     def forward(
-        self, x_BTD: torch.Tensor, mode: str = "topk", token_mask_BT: torch.Tensor | None = None
+        self,
+        x_BTD: torch.Tensor,
+        mode: str = "topk",
+        token_mask_BT: torch.Tensor | None = None,
+        received_BT: torch.Tensor | None = None,
     ) -> RouterOutput:
-        """Route a (B, T, D) stream. ``token_mask_BT`` marks real tokens (left padding is never routed)."""
+        """Route a (B, T, D) stream. ``token_mask_BT`` marks real tokens (left padding is never routed).
+
+        ``received_BT``: the attention each token received in the previous block, which the model
+        records for routers whose spec ``needs_received_attention`` (A-MoD); others ignore it.
+        """
         check_mode(mode)
         if mode == "causal":
             zero = x_BTD.new_zeros((), dtype=torch.float32)

@@ -31,6 +31,9 @@ class RouterSpec:
     predictor: ``predictor(config)`` is True when the router carries a causal predictor MLP
         (``config.predictor_hidden`` units; its FLOPs and parameters are counted).
     aux_loss: ``aux_loss(config)`` is True when the router trains an auxiliary BCE on its logit.
+    needs_received_attention: top-k routing scores tokens by the attention they receive in the
+        previous block (A-MoD): the model asks that block to record it, and FLOP accounting
+        counts the recomputed attention probabilities.
     """
 
     name: str
@@ -40,6 +43,7 @@ class RouterSpec:
     thresholded: bool
     predictor: Callable[[Any], bool] = lambda config: False
     aux_loss: Callable[[Any], bool] = lambda config: False
+    needs_received_attention: bool = False
 
     def load(self) -> type:
         return load_target(self.target)
@@ -88,6 +92,27 @@ register_router(
         "token_choice",
         "modlm.routing.token_choice:TokenChoiceRouter",
         "baseline: each token decides with a sigmoid gate, capped at k slots, balancing loss",
+        scores_tokens=True,
+        thresholded=True,
+    )
+)
+register_router(
+    RouterSpec(
+        "attention",
+        "modlm.routing.attention_based:AttentionRouter",
+        "A-MoD: top-k of the attention received in the previous block, no score parameters; decodes by a predictor",
+        scores_tokens=False,
+        thresholded=True,
+        predictor=lambda c: True,
+        aux_loss=lambda c: False,
+        needs_received_attention=True,
+    )
+)
+register_router(
+    RouterSpec(
+        "tuned",
+        "modlm.routing.tuned:TunedRouter",
+        "router tuning of a pretrained model (modlm adapt): zero-init score, unit-weight updates, causal threshold",
         scores_tokens=True,
         thresholded=True,
     )

@@ -145,6 +145,7 @@ def test_cli_bench_runs_a_benchmark_and_scripts_are_thin_entry_points(capsys):
         "profile-decode": "profile_decode",
         "kernels": "bench_kernels",
         "moe": "bench_moe",
+        "adapt": "bench_adapt",
     }
     assert set(scripts) == set(BENCHMARKS)
     for name, script in scripts.items():
@@ -209,3 +210,15 @@ def test_bench_train_compile_figures_are_ratios_of_the_measured_steps():
     assert fig["mod_frac_of_matmul"] == pytest.approx(4.0) and fig["dense_frac_of_matmul"] == pytest.approx(3.0)
     assert fig["eager_overhead"] == pytest.approx((2 / 3) / (4 / 6))
     assert bench.compile_figures(step(1), step(1), step(1), step(1), None, 1, 1, 1) == {}
+
+
+def test_bench_adapt_runs_on_a_tiny_random_llama_and_reports(capsys):
+    bench = _load("bench_adapt")
+    args = ["--tiny", "--new-tokens", "6", "--prompt-len", "8", "--rounds", "1", "--warmup", "0"]
+    res = bench.main([*args, "--adapt-steps", "3", "--eval-tokens", "128"])
+    assert _last_json(capsys) == json.loads(json.dumps(res))
+    keys = ("hf_tok_s", "dense_tok_s", "routed_tok_s", "routed_compute_fraction", "ppl_dense", "ppl_routed")
+    assert all(res[k] > 0 for k in keys)
+    assert res["parity_max_abs_diff"] <= 1e-4  # the converted model is the original
+    # the adapted model routes layers 1 and 2 of 4 at capacity 0.25: it keeps less than all the compute
+    assert res["routed_layers"] == [1, 2] and res["routed_compute_fraction"] < 1.0

@@ -115,3 +115,16 @@ def test_mode_claims_judge_against_the_noise():
     records += [_rec(1e12, "dense", 48, 4000, 2.0 + w, seed=s) for s, w in enumerate((0.0, 0.01, -0.01))]
     by_id = {c.id: c for c in build_claims(records, None, [1e12])[0]}
     assert by_id["mode_vs_moe@0.5"].holds == "within noise"
+
+
+def test_amod_vs_learned_is_judged_on_the_two_variant_runs():
+    def variant(key, loss, causal=None):
+        return {"run_id": key, "tags": [f"variant:{key}"], "val_loss": loss, "val_loss_causal": causal, "params": 1000}
+
+    claims, _ = build_claims([variant("mod", 2.00), variant("amod", 1.90, 1.95)], None, [])
+    row = {c.id: c for c in claims}["amod_vs_learned"]
+    assert row.holds == "yes" and "A-MoD" in row.ours and "1.9500" in row.ours
+    claims, _ = build_claims([variant("mod", 2.00), variant("amod", 2.10)], None, [])
+    assert {c.id: c for c in claims}["amod_vs_learned"].holds == "no"
+    claims, _ = build_claims([variant("mod", 2.00)], None, [])
+    assert {c.id: c for c in claims}["amod_vs_learned"].holds == "n/a"

@@ -17,12 +17,14 @@ def test_every_registered_router_builds_and_follows_the_protocol(name):
     router = build_router(cfg)
     assert isinstance(router, Router) and isinstance(router, registry.router_spec(name).load())
     x = torch.randn(2, 16, cfg.d_model)
+    spec = registry.router_spec(name)
+    # A-MoD scores by the previous block's received attention, which the model hands it.
+    signal = {"received_BT": torch.rand(2, 16)} if spec.needs_received_attention else {}
     for mode in ("topk", "causal"):
-        out = router(x, mode)
+        out = router(x, mode, **signal)
         assert out.idx_BK.shape[0] == 2 and out.aux_loss.dim() == 0 and "routed_frac" in out.stats
     sel, _ = router.decide(x)
     assert sel.shape == (2, 16) and sel.dtype == torch.bool
-    spec = registry.router_spec(name)
     if spec.thresholded:  # the calibration knob exists and is what decide() compares with
         with torch.no_grad():
             assert torch.equal(router.causal_logits(x) > router.threshold, router.decide(x)[0])

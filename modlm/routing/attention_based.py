@@ -1,0 +1,160 @@
+"""A-MoD: parameter-free routing by the attention a token receives (Gadhikar et al., arXiv 2412.20875).
+
+Axis legend: B batch, T sequence length (tokens of the providing block), K tokens routed into a
+block, D model width, H query heads, G key/value heads, E head size.
+
+A routed block's score for token t is the attention t receives in the *previous* block, averaged
+over heads and causally normalised (``received_attention``); the block takes the top-k at its
+capacity. The router has no score parameters.
+
+Where the scores come from: fused attention (SDPA) does not return its probabilities, so the
+previous block recomputes them for this purpose: the model names the blocks that must provide
+received attention (``BlockContext.record_attention``, built from ``RouterSpec.needs_received_attention``),
+their attention hands its queries and keys to ``received_attention``, and the block stores the
+(B, T) statistic in ``BlockContext.received_attention``. That costs one extra QK^T product
+(2·T²·H·E FLOPs per providing block, no backward: the scores only choose indices), which
+``modlm.flops`` counts. It happens only when routing by top-k (training, scoring a known text,
+a top-k prefill); decoding never needs it.
+
+Causal normalisation (our choice, the paper has no language-model variant). The raw column mean
+over queries is non-causal and favours early tokens twice over: more queries see them, and the
+first queries have few keys to spread their mass over. We divide the column sum by the number of
+queries that can see the token (itself and every later real query): the score is the mean
+attention the token gets *per query that could attend to it*. This removes the count bias while
+keeping the scale a probability in [0, 1]; a token seen only by itself scores its own
+self-attention. It is still non-causal (later queries contribute), hence the decode rule below.
+
+Decode rule: a small stop-gradient predictor (``CausalPredictor``, the learned router's §3.5
+machinery) learns A-MoD's top-k membership from the token's own state by BCE; a decoded token
+routes iff the predictor's logit exceeds ``threshold`` (a buffer; ``modlm calibrate`` moves it).
+Nothing backpropagates into the model from it, so the predictor trains on a frozen base too.
+
+The update: A-MoD has no learned score to put on the gradient path, so a processed token becomes
+x + f(x) (r = 1): at capacity 1.0 the model is exactly the dense one, and on a pretrained model
+every processed token computes exactly what the original block computes for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from modlm.config import ModelConfig
+from modlm.routing.base import Router, RouterOutput, check_mode
+from modlm.routing.expert_choice import CausalPredictor
+from modlm.routing.ops import capacity_k, select_topk, select_topk_masked, topk_mask
+
+__all__ = ["AttentionRouter", "received_attention"]
+
+
+@torch.no_grad()
+def received_attention(
+    q_BHTE: torch.Tensor, k_BGTE: torch.Tensor, valid_BT: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causally normalised attention each token receives, averaged over heads, (B, T), fp32 (fp64 for fp64 inputs).
+
+    Recomputes softmax(q k^T / sqrt(E)) under the causal mask (and the key mask of ``valid_BT``:
+    padding is never attended to, as in the block), averages over query heads, sums each key's
+    column over the real queries and divides by the number of real queries that can see it
+    (itself and every later real query). Padded tokens score 0.
+
+    Args:
+        q_BHTE: queries after RoPE (B, H, T, E). k_BGTE: keys after RoPE (B, G, T, E); grouped
+            query heads are matched to their key head without repeating the keys.
+        valid_BT: real tokens (None: all).
+    """
+    B, H, T, E = q_BHTE.shape
+    G = k_BGTE.shape[1]
+    dtype = torch.promote_types(q_BHTE.dtype, torch.float32)  # fp32 at least: it decides a top-k
+    q = q_BHTE.to(dtype).view(B, G, H // G, T, E)
+    k = k_BGTE.to(dtype).unsqueeze(2)  # (B, G, 1, T, E)
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(E))  # (B, G, H/G, T, T): the one counted product
+    allowed_TT = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    allowed = allowed_TT.view(1, 1, 1, T, T)
+    if valid_BT is not None:
+        # A query always sees itself (no empty softmax row), as the block's own padding mask does.
+        eye = torch.eye(T, dtype=torch.bool, device=q.device).view(1, 1, 1, T, T)
+        allowed = (allowed & valid_BT.view(B, 1, 1, 1, T)) | eye
+    p_BTT = s.masked_fill(~allowed, float("-inf")).softmax(-1).mean(dim=(1, 2))  # (B, Tq, Tk), head mean
+    if valid_BT is None:
+        viewers_T = torch.arange(T, 0, -1, device=q.device, dtype=dtype)  # T - t queries see t
+        return p_BTT.sum(1) / viewers_T
+    w_BT = valid_BT.to(dtype)
+    col_BT = (p_BTT * w_BT.unsqueeze(-1)).sum(1)  # over real queries only
+    viewers_BT = w_BT.flip(1).cumsum(1).flip(1)  # real queries at or after t
+    return torch.where(valid_BT, col_BT / viewers_BT.clamp(min=1.0), torch.zeros_like(col_BT))
+
+
+class AttentionRouter(Router):
+    """A-MoD expert-choice router: top-k of the previous block's received attention.
+
+    No score parameters; a processed token becomes x + f(x). Causal decisions (decoding,
+    ``routing="causal"``) come from a stop-gradient predictor trained on the top-k decisions
+    (see the module docstring).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.pred_weight = config.predictor_loss_weight
+        self.predictor = CausalPredictor(config.d_model, config.predictor_hidden, config.capacity)
+        # NOTE: the predictor's score input is a constant 0 (there is no learned score), so its
+        # standardised score term vanishes and only its MLP on x and its bias decide.
+        self.register_buffer("threshold", torch.zeros(()), persistent=True)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        mode: str = "topk",
+        token_mask_BT: torch.Tensor | None = None,
+        received_BT: torch.Tensor | None = None,
+    ) -> RouterOutput:
+        """Route a (B, T, D) stream. Top-k needs ``received_BT``, the previous block's received
+        attention over the same T tokens (the model provides it); causal routing does not."""
+        check_mode(mode)
+        if mode == "causal":
+            return super().forward(x_BTD, mode, token_mask_BT)
+        if received_BT is None:
+            raise ValueError(
+                "router='attention' routes top-k by the previous block's received attention, but none was "
+                "recorded: run it inside MoDTransformer (which asks the previous block for it), or route causally"
+            )
+        return self._route_topk(x_BTD, received_BT, token_mask_BT)
+
+    def route_topk(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
+        raise ValueError("router='attention' needs the previous block's received attention: call it with received_BT")
+
+    def causal_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The predictor's logit (B, T) in fp32 from each token's own state."""
+        return self.predictor(x_BTD, x_BTD.new_zeros(x_BTD.shape[:2], dtype=torch.float32))
+
+    def decide(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Per-token causal routing: predictor logit above ``threshold``; unit weight."""
+        return self.causal_logits(x_BTD) > self.threshold, None
+
+    def _route_topk(
+        self, x_BTD: torch.Tensor, score_BT: torch.Tensor, token_mask_BT: torch.Tensor | None
+    ) -> RouterOutput:
+        B, T, _ = x_BTD.shape
+        zero = x_BTD.new_zeros((), dtype=torch.float32)
+        score_BT = score_BT.float()
+        if token_mask_BT is not None:  # a padded batch of known prompts: top-k over each row's real tokens
+            idx_BK, valid_BK = select_topk_masked(score_BT, token_mask_BT, self.capacity)
+            return RouterOutput(
+                idx_BK, valid_BK, None, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()}
+            )
+        k = capacity_k(self.capacity, T)
+        idx_BK = select_topk(score_BT, k)
+        target_BT = topk_mask(idx_BK, T).float()
+        p_BT = self.causal_logits(x_BTD)
+        bce = F.binary_cross_entropy_with_logits(p_BT, target_BT)
+        hit_BT = (p_BT.detach() > self.threshold).float()
+        stats = {
+            "routed_frac": zero + k / T,
+            "score_mean_selected": torch.gather(score_BT, 1, idx_BK).mean(),
+            "pred_bce": bce.detach(),
+            "pred_acc": (hit_BT == target_BT).float().mean(),
+            "pred_recall": (hit_BT * target_BT).sum() / target_BT.sum(),
+        }
+        return RouterOutput(idx_BK, None, None, self.pred_weight * bce, stats)
