@@ -136,7 +136,7 @@ def test_layer_removal_and_the_block_influence_ranking(dense_ckpt):
         ref = dense(x, routing="topk")
         cos, sin = dense.rotary(torch.arange(24))
         for i in (0, 1, 3):
-            h = h + dense.blocks[i].update(h, cos, sin)
+            h = h + dense.blocks[i].update(h, cos, sin)[0]
         torch.testing.assert_close(short(x).logits, dense.lm_head(dense.norm(h)), rtol=0, atol=1e-5)
         assert not torch.allclose(short(x).logits, ref.logits)
     influence = block_influence(dense, x)
