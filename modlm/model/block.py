@@ -35,9 +35,8 @@ import torch.nn as nn
 from modlm.config import ModelConfig
 from modlm.model.attention import Attention
 from modlm.model.layers import MLP, RMSNorm, Rotary
-from modlm.routing.attention_based import received_attention
 from modlm.routing.base import RouterOutput, build_router
-from modlm.routing.ops import gather_tokens, scatter_add_weighted
+from modlm.routing.ops import gather_tokens, received_attention, scatter_add_weighted
 
 
 class Phase(str, enum.Enum):

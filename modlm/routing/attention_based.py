@@ -36,55 +36,17 @@ every processed token computes exactly what the original block computes for it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
 from modlm.routing.base import Router, RouterOutput, check_mode
 from modlm.routing.expert_choice import CausalPredictor
-from modlm.routing.ops import capacity_k, select_topk, select_topk_masked, topk_mask
+
+# received_attention lives in ops (a plain tensor op) so the blocks that record it need no router import.
+from modlm.routing.ops import capacity_k, received_attention, select_topk, select_topk_masked, topk_mask
 
 __all__ = ["AttentionRouter", "received_attention"]
-
-
-@torch.no_grad()
-def received_attention(
-    q_BHTE: torch.Tensor, k_BGTE: torch.Tensor, valid_BT: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Causally normalised attention each token receives, averaged over heads, (B, T), fp32 (fp64 for fp64 inputs).
-
-    Recomputes softmax(q k^T / sqrt(E)) under the causal mask (and the key mask of ``valid_BT``:
-    padding is never attended to, as in the block), averages over query heads, sums each key's
-    column over the real queries and divides by the number of real queries that can see it
-    (itself and every later real query). Padded tokens score 0.
-
-    Args:
-        q_BHTE: queries after RoPE (B, H, T, E). k_BGTE: keys after RoPE (B, G, T, E); grouped
-            query heads are matched to their key head without repeating the keys.
-        valid_BT: real tokens (None: all).
-    """
-    B, H, T, E = q_BHTE.shape
-    G = k_BGTE.shape[1]
-    dtype = torch.promote_types(q_BHTE.dtype, torch.float32)  # fp32 at least: it decides a top-k
-    q = q_BHTE.to(dtype).view(B, G, H // G, T, E)
-    k = k_BGTE.to(dtype).unsqueeze(2)  # (B, G, 1, T, E)
-    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(E))  # (B, G, H/G, T, T): the one counted product
-    allowed_TT = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    allowed = allowed_TT.view(1, 1, 1, T, T)
-    if valid_BT is not None:
-        # A query always sees itself (no empty softmax row), as the block's own padding mask does.
-        eye = torch.eye(T, dtype=torch.bool, device=q.device).view(1, 1, 1, T, T)
-        allowed = (allowed & valid_BT.view(B, 1, 1, 1, T)) | eye
-    p_BTT = s.masked_fill(~allowed, float("-inf")).softmax(-1).mean(dim=(1, 2))  # (B, Tq, Tk), head mean
-    if valid_BT is None:
-        viewers_T = torch.arange(T, 0, -1, device=q.device, dtype=dtype)  # T - t queries see t
-        return p_BTT.sum(1) / viewers_T
-    w_BT = valid_BT.to(dtype)
-    col_BT = (p_BTT * w_BT.unsqueeze(-1)).sum(1)  # over real queries only
-    viewers_BT = w_BT.flip(1).cumsum(1).flip(1)  # real queries at or after t
-    return torch.where(valid_BT, col_BT / viewers_BT.clamp(min=1.0), torch.zeros_like(col_BT))
 
 
 class AttentionRouter(Router):
