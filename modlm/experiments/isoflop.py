@@ -150,6 +150,12 @@ class SweepSettings:
     head_dim: int = 32
     predictor_hidden: int = 32
     lr: float = 2e-3
+    # Weights drawn with std init_gain / sqrt(d_model) (None: the model's own init_std, 0.02 at
+    # every width). 0.55 gives GPT-2's 0.02 at d=768; at the widths of a CPU ladder (16-192) a
+    # fixed 0.02 is 3-10x too small, and the runs sit on the unigram plateau (~3.1 nats per byte)
+    # for a random 100-250 of their few hundred steps: that, not the data order, made the seed
+    # spread (0.06 nats). ``modlm.experiments.isoflop.model_overrides`` applies it.
+    init_gain: float | None = None
     min_lr_ratio: float = 0.1  # cosine from lr down to lr * min_lr_ratio
     warmup_frac: float = 0.05  # of each run's steps (at least 10 steps, at most 200)
     weight_decay: float = 0.1
@@ -195,6 +201,12 @@ class SweepSettings:
             self.max_steps >= self.min_steps, "max_steps", self.max_steps, f"must be >= min_steps={self.min_steps}"
         )
         _require(is_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        _require(
+            self.init_gain is None or (is_number(self.init_gain) and self.init_gain > 0),
+            "init_gain",
+            self.init_gain,
+            "must be a number > 0 (init std = init_gain / sqrt(d_model)) or None",
+        )
         _require(
             is_number(self.min_lr_ratio) and 0 < self.min_lr_ratio <= 1,
             "min_lr_ratio",
@@ -269,17 +281,23 @@ def _bpe_path(data: str | None, cache_dir: str | None, split_seed: int, vocab: i
 
 def model_overrides(shape: Shape, family: Family, settings: SweepSettings) -> dict[str, Any]:
     """ModelConfig overrides (on the ``tiny`` preset) for one shape of one family."""
-    if shape.d_model % settings.head_dim:
+    # A width below head_dim is one head of that width (the small end of a CPU ladder).
+    if shape.d_model >= settings.head_dim and shape.d_model % settings.head_dim:
         raise ValueError(
-            f"shape {shape.name}: d_model={shape.d_model} must be a multiple of head_dim={settings.head_dim}"
+            f"shape {shape.name}: d_model={shape.d_model} must be a multiple of head_dim={settings.head_dim} "
+            f"(or below it: one head)"
         )
+    if shape.d_model % 2:
+        raise ValueError(f"shape {shape.name}: d_model={shape.d_model} must be even (RoPE)")
     over = {
         "d_model": shape.d_model,
         "n_layers": shape.n_layers,
-        "n_heads": shape.d_model // settings.head_dim,
+        "n_heads": max(1, shape.d_model // settings.head_dim),
         "max_seq_len": settings.seq_len,
         "predictor_hidden": settings.predictor_hidden,
     }
+    if settings.init_gain is not None:
+        over["init_std"] = round(settings.init_gain / math.sqrt(shape.d_model), 6)
     vocab = settings.vocab_size()
     if vocab is not None:
         over["vocab_size"] = vocab
@@ -550,6 +568,7 @@ SETTINGS_FLAGS = (
     "seq_len",
     "batch_size",
     "lr",
+    "init_gain",
     "head_dim",
     "min_steps",
     "max_steps",
@@ -581,6 +600,12 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default: {d.seq_len})")
     g.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default: {d.batch_size})")
     g.add_argument("--lr", type=float, default=None, help=f"peak learning rate, cosine to lr/10 (default: {d.lr})")
+    g.add_argument(
+        "--init-gain",
+        type=float,
+        default=None,
+        help="weights drawn with std INIT_GAIN / sqrt(width) (default: the scale's; isoflop: the model's fixed 0.02)",
+    )
     g.add_argument(
         "--head-dim", type=int, default=None, help=f"head size; heads = width / head size (default: {d.head_dim})"
     )

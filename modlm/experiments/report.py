@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from modlm.config import ModelConfig
 from modlm.experiments.analysis import ANALYSIS_FILE
 from modlm.experiments.claims import (
     NOT_BRACKETED,
@@ -241,8 +243,14 @@ def _setup(records: list[dict[str, Any]], noise: float | None, scale: Scale, set
         f"{settings.split_seed}, the same for every run); loss in {unit}. {note}".rstrip(),
         f"- Training: AdamW, warmup {settings.warmup_frac:.0%} of steps, cosine to {settings.min_lr_ratio:g} x lr "
         f"over each run, batch {settings.batch_size} sequences x {settings.seq_len} tokens = {tokens:,} tokens per "
-        f"step for every run (so a larger model trains for fewer steps), weight decay {settings.weight_decay:g}. "
-        "The number of steps of each run is round(budget / FLOPs per step), so each run spends its budget to "
+        f"step for every run (so a larger model trains for fewer steps), weight decay {settings.weight_decay:g}, "
+        + (
+            f"weights drawn with std {settings.init_gain:g} / sqrt(width) ({_init_range(scale, settings)}; "
+            "0.02 at width 768, as GPT-2). "
+            if settings.init_gain is not None
+            else f"weights drawn with std {ModelConfig.init_std:g} at every width. "
+        )
+        + "The number of steps of each run is round(budget / FLOPs per step), so each run spends its budget to "
         "within 1%.",
         lr_line,
         "- FLOPs: `modlm.flops` (matmuls only, attention as the full square, routed blocks at their capacity, "
@@ -264,6 +272,13 @@ def _setup(records: list[dict[str, Any]], noise: float | None, scale: Scale, set
         f"{VERDICT_SIGMAS:g} sigma, *no* when it has the opposite sign beyond that, *within noise* otherwise; "
         f"*{NOT_BRACKETED}* when an isoFLOP optimum could not be bracketed (no verdict).\n",
     ]
+
+
+def _init_range(scale: Scale, settings: SweepSettings) -> str:
+    """'0.040-0.14 on this ladder': the init std at the ladder's widest and narrowest shapes."""
+    widths = [sh.d_model for sh in scale.shapes]
+    hi, lo = (settings.init_gain / math.sqrt(w) for w in (min(widths), max(widths)))
+    return f"{lo:.2g}-{hi:.2g} on this ladder"
 
 
 def _section(

@@ -61,7 +61,8 @@ VARIANT_BY_KEY = {v.key: v for v in VARIANTS}
 
 # Shape ladders: each rung has ~1.2-1.6x the parameters of the one before, growing in width and
 # depth in turn, so a curve can be extended by one rung on either side.
-LADDER_CPU = "16x2,16x3,32x2,32x3,48x3,48x4,64x3,64x4,80x4,96x4,112x5,128x6,160x6,192x6"
+# Widths below the head size are one head of that width.
+LADDER_CPU = "8x2,12x2,16x2,16x3,32x2,32x3,48x3,48x4,64x3,64x4,80x4,96x4,112x5,128x6,160x6,192x6"
 LADDER_GPU = "64x4,96x4,128x4,128x6,160x6,192x6,256x6,256x8,320x8,384x8,448x8,512x8,512x10"
 
 
@@ -124,12 +125,15 @@ _DEFAULT = Scale(
         head_dim=16,
         predictor_hidden=32,
         min_steps=60,
-        max_steps=3000,
+        # 4000, not 3000: at 3e12 the dense curve's best shape (d32L3) needs its smaller
+        # neighbour (d32L2, 3322 steps) to be bracketed.
+        max_steps=4000,
         eval_batches=32,
-        lr=3e-3,
+        lr=6e-3,
+        init_gain=0.55,
     ),
     jobs=2,
-    lrs=(1.5e-3, 3e-3, 6e-3),
+    lrs=(3e-3, 6e-3, 1.2e-2),
     tokenizer_note="Bytes rather than BPE, as closer to the paper's setting where it matters for MoD: at these "
     "widths (16-192) a 4-8k BPE vocabulary would put 20-84% of every model's forward FLOPs in the unembedding, "
     "which no router can skip (bytes: 1-14%), while the paper's models spend nearly all of theirs in the blocks "
@@ -164,6 +168,7 @@ SCALES: dict[str, Scale] = {
             ckpts_per_run=2,
             log_points=10,
             lr=3e-3,
+            init_gain=0.55,
         ),
         analysis_sequences=8,
         heatmap_tokens=32,
@@ -209,6 +214,7 @@ SCALES: dict[str, Scale] = {
             lr=2e-3,
             tokenizer="bpe:4096",
             dtype="auto",
+            init_gain=0.55,
         ),
         analysis_sequences=128,
         lrs=(1e-3, 2e-3, 4e-3),

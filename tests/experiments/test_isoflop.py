@@ -53,3 +53,35 @@ def test_new_kind_families_plan_runs_at_their_budget(family):
     assert abs(run.train_flops - 3.6e12) <= 0.01 * 3.6e12
     assert run.flops_per_step == train_flops(cfg, settings.seq_len, settings.batch_size)
     assert set(cfg.layer_types) != {"dense"}
+
+
+def test_init_gain_scales_the_init_std_with_width():
+    """init_gain / sqrt(width) reaches the built model's weights; None keeps the model's 0.02."""
+    import math
+
+    import torch
+
+    from modlm.model.transformer import MoDTransformer
+
+    plain = plan_run(1e12, "dense", Shape(32, 2), SweepSettings(head_dim=16))
+    assert "init_std" not in plain.overrides and plain.model_config().init_std == 0.02
+    scaled = SweepSettings(head_dim=16, init_gain=0.55)
+    for width in (16, 64):
+        run = plan_run(3e11, "mod", Shape(width, 2), scaled, max_steps=10**6)
+        cfg = run.model_config()
+        assert cfg.init_std == pytest.approx(0.55 / math.sqrt(width), rel=1e-4)
+        torch.manual_seed(0)
+        emb = MoDTransformer(cfg).tok_emb.weight
+        assert emb.std().item() == pytest.approx(cfg.init_std, rel=0.05)
+    with pytest.raises(ValueError, match="init_gain"):
+        SweepSettings(init_gain=0.0)
+
+
+def test_a_width_below_the_head_size_is_one_head():
+    settings = SweepSettings(head_dim=16)
+    for width, heads in ((8, 1), (12, 1), (16, 1), (48, 3)):
+        assert plan_run(3e11, "mod", Shape(width, 2), settings).overrides["n_heads"] == heads
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        plan_run(3e11, "dense", Shape(24, 2), settings)
+    with pytest.raises(ValueError, match="even"):
+        plan_run(3e11, "dense", Shape(7, 2), settings)
