@@ -17,6 +17,7 @@ from modlm.experiments.isoflop import Shape
 ISOFLOP_TAG = "isoflop"  # a run on an isoFLOP curve (any seed)
 SEED_TAG = "seed"  # a repeat with another seed
 LR_TAG = "lr"  # a learning-rate trial
+UNSTABLE_TAG = "unstable"  # a run that blew up and was retrained at a lower lr (read by nothing else)
 
 Record = dict[str, Any]
 
@@ -36,6 +37,26 @@ def fit_bracket(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     xv = min(max(xv, x0), x2)  # a middle minimum puts it between the outer points; clamp rounding
     c = y0 - a * x0 * x0 - b * x0
     return math.exp(xv), a * xv * xv + b * xv + c
+
+
+def instability(record: Record, vocab_size: int, warmup_steps: int) -> str | None:
+    """Why a finished run is unstable, or None: its validation loss is not finite, or after warmup
+    a logged training loss (LM, or the auxiliary losses: router BCE, predictor, MoE balance) rose
+    above ln(vocab_size), a uniform guess over the vocabulary, i.e. worse than knowing nothing.
+
+    A blow-up, not a bad result: a learned router's logit r (a processed token becomes
+    x + r·f(x)) can run away to thousands at a learning rate a small dense model takes in its
+    stride, while the LM loss stays bounded (seen at lr 0.024 routing every block).
+    """
+    val = record.get("val_loss")
+    if val is None or not math.isfinite(val):
+        return f"validation loss {val}"
+    bound = math.log(vocab_size)
+    for name, key in (("training loss", "train_curve"), ("auxiliary loss", "aux_curve")):
+        for step, value in record.get(key) or []:
+            if step > warmup_steps and not (math.isfinite(value) and value <= bound):
+                return f"{name} {value:.3g} > ln {vocab_size} = {bound:.2f} at step {step}"
+    return None
 
 
 def seed_noise(groups: Sequence[Sequence[float]]) -> tuple[float | None, int]:

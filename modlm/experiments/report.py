@@ -34,7 +34,7 @@ from modlm.experiments.curves import curve_optima, lr_choices
 from modlm.experiments.isoflop import SweepSettings, format_budget, train_tokens
 from modlm.experiments.results import PLAN_FILE, read_results
 from modlm.experiments.scales import VARIANT_BY_KEY, VARIANTS, Scale
-from modlm.experiments.study import read_study
+from modlm.experiments.study import MAX_RETRAINS, read_study
 
 REPORT_FILE = "REPORT.md"
 CLAIMS_FILE = "claims.json"
@@ -178,7 +178,7 @@ def _render(
     """The text of REPORT.md: how it was made, the setup, a summary table, one section per part
     of the paper, our disagreements and every run."""
     L = _introduction(records, command, scale, settings, results)
-    L += _setup(records, noise, scale, settings)
+    L += _setup(records, noise, scale, settings, results)
     n_yes = sum(c.holds == "yes" for c in claims)
     L.append(f"## Summary: {n_yes} of {len(claims)} claims hold at this scale\n")
     L.append(
@@ -212,7 +212,22 @@ def _introduction(
     ]
 
 
-def _setup(records: list[dict[str, Any]], noise: float | None, scale: Scale, settings: SweepSettings) -> list[str]:
+def _stability_line(results: Path) -> str:
+    """The runs the study retrained at a lower lr because they blew up (study.json's 'retrained')."""
+    redone = (read_study(results) or {}).get("retrained") or []
+    rule = (
+        f"- Stability: a run whose training or auxiliary loss rose above ln(vocabulary) after warmup (worse than "
+        f"a uniform guess) is retrained at half its lr, up to {MAX_RETRAINS} times, and only the retrain counts"
+    )
+    if not redone:
+        return rule + "; no run needed it."
+    items = "; ".join(f"{d['run_id']} ({d['why']}) at lr {d['retrain_lr']:g}" for d in redone)
+    return rule + f". Retrained here: {items}."
+
+
+def _setup(
+    records: list[dict[str, Any]], noise: float | None, scale: Scale, settings: SweepSettings, results: Path
+) -> list[str]:
     ns = noise_summary(records)
     noise_txt = (
         f"sigma = {noise:.4f} nats, the pooled standard deviation of the final validation loss over "
@@ -265,6 +280,7 @@ def _setup(records: list[dict[str, Any]], noise: float | None, scale: Scale, set
         f"over seeds {', '.join(str(s) for s in scale.seeds)}. MoD = learned expert-choice routing, capacity "
         "12.5%, every other block, causal predictor (the paper's best setting).",
         f"- Variants: shape {scale.variant_shape.name} at {format_budget(scale.variant_budget)} FLOPs, one seed.",
+        _stability_line(results),
         "- Final validation loss: "
         f"{settings.eval_batches * settings.batch_size} windows of {settings.seq_len} tokens spread over the "
         "validation split, top-k routing unless stated.",

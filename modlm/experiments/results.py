@@ -94,16 +94,17 @@ def last_step(run_dir: str | Path) -> int | None:
     return None
 
 
-def _curves(run_dir: Path) -> dict[str, Any]:
+def run_curves(run_dir: Path) -> dict[str, Any]:
     """Training-loss curve, evaluations and per-layer router statistics from metrics.jsonl."""
     path = run_dir / METRICS_FILE
     events = _parse_lines(path.read_text(encoding="utf-8").splitlines()) if path.exists() else []
-    train_pts, evals = [], []
+    train_pts, aux_pts, evals = [], [], []
     router: dict[str, list[float]] = {}
     router_steps: list[int] = []
     for rec in events:
         if rec.get("event") == "train":
             train_pts.append([rec["step"], rec["lm_loss"]])
+            aux_pts.append([rec["step"], rec.get("aux_loss", 0.0)])
             stats = rec.get("router") or {}
             keep = {
                 k: v
@@ -128,9 +129,13 @@ def _curves(run_dir: Path) -> dict[str, Any]:
             evals.append([rec["step"], rec.get("val_loss"), rec.get("val_loss_causal")])
     # A resumed run logs its steps after the checkpoint again: keep the last record of each step.
     train_pts = sorted({s: [s, v] for s, v in train_pts}.values())
+    aux_pts = sorted({s: [s, v] for s, v in aux_pts}.values())
     evals = sorted({e[0]: e for e in evals}.values())
     return {
         "train_curve": train_pts,
+        # The auxiliary losses (router BCE, predictor, MoE balance): where a blow-up shows first
+        # (a router logit r in the thousands leaves the LM loss bounded but the predictor's BCE not).
+        "aux_curve": aux_pts,
         "evals": evals,
         "router_curve": {"step": router_steps, **router} if router_steps else {},
     }
@@ -160,5 +165,5 @@ def run_record(run: PlannedRun, cfg, summary: dict[str, Any], run_dir: Path, res
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     )
-    rec.update(_curves(run_dir))
+    rec.update(run_curves(run_dir))
     return rec

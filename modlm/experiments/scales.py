@@ -114,7 +114,7 @@ class Scale:
 _DEFAULT = Scale(
     name="default",
     description="about an hour on a free 2-core CPU (2 runs at once); byte-level enwiki, 256-byte "
-    "sequences, models of 12K-2.7M parameters on a bracketing shape ladder, 3 seeds",
+    "sequences, models of 6K-2.7M parameters on a bracketing shape ladder, 3 seeds",
     budgets=(3e11, 1e12, 3e12),
     shapes=parse_shapes(LADDER_CPU),
     variant_budget=1e12,

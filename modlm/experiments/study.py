@@ -43,7 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modlm.experiments.curves import ISOFLOP_TAG, LR_TAG, SEED_TAG, Record, lr_choices, summarize_isoflop
+from modlm.experiments.curves import (
+    ISOFLOP_TAG,
+    LR_TAG,
+    SEED_TAG,
+    UNSTABLE_TAG,
+    Record,
+    instability,
+    lr_choices,
+    summarize_isoflop,
+)
 from modlm.experiments.isoflop import (
     DEFAULT_SHAPES,
     FAMILIES,
@@ -61,9 +70,10 @@ from modlm.experiments.isoflop import (
     resolve_jobs,
     settings_from_args,
 )
-from modlm.experiments.results import RUNS_FILE
+from modlm.experiments.results import RUNS_FILE, run_curves
 
 STUDY_FILE = "study.json"
+MAX_RETRAINS = 2  # halvings of the lr for a run that blew up; after that it stays, flagged
 
 
 @dataclass(frozen=True)
@@ -313,6 +323,38 @@ def run_study(
     def incomplete() -> StudyResult:
         return StudyResult(False, plan, list(records.values()), {}, [], rounds)
 
+    # 4. Stability: a run that blew up (``modlm.experiments.curves.instability``) is retrained
+    # at half its lr, up to MAX_RETRAINS times; the unstable run keeps only UNSTABLE_TAG, so no
+    # curve, seed group or variant reads it, and every later plan of it resolves to the retrain.
+    retrains: dict[str, PlannedRun] = {}
+    depth: dict[str, int] = {}
+    retrained: list[dict[str, Any]] = []
+
+    def resolve(run: PlannedRun) -> PlannedRun:
+        while run.run_id in retrains:
+            run = retrains[run.run_id]
+        return run
+
+    def retrain_unstable() -> list[PlannedRun]:
+        out = []
+        for i, r in enumerate(plan):
+            rec = records.get(r.run_id)
+            if rec is None or LR_TAG in r.tags or UNSTABLE_TAG in r.tags or r.run_id in retrains:
+                continue
+            if "aux_curve" not in rec:  # recorded before runs.jsonl carried it
+                rec = {**rec, **run_curves(results / rec["out_dir"])}
+            why = instability(rec, r.model_config().vocab_size, r.train_config(settings, "x").warmup_steps)
+            if why is None or depth.get(r.run_id, 0) >= MAX_RETRAINS:
+                continue
+            lr = (settings.lr if r.lr is None else r.lr) / 2
+            redo = plan_run(r.budget, r.family, r.shape, settings, tags=r.tags, seed=r.seed, lr=lr, max_steps=2**62)
+            retrains[r.run_id], depth[redo.run_id] = redo, depth.get(r.run_id, 0) + 1
+            plan[i] = dataclasses.replace(r, tags=(UNSTABLE_TAG,))
+            retrained.append({"run_id": r.run_id, "lr": r.lr, "why": why, "retrain": redo.run_id, "retrain_lr": lr})
+            log(f"study: {r.run_id} is unstable ({why}): retraining at lr {lr:g}")
+            out.append(redo)
+        return out
+
     # 1. Learning rate per family.
     lrs: dict[str, float] = {}
     if design.lrs:
@@ -341,7 +383,7 @@ def run_study(
     pending_extra = extra(lrs) if extra is not None else []
     curves: dict[tuple[float, str], dict[str, Any]] = {}
     while True:
-        new: list[PlannedRun] = list(pending_extra)
+        new: list[PlannedRun] = list(pending_extra) + retrain_unstable()
         pending_extra = []
         for b in design.budgets:
             for fam in design.families:
@@ -354,7 +396,7 @@ def run_study(
                     measured.setdefault(rung_of[r.shape.name], {})[r.seed] = rec["val_loss"]
                 if not measured:
                     window = first_window(design, b, fam, settings)
-                    new += [_grid_run(design, b, fam, i, settings, lr, design.seeds[0]) for i in window]
+                    new += [resolve(_grid_run(design, b, fam, i, settings, lr, design.seeds[0])) for i in window]
                     why = "" if window else "no shape of the ladder trains for min_steps..max_steps at this budget"
                     curves[(b, fam)] = {"state": "planned" if window else "unbracketable", "best": None, "why": why}
                     continue
@@ -376,12 +418,12 @@ def run_study(
                     log(
                         f"study: {format_budget(b)} {fam}: best {names[d.best]} is an end of the curve; adding {names[d.add]}"
                     )
-                    new.append(_grid_run(design, b, fam, d.add, settings, lr, design.seeds[0]))
+                    new.append(resolve(_grid_run(design, b, fam, d.add, settings, lr, design.seeds[0])))
                 elif d.state == "bracketed":
                     for i in (d.best - 1, d.best, d.best + 1):
                         for s in design.seeds:
                             if s not in measured.get(i, {}):
-                                new.append(_grid_run(design, b, fam, i, settings, lr, s))
+                                new.append(resolve(_grid_run(design, b, fam, i, settings, lr, s)))
         if not new:
             break
         if not train(new):
@@ -390,7 +432,9 @@ def run_study(
         {"budget": b, "family": f, **c} for (b, f), c in sorted(curves.items(), key=lambda kv: (kv[0][0], kv[0][1]))
     ]
     (results / STUDY_FILE).write_text(
-        json.dumps({"lrs": lrs, "curves": states, "rounds": rounds, "runs": len(plan)}, indent=1)
+        json.dumps(
+            {"lrs": lrs, "curves": states, "retrained": retrained, "rounds": rounds, "runs": len(plan)}, indent=1
+        )
     )
     for c in states:
         if c["state"] == "unbracketable":

@@ -4,15 +4,16 @@ its report and claims.json."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from modlm.experiments import sweep
 from modlm.experiments.claims import NOT_BRACKETED
-from modlm.experiments.curves import fit_bracket, seed_noise
+from modlm.experiments.curves import UNSTABLE_TAG, curve_optima, fit_bracket, instability, seed_noise
 from modlm.experiments.isoflop import Shape, SweepSettings, parse_shapes, plan_run
-from modlm.experiments.report import CLAIMS_FILE, REPORT_FILE, write_report
+from modlm.experiments.report import CLAIMS_FILE, REPORT_FILE, tagged_records, write_report
 from modlm.experiments.scales import Scale
 from modlm.experiments.study import STUDY_FILE, StudyDesign, decide_curve, first_window, run_study
 
@@ -199,3 +200,64 @@ def test_a_study_extends_brackets_repeats_seeds_and_reports_it(tmp_path, monkeyp
     md = (tmp_path / "rep" / REPORT_FILE).read_text()
     assert "Not bracketed: the dense optimum at 2e9" in md and "Learning-rate sweep" in md
     assert f"sigma = {doc['noise']['sigma']:.4f}" in md and "**optimum**" in md
+
+
+def test_instability_is_a_loss_above_a_uniform_guess_after_warmup():
+    bound = math.log(256)
+    ok = {"val_loss": 2.0, "train_curve": [[5, 9.0], [50, 2.5]], "aux_curve": [[5, 30.0], [50, 0.1]]}
+    assert instability(ok, 256, warmup_steps=10) is None  # spikes during warmup do not count
+    lm = dict(ok, train_curve=[[50, bound + 0.1]])
+    assert "training loss" in instability(lm, 256, 10) and "at step 50" in instability(lm, 256, 10)
+    aux = dict(ok, aux_curve=[[60, 442.5]])  # the LM loss bounded, a runaway router's predictor BCE not
+    assert "auxiliary loss 442" in instability(aux, 256, 10)
+    assert instability(dict(ok, aux_curve=[[60, float("nan")]]), 256, 10) is not None
+    assert "validation loss" in instability(dict(ok, val_loss=float("nan")), 256, 10)
+    assert instability(dict(ok, val_loss=None), 256, 10) is not None
+
+
+def test_a_run_that_blows_up_is_retrained_at_half_its_lr_and_only_the_retrain_counts(tmp_path, monkeypatch):
+    b = 1e9
+    design = StudyDesign(budgets=(b,), ladder=LADDER, seeds=(0, 1, 2), max_extensions=4)
+    window = first_window(design, b, "mod", SETTINGS)
+    bad_shape = LADDER[window[1]]
+    fake, calls = _synthetic({b: plan_run(b, "dense", bad_shape, SETTINGS).params}, {"dense": 2e-3, "mod": 2e-3})
+
+    def train_run(run, settings, run_dir):
+        summary = fake(run, settings, run_dir)
+        lr = run.lr if run.lr is not None else settings.lr
+        # MoD at this shape and seed 1 blows up at lr >= 2e-3 (the settings' lr): its aux loss runs away
+        blows = run.family == "mod" and run.shape == bad_shape and run.seed == 1 and lr >= 2e-3
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(run_dir) / "metrics.jsonl", "w") as f:
+            for step in (10, run.steps // 2, run.steps):
+                f.write(
+                    json.dumps({"event": "train", "step": step, "lm_loss": 3.0, "aux_loss": 500.0 if blows else 0.1})
+                )
+                f.write("\n")
+        return summary
+
+    monkeypatch.setattr(sweep, "train_run", train_run)
+    res = run_study(design, tmp_path / "res", SETTINGS, progress=False, log=lambda _m: None)
+    assert res.complete
+    bad = plan_run(b, "mod", bad_shape, SETTINGS, seed=1)
+    redo = plan_run(b, "mod", bad_shape, SETTINGS, seed=1, lr=SETTINGS.lr / 2)
+    tags = {r.run_id: r.tags for r in res.runs}
+    assert tags[bad.run_id] == (UNSTABLE_TAG,)  # read by no curve, seed group or variant
+    assert "isoflop" in tags[redo.run_id] and "seed" in tags[redo.run_id]
+    study = json.loads((tmp_path / "res" / STUDY_FILE).read_text())
+    assert [(d["run_id"], d["retrain"]) for d in study["retrained"]] == [(bad.run_id, redo.run_id)]
+    assert "auxiliary loss 500" in study["retrained"][0]["why"]
+    # the curve point of that shape averages three seeds, the retrain in place of the blow-up
+    (opt,) = [o for (bb, fam), o in curve_optima(tagged_records(tmp_path / "res")).items() if fam == "mod"]
+    point = next(p for p in opt.points if p.shape == bad_shape.name)
+    assert sorted(r["run_id"] for r in point.records) == sorted(
+        [
+            plan_run(b, "mod", bad_shape, SETTINGS).run_id,
+            redo.run_id,
+            plan_run(b, "mod", bad_shape, SETTINGS, seed=2).run_id,
+        ]
+    )
+    # resumable: replaying the study retrains nothing and makes the same decisions
+    n = len(calls)
+    again = run_study(design, tmp_path / "res", SETTINGS, progress=False, log=lambda _m: None)
+    assert again.complete and len(calls) == n and {r.run_id: r.tags for r in again.runs} == tags
