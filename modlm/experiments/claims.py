@@ -480,8 +480,11 @@ def _causal_claims(records: Sequence[Record], noise: float | None, nz: str) -> l
             f"top-k loss with aux loss {aux['val_loss']:.4f} vs with predictor {ref['val_loss']:.4f} "
             f"({_pct(aux['val_loss'], ref['val_loss'])}); {nz}"
         )
-        # The claim is "costs a little", i.e. |difference| small: holds when within 0.5% or within noise.
-        holds = "yes" if abs(d) <= max(0.005 * ref["val_loss"], noise or 0.0) else "no"
+        # The claim is one-sided, "costs a little": it holds when the aux-loss run is at most 0.5%
+        # or the noise worse; a run that is better costs nothing (said in the row).
+        holds = "yes" if d <= max(0.005 * ref["val_loss"], noise or 0.0) else "no"
+        if d < -(noise or 0.0):
+            ours += " (the aux-loss run is better: no cost)"
     else:
         ours, holds = NOT_RUN
     claims.append(
@@ -709,10 +712,11 @@ def _amod_claims(records: Sequence[Record], noise: float | None, nz: str) -> lis
 # Our explanations when a claim does not hold at small scale: hypotheses, stated as such. They
 # live with the claims because each row carries its own (claims.json keeps them with the verdict).
 WHY = {
-    "isoflop": "Our budgets are ~10^6 times smaller than the paper's smallest (6e18). Models of 10^5-10^6 parameters "
-    "on bytes are limited by width more than depth, every routed block at 12.5% adds little capacity, "
-    "and the router spends part of a short run learning what to route; the paper's MoD advantage "
-    "comes from affording bigger models, which helps only once the data and steps can use them.",
+    "isoflop": "Our budgets are ~10^6 times smaller than the paper's smallest (6e18), and our optima are models of "
+    "10^4-10^5 parameters trained for a few thousand steps. MoD's advantage is that it affords a bigger model for "
+    "the same FLOPs; at these sizes a bigger model gains less per parameter than at the paper's, while it still "
+    "pays for the router learning what to route in a short run. The smallest budget, where MoD's extra steps "
+    "matter most, is where it wins here.",
     "params": "With few budget points and a coarse grid the optimum moves by whole grid steps; a flat isoFLOP curve "
     "makes the argmin sensitive to run-to-run noise.",
     "fwd_ratio": "Follows from where the optima fall on our coarse grid; with a flat curve the optimum's FLOPs per "

@@ -480,6 +480,7 @@ def _variant_table(records: list[dict[str, Any]]) -> str:
             (
                 v.label,
                 r["steps"],
+                f"{r['lr']:g}" if r.get("lr") is not None else "",
                 f"{r['forward_flops_per_token']:.3g}",
                 f"{r['val_loss']:.4f}",
                 f"{r['val_loss_causal']:.4f}" if r.get("val_loss_causal") is not None else "",
@@ -488,7 +489,15 @@ def _variant_table(records: list[dict[str, Any]]) -> str:
         )
     return (
         _md_table(
-            ["variant", "steps", "fwd FLOPs/token", "val loss (top-k)", "val loss (causal)", "causal routed fraction"],
+            [
+                "variant",
+                "steps",
+                "lr",
+                "fwd FLOPs/token",
+                "val loss (top-k)",
+                "val loss (causal)",
+                "causal routed fraction",
+            ],
             rows,
         )
         + "\n"

@@ -128,3 +128,19 @@ def test_amod_vs_learned_is_judged_on_the_two_variant_runs():
     assert {c.id: c for c in claims}["amod_vs_learned"].holds == "no"
     claims, _ = build_claims([variant("mod", 2.00)], None, [])
     assert {c.id: c for c in claims}["amod_vs_learned"].holds == "n/a"
+
+
+def test_the_aux_loss_cost_is_one_sided():
+    """'Costs only a little': an aux-loss run that is better costs nothing; one worse beyond noise fails."""
+    from modlm.experiments.claims import _causal_claims
+
+    def rec(key, loss):
+        return {"tags": [f"variant:{key}"], "val_loss": loss, "val_loss_causal": loss, "overrides": {"capacity": 0.125}}
+
+    def holds(aux_loss):
+        claims = _causal_claims([rec("mod", 2.0), rec("aux-loss", aux_loss)], 0.01, "seed sigma 0.0100")
+        return next(c for c in claims if c.id == "aux_loss_cost")
+
+    assert holds(1.90).holds == "yes" and "no cost" in holds(1.90).ours
+    assert holds(2.005).holds == "yes"  # within 0.5%
+    assert holds(2.10).holds == "no"
