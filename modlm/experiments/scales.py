@@ -106,10 +106,12 @@ class Scale:
         )
 
 
-# About an hour on a free 2-core CPU with its 2 jobs (`--dry-run` measures and prints the
-# estimate for the machine it runs on: 46-48 min for the expected 68 runs, 9.1e13 FLOPs, on a
-# shared machine; each extension adds 0.3-3 min, and the study's rounds leave a core idle
-# while the last run of a round finishes). Byte tokens: see tokenizer_note.
+# About an hour on a free 2-core CPU with its 2 jobs. `--dry-run` measures and prints the
+# estimate for the machine it runs on: 60 min for the expected 76 runs, 9.9e13 FLOPs. Measured
+# (2026-12-02, the committed docs/results): 50 min for 85 runs (the lr sweep went up twice,
+# 3 curves grew a rung), then 3 min to retrain the 2 variants that blew up at lr 0.024 (one of
+# them twice); each extension adds 0.3-3 min, and the study's rounds leave a core idle while
+# the last run of a round finishes. Byte tokens: see tokenizer_note.
 # Sequences of 256 bytes: a routed block at 12.5% processes 32 tokens of each.
 _DEFAULT = Scale(
     name="default",
