@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -71,7 +72,12 @@ def process_group(info: DistInfo, device: torch.device) -> Iterator[DistInfo]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield replace(info, rank=dist.get_rank(), world_size=dist.get_world_size())
+        dist.barrier()  # a normal exit: no rank tears its connections down while a peer still uses them
     finally:
+        # Free what still refers to the group (an FSDP model's hooks form reference cycles) while
+        # the interpreter is alive; left to finalization, gloo's worker threads release their work
+        # objects without the GIL and abort the process (a SIGABRT after a finished run).
+        gc.collect()
         dist.destroy_process_group()
 
 
