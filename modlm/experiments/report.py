@@ -266,7 +266,7 @@ def _setup(
             else f"weights drawn with std {ModelConfig.init_std:g} at every width. "
         )
         + "The number of steps of each run is round(budget / FLOPs per step), so each run spends its budget to "
-        "within 1%.",
+        "within 1%. " + ("Each run's model is torch.compiled." if settings.compile else scale.compile_note),
         lr_line,
         "- FLOPs: `modlm.flops` (matmuls only, attention as the full square, routed blocks at their capacity, "
         "router and predictor included, training = forward + backward; checked against "

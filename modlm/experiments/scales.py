@@ -92,6 +92,7 @@ class Scale:
     assumed_flops_per_s: float | None = None
     assumed_step_s: float = 0.0
     tokenizer_note: str = ""  # why this scale uses its tokenizer (shown in the report)
+    compile_note: str = ""  # why this scale does (not) torch.compile its runs (shown in the report)
 
     def design(self, base_seed: int = 0) -> StudyDesign:
         """The isoFLOP study of this scale; its seeds counted from ``base_seed`` (``--seed``)."""
@@ -141,6 +142,8 @@ _DEFAULT = Scale(
     "which no router can skip (bytes: 1-14%), while the paper's models spend nearly all of theirs in the blocks "
     "MoD routes around; it would also cut the 2.7 MB corpus to ~0.75M tokens, repeated by the larger runs. "
     "256-byte sequences give a routed block at 12.5% 32 tokens of each.",
+    compile_note="No torch.compile (`--compile` turns it on): measured on d32L3 MoD at 1e12 FLOPs, a compiled "
+    "step was 1.15x faster, but compiling took ~36 s per run, more than it saves on these runs of 20-170 s.",
     # Where each curve's first window is centred. Chinchilla's ~20 tokens per parameter is too
     # few for these tiny models: in a check at 3e11 FLOPs (one seed) the best dense run saw ~100
     # tokens per non-embedding parameter and the best MoD run ~35, both at the small end of a
@@ -223,6 +226,8 @@ SCALES: dict[str, Scale] = {
         max_extensions=2,
         assumed_flops_per_s=2e14,
         assumed_step_s=0.004,
+        compile_note="No torch.compile (`--compile` turns it on): its runs are ~5-15 s each, shorter than compiling "
+        "a model takes (not measured on a GPU).",
         tokenizer_note="BPE (4096, learned on the training split): subword tokens as in the paper; at widths of "
         "64-512 its unembedding is 5-36% of the forward FLOPs.",
     ),

@@ -104,11 +104,11 @@ def _check_settings(
     for run in runs:
         rec = finished.get(run.run_id)
         if rec is not None:
-            want = train_settings(run.train_config(settings, "x"))
-            if rec.get("train") != want:
-                diff = sorted(
-                    k for k in set(want) | set(rec.get("train", {})) if want.get(k) != rec.get("train", {}).get(k)
-                )
+            # Whether a run is compiled is how it runs, not what it trains (like where it lives).
+            want = {k: v for k, v in train_settings(run.train_config(settings, "x")).items() if k != "compile"}
+            got = {k: v for k, v in rec.get("train", {}).items() if k != "compile"}
+            if got != want:
+                diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
                 raise ValueError(
                     f"{results / RUNS_FILE} holds run {run.run_id} trained with other settings "
                     f"(differs in {diff}); use another --results-dir"

@@ -118,3 +118,9 @@ def test_changed_settings_are_refused(tmp_path, make_corpus):
     other = settings.replace(lr=settings.lr / 2)
     with pytest.raises(ValueError, match="other settings"):
         run_sweep(plan_sweep([2.5e8], ["dense"], [Shape(16, 2)], other), tmp_path / "r", other, progress=False)
+    # compiling is how a run executes, not what it trains: an eager folder resumes compiled, nothing retrained
+    compiled = settings.replace(compile=True)
+    again = plan_sweep([2.5e8], ["dense", "mod"], [Shape(16, 2)], compiled)[:1]
+    assert again[0].train_config(compiled, "x").compile is True
+    res = run_sweep(again, tmp_path / "r", compiled, progress=False)
+    assert res.complete and res.ran == [] and [r["run_id"] for r in res.records] == [runs[0].run_id]
