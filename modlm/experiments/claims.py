@@ -221,10 +221,16 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
         diff = d.loss - m.loss
         sig = diff / noise if noise else None
         extra["difference_sigma"] = sig
+        # The fitted vertex can lie below every measured point (a 3-point parabola extrapolates):
+        # the best measured means, side by side, show whether the verdict rests on the fit.
+        msig = (d.best.loss - m.best.loss) / noise if noise else None
+        extra["measured_difference_sigma"] = msig
         ours = (
             f"MoD {_optimum_text(m)} vs dense {_optimum_text(d)}: {_pct(m.loss, d.loss)}"
             + (f", {sig:+.1f} sigma" if sig is not None else "")
-            + f"; {nz}"
+            + f" (best measured: {_pct(m.best.loss, d.best.loss)}"
+            + (f", {msig:+.1f} sigma" if msig is not None else "")
+            + f"); {nz}"
         )
         if not (d.bracketed and m.bracketed):
             holds = NOT_BRACKETED

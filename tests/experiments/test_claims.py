@@ -47,6 +47,9 @@ def test_isoflop_claims_judge_fitted_optima_against_the_seed_noise():
     assert one["dense_optimum"]["bracketed"] and one["dense_optimum"]["shape"] == "d48L2"
     assert math.isclose(one["dense_optimum"]["params"], 4000, rel_tol=1e-6)  # the parabola's vertex
     assert math.isclose(one["difference_sigma"], 0.1 / 0.004, rel_tol=1e-6)
+    # the best measured means give the same difference here (the vertex is a measured shape)
+    assert math.isclose(one["measured_difference_sigma"], 0.1 / 0.004, rel_tol=1e-6)
+    assert "best measured: -5.00%, +25.0 sigma" in one["ours"]
     two = by_id["isoflop@2e12"].as_dict()
     assert two["holds"] == NOT_BRACKETED and not two["mod_optimum"]["bracketed"]
     assert by_id["capacity_12.5_best"].holds == "n/a"  # no variant runs here
