@@ -155,7 +155,7 @@ class SweepSettings:
     # fixed 0.02 is 3-10x too small, and the runs sit on the unigram plateau (~3.1 nats per byte)
     # for a random 100-250 of their few hundred steps: that, not the data order, made the seed
     # spread (0.06 nats). ``modlm.experiments.isoflop.model_overrides`` applies it.
-    init_gain: float | None = None
+    init_gain: float | None = 0.55
     # torch.compile each run's model (TrainConfig.compile). Off by default: on the default
     # scale's CPU runs the compiled step was 1.15x faster but compiling took ~36 s per run, more
     # than it saves on runs of 20-170 s. How a run is executed, not what it trains: a results

@@ -63,9 +63,9 @@ def test_init_gain_scales_the_init_std_with_width():
 
     from modlm.model.transformer import MoDTransformer
 
-    plain = plan_run(1e12, "dense", Shape(32, 2), SweepSettings(head_dim=16))
+    plain = plan_run(1e12, "dense", Shape(32, 2), SweepSettings(head_dim=16, init_gain=None))
     assert "init_std" not in plain.overrides and plain.model_config().init_std == 0.02
-    scaled = SweepSettings(head_dim=16, init_gain=0.55)
+    scaled = SweepSettings(head_dim=16)  # the default gain, 0.55
     for width in (16, 64):
         run = plan_run(3e11, "mod", Shape(width, 2), scaled, max_steps=10**6)
         cfg = run.model_config()
