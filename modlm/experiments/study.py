@@ -287,6 +287,153 @@ class StudyResult:
     rounds: int
 
 
+class _Study:
+    """One study while it runs: the plan so far, the finished records (tagged by the plan), the
+    rounds, the learning-rate choices, each curve's state and the retrains of unstable runs.
+    Every decision is a function of the finished records, so a restart replays it."""
+
+    def __init__(self, design: StudyDesign, results: Path, settings: SweepSettings, sweep_kw: dict, log) -> None:
+        self.design, self.results, self.settings, self.sweep_kw, self.log = design, results, settings, sweep_kw, log
+        self.plan: list[PlannedRun] = []
+        self.records: dict[str, Record] = {}
+        self.rounds = 0
+        self.curves: dict[tuple[float, str], dict[str, Any]] = {}
+        self.retrains: dict[str, PlannedRun] = {}  # unstable run id -> its retrain
+        self.depth: dict[str, int] = {}  # run id -> how many halvings of the lr made it
+        self.retrained: list[dict[str, Any]] = []  # study.json's "retrained"
+        self.names = {i: sh.name for i, sh in enumerate(design.ladder)}
+        self.rung_of = {sh.name: i for i, sh in enumerate(design.ladder)}
+
+    def train(self, new: list[PlannedRun]) -> bool:
+        """Add ``new`` to the plan and train what is missing (one resumable sweep); False if incomplete."""
+        from modlm.experiments.sweep import run_sweep
+
+        self.plan = merge_plans(self.plan, new)
+        self.rounds += 1
+        self.log(f"study: round {self.rounds}: {len(new)} run(s) added, {len(self.plan)} in the plan")
+        res = run_sweep(self.plan, self.results, self.settings, **self.sweep_kw)
+        tags = {r.run_id: list(r.tags) for r in self.plan}
+        self.records = {rec["run_id"]: dict(rec, tags=tags[rec["run_id"]]) for rec in res.records}
+        return res.complete
+
+    def result(self, complete: bool, lrs: dict[str, float], states: list[dict[str, Any]]) -> StudyResult:
+        return StudyResult(complete, self.plan, list(self.records.values()), lrs, states, self.rounds)
+
+    # 1. Learning rate per family.
+    def choose_lrs(self) -> dict[str, float] | None:
+        """Each family's best lr at ``lr_budget`` (extended past an end of the list); None if a
+        round could not finish; {} without an lr sweep."""
+        design, lrs = self.design, {}
+        if not design.lrs:
+            return lrs
+        tried = {f: list(design.lrs) for f in design.families}
+        ratio = design.lrs[1] / design.lrs[0] if len(design.lrs) > 1 else 2.0
+        new = lr_runs(design, self.settings, design.lrs)
+        while new:
+            if not self.train(new):
+                return None
+            new = []
+            choices = lr_choices(list(self.records.values()))
+            for fam in design.families:
+                c = choices[fam]
+                lrs[fam] = c.best
+                if c.bracketed or len(c.losses) < 3 or len(tried[fam]) - len(design.lrs) >= design.max_extensions:
+                    continue
+                nxt = c.best * ratio if c.best == max(c.losses) else c.best / ratio
+                tried[fam].append(nxt)
+                self.log(f"study: {fam} lr {c.best:g} is the best of {sorted(c.losses)}: trying {nxt:g}")
+                new += [r for r in lr_runs(design, self.settings, [nxt]) if r.family == fam]
+        self.log("study: learning rates " + ", ".join(f"{f} {lr:g}" for f, lr in lrs.items()))
+        return lrs
+
+    # 2 + 3. Bracketing and seeds.
+    def curve_step(self, budget: float, fam: str, lr: float | None) -> list[PlannedRun]:
+        """What one curve needs next (its first window, an extension, or its seeds); records its state."""
+        design, settings, names = self.design, self.settings, self.names
+        measured: dict[int, dict[int, float]] = {}
+        for r in self.plan:
+            rec = self.records.get(r.run_id)
+            if rec is None or ISOFLOP_TAG not in r.tags or r.budget != budget or r.family != fam:
+                continue
+            measured.setdefault(self.rung_of[r.shape.name], {})[r.seed] = rec["val_loss"]
+
+        def grid(rung: int, seed: int) -> PlannedRun:
+            return self.resolve(_grid_run(design, budget, fam, rung, settings, lr, seed))
+
+        window = first_window(design, budget, fam, settings)
+        if not measured:
+            why = "" if window else "no shape of the ladder trains for min_steps..max_steps at this budget"
+            self.curves[(budget, fam)] = {"state": "planned" if window else "unbracketable", "best": None, "why": why}
+            return [grid(i, design.seeds[0]) for i in window]
+
+        def why_not(i: int) -> str | None:
+            run = _try_plan(budget, fam, design.ladder[i], settings, lr=lr)
+            return run if isinstance(run, str) else None
+
+        d = decide_curve(
+            {i: list(v.values()) for i, v in measured.items()},
+            why_not,
+            len(design.ladder),
+            design.max_extensions - (len(measured) - len(window)),
+            names.__getitem__,
+        )
+        self.curves[(budget, fam)] = {"state": d.state, "best": names.get(d.best), "why": d.why}
+        if d.state == "extend":
+            self.log(
+                f"study: {format_budget(budget)} {fam}: best {names[d.best]} is an end of the curve; "
+                f"adding {names[d.add]}"
+            )
+            return [grid(d.add, design.seeds[0])]
+        if d.state == "bracketed":
+            return [
+                grid(i, s)
+                for i in (d.best - 1, d.best, d.best + 1)
+                for s in design.seeds
+                if s not in measured.get(i, {})
+            ]
+        return []
+
+    # 4. Stability: a run that blew up (``modlm.experiments.curves.instability``) is retrained
+    # at half its lr, up to MAX_RETRAINS times; the unstable run keeps only UNSTABLE_TAG, so no
+    # curve, seed group or variant reads it, and every later plan of it resolves to the retrain.
+    def resolve(self, run: PlannedRun) -> PlannedRun:
+        while run.run_id in self.retrains:
+            run = self.retrains[run.run_id]
+        return run
+
+    def retrain_unstable(self) -> list[PlannedRun]:
+        out, settings = [], self.settings
+        for i, r in enumerate(self.plan):
+            rec = self.records.get(r.run_id)
+            if rec is None or LR_TAG in r.tags or UNSTABLE_TAG in r.tags or r.run_id in self.retrains:
+                continue
+            if "aux_curve" not in rec:  # recorded before runs.jsonl carried it
+                rec = {**rec, **run_curves(self.results / rec["out_dir"])}
+            why = instability(rec, r.model_config().vocab_size, r.train_config(settings, "x").warmup_steps)
+            if why is None or self.depth.get(r.run_id, 0) >= MAX_RETRAINS:
+                continue
+            lr = (settings.lr if r.lr is None else r.lr) / 2
+            redo = plan_run(r.budget, r.family, r.shape, settings, tags=r.tags, seed=r.seed, lr=lr, max_steps=2**62)
+            self.retrains[r.run_id], self.depth[redo.run_id] = redo, self.depth.get(r.run_id, 0) + 1
+            self.plan[i] = dataclasses.replace(r, tags=(UNSTABLE_TAG,))
+            self.retrained.append(
+                {"run_id": r.run_id, "lr": r.lr, "why": why, "retrain": redo.run_id, "retrain_lr": lr}
+            )
+            self.log(f"study: {r.run_id} is unstable ({why}): retraining at lr {lr:g}")
+            out.append(redo)
+        return out
+
+    def write(self, lrs: dict[str, float]) -> list[dict[str, Any]]:
+        """study.json: the lrs, each curve's final state, the retrains; returns the states."""
+        states = [{"budget": b, "family": f, **c} for (b, f), c in sorted(self.curves.items())]
+        doc = {"lrs": lrs, "curves": states, "retrained": self.retrained, "rounds": self.rounds, "runs": len(self.plan)}
+        (self.results / STUDY_FILE).write_text(json.dumps(doc, indent=1))
+        for c in states:
+            if c["state"] == "unbracketable":
+                self.log(f"study: {format_budget(c['budget'])} {c['family']}: NOT bracketed ({c['why']})")
+        return states
+
+
 def run_study(
     design: StudyDesign,
     results_dir: str | Path,
@@ -298,148 +445,27 @@ def run_study(
     log: Callable[[str], None] = print,
 ) -> StudyResult:
     """Train the study in rounds until every curve is bracketed (and its seeds trained) or
-    unbracketable; resumable (see the module docstring). ``extra(lrs)`` plans further runs
-    (e.g. variants) once the learning rates are known; they train with the first grid round.
-    Writes ``study.json`` (the lrs and each curve's state) next to ``runs.jsonl``."""
-    from modlm.experiments.sweep import run_sweep
-
+    unbracketable, and every unstable run retrained; resumable (see the module docstring).
+    ``extra(lrs)`` plans further runs (e.g. variants) once the learning rates are known; they
+    train with the first grid round. Writes ``study.json`` (the lrs, each curve's state and the
+    retrains) next to ``runs.jsonl``."""
     check_ladder(design, settings)
-    results = Path(results_dir)
-    plan: list[PlannedRun] = []
-    records: dict[str, Record] = {}
-    rounds = 0
-
-    def train(new: list[PlannedRun]) -> bool:
-        nonlocal plan, rounds
-        plan = merge_plans(plan, new)
-        rounds += 1
-        log(f"study: round {rounds}: {len(new)} run(s) added, {len(plan)} in the plan")
-        res = run_sweep(plan, results, settings, progress=progress, jobs=jobs, threads=threads)
-        records.clear()
-        tags = {r.run_id: list(r.tags) for r in plan}
-        records.update({rec["run_id"]: dict(rec, tags=tags[rec["run_id"]]) for rec in res.records})
-        return res.complete
-
-    def incomplete() -> StudyResult:
-        return StudyResult(False, plan, list(records.values()), {}, [], rounds)
-
-    # 4. Stability: a run that blew up (``modlm.experiments.curves.instability``) is retrained
-    # at half its lr, up to MAX_RETRAINS times; the unstable run keeps only UNSTABLE_TAG, so no
-    # curve, seed group or variant reads it, and every later plan of it resolves to the retrain.
-    retrains: dict[str, PlannedRun] = {}
-    depth: dict[str, int] = {}
-    retrained: list[dict[str, Any]] = []
-
-    def resolve(run: PlannedRun) -> PlannedRun:
-        while run.run_id in retrains:
-            run = retrains[run.run_id]
-        return run
-
-    def retrain_unstable() -> list[PlannedRun]:
-        out = []
-        for i, r in enumerate(plan):
-            rec = records.get(r.run_id)
-            if rec is None or LR_TAG in r.tags or UNSTABLE_TAG in r.tags or r.run_id in retrains:
-                continue
-            if "aux_curve" not in rec:  # recorded before runs.jsonl carried it
-                rec = {**rec, **run_curves(results / rec["out_dir"])}
-            why = instability(rec, r.model_config().vocab_size, r.train_config(settings, "x").warmup_steps)
-            if why is None or depth.get(r.run_id, 0) >= MAX_RETRAINS:
-                continue
-            lr = (settings.lr if r.lr is None else r.lr) / 2
-            redo = plan_run(r.budget, r.family, r.shape, settings, tags=r.tags, seed=r.seed, lr=lr, max_steps=2**62)
-            retrains[r.run_id], depth[redo.run_id] = redo, depth.get(r.run_id, 0) + 1
-            plan[i] = dataclasses.replace(r, tags=(UNSTABLE_TAG,))
-            retrained.append({"run_id": r.run_id, "lr": r.lr, "why": why, "retrain": redo.run_id, "retrain_lr": lr})
-            log(f"study: {r.run_id} is unstable ({why}): retraining at lr {lr:g}")
-            out.append(redo)
-        return out
-
-    # 1. Learning rate per family.
-    lrs: dict[str, float] = {}
-    if design.lrs:
-        tried = {f: list(design.lrs) for f in design.families}
-        ratio = design.lrs[1] / design.lrs[0] if len(design.lrs) > 1 else 2.0
-        new = lr_runs(design, settings, design.lrs)
-        while new:
-            if not train(new):
-                return incomplete()
-            new = []
-            choices = lr_choices(list(records.values()))
-            for fam in design.families:
-                c = choices[fam]
-                lrs[fam] = c.best
-                if c.bracketed or len(c.losses) < 3 or len(tried[fam]) - len(design.lrs) >= design.max_extensions:
-                    continue
-                nxt = c.best * ratio if c.best == max(c.losses) else c.best / ratio
-                tried[fam].append(nxt)
-                log(f"study: {fam} lr {c.best:g} is the best of {sorted(c.losses)}: trying {nxt:g}")
-                new += [r for r in lr_runs(design, settings, [nxt]) if r.family == fam]
-        log("study: learning rates " + ", ".join(f"{f} {lr:g}" for f, lr in lrs.items()))
-
-    # 2 + 3. Bracketing and seeds, round after round.
-    names = {i: s.name for i, s in enumerate(design.ladder)}
-    rung_of = {s.name: i for i, s in enumerate(design.ladder)}
-    pending_extra = extra(lrs) if extra is not None else []
-    curves: dict[tuple[float, str], dict[str, Any]] = {}
+    study = _Study(design, Path(results_dir), settings, dict(progress=progress, jobs=jobs, threads=threads), log)
+    lrs = study.choose_lrs()
+    if lrs is None:
+        return study.result(False, {}, [])
+    new = extra(lrs) if extra is not None else []
     while True:
-        new: list[PlannedRun] = list(pending_extra) + retrain_unstable()
-        pending_extra = []
+        new += study.retrain_unstable()
         for b in design.budgets:
             for fam in design.families:
-                lr = lrs.get(fam)
-                measured: dict[int, dict[int, float]] = {}
-                for r in plan:
-                    rec = records.get(r.run_id)
-                    if rec is None or ISOFLOP_TAG not in r.tags or r.budget != b or r.family != fam:
-                        continue
-                    measured.setdefault(rung_of[r.shape.name], {})[r.seed] = rec["val_loss"]
-                if not measured:
-                    window = first_window(design, b, fam, settings)
-                    new += [resolve(_grid_run(design, b, fam, i, settings, lr, design.seeds[0])) for i in window]
-                    why = "" if window else "no shape of the ladder trains for min_steps..max_steps at this budget"
-                    curves[(b, fam)] = {"state": "planned" if window else "unbracketable", "best": None, "why": why}
-                    continue
-                start = len(first_window(design, b, fam, settings))
-
-                def why_not(i: int, b=b, fam=fam, lr=lr) -> str | None:
-                    run = _try_plan(b, fam, design.ladder[i], settings, lr=lr)
-                    return run if isinstance(run, str) else None
-
-                d = decide_curve(
-                    {i: list(v.values()) for i, v in measured.items()},
-                    why_not,
-                    len(design.ladder),
-                    design.max_extensions - (len(measured) - start),
-                    names.__getitem__,
-                )
-                curves[(b, fam)] = {"state": d.state, "best": names.get(d.best), "why": d.why}
-                if d.state == "extend":
-                    log(
-                        f"study: {format_budget(b)} {fam}: best {names[d.best]} is an end of the curve; adding {names[d.add]}"
-                    )
-                    new.append(resolve(_grid_run(design, b, fam, d.add, settings, lr, design.seeds[0])))
-                elif d.state == "bracketed":
-                    for i in (d.best - 1, d.best, d.best + 1):
-                        for s in design.seeds:
-                            if s not in measured.get(i, {}):
-                                new.append(resolve(_grid_run(design, b, fam, i, settings, lr, s)))
+                new += study.curve_step(b, fam, lrs.get(fam))
         if not new:
             break
-        if not train(new):
-            return incomplete()
-    states = [
-        {"budget": b, "family": f, **c} for (b, f), c in sorted(curves.items(), key=lambda kv: (kv[0][0], kv[0][1]))
-    ]
-    (results / STUDY_FILE).write_text(
-        json.dumps(
-            {"lrs": lrs, "curves": states, "retrained": retrained, "rounds": rounds, "runs": len(plan)}, indent=1
-        )
-    )
-    for c in states:
-        if c["state"] == "unbracketable":
-            log(f"study: {format_budget(c['budget'])} {c['family']}: NOT bracketed ({c['why']})")
-    return StudyResult(True, plan, list(records.values()), lrs, states, rounds)
+        if not study.train(new):
+            return study.result(False, {}, [])
+        new = []
+    return study.result(True, lrs, study.write(lrs))
 
 
 def read_study(results_dir: str | Path) -> dict[str, Any] | None:
