@@ -196,6 +196,43 @@ def _optimum_text(o: CurveOptimum) -> str:
     return f"{o.loss:.4f} (NOT bracketed: best {o.shape}, {format_params(o.params)}, an end of its curve; {seeds})"
 
 
+def _isoflop_row(b: float, d: CurveOptimum | None, m: CurveOptimum | None, noise: float | None, nz: str) -> Claim:
+    """One budget's claim: the best MoD against the isoFLOP-optimal dense model (fits, with the
+    best measured means beside them); a verdict only when both optima are bracketed."""
+    cid = f"isoflop@{format_budget(b)}"
+    claim = f"At {format_budget(b)} training FLOPs, the best MoD model has a lower loss than the isoFLOP-optimal dense model"
+    paper = "yes at 6e18, 2e19, 1e20 (Fig. 4); up to 1.5% lower loss; ~3.10 vs ~3.14 at 6e18 (approx.)"
+    extra: dict[str, Any] = {
+        "budget": float(b),
+        "dense_optimum": d.as_dict() if d else None,
+        "mod_optimum": m.as_dict() if m else None,
+        "difference_sigma": None,
+    }
+    if d is None or m is None:
+        return Claim(cid, S1, claim, paper, *NOT_RUN, extra=extra)
+    diff = d.loss - m.loss
+    sig = diff / noise if noise else None
+    extra["difference_sigma"] = sig
+    # The fitted vertex can lie below every measured point (a 3-point parabola extrapolates):
+    # the best measured means, side by side, show whether the verdict rests on the fit.
+    msig = (d.best.loss - m.best.loss) / noise if noise else None
+    extra["measured_difference_sigma"] = msig
+    ours = (
+        f"MoD {_optimum_text(m)} vs dense {_optimum_text(d)}: {_pct(m.loss, d.loss)}"
+        + (f", {sig:+.1f} sigma" if sig is not None else "")
+        + f" (best measured: {_pct(m.best.loss, d.best.loss)}"
+        + (f", {msig:+.1f} sigma" if msig is not None else "")
+        + f"); {nz}"
+    )
+    if not (d.bracketed and m.bracketed):
+        holds = NOT_BRACKETED
+    elif noise is None:
+        holds = "n/a"  # no seed repeats: no noise, so no verdict
+    else:
+        holds = verdict(diff, noise)
+    return Claim(cid, S1, claim, paper, ours, holds, WHY["isoflop"], extra=extra)
+
+
 def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: float | None, nz: str) -> list[Claim]:
     """1. The best MoD beats the isoFLOP-optimal dense model at every budget, with more parameters,
     about as many forward FLOPs, and some MoD matches dense with fewer (paper Fig. 4). Optima are
@@ -203,42 +240,7 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
     iso = isoflop_runs(records)
     curves = curve_points(iso)
     optima = curve_optima(iso)
-    claims: list[Claim] = []
-    for b in budgets:
-        d, m = optima.get((b, "dense")), optima.get((b, "mod"))
-        cid = f"isoflop@{format_budget(b)}"
-        claim = f"At {format_budget(b)} training FLOPs, the best MoD model has a lower loss than the isoFLOP-optimal dense model"
-        paper = "yes at 6e18, 2e19, 1e20 (Fig. 4); up to 1.5% lower loss; ~3.10 vs ~3.14 at 6e18 (approx.)"
-        extra: dict[str, Any] = {
-            "budget": float(b),
-            "dense_optimum": d.as_dict() if d else None,
-            "mod_optimum": m.as_dict() if m else None,
-            "difference_sigma": None,
-        }
-        if d is None or m is None:
-            claims.append(Claim(cid, S1, claim, paper, *NOT_RUN, extra=extra))
-            continue
-        diff = d.loss - m.loss
-        sig = diff / noise if noise else None
-        extra["difference_sigma"] = sig
-        # The fitted vertex can lie below every measured point (a 3-point parabola extrapolates):
-        # the best measured means, side by side, show whether the verdict rests on the fit.
-        msig = (d.best.loss - m.best.loss) / noise if noise else None
-        extra["measured_difference_sigma"] = msig
-        ours = (
-            f"MoD {_optimum_text(m)} vs dense {_optimum_text(d)}: {_pct(m.loss, d.loss)}"
-            + (f", {sig:+.1f} sigma" if sig is not None else "")
-            + f" (best measured: {_pct(m.best.loss, d.best.loss)}"
-            + (f", {msig:+.1f} sigma" if msig is not None else "")
-            + f"); {nz}"
-        )
-        if not (d.bracketed and m.bracketed):
-            holds = NOT_BRACKETED
-        elif noise is None:
-            holds = "n/a"  # no seed repeats: no noise, so no verdict
-        else:
-            holds = verdict(diff, noise)
-        claims.append(Claim(cid, S1, claim, paper, ours, holds, WHY["isoflop"], extra=extra))
+    claims = [_isoflop_row(b, optima.get((b, "dense")), optima.get((b, "mod")), noise, nz) for b in budgets]
     pairs = [(b, optima.get((b, "dense")), optima.get((b, "mod"))) for b in budgets]
     pairs = [(b, d, m) for b, d, m in pairs if d is not None and m is not None]
     if pairs:

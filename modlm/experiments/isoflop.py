@@ -620,7 +620,8 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
         "--init-gain",
         type=float,
         default=None,
-        help="weights drawn with std INIT_GAIN / sqrt(width) (default: the scale's; isoflop: the model's fixed 0.02)",
+        help=f"weights drawn with std INIT_GAIN / sqrt(width) (default: the scale's; isoflop: {d.init_gain:g}, "
+        "GPT-2's 0.02 at width 768)",
     )
     g.add_argument(
         "--head-dim", type=int, default=None, help=f"head size; heads = width / head size (default: {d.head_dim})"
