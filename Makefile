@@ -13,7 +13,7 @@ RUN_STEPS ?= 250
 
 .PHONY: install run test bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py modlm/inference/csrc/fewrow.c Makefile
+$(VENV)/.installed: pyproject.toml setup.py modlm/kernels/csrc/fewrow.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
@@ -42,4 +42,4 @@ bench: install
 	$(PY) benchmarks/bench_decode.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info modlm/inference/_fewrow*.so
+	rm -rf $(VENV) build *.egg-info modlm/kernels/_fewrow*.so

@@ -1,6 +1,6 @@
 """Build hook for the optional native kernel; all metadata lives in pyproject.toml.
 
-``modlm.inference._fewrow`` (modlm/inference/csrc/fewrow.c) speeds up few-row fp32 matrix products when decoding
+``modlm.kernels._fewrow`` (modlm/kernels/csrc/fewrow.c) speeds up few-row fp32 matrix products when decoding
 on x86-64 CPUs. It is optional: if it fails to build (no C compiler, another architecture),
 the install still succeeds and modlm uses torch's kernels.
 """
@@ -11,8 +11,8 @@ from setuptools import Extension, setup
 
 _gcc_like = platform.system() in ("Linux", "FreeBSD")
 ext = Extension(
-    "modlm.inference._fewrow",
-    sources=["modlm/inference/csrc/fewrow.c"],
+    "modlm.kernels._fewrow",
+    sources=["modlm/kernels/csrc/fewrow.c"],
     extra_compile_args=["-O3", "-fopenmp"] if _gcc_like else ["-O3"],
     extra_link_args=["-fopenmp"] if _gcc_like else [],
     optional=True,

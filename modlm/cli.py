@@ -13,8 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from modlm.config import ModelConfig, parse_assignments, preset_names
+from modlm.config import ModelConfig, preset_names
 from modlm.errors import ArgumentParser, run_cli
+from modlm.spec.fields import parse_assignments
 
 EPILOG = """examples:
   modlm train                                   # the default MoD model on the bundled corpus

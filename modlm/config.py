@@ -1,23 +1,22 @@
 """Model configuration: one validated dataclass, presets by name.
 
 No torch import here, so ``modlm --help`` and config validation stay instant. Router names come
-from the router registry (``modlm.routing.registry``) and layer kinds from the block registry
-(``modlm.model.kinds``), both torch-free.
+from the router registry (``modlm.spec.routers``) and layer kinds from the block registry
+(``modlm.spec.kinds``), both torch-free.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modlm.model.kinds import block_kinds, block_spec
-from modlm.routing.registry import NO_ROUTER, router_names, router_spec
+from modlm.spec.capacity import capacity_k
+from modlm.spec.fields import dataclass_from_dict
+from modlm.spec.kinds import block_kinds, block_spec
+from modlm.spec.routers import NO_ROUTER, router_names, router_spec
 from modlm.validation import is_int, is_number, require
 
 CAUSAL_ROUTING = ("aux_loss", "predictor", "both")
@@ -25,183 +24,6 @@ MAX_SEQ_LEN = 1 << 20
 # Fields computed from others when not given. ``replace`` recomputes them unless the change
 # names them, so a copy with another d_model never keeps the old model's d_mlp.
 DERIVED_FIELDS = ("n_kv_heads", "d_mlp", "layer_types")
-
-
-def capacity_k(capacity: float, seq_len: int) -> int:
-    """Tokens a routed block takes per sequence: k = max(1, round(capacity * T)), at most T.
-
-    NOTE: ``int(c * T)`` gives k = 0 at T = 1 (a common bug when decoding); we round half up
-    and never go below one token.
-    """
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
-    return min(seq_len, max(1, math.floor(capacity * seq_len + 0.5)))
-
-
-def dataclass_from_dict(cls, d: dict[str, Any]):
-    """``cls(**d)``, refusing unknown keys with one line that names them (configs from JSON files)."""
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-    return cls(**d)
-
-
-def parse_assignments(
-    items: list[str] | tuple[str, ...], flag: str = "--model-arg", into: type | None = None
-) -> dict[str, Any]:
-    """``["d_model=128", "router=random"]`` -> ``{"d_model": 128, "router": "random"}``.
-
-    The one parser of KEY=VALUE overrides for every command. With ``into`` (a dataclass, e.g.
-    ``ModelConfig``) each value is read by the type its field declares (``read_as``): ``int``
-    ("64"), ``float`` ("1e-3", finite), ``bool`` (true/false, yes/no, on/off, 1/0, any case),
-    ``str`` (as given), ``X | None`` ("none" or "null" is None, anything else an X), a tuple of
-    str (a comma list: "dense,routed,dense,routed"), a dict (a JSON object). A key that is not
-    one of its fields, or a value its field cannot hold, is a one-line ValueError naming
-    ``flag``, the key and the value. Without ``into`` values are read as JSON where they parse
-    (numbers, true/false, null, lists), else kept as bare strings, and the config that receives
-    them checks them. A malformed item is a one-line ValueError naming ``flag``.
-    """
-    declared = field_types(into) if into is not None else None
-    out: dict[str, Any] = {}
-    for text in items:
-        key, sep, raw = str(text).partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"{flag} {text!r} is invalid: expected KEY=VALUE, e.g. d_model=128")
-        if declared is None:
-            try:
-                out[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                out[key] = raw
-            continue
-        if key not in declared:
-            raise ValueError(
-                f"{flag} {key}={raw!r} is invalid: {into.__name__} has no field {key!r}; known: {', '.join(declared)}"
-            )
-        try:
-            out[key] = read_as(raw, declared[key])
-        except ValueError:
-            raise ValueError(
-                f"{flag} {key}={raw!r} is invalid: {into.__name__}.{key} must be {describe_type(declared[key])}"
-            ) from None
-    return out
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """The declared type of each ``__init__`` field of dataclass ``cls``, annotations resolved."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-
-
-def _union_args(tp: Any) -> tuple[Any, ...] | None:
-    """The members of ``X | Y`` (or ``Optional[X]``), else None."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return typing.get_args(tp)
-    return None
-
-
-def _is_str_tuple(tp: Any) -> bool:
-    return typing.get_origin(tp) is tuple and typing.get_args(tp) in ((str, ...), ())
-
-
-def read_as(raw: str, tp: Any) -> Any:
-    """The command-line text ``raw`` read as a value of the declared type ``tp`` (see
-    ``parse_assignments``); ValueError when ``tp`` cannot hold it."""
-    text = raw.strip()
-    members = _union_args(tp)
-    if members is not None:
-        if type(None) in members and text.lower() in ("none", "null"):
-            return None
-        for member in (m for m in members if m is not type(None)):
-            try:
-                return read_as(raw, member)
-            except ValueError:
-                continue
-        raise ValueError(raw)
-    if tp is bool:
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
-        raise ValueError(raw)
-    if tp is int:
-        return int(text)  # "64", not "64.0" or "1e3": a count is never a rounded float
-    if tp is float:
-        value = float(text)
-        if not math.isfinite(value):
-            raise ValueError(raw)
-        return value
-    if tp is str:
-        if text.startswith('"'):  # a JSON-quoted string, as earlier versions read it
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError:
-                pass
-        return raw
-    if _is_str_tuple(tp):
-        items = json.loads(text) if text.startswith("[") else [s.strip() for s in text.split(",")]
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ValueError(raw)
-        return tuple(items)
-    if tp is dict or typing.get_origin(tp) is dict:
-        value = json.loads(text)
-        if not isinstance(value, dict):
-            raise ValueError(raw)
-        return value
-    try:  # Any, or a type this reader does not know: JSON where it parses, else the text
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def conforms(value: Any, tp: Any) -> bool:
-    """Whether ``value`` is of the declared type ``tp``: an ``int`` is never a bool, a ``float``
-    is a finite int or float (never a bool), a tuple of str may be given as a list."""
-    members = _union_args(tp)
-    if members is not None:
-        return any(conforms(value, m) for m in members)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return is_int(value)
-    if tp is float:
-        return is_number(value)
-    if tp is str:
-        return isinstance(value, str)
-    if _is_str_tuple(tp):
-        return isinstance(value, (tuple, list)) and all(isinstance(s, str) for s in value)
-    if tp is dict or typing.get_origin(tp) is dict:
-        key_type = (typing.get_args(tp) or (Any,))[0]
-        return isinstance(value, dict) and (key_type is Any or all(isinstance(k, key_type) for k in value))
-    return True  # Any
-
-
-def describe_type(tp: Any) -> str:
-    """What a value of the declared type ``tp`` is, for error messages ("an int or None")."""
-    members = _union_args(tp)
-    if members is not None:
-        return " or ".join(describe_type(m) for m in members)
-    names = {
-        type(None): "None",
-        bool: "a bool (true/false, yes/no, 1/0)",
-        int: "an int",
-        float: "a finite number",
-        str: "a string",
-    }
-    if tp in names:
-        return names[tp]
-    if _is_str_tuple(tp):
-        return "a comma-separated list of strings"
-    if tp is dict or typing.get_origin(tp) is dict:
-        return "a JSON object"
-    return "any value"
 
 
 def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -216,7 +38,7 @@ class ModelConfig:
     sequence, k = max(1, round(capacity * T)); the other tokens pass on the residual stream.
     ``router="none"`` gives the dense transformer with identical parameters minus routers.
 
-    ``layer_types`` names each layer's block kind (``modlm.model.kinds``: "dense", "routed",
+    ``layer_types`` names each layer's block kind (``modlm.spec.kinds``: "dense", "routed",
     "moe", "mode-staged", "mode-integrated", "exit"); left unset it is derived from ``router``,
     ``route_every`` and ``route_start``: routed positions get ``routed_kind``, the others
     ``block_kind``. Derived fields (``DERIVED_FIELDS``) are recomputed by ``replace`` unless the
@@ -249,7 +71,7 @@ class ModelConfig:
     predictor_hidden: int = 64
     layer_types: tuple[str, ...] | None = None  # None: from router / route_every / route_start
 
-    # --- block kinds, Mixture-of-Experts and early exit (modlm.model.kinds, modlm.model.moe) ---
+    # --- block kinds, Mixture-of-Experts and early exit (modlm.spec.kinds, modlm.model.moe) ---
     block_kind: str = "dense"  # kind of the layers no MoD router wraps (when layer_types is derived)
     routed_kind: str = "routed"  # kind of the routed layers (when layer_types is derived)
     n_experts: int = 8  # real SwiGLU experts of an MoE feed-forward (each of hidden size d_mlp)

@@ -27,7 +27,7 @@ Convention (stated once, used everywhere; ``tests/test_flops.py`` checks it agai
   layer computes no input gradient, and its backward is 2·T·(D·h + 2h) instead of 2·forward.
   So training is a little under 3x forward for a model with a predictor, exactly 3x otherwise.
 
-Block kinds beyond dense / routed (``modlm.model.kinds``), each counted layer by layer:
+Block kinds beyond dense / routed (``modlm.spec.kinds``), each counted layer by layer:
 
 - MoE feed-forward (``"moe"``, ``"mode-staged"``, ``"mode-integrated"``): the router 2·n·D·X
   (X = real + no-op experts) over the n tokens reaching it, plus 2·s·3·D·F for the s expert
@@ -53,9 +53,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from modlm.config import ModelConfig, capacity_k
-from modlm.model.kinds import block_spec
-from modlm.routing.registry import NO_ROUTER, router_spec
+from modlm.config import ModelConfig
+from modlm.spec.capacity import capacity_k
+from modlm.spec.kinds import block_spec
+from modlm.spec.routers import NO_ROUTER, router_spec
 
 
 def _scores_tokens(config: ModelConfig) -> bool:

@@ -104,7 +104,7 @@ def test_config_module_imports_no_torch():
     import sys
 
     code = (
-        "import sys, modlm, modlm.config, modlm.flops, modlm.routing.registry, modlm.model.kinds, modlm.model.roles; "
+        "import sys, modlm, modlm.config, modlm.flops, modlm.spec.routers, modlm.spec.kinds, modlm.spec.roles; "
         "modlm.config.ModelConfig.from_name('small').replace(d_model=128); "
         "print('torch' in sys.modules)"
     )
@@ -113,7 +113,7 @@ def test_config_module_imports_no_torch():
 
 
 def test_parse_assignments_reads_values_by_declared_type():
-    from modlm.config import parse_assignments
+    from modlm.spec.fields import parse_assignments
 
     items = ["tie_embeddings=False", "d_model=64", "rope_base=5e3", "n_kv_heads=null", "layer_types=dense, routed"]
     assert parse_assignments(items, into=ModelConfig) == {

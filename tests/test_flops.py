@@ -154,8 +154,8 @@ def test_new_kind_param_count_matches_the_model(name):
 
 
 def test_causal_forward_flops_from_the_tokens_each_layer_ran():
-    from modlm.config import capacity_k
     from modlm.flops import causal_forward_flops
+    from modlm.spec.capacity import capacity_k
 
     mod = ModelConfig.from_name("tiny", capacity=0.25)
     k = capacity_k(0.25, T)

@@ -46,9 +46,9 @@ from modlm.bench import check_minimums, environment
 from modlm.config import ModelConfig
 from modlm.devices import parse_device
 from modlm.errors import ArgumentParser
-from modlm.inference import kernels
 from modlm.inference.calibrate import calibrate_thresholds, measure_routed_fraction
 from modlm.inference.generate import DecodeSession
+from modlm.kernels import fewrow as kernels
 from modlm.model.transformer import MoDTransformer
 
 
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--kernels",
         default="native",
         choices=["native", "torch"],
-        help="few-row linear products: modlm.inference.kernels' native CPU kernel where it applies (both "
+        help="few-row linear products: modlm.kernels.fewrow' native CPU kernel where it applies (both "
         "models alike), or torch's F.linear everywhere",
     )
     p.add_argument("--no-sync-probe", action="store_true", help="skip the host-sync measurement")

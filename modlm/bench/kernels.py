@@ -1,4 +1,4 @@
-"""Few-row linear products: torch's F.linear against modlm's native kernel (modlm.inference.kernels).
+"""Few-row linear products: torch's F.linear against modlm's native kernel (modlm.kernels.fewrow).
 
 Decoding multiplies a few rows by every weight matrix of a block. This times one block's four
 matrices (qkv, attention output, SwiGLU gate+up, down) of a preset, for M rows, with the
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from modlm.bench import check_minimums, environment
 from modlm.config import ModelConfig
 from modlm.errors import ArgumentParser
-from modlm.inference import kernels
+from modlm.kernels import fewrow as kernels
 
 
 def parse_args(argv=None):

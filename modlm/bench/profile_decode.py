@@ -32,10 +32,10 @@ import torch
 from modlm.bench import check_minimums
 from modlm.bench import decode as bd  # same models, data and calibration as the benchmark
 from modlm.errors import ArgumentParser
-from modlm.inference import kernels
 from modlm.inference.calibrate import calibrate_thresholds
 from modlm.inference.generate import DecodeSession
-from modlm.model.kinds import block_spec
+from modlm.kernels import fewrow as kernels
+from modlm.spec.kinds import block_spec
 
 
 def parse_args(argv=None):
@@ -52,7 +52,7 @@ def parse_args(argv=None):
         "--kernels",
         default="native",
         choices=["native", "torch"],
-        help="few-row linear products: modlm.inference.kernels' native CPU kernel or torch's F.linear",
+        help="few-row linear products: modlm.kernels.fewrow' native CPU kernel or torch's F.linear",
     )
     args = p.parse_args(argv)
     check_minimums(

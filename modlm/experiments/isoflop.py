@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modlm.config import ModelConfig, parse_assignments
+from modlm.config import ModelConfig
+from modlm.spec.fields import parse_assignments
 from modlm.validation import is_int, is_number, require
 
 BUDGET_TOLERANCE = 0.01  # a run's FLOPs are within 1% of its budget

@@ -10,7 +10,7 @@ K new tokens per row in this update, S cached slots, E head size.
   numbers of tokens. ``RaggedLayerCache`` keeps per-row lengths on the host and writes
   (row, slot) pairs for the rows that ran.
 
-Which layout a layer gets is its block kind's ``cache_layout`` (``modlm.model.kinds``). Each
+Which layout a layer gets is its block kind's ``cache_layout`` (``modlm.spec.kinds``). Each
 layer preallocates a buffer per row and doubles it when full (amortised O(1) per token).
 
 The contract is narrow, in the spirit of Hugging Face's ``Cache.update``:
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from modlm.config import ModelConfig
-from modlm.model.kinds import block_spec
+from modlm.spec.kinds import block_spec
 
 __all__ = ["CacheView", "ContiguousLayerCache", "ModelCache", "RaggedLayerCache"]
 

@@ -24,9 +24,9 @@ from modlm.flops import causal_forward_flops, flops
 from modlm.inference.generate import generate
 from modlm.model.block import route_mask
 from modlm.model.inputs import check_token_ids
-from modlm.model.kinds import block_spec
 from modlm.model.transformer import MoDTransformer
-from modlm.routing.registry import router_spec
+from modlm.spec.kinds import block_spec
+from modlm.spec.routers import router_spec
 from modlm.validation import is_number
 
 __all__ = [

@@ -25,7 +25,7 @@ import torch
 
 from modlm.model.block import RowPlan
 from modlm.routing.base import Router, RouterOutput
-from modlm.routing.registry import NO_ROUTER, router_spec
+from modlm.spec.routers import NO_ROUTER, router_spec
 
 __all__ = ["HostDecisions"]
 

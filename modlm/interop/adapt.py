@@ -38,8 +38,8 @@ import torch
 
 from modlm.config import ModelConfig
 from modlm.inference.calibrate import calibrate_thresholds, set_thresholds
-from modlm.model import roles
 from modlm.model.transformer import MoDTransformer
+from modlm.spec import roles
 from modlm.validation import is_int, is_number, require
 
 __all__ = [

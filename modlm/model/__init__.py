@@ -1,6 +1,6 @@
 """The Mixture-of-Depths transformer: layers, attention, the block kinds, the decoder.
 
-Imported lazily: ``modlm.model.kinds`` (the block registry, no torch) is read by config
+Imported lazily: ``modlm.spec.kinds`` (the block registry, no torch) is read by config
 validation, which must not pull in torch.
 """
 

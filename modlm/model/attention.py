@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.model import roles
 from modlm.model.layers import Linear, apply_rotary
+from modlm.spec import roles
 
 
 class Attention(nn.Module):

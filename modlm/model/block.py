@@ -19,7 +19,7 @@ its ``RouterOutput``. The phase is given by the caller, never inferred from shap
   (``modlm.inference.decode``) decides which rows a routed block computes, the block only
   computes them.
 
-A new kind is a new class here (or in its own module) plus a ``modlm.model.kinds`` entry.
+A new kind is a new class here (or in its own module) plus a ``modlm.spec.kinds`` entry.
 """
 
 from __future__ import annotations

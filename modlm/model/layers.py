@@ -10,13 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.inference import kernels
-from modlm.model import roles
+from modlm.kernels import fewrow as kernels
+from modlm.spec import roles
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` whose few-row fp32 products without gradients (decoding on a CPU) go to
-    ``modlm.inference.kernels``; training and everything else is ``F.linear``. Same parameters and names."""
+    ``modlm.kernels.fewrow``; training and everything else is ``F.linear``. Same parameters and names."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)

@@ -33,9 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.model import roles
 from modlm.model.layers import MLP
 from modlm.routing.moe_ops import combine, dispatch_plan, expert_capacity, expert_mlps, topk_gates
+from modlm.spec import roles
 
 __all__ = ["MoE", "MoEOutput"]
 

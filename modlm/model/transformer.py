@@ -19,13 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.model import roles
 from modlm.model.block import PHASES, BlockContext, DecodePolicy, Phase, route_mask
 from modlm.model.inputs import check_inputs
-from modlm.model.kinds import block_spec
 from modlm.model.layers import Linear, RMSNorm, Rotary
 from modlm.routing.base import RouterOutput
-from modlm.routing.registry import NO_ROUTER, router_spec
+from modlm.spec import roles
+from modlm.spec.kinds import block_spec
+from modlm.spec.routers import NO_ROUTER, router_spec
 
 __all__ = ["ModelOutput", "MoDTransformer", "route_mask"]
 
@@ -96,7 +96,7 @@ class MoDTransformer(nn.Module):
         | router.weight (r = w·x)            | normal(0, 1 / sqrt(d_model))           |
         | predictor fc1/fc2                  | PyTorch default (kaiming-uniform)      |
 
-        Each row is a ``modlm.model.roles`` role, declared by the module owning the parameter.
+        Each row is a ``modlm.spec.roles`` role, declared by the module owning the parameter.
 
         NOTE: the router is initialised so r = w·x is O(1) once the residual stream is O(1):
         an r near 0 would multiply the routed block's update (x + r·f) and its gradients

@@ -1,11 +1,12 @@
-"""Routing: dispatch ops, the router protocol, the one registry, and the routers.
+"""Routing: dispatch ops, the router protocol, and the routers.
 
 - ``ops``: capacity, top-k selection, gather and weighted scatter (pure functions).
-- ``registry``: router name -> ``RouterSpec`` (no torch import; config, CLI and FLOPs read it).
 - ``base``: the ``Router`` protocol, ``RouterOutput`` and ``build_router``.
-- ``expert_choice`` (learned, the paper's), ``token_choice`` and ``stochastic`` (random): routers.
+- the routers: ``expert_choice`` (learned, the paper's), ``token_choice``, ``stochastic``
+  (random), ``attention_based`` (A-MoD) and ``tuned`` (router tuning of a pretrained model).
 
-Imported lazily: config validation reads ``modlm.routing.registry`` without torch.
+The registry of router names lives on the bottom floor (``modlm.spec.routers``, no torch), so
+config validation, the CLI and FLOP accounting read it without importing this package.
 """
 
 __all__ = ["Router", "RouterOutput", "build_router"]

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from modlm.config import ModelConfig
 from modlm.routing.ops import mask_to_padded_indices
-from modlm.routing.registry import router_spec
+from modlm.spec.routers import router_spec
 
 ROUTING_MODES = ("topk", "causal")
 

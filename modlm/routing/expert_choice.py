@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.model import roles
 from modlm.routing.base import Router, RouterOutput
 from modlm.routing.ops import capacity_k, router_scores, select_topk, select_topk_masked, topk_mask
+from modlm.spec import roles
 
 
 class CausalPredictor(nn.Module):

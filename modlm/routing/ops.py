@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from modlm.config import capacity_k
+from modlm.spec.capacity import capacity_k
 
 __all__ = [
     "capacity_k",

@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 
 from modlm.config import ModelConfig
-from modlm.model import roles
 from modlm.routing.base import Router, RouterOutput
 from modlm.routing.ops import capacity_k, router_scores
+from modlm.spec import roles
 
 __all__ = ["TokenChoiceRouter", "capped_selection"]
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from modlm.config import ModelConfig
-from modlm.model import roles
 from modlm.routing.base import Router, RouterOutput
 from modlm.routing.ops import capacity_k, select_topk, select_topk_masked
+from modlm.spec import roles
 
 __all__ = ["TunedRouter"]
 

@@ -18,16 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from modlm.config import (
-    ModelConfig,
-    conforms,
-    dataclass_from_dict,
-    describe_type,
-    field_types,
-    parse_assignments,
-    preset_names,
-)
-from modlm.routing.registry import NO_ROUTER, router_names
+from modlm.config import ModelConfig, preset_names
+from modlm.spec.fields import conforms, dataclass_from_dict, describe_type, field_types, parse_assignments
+from modlm.spec.routers import NO_ROUTER, router_names
 from modlm.validation import require
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,5 +1,5 @@
 """AdamW parameter groups and gradient clipping, read off the parameter roles the modules declare
-(``modlm.model.roles``), never off parameter names.
+(``modlm.spec.roles``), never off parameter names.
 
 Only trainable parameters (``requires_grad``) enter either, so a model frozen by
 ``roles.freeze_all_but`` trains exactly what it left trainable. A parameter whose module
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modlm.model.roles import named_parameters_with_roles
+from modlm.spec.roles import named_parameters_with_roles
 from modlm.training.config import TrainConfig, lr_at
 
 # The optimizer's groups, in order: decayed, then not decayed. The order is part of the checkpoint

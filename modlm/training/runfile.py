@@ -31,7 +31,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from modlm.config import ModelConfig, conforms, describe_type, field_types
+from modlm.config import ModelConfig
+from modlm.spec.fields import conforms, describe_type, field_types
 
 RESOLVED_FILE = "run.toml"
 OVERRIDES_TABLE = "model_overrides"

@@ -114,7 +114,7 @@ def test_bench_train_runs_and_reports(capsys):
 
 
 def test_bench_kernels_runs_and_reports(capsys):
-    from modlm.inference import kernels
+    from modlm.kernels import fewrow as kernels
 
     bench = _load("bench_kernels")
     before = (kernels.MAX_ROWS, kernels.enabled())

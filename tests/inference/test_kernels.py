@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.inference import kernels
 from modlm.inference.calibrate import calibrate_thresholds
 from modlm.inference.generate import generate
+from modlm.kernels import fewrow as kernels
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="native kernel not built or CPU lacks AVX2/FMA")
 

@@ -112,7 +112,7 @@ def test_balance_and_z_losses_match_their_formulas_and_train_the_router():
 
 @pytest.mark.parametrize("preset", ["tiny-moe", "tiny-mode-staged", "tiny-mode-integrated", "tiny-early-exit"])
 def test_new_kinds_train_with_aux_losses_and_every_parameter_has_a_role(preset):
-    from modlm.model.roles import parameter_roles
+    from modlm.spec.roles import parameter_roles
 
     torch.manual_seed(0)
     model = MoDTransformer(ModelConfig.from_name(preset))

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.model import roles
-from modlm.routing.registry import router_names
+from modlm.spec import roles
+from modlm.spec.routers import router_names
 
 
 @pytest.mark.parametrize("router", (*router_names(), "none"))

@@ -6,9 +6,9 @@ import torch
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.flops import param_count
-from modlm.model.kinds import block_kinds, block_spec
-from modlm.routing import registry
 from modlm.routing.base import Router, build_router
+from modlm.spec import routers as registry
+from modlm.spec.kinds import block_kinds, block_spec
 
 
 @pytest.mark.parametrize("name", registry.router_names())

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from modlm.config import ModelConfig
-from modlm.model.roles import freeze_all_but
 from modlm.model.transformer import MoDTransformer
+from modlm.spec.roles import freeze_all_but
 from modlm.training.config import TrainConfig
 from modlm.training.optim import (
     GROUP_DECAY,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from modlm.config import field_types
+from modlm.spec.fields import field_types
 from modlm.training.checkpoint import read_checkpoint_config
 from modlm.training.config import TrainConfig, add_train_args, train_config_from_args
 from modlm.training.runfile import RESOLVED_FILE, read_run_file, to_toml

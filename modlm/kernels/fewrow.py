@@ -5,7 +5,7 @@ routed in) by every weight matrix: a memory-bound read of the weights. torch's C
 tuned for large products; for 2-16 rows it spent 1.5-2x the time of a one-row
 matrix-vector product on the AVX2 CPU of our figures (benchmarks/README.md), which taxes exactly
 what MoD saves at batch size > 1. ``linear`` sends such products to a small native kernel
-(``modlm/inference/csrc/fewrow.c``, built at install where a C compiler is present) that streams each
+(``modlm/kernels/csrc/fewrow.c``, built at install where a C compiler is present) that streams each
 weight matrix once, and everything else to ``F.linear``.
 
 The kernel is used only where it computes what ``F.linear`` computes, in fp32 without
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 try:  # built by setup.py where possible; optional by design
-    from modlm.inference import _fewrow
+    from modlm.kernels import _fewrow
 except ImportError:  # pragma: no cover - depends on the install
     _fewrow = None
 

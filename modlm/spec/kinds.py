@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modlm.registry import Registry, load_target
+from modlm.spec.registry import Registry, load_target
 
 
 @dataclass(frozen=True)

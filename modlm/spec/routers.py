@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from modlm.registry import Registry, load_target
+from modlm.spec.registry import Registry, load_target
 
 # ``ModelConfig.router`` value meaning "no router": every block is dense.
 NO_ROUTER = "none"

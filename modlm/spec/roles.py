@@ -88,7 +88,7 @@ def parameter_roles(model: Any) -> dict[str, Role]:
         if name not in declared:
             raise ValueError(
                 f"parameter {name!r} has no declared role: its module must list it in param_roles "
-                f"(see modlm.model.roles)"
+                f"(see modlm.spec.roles)"
             )
         roles[name] = declared[name]
     return roles
