@@ -21,13 +21,54 @@ reuses constant tensors.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
-from modlm.model.block import RowPlan
+import torch
+import torch.nn as nn
+
 from modlm.routing.base import Router, RouterOutput
 from modlm.spec.routers import NO_ROUTER, router_spec
 
-__all__ = ["HostDecisions"]
+__all__ = ["DecodePolicy", "HostDecisions", "RowPlan"]
+
+
+class RowPlan(NamedTuple):
+    """A decode policy's answer for one routed block and step: which rows to compute.
+
+    rows: host list of the rows that route into the block (ascending), or None for every row.
+    n_rows: how many rows run (0: the block is skipped for the whole batch).
+    rows_host / rows_dev: the same rows as int64 tensors on the host (for the cache's
+        host-side lengths) and on the model's device (for gathers); None when rows is None.
+    weight_b1: the routed rows' weights (b, 1), None for unit weight.
+    route: the RouterOutput reported for this block (decisions of every row).
+    x_b1D: the routed rows of the block's input, when the policy gathered them already (to
+        weigh them); None: the block gathers them itself.
+    """
+
+    rows: list[int] | None
+    n_rows: int
+    rows_host: torch.Tensor | None
+    rows_dev: torch.Tensor | None
+    weight_b1: torch.Tensor | None
+    route: RouterOutput
+    x_b1D: torch.Tensor | None = None
+
+
+class DecodePolicy(Protocol):
+    """How routed and early-exit blocks decide, one new token per row, which rows they compute.
+
+    ``plan``: a routed block's rows, from its router's causal decision. ``plan_exit``: an
+    early-exit block's rows: those of ``rows`` (still running) whose confidence ``gate(x)``
+    stays at or below ``threshold``."""
+
+    def plan(
+        self, layer_idx: int, router: nn.Module, x_B1D: torch.Tensor, token_mask_B1: torch.Tensor | None
+    ) -> RowPlan: ...
+
+    def plan_exit(
+        self, gate: Callable[[torch.Tensor], torch.Tensor], threshold: float, x_B1D: torch.Tensor, rows: list[int]
+    ) -> RowPlan: ...
 
 
 class HostDecisions:
@@ -78,6 +119,29 @@ class HostDecisions:
             else torch.zeros(B, 1, dtype=w_b1.dtype, device=w_b1.device).index_copy_(0, rows_dev, w_b1)
         )
         return RowPlan(rows, b, rows_host, rows_dev, w_b1, RouterOutput(idx_B1, sel_B1, w_B1, zero, {}), x_b1D)
+
+    def plan_exit(
+        self, gate: Callable[[torch.Tensor], torch.Tensor], threshold: float, x_B1D: torch.Tensor, rows: list[int]
+    ) -> RowPlan:
+        """The rows of ``rows`` whose token keeps running (``gate(x) <= threshold``), unit weight.
+
+        Only the running rows evaluate the gate (the LM head: what ``causal_forward_flops``
+        counts). The RouterOutput reports the decisions of every row for tracing."""
+        B, device = x_B1D.shape[0], x_B1D.device
+        if rows:
+            x_r = x_B1D if len(rows) == B else x_B1D.index_select(0, torch.tensor(rows, device=device))
+            conf = gate(x_r).view(-1).tolist()  # the one host sync of this gate
+            rows = [r for r, c in zip(rows, conf) if c <= threshold]
+        if not rows:
+            return self._skip_plan(B, device)
+        idx_B1, zero, _, all_B1 = self._constants(B, device)
+        if len(rows) == B:
+            return RowPlan(None, B, None, None, None, RouterOutput(idx_B1, all_B1, None, zero, {}))
+        sel_B1 = torch.zeros(B, 1, dtype=torch.bool)
+        sel_B1[rows] = True
+        rows_host = torch.tensor(rows, dtype=torch.long)
+        route = RouterOutput(idx_B1, sel_B1.to(device), None, zero, {})
+        return RowPlan(rows, len(rows), rows_host, rows_host.to(device), None, route)
 
     def _skip_plan(self, B: int, device: torch.device) -> RowPlan:
         """The plan of a block no row routes into, built once per (B, device) (read-only)."""

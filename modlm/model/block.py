@@ -16,8 +16,8 @@ its ``RouterOutput``. The phase is given by the caller, never inferred from shap
 - ``Phase.TRAIN``: whole known sequences and no cache (training, evaluation, scoring).
 - ``Phase.PREFILL``: a prompt entering the cache.
 - ``Phase.DECODE``: one new token per row, routed causally; the decode policy
-  (``modlm.inference.decode``) decides which rows a routed block computes, the block only
-  computes them.
+  (``modlm.inference.decode``: its ``DecodePolicy`` protocol and ``RowPlan`` answer) decides
+  which rows a routed block computes, the block only computes them.
 
 A new kind is a new class here (or in its own module) plus a ``modlm.spec.kinds`` entry.
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,9 @@ from modlm.model.layers import MLP, RMSNorm, Rotary
 from modlm.routing.base import RouterOutput, build_router
 from modlm.routing.ops import gather_tokens, received_attention, scatter_add_weighted
 
+if TYPE_CHECKING:  # the decode policy's contract lives with the policy, a floor above the model
+    from modlm.inference.decode import DecodePolicy, RowPlan
+
 
 class Phase(str, enum.Enum):
     TRAIN = "train"
@@ -46,36 +49,6 @@ class Phase(str, enum.Enum):
 
 
 PHASES = tuple(p.value for p in Phase)
-
-
-class RowPlan(NamedTuple):
-    """A decode policy's answer for one routed block and step: which rows to compute.
-
-    rows: host list of the rows that route into the block (ascending), or None for every row.
-    n_rows: how many rows run (0: the block is skipped for the whole batch).
-    rows_host / rows_dev: the same rows as int64 tensors on the host (for the cache's
-        host-side lengths) and on the model's device (for gathers); None when rows is None.
-    weight_b1: the routed rows' weights (b, 1), None for unit weight.
-    route: the RouterOutput reported for this block (decisions of every row).
-    x_b1D: the routed rows of the block's input, when the policy gathered them already (to
-        weigh them); None: the block gathers them itself.
-    """
-
-    rows: list[int] | None
-    n_rows: int
-    rows_host: torch.Tensor | None
-    rows_dev: torch.Tensor | None
-    weight_b1: torch.Tensor | None
-    route: RouterOutput
-    x_b1D: torch.Tensor | None = None
-
-
-class DecodePolicy(Protocol):
-    """How routed blocks decide, one new token per row (see ``modlm.inference.decode``)."""
-
-    def plan(
-        self, layer_idx: int, router: nn.Module, x_B1D: torch.Tensor, token_mask_B1: torch.Tensor | None
-    ) -> RowPlan: ...
 
 
 @dataclass
@@ -91,8 +64,9 @@ class BlockContext:
     reuse instead of asking the routers. decode: the decode policy (DECODE only).
     targets_BT: the next-token targets when the caller gave them (per-layer exit losses).
     head: the model's shared final norm + LM head, h -> logits (early-exit gates and losses).
-    state: scratch for this one forward call, shared by the blocks in order (e.g. which tokens
-    have exited); built empty per call, never kept.
+    exit_active_BT / exit_rows: which tokens have not exited, handed from one early-exit block
+    to the next within this forward call (``modlm.model.early_exit``): the tokens of whole
+    sequences routed causally (None: all), or the rows still running in DECODE (None: all).
     record_attention: layers that must record the attention their tokens receive (the blocks
     before A-MoD routed blocks, when those route by top-k); each writes its (B, T) statistic
     (``modlm.routing.attention_based.received_attention``) to ``received_attention[layer]``,
@@ -112,7 +86,8 @@ class BlockContext:
     decode: DecodePolicy | None = None
     targets_BT: torch.Tensor | None = None
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
-    state: dict[str, Any] = field(default_factory=dict)
+    exit_active_BT: torch.Tensor | None = None
+    exit_rows: list[int] | None = None
     record_attention: frozenset[int] = frozenset()
     received_attention: dict[int, torch.Tensor] = field(default_factory=dict)
 

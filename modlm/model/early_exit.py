@@ -2,7 +2,7 @@
 
 Axis legend: B batch, T sequence length, K tokens still running a layer, D model width, V vocabulary.
 
-Training (``routing="topk"``: whole known sequences): every token runs every layer; the model's
+Top-k routing (``routing="topk"``: training on whole known sequences): every token runs every layer; the model's
 one final norm + LM head (``BlockContext.head``, shared, as in LayerSkip) is applied to each
 layer's output and a weighted cross-entropy is added to the loss. The exit after layer j
 (0-based, j < L-1) has weight ``exit_loss_weight · (j+1) / L`` (rising with depth, like
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.model.block import BlockContext, DenseBlock, Phase, RoutedBlock, RowPlan
+from modlm.model.block import BlockContext, DenseBlock, Phase, RoutedBlock
 from modlm.routing.base import RouterOutput, causal_output
 
 __all__ = ["EarlyExitBlock", "ExitLoss", "exit_confidence"]
@@ -73,15 +73,16 @@ class EarlyExitBlock(RoutedBlock):
             return DenseBlock.forward(self, x_BTD, ctx)
         if ctx.phase is Phase.DECODE:
             return self._decode(x_BTD, ctx)
-        if ctx.routing == "topk":  # training: every token runs; the exit loss of this input
+        # Exits are causal per-token decisions; top-k routing (whole known sequences) has no
+        # per-token rule, so every token runs, and in training this input's exit loss is added.
+        if ctx.routing == "topk":
             out_BTD, _ = DenseBlock.forward(self, x_BTD, ctx)
-            return out_BTD, self._exit_loss(x_BTD, ctx)
+            return out_BTD, self._exit_loss(x_BTD, ctx) if ctx.phase is Phase.TRAIN else None
         conf_BT = exit_confidence(ctx.head(x_BTD))
         run_BT = conf_BT <= self.exit_threshold
-        active_BT = ctx.state.get("exit_active")
-        if active_BT is not None:
-            run_BT = run_BT & active_BT
-        ctx.state["exit_active"] = run_BT
+        if ctx.exit_active_BT is not None:
+            run_BT = run_BT & ctx.exit_active_BT
+        ctx.exit_active_BT = run_BT
         route = causal_output(run_BT, None, ctx.token_mask_BT, x_BTD.new_zeros((), dtype=torch.float32))
         out_BTD, _ = self.run_route(x_BTD, ctx, route)
         return out_BTD, route
@@ -96,23 +97,14 @@ class EarlyExitBlock(RoutedBlock):
         return ExitLoss(self.loss_weight * ce, {"exit_loss": ce.detach()})
 
     def _decode(self, x_B1D: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, RouterOutput]:
-        """One new token per row: the rows still running evaluate the gate; the rest skip."""
-        B, device = x_B1D.shape[0], x_B1D.device
-        rows = ctx.state.get("exit_rows", list(range(B)))
-        if rows:
-            x_r = x_B1D if len(rows) == B else x_B1D.index_select(0, torch.tensor(rows, device=device))
-            conf = exit_confidence(ctx.head(x_r)).view(-1).tolist()  # the one host sync of this gate
-            thr = float(self.exit_threshold)
-            rows = [r for r, c in zip(rows, conf) if c <= thr]
-        ctx.state["exit_rows"] = rows
-        sel_B1 = torch.zeros(B, 1, dtype=torch.bool)
-        sel_B1[rows] = True
-        zero = x_B1D.new_zeros((), dtype=torch.float32)
-        route = RouterOutput(torch.zeros(B, 1, dtype=torch.long, device=device), sel_B1.to(device), None, zero, {})
-        if len(rows) == B:
-            plan = RowPlan(None, B, None, None, None, route)
-        else:
-            rows_host = torch.tensor(rows, dtype=torch.long)
-            plan = RowPlan(rows, len(rows), rows_host, rows_host.to(device), None, route)
+        """One new token per row: the decode policy lets the rows still running evaluate the
+        gate; the block computes the rows that stay, the rest skip."""
+        rows = ctx.exit_rows if ctx.exit_rows is not None else list(range(x_B1D.shape[0]))
+
+        def gate(x_b1D: torch.Tensor) -> torch.Tensor:
+            return exit_confidence(ctx.head(x_b1D))
+
+        plan = ctx.decode.plan_exit(gate, float(self.exit_threshold), x_B1D, rows)
+        ctx.exit_rows = plan.rows if plan.rows is not None else rows
         out_B1D, _ = self.compute_rows(x_B1D, ctx, plan)
-        return out_B1D, route
+        return out_B1D, plan.route

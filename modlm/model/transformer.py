@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.model.block import PHASES, BlockContext, DecodePolicy, Phase, route_mask
+from modlm.model.block import PHASES, BlockContext, Phase, route_mask
 from modlm.model.inputs import check_inputs
 from modlm.model.layers import Linear, RMSNorm, Rotary
 from modlm.routing.base import RouterOutput
 from modlm.spec import roles
 from modlm.spec.kinds import block_spec
 from modlm.spec.routers import NO_ROUTER, router_spec
+
+if TYPE_CHECKING:  # the decode policy's contract lives with the policy, a floor above the model
+    from modlm.inference.decode import DecodePolicy
 
 __all__ = ["ModelOutput", "MoDTransformer", "route_mask"]
 
@@ -163,22 +166,7 @@ class MoDTransformer(nn.Module):
         """
         check_inputs(self.config.vocab_size, idx_BT, targets_BT)
         phase = _check_phase(phase, idx_BT, cache, decode)
-        B, T = idx_BT.shape
-        if pos_BT is None:
-            if T > self.config.max_seq_len:
-                raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-            pos_T = torch.arange(T, device=idx_BT.device)
-            cos, sin = self.rotary(pos_T)  # (T, E/2), shared by every row
-            pos_BT = pos_T.expand(B, T)
-        else:
-            cos, sin = self.rotary(pos_BT)  # (B, T, E/2): per-row positions (left padding, decoding)
-        pad_mask = None
-        if cache is None and token_mask_BT is not None and not bool(token_mask_BT.all()):
-            # Left padding without a cache: dense blocks must not attend to pad tokens (a token
-            # always sees itself, so no softmax row is empty).
-            causal_TT = torch.ones(T, T, dtype=torch.bool, device=idx_BT.device).tril()
-            pad_mask = (causal_TT & token_mask_BT[:, None, :]) | torch.eye(T, dtype=torch.bool, device=idx_BT.device)
-            pad_mask = pad_mask.unsqueeze(1)  # (B, 1, T, T)
+        pos_BT, cos, sin = self._positions(idx_BT, pos_BT)
         ctx = BlockContext(
             phase=phase,
             routing=routing,
@@ -187,7 +175,7 @@ class MoDTransformer(nn.Module):
             cos=cos,
             sin=sin,
             token_mask_BT=token_mask_BT,
-            attn_mask=pad_mask,
+            attn_mask=None if cache is not None else _padding_mask(token_mask_BT),
             cache=cache,
             replay=routes,
             decode=decode,
@@ -204,16 +192,47 @@ class MoDTransformer(nn.Module):
             x_BTD, aux = block(x_BTD, ctx)
             if aux is not None:
                 auxes[i] = aux
-        logits_BTV = self.head(x_BTD)
-        out = ModelOutput(logits=logits_BTV, routes={i: auxes[i] for i in self._routed if i in auxes}, aux=auxes)
+        out = ModelOutput(logits=self.head(x_BTD), routes={i: auxes[i] for i in self._routed if i in auxes}, aux=auxes)
         if targets_BT is not None:
-            out.lm_loss = F.cross_entropy(
-                logits_BTV.float().view(-1, logits_BTV.size(-1)), targets_BT.reshape(-1), ignore_index=-1
-            )
-            aux = [a.aux_loss for a in auxes.values()]
-            out.aux_loss = torch.stack(aux).sum() if aux else out.lm_loss.new_zeros(())
-            out.loss = out.lm_loss + out.aux_loss
+            _add_losses(out, targets_BT)
         return out
+
+    def _positions(
+        self, idx_BT: torch.Tensor, pos_BT: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pos_BT, cos, sin): 0..T-1 with (T, E/2) tables shared by every row when no positions
+        are given, else the rows' own positions with (B, T, E/2) tables (left padding, decoding)."""
+        B, T = idx_BT.shape
+        if pos_BT is not None:
+            return (pos_BT, *self.rotary(pos_BT))
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        pos_T = torch.arange(T, device=idx_BT.device)
+        return (pos_T.expand(B, T), *self.rotary(pos_T))
+
+
+def _padding_mask(token_mask_BT: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, 1, T, T) attention mask of left padding without a cache (None: no padding).
+
+    Dense blocks must not attend to pad tokens; a token always sees itself, so no softmax row is
+    empty."""
+    if token_mask_BT is None or bool(token_mask_BT.all()):
+        return None
+    T, device = token_mask_BT.shape[1], token_mask_BT.device
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    pad_mask = (causal_TT & token_mask_BT[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+    return pad_mask.unsqueeze(1)  # (B, 1, T, T)
+
+
+def _add_losses(out: ModelOutput, targets_BT: torch.Tensor) -> None:
+    """lm_loss (cross-entropy, -1 ignored), aux_loss (every block's, summed) and their sum."""
+    logits_BTV = out.logits
+    out.lm_loss = F.cross_entropy(
+        logits_BTV.float().view(-1, logits_BTV.size(-1)), targets_BT.reshape(-1), ignore_index=-1
+    )
+    aux = [a.aux_loss for a in out.aux.values()]
+    out.aux_loss = torch.stack(aux).sum() if aux else out.lm_loss.new_zeros(())
+    out.loss = out.lm_loss + out.aux_loss
 
 
 def _check_phase(phase: Phase | str, idx_BT: torch.Tensor, cache, decode) -> Phase:

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.routing.base import Router, RouterOutput, check_mode
+from modlm.routing.base import Router, RouterOutput
 from modlm.routing.expert_choice import CausalPredictor
 
 # received_attention lives in ops (a plain tensor op) so the blocks that record it need no router import.
-from modlm.routing.ops import capacity_k, received_attention, select_topk, select_topk_masked, topk_mask
+from modlm.routing.ops import received_attention, select_route, topk_mask
 
 __all__ = ["AttentionRouter", "received_attention"]
 
@@ -65,28 +65,6 @@ class AttentionRouter(Router):
         # standardised score term vanishes and only its MLP on x and its bias decide.
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        mode: str = "topk",
-        token_mask_BT: torch.Tensor | None = None,
-        received_BT: torch.Tensor | None = None,
-    ) -> RouterOutput:
-        """Route a (B, T, D) stream. Top-k needs ``received_BT``, the previous block's received
-        attention over the same T tokens (the model provides it); causal routing does not."""
-        check_mode(mode)
-        if mode == "causal":
-            return super().forward(x_BTD, mode, token_mask_BT)
-        if received_BT is None:
-            raise ValueError(
-                "router='attention' routes top-k by the previous block's received attention, but none was "
-                "recorded: run it inside MoDTransformer (which asks the previous block for it), or route causally"
-            )
-        return self._route_topk(x_BTD, received_BT, token_mask_BT)
-
-    def route_topk(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
-        raise ValueError("router='attention' needs the previous block's received attention: call it with received_BT")
-
     def causal_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The predictor's logit (B, T) in fp32 from each token's own state."""
         return self.predictor(x_BTD, x_BTD.new_zeros(x_BTD.shape[:2], dtype=torch.float32))
@@ -95,25 +73,28 @@ class AttentionRouter(Router):
         """Per-token causal routing: predictor logit above ``threshold``; unit weight."""
         return self.causal_logits(x_BTD) > self.threshold, None
 
-    def _route_topk(
-        self, x_BTD: torch.Tensor, score_BT: torch.Tensor, token_mask_BT: torch.Tensor | None
+    def route_topk(
+        self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None, received_BT: torch.Tensor | None = None
     ) -> RouterOutput:
-        B, T, _ = x_BTD.shape
-        zero = x_BTD.new_zeros((), dtype=torch.float32)
-        score_BT = score_BT.float()
-        if token_mask_BT is not None:  # a padded batch of known prompts: top-k over each row's real tokens
-            idx_BK, valid_BK = select_topk_masked(score_BT, token_mask_BT, self.capacity)
-            return RouterOutput(
-                idx_BK, valid_BK, None, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()}
+        """Top-k of ``received_BT``, the previous block's received attention over the same T tokens
+        (the model records it for this router); the predictor learns the top-k membership."""
+        if received_BT is None:
+            raise ValueError(
+                "router='attention' routes top-k by the previous block's received attention, but none was "
+                "recorded: run it inside MoDTransformer (which asks the previous block for it), or route causally"
             )
-        k = capacity_k(self.capacity, T)
-        idx_BK = select_topk(score_BT, k)
+        T = x_BTD.shape[1]
+        zero = x_BTD.new_zeros((), dtype=torch.float32)
+        score_BT = received_BT.float()
+        idx_BK, valid_BK, frac = select_route(score_BT, self.capacity, token_mask_BT)
+        if valid_BK is not None:  # a padded batch of known prompts (scoring): no losses to learn from
+            return RouterOutput(idx_BK, valid_BK, None, zero, {"routed_frac": frac})
         target_BT = topk_mask(idx_BK, T).float()
         p_BT = self.causal_logits(x_BTD)
         bce = F.binary_cross_entropy_with_logits(p_BT, target_BT)
         hit_BT = (p_BT.detach() > self.threshold).float()
         stats = {
-            "routed_frac": zero + k / T,
+            "routed_frac": frac,
             "score_mean_selected": torch.gather(score_BT, 1, idx_BK).mean(),
             "pred_bce": bce.detach(),
             "pred_acc": (hit_BT == target_BT).float().mean(),

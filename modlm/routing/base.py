@@ -4,10 +4,13 @@ Axis legend: B batch, T sequence length, K tokens routed into the block, D model
 
 A router does three things, and only these:
 
-1. **Route a sequence** (``forward(x_BTD, mode, token_mask_BT) -> RouterOutput``), in one of two
-   modes:
-   - ``"topk"``: expert-choice top-k over each sequence (training, and scoring a known text).
-     Non-causal: whether token t is chosen depends on later tokens.
+1. **Route a sequence** (``forward(x_BTD, mode, token_mask_BT, received_BT) -> RouterOutput``), in
+   one of two modes:
+   - ``"topk"``: expert-choice top-k over each sequence (training, and scoring a known text),
+     through ``route_topk``. Non-causal: whether token t is chosen depends on later tokens.
+     ``received_BT`` is the attention each token received in the previous block, which the
+     model records for routers whose spec ``needs_received_attention`` (A-MoD's score); the
+     others ignore it. The selection step itself is shared (``modlm.routing.ops.select_route``).
    - ``"causal"``: each token decides from its own state only (decoding; Raposo et al. 2024
      §3.5), through ``decide``.
 2. **Decide causally per token** (``decide(x_BTD) -> (sel_BT, weight_BT | None)``). A router
@@ -98,10 +101,13 @@ class Router(nn.Module):
         if mode == "causal":
             zero = x_BTD.new_zeros((), dtype=torch.float32)
             return causal_output(*self.decide(x_BTD), token_mask_BT, zero)
-        return self.route_topk(x_BTD, token_mask_BT)
+        return self.route_topk(x_BTD, token_mask_BT, received_BT)
 
-    def route_topk(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
-        """Expert-choice selection over each sequence (or over each row's real tokens)."""
+    def route_topk(
+        self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None, received_BT: torch.Tensor | None = None
+    ) -> RouterOutput:
+        """Expert-choice selection over each sequence (or over each row's real tokens).
+        ``received_BT``: see ``forward``; only routers that declare the need read it."""
         raise NotImplementedError
 
     def decide(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

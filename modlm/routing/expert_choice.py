@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from modlm.config import ModelConfig
 from modlm.routing.base import Router, RouterOutput
-from modlm.routing.ops import capacity_k, router_scores, select_topk, select_topk_masked, topk_mask
+from modlm.routing.ops import router_scores, select_route, topk_mask
 from modlm.spec import roles
 
 
@@ -128,40 +128,36 @@ class LearnedRouter(Router):
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
         self._fold_cache: tuple | None = None  # (source tensors, their versions, folded weights)
 
+    # The router's three numbers per token, one method each (the ``Router`` contract):
+    #   scores         r = w·x, the top-k score and the update's weight (token_weights)
+    #   causal_logits  what a causal decision thresholds: the predictor's logit, else r itself
+    #   decide         causal_logits > threshold, weighted by r
+
     def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Router logits r_BT in fp32 (routing decisions are precision-sensitive)."""
         return router_scores(x_BTD, self.weight)
-
-    def signal(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
-        """The causal routing signal from x and its router logit: the predictor's logit if there
-        is a predictor, else r itself (aux-loss routing)."""
-        return self.predictor(x_BTD, r_BT) if self.predictor is not None else r_BT
-
-    def causal_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """The causal logit (B, T) in fp32, thresholded by ``threshold`` (folded without gradients)."""
-        if self.predictor is None or torch.is_grad_enabled():
-            return self.signal(x_BTD, self.scores(x_BTD))
-        B, T, _ = x_BTD.shape
-        return self._folded_logits(x_BTD).view(B, T)
 
     def token_weights(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """r = w·x: a processed token becomes x + r·f(x)."""
         return self.scores(x_BTD)
 
-    def decision_logits(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(causal logit_BT, router logit r_BT), fp32. Each token's values depend on it alone.
+    def causal_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The causal logit (B, T) in fp32 that ``decide`` thresholds; each token's depends on it alone.
 
-        Without gradients (decoding, evaluation, calibration) a predictor router runs folded:
-        one product gives the predictor's hidden units and ±r, one SiLU, a second product the
-        logit (see ``CausalPredictor.fold``), instead of ~15 small operators. At batch size 1 a
-        skipped routed block costs only this, so it sets how much of MoD's saving decoding
-        keeps. The folded weights are cached and rebuilt when any parameter or buffer they come
-        from changes (an optimizer step, a load, new running statistics).
+        Aux-loss routing thresholds r itself; a predictor router its predictor's logit. Without
+        gradients (decoding, evaluation, calibration) a predictor router runs folded: one product
+        gives the predictor's hidden units and ±r, one SiLU, a second product the logit (see
+        ``CausalPredictor.fold``), instead of ~15 small operators. At batch size 1 a skipped
+        routed block costs only this, so it sets how much of MoD's saving decoding keeps. The
+        folded weights are cached and rebuilt when any parameter or buffer they come from
+        changes (an optimizer step, a load, new running statistics).
         """
-        if self.predictor is None or torch.is_grad_enabled():
-            r_BT = self.scores(x_BTD)
-            return self.signal(x_BTD, r_BT), r_BT
-        return self.causal_logits(x_BTD), self.scores(x_BTD)
+        if self.predictor is None:
+            return self.scores(x_BTD)
+        if torch.is_grad_enabled():
+            return self.predictor(x_BTD, self.scores(x_BTD))
+        B, T, _ = x_BTD.shape
+        return self._folded_logits(x_BTD).view(B, T)
 
     def _folded_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Flat (B*T,) causal logits from the folded weights (see ``CausalPredictor.fold``)."""
@@ -208,26 +204,24 @@ class LearnedRouter(Router):
 
     def decide(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token causal routing: (sel_BT bool, weight_BT = r). Depends on each token alone."""
-        logit_BT, r_BT = self.decision_logits(x_BTD)
+        r_BT = self.scores(x_BTD)
+        logit_BT = r_BT if self.predictor is None else self.causal_logits(x_BTD)
         return logit_BT > self.threshold, r_BT
 
-    def route_topk(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
+    def route_topk(
+        self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None, received_BT: torch.Tensor | None = None
+    ) -> RouterOutput:
         """Top-k of r per sequence; the aux BCE and the predictor learn its membership."""
-        B, T, _ = x_BTD.shape
+        T = x_BTD.shape[1]
         zero = x_BTD.new_zeros((), dtype=torch.float32)
         r_BT = self.scores(x_BTD)
-        if token_mask_BT is not None:  # a padded batch of known prompts: top-k over each row's real tokens
-            idx_BK, valid_BK = select_topk_masked(r_BT.detach(), token_mask_BT, self.capacity)
-            weight_BK = torch.gather(r_BT, 1, idx_BK)
-            return RouterOutput(
-                idx_BK, valid_BK, weight_BK, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()}
-            )
-        k = capacity_k(self.capacity, T)
-        idx_BK = select_topk(r_BT.detach(), k)
+        idx_BK, valid_BK, frac = select_route(r_BT.detach(), self.capacity, token_mask_BT)
         weight_BK = torch.gather(r_BT, 1, idx_BK)
+        if valid_BK is not None:  # a padded batch of known prompts (scoring): no losses to learn from
+            return RouterOutput(idx_BK, valid_BK, weight_BK, zero, {"routed_frac": frac})
         target_BT = topk_mask(idx_BK, T).float()
         aux = zero
-        stats: dict[str, torch.Tensor] = {"routed_frac": zero + k / T, "r_mean_selected": weight_BK.detach().mean()}
+        stats: dict[str, torch.Tensor] = {"routed_frac": frac, "r_mean_selected": weight_BK.detach().mean()}
         if self.use_aux:
             bce = F.binary_cross_entropy_with_logits(r_BT, target_BT)
             aux = aux + self.aux_weight * bce

@@ -16,11 +16,11 @@ import torch
 from modlm.spec.capacity import capacity_k
 
 __all__ = [
-    "capacity_k",
     "gather_tokens",
     "mask_to_padded_indices",
     "router_scores",
     "scatter_add_weighted",
+    "select_route",
     "select_topk",
     "select_topk_masked",
     "topk_mask",
@@ -60,6 +60,27 @@ def select_topk_masked(
     keep_BT = torch.arange(T, device=scores_BT.device).unsqueeze(0) < k_B.unsqueeze(1)
     sel_BT = torch.zeros_like(token_mask_BT).scatter(1, order_BT, keep_BT)
     return mask_to_padded_indices(sel_BT)
+
+
+def select_route(
+    score_BT: torch.Tensor, capacity: float, token_mask_BT: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The one expert-choice selection step of every top-k router.
+
+    Without a mask: the k = capacity_k(c, T) highest scores of each row (``select_topk``), no
+    padding slots. With ``token_mask_BT`` (a left-padded batch of known prompts): top-k over each
+    row's real tokens (``select_topk_masked``). ``score_BT`` should carry no gradient (the choice
+    is discrete; weights are gathered from the live scores by the router).
+
+    Returns (idx_BK, valid_BK or None, routed_frac): the fraction of real tokens processed, a
+    detached scalar for the router's stats.
+    """
+    if token_mask_BT is not None:
+        idx_BK, valid_BK = select_topk_masked(score_BT, token_mask_BT, capacity)
+        return idx_BK, valid_BK, (valid_BK.float().sum() / token_mask_BT.sum()).detach()
+    T = score_BT.shape[-1]
+    k = capacity_k(capacity, T)
+    return select_topk(score_BT, k), None, score_BT.new_full((), k / T, dtype=torch.float32)
 
 
 def topk_mask(idx_BK: torch.Tensor, seq_len: int) -> torch.Tensor:

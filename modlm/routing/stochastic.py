@@ -9,7 +9,7 @@ import torch
 
 from modlm.config import ModelConfig
 from modlm.routing.base import Router, RouterOutput
-from modlm.routing.ops import capacity_k, select_topk, select_topk_masked
+from modlm.routing.ops import select_route
 
 
 class RandomRouter(Router):
@@ -27,15 +27,11 @@ class RandomRouter(Router):
         B, T, _ = x_BTD.shape
         return torch.rand(B, T, device=x_BTD.device) < self.capacity, None
 
-    def route_topk(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
+    def route_topk(
+        self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None, received_BT: torch.Tensor | None = None
+    ) -> RouterOutput:
         """A uniformly random k tokens per sequence (or per row's real tokens)."""
         B, T, _ = x_BTD.shape
         zero = x_BTD.new_zeros((), dtype=torch.float32)
-        u_BT = torch.rand(B, T, device=x_BTD.device)
-        if token_mask_BT is not None:
-            idx_BK, valid_BK = select_topk_masked(u_BT, token_mask_BT, self.capacity)
-            return RouterOutput(
-                idx_BK, valid_BK, None, zero, {"routed_frac": valid_BK.float().sum() / token_mask_BT.sum()}
-            )
-        k = capacity_k(self.capacity, T)
-        return RouterOutput(select_topk(u_BT, k), None, None, zero, {"routed_frac": zero + k / T})
+        idx_BK, valid_BK, frac = select_route(torch.rand(B, T, device=x_BTD.device), self.capacity, token_mask_BT)
+        return RouterOutput(idx_BK, valid_BK, None, zero, {"routed_frac": frac})

@@ -37,8 +37,9 @@ import torch.nn as nn
 
 from modlm.config import ModelConfig
 from modlm.routing.base import Router, RouterOutput
-from modlm.routing.ops import capacity_k, router_scores
+from modlm.routing.ops import router_scores
 from modlm.spec import roles
+from modlm.spec.capacity import capacity_k
 
 __all__ = ["TokenChoiceRouter", "capped_selection"]
 
@@ -103,7 +104,9 @@ class TokenChoiceRouter(Router):
         r_BT = self.scores(x_BTD)
         return r_BT > self.threshold, torch.sigmoid(r_BT)
 
-    def route_topk(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
+    def route_topk(
+        self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None, received_BT: torch.Tensor | None = None
+    ) -> RouterOutput:
         """At most K tokens per row, in exactly K slots (``valid_BK`` marks the real ones)."""
         B, T, _ = x_BTD.shape
         zero = x_BTD.new_zeros((), dtype=torch.float32)

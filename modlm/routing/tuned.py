@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from modlm.config import ModelConfig
 from modlm.routing.base import Router, RouterOutput
-from modlm.routing.ops import capacity_k, select_topk, select_topk_masked
+from modlm.routing.ops import select_route
 from modlm.spec import roles
 
 __all__ = ["TunedRouter"]
@@ -54,17 +54,13 @@ class TunedRouter(Router):
         """s above ``threshold``; unit weight."""
         return self.scores(x_BTD) > self.threshold, None
 
-    def route_topk(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
+    def route_topk(
+        self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None, received_BT: torch.Tensor | None = None
+    ) -> RouterOutput:
         """Top-k of s per sequence (or per row's real tokens); straight-through unit weights."""
-        B, T, _ = x_BTD.shape
         zero = x_BTD.new_zeros((), dtype=torch.float32)
         s_BT = self.scores(x_BTD)
-        if token_mask_BT is not None:
-            idx_BK, valid_BK = select_topk_masked(s_BT.detach(), token_mask_BT, self.capacity)
-            frac = valid_BK.float().sum() / token_mask_BT.sum()
-        else:
-            idx_BK, valid_BK = select_topk(s_BT.detach(), capacity_k(self.capacity, T)), None
-            frac = zero + idx_BK.shape[1] / T
+        idx_BK, valid_BK, frac = select_route(s_BT.detach(), self.capacity, token_mask_BT)
         weight_BK = None
         if s_BT.requires_grad:  # 1 in value, ds in the backward (see the module docstring)
             s_BK = torch.gather(s_BT, 1, idx_BK)

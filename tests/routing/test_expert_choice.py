@@ -20,13 +20,12 @@ def _router(dtype=torch.float64):
 
 def _plain(router, x):
     with torch.enable_grad():  # gradients on: the unfolded path, operator by operator
-        r = router.scores(x)
-        return router.signal(x, r).detach(), r.detach()
+        return router.causal_logits(x).detach(), router.scores(x).detach()
 
 
 def _folded(router, x):
     with torch.no_grad():
-        return router.decision_logits(x)
+        return router.causal_logits(x), router.scores(x)
 
 
 def test_folded_decision_equals_router_plus_predictor():

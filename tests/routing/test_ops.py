@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from modlm.routing.ops import (
-    capacity_k,
     gather_tokens,
     mask_to_padded_indices,
     router_scores,
@@ -10,6 +9,7 @@ from modlm.routing.ops import (
     select_topk,
     topk_mask,
 )
+from modlm.spec.capacity import capacity_k
 
 
 def test_capacity_k_rounds_and_never_zero():
@@ -91,3 +91,19 @@ def test_router_scores_are_fp32_even_under_autocast():
     assert r.dtype == torch.float32 and r.shape == (2, 5)
     torch.testing.assert_close(r, ref)
     torch.testing.assert_close(router_scores(x, w), ref)
+
+
+def test_select_route_is_top_k_without_a_mask_and_per_row_top_k_with_one():
+    from modlm.routing.ops import select_route, select_topk_masked
+
+    torch.manual_seed(0)
+    s = torch.randn(3, 16)
+    idx, valid, frac = select_route(s, 0.25, None)
+    assert valid is None and torch.equal(idx, select_topk(s, capacity_k(0.25, 16)))
+    assert frac.item() == 4 / 16
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask[1, :6] = False  # left padding
+    idx, valid, frac = select_route(s, 0.25, mask)
+    ref_idx, ref_valid = select_topk_masked(s, mask, 0.25)
+    assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
+    assert frac.item() == pytest.approx(valid.sum().item() / mask.sum().item())
