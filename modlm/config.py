@@ -357,7 +357,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# MoE, MoDE and early-exit presets (``modlm.model.mode``, ``modlm.model.early_exit``): the shapes
+# MoE, MoDE and early-exit presets (``modlm.model.moe_blocks``, ``modlm.model.early_exit``): the shapes
 # above with another block kind. MoE: every layer, top-2 token choice. Staged MoDE: MoD routing
 # every other block (capacity 12.5%) around MoE blocks. Integrated MoDE: as many no-op experts as
 # real ones, so about half the assignments ride the residual. Early exit: every layer may exit.

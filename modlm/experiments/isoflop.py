@@ -41,7 +41,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mod-random": {"router": "random", "capacity": 0.125, "route_every": 2, "route_start": 1},
     # Token choice (modlm.routing.token_choice); aux_loss_weight is its balancing-loss weight there.
     "mod-tc": {"router": "token_choice", "capacity": 0.125, "route_every": 2, "route_start": 1, "aux_loss_weight": 1.0},
-    # MoE and MoDE (modlm.model.mode): 4 experts of the dense MLP's size, top-1 token choice, so a
+    # MoE and MoDE (modlm.model.moe_blocks): 4 experts of the dense MLP's size, top-1 token choice, so a
     # plain MoE costs what the dense model does; integrated MoDE adds no-op experts (give
     # n_noop_experts) under capacity factor 1, which caps the real experts' share at E/(E+no-ops).
     "moe": {"router": "none", "block_kind": "moe", "n_experts": 4, "moe_top_k": 1},

@@ -28,9 +28,9 @@ from modlm.inference.decode import HostDecisions
 from modlm.model.block import Phase, route_mask
 from modlm.model.inputs import check_token_ids
 from modlm.model.transformer import MoDTransformer
+from modlm.spec.routers import ROUTINGS
 from modlm.validation import is_int, is_number, require
 
-PREFILL_ROUTING = ("causal", "topk")
 # Prompts become Python ints before decoding, so any integer dtype will do.
 _PROMPT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -84,7 +84,7 @@ class GenerationConfig:
             "seed",
             "must be an int in [0, 2**63) or None",
         )
-        check(self.prefill_routing in PREFILL_ROUTING, "prefill_routing", f"must be one of {PREFILL_ROUTING}")
+        check(self.prefill_routing in ROUTINGS, "prefill_routing", f"must be one of {ROUTINGS}")
         check(
             hasattr(self.stop_tokens, "__iter__")
             and not isinstance(self.stop_tokens, (str, bytes))

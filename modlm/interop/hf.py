@@ -37,11 +37,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from modlm.config import ModelConfig
 from modlm.model.layers import Rotary
 from modlm.model.transformer import MoDTransformer
+from modlm.spec.routers import check_routing
 
 __all__ = ["MODEL_TYPE", "MoDCausalLMOutput", "MoDConfig", "MoDForCausalLM", "register"]
 
 MODEL_TYPE = "modlm"
-ROUTINGS = ("topk", "causal")
 # transformers 5 declares tied weights as {target: source}; 4.x as a list of targets.
 _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 _TIED = {"model.lm_head.weight": "model.tok_emb.weight"}
@@ -175,8 +175,7 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
                     f"MoDForCausalLM takes no {key}: it recomputes the whole sequence each call "
                     "(modlm.generate decodes with the routed KV cache)"
                 )
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing={routing!r} must be one of {ROUTINGS}")
+        check_routing(routing)
         max_len = self.model.config.max_seq_len
         if input_ids.shape[1] > max_len:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len={max_len}")

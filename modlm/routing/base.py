@@ -4,8 +4,8 @@ Axis legend: B batch, T sequence length, K tokens routed into the block, D model
 
 A router does three things, and only these:
 
-1. **Route a sequence** (``forward(x_BTD, mode, token_mask_BT, received_BT) -> RouterOutput``), in
-   one of two modes:
+1. **Route a sequence** (``forward(x_BTD, routing, token_mask_BT, received_BT) -> RouterOutput``),
+   by one of two rules (``modlm.spec.routers.ROUTINGS``):
    - ``"topk"``: expert-choice top-k over each sequence (training, and scoring a known text),
      through ``route_topk``. Non-causal: whether token t is chosen depends on later tokens.
      ``received_BT`` is the attention each token received in the previous block, which the
@@ -20,7 +20,7 @@ A router does three things, and only these:
 3. **Report aux losses and statistics** explicitly, in its ``RouterOutput``: nothing is stashed
    on modules or in globals.
 
-The base class holds the mode check and the causal-mode plumbing, so each router writes only
+The base class holds the routing check and the causal plumbing, so each router writes only
 its own selection rule. Routers are built by name from the registry (``build_router``).
 """
 
@@ -33,9 +33,7 @@ import torch.nn as nn
 
 from modlm.config import ModelConfig
 from modlm.routing.ops import mask_to_padded_indices
-from modlm.spec.routers import router_spec
-
-ROUTING_MODES = ("topk", "causal")
+from modlm.spec.routers import check_routing, router_spec
 
 
 class RouterOutput(NamedTuple):
@@ -54,11 +52,6 @@ class RouterOutput(NamedTuple):
     weight_BK: torch.Tensor | None
     aux_loss: torch.Tensor
     stats: dict[str, torch.Tensor]
-
-
-def check_mode(mode: str) -> None:
-    if mode not in ROUTING_MODES:
-        raise ValueError(f"routing mode {mode!r} is invalid: must be one of {ROUTING_MODES}")
 
 
 def causal_output(
@@ -88,7 +81,7 @@ class Router(nn.Module):
     def forward(
         self,
         x_BTD: torch.Tensor,
-        mode: str = "topk",
+        routing: str = "topk",
         token_mask_BT: torch.Tensor | None = None,
         received_BT: torch.Tensor | None = None,
     ) -> RouterOutput:
@@ -97,8 +90,7 @@ class Router(nn.Module):
         ``received_BT``: the attention each token received in the previous block, which the model
         records for routers whose spec ``needs_received_attention`` (A-MoD); others ignore it.
         """
-        check_mode(mode)
-        if mode == "causal":
+        if check_routing(routing) == "causal":
             zero = x_BTD.new_zeros((), dtype=torch.float32)
             return causal_output(*self.decide(x_BTD), token_mask_BT, zero)
         return self.route_topk(x_BTD, token_mask_BT, received_BT)

@@ -61,12 +61,14 @@ register_block(
     BlockSpec("routed", "modlm.model.block:RoutedBlock", routed=True, cache_layout="ragged", dense_kind="dense")
 )
 register_block(
-    BlockSpec("moe", "modlm.model.mode:MoEBlock", routed=False, cache_layout="contiguous", dense_kind="dense", moe=True)
+    BlockSpec(
+        "moe", "modlm.model.moe_blocks:MoEBlock", routed=False, cache_layout="contiguous", dense_kind="dense", moe=True
+    )
 )
 register_block(
     BlockSpec(
         "mode-staged",
-        "modlm.model.mode:StagedMoDEBlock",
+        "modlm.model.moe_blocks:StagedMoDEBlock",
         routed=True,
         cache_layout="ragged",
         dense_kind="dense",
@@ -76,7 +78,7 @@ register_block(
 register_block(
     BlockSpec(
         "mode-integrated",
-        "modlm.model.mode:IntegratedMoDEBlock",
+        "modlm.model.moe_blocks:IntegratedMoDEBlock",
         routed=False,
         cache_layout="contiguous",
         dense_kind="dense",

@@ -101,11 +101,6 @@ def named_parameters_with_roles(model: Any) -> Iterator[tuple[str, Any, Role]]:
         yield name, p, roles[name]
 
 
-def parameters_where(model: Any, predicate) -> list[Any]:
-    """The parameters whose role satisfies ``predicate(role)``, in ``named_parameters`` order."""
-    return [p for _, p, role in named_parameters_with_roles(model) if predicate(role)]
-
-
 def freeze_all_but(model: Any, keep: Iterable[Role] | None = None, routing: bool = False) -> int:
     """Set ``requires_grad`` from roles: True for roles in ``keep`` (or routing roles if
     ``routing``), False for the rest. Returns how many parameters stay trainable."""

@@ -16,6 +16,20 @@ from modlm.spec.registry import Registry, load_target
 # ``ModelConfig.router`` value meaning "no router": every block is dense.
 NO_ROUTER = "none"
 
+# How routed blocks route a sequence: one idea, one name ("routing") and these values wherever it
+# is chosen (``MoDTransformer.forward``, ``Router.forward``, ``generate``'s ``prefill_routing``,
+# the Hugging Face wrapper, the CLI). "topk": expert-choice over each known sequence (training,
+# scoring a known text; non-causal). "causal": each token decides from its own state, as decoding
+# must (Raposo et al. 2024, section 3.5).
+ROUTINGS = ("topk", "causal")
+
+
+def check_routing(value: str, name: str = "routing") -> str:
+    """``value`` if it is one of ``ROUTINGS``, else a one-line ValueError naming ``name`` and it."""
+    if value not in ROUTINGS:
+        raise ValueError(f"{name}={value!r} is invalid: must be one of {ROUTINGS}")
+    return value
+
 
 @dataclass(frozen=True)
 class RouterSpec:

@@ -9,6 +9,7 @@ from modlm.flops import param_count
 from modlm.routing.base import Router, build_router
 from modlm.spec import routers as registry
 from modlm.spec.kinds import block_kinds, block_spec
+from modlm.spec.routers import ROUTINGS
 
 
 @pytest.mark.parametrize("name", registry.router_names())
@@ -20,8 +21,8 @@ def test_every_registered_router_builds_and_follows_the_protocol(name):
     spec = registry.router_spec(name)
     # A-MoD scores by the previous block's received attention, which the model hands it.
     signal = {"received_BT": torch.rand(2, 16)} if spec.needs_received_attention else {}
-    for mode in ("topk", "causal"):
-        out = router(x, mode, **signal)
+    for routing in ROUTINGS:
+        out = router(x, routing, **signal)
         assert out.idx_BK.shape[0] == 2 and out.aux_loss.dim() == 0 and "routed_frac" in out.stats
     sel, _ = router.decide(x)
     assert sel.shape == (2, 16) and sel.dtype == torch.bool
