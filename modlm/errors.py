@@ -16,7 +16,8 @@ for a process ended by SIGINT. Anything else is a bug and keeps its traceback. W
 ``MODLM_DEBUG=1`` in the environment, expected failures keep theirs too.
 
 ``ArgumentParser`` is argparse with the same one-line errors (no usage block): flag typos end
-like every other mistake.
+like every other mistake. Its ``--help`` shows each option's default (``ShowDefaults``), whatever
+formatter class a command asks for.
 
 No torch import: ``modlm --help`` stays instant.
 """
@@ -24,12 +25,25 @@ No torch import: ``modlm --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-__all__ = ["DEBUG_ENV", "EXPECTED", "ArgumentParser", "one_line", "report", "run_cli"]
+__all__ = [
+    "DEBUG_ENV",
+    "EXPECTED",
+    "ArgumentParser",
+    "ShowDefaults",
+    "one_line",
+    "report",
+    "run_cli",
+    "shown_default",
+    "states_default",
+]
 
 # The failures a user can cause and fix; their message is the whole story.
 EXPECTED: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, ImportError)
@@ -96,11 +110,64 @@ def run_cli(fn: Callable[..., Any], *args: Any, prog: str = "modlm") -> int:
     return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
+def shown_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` should state ``action``'s default: an option (or optional positional)
+    that takes a value and has one. ``None``, an empty string or list ("not given") and a flag's
+    own ``False``/``True`` (``store_true``: its absence is the default) would only be noise."""
+    default = action.default
+    if default is None or default is argparse.SUPPRESS or default in ("", [], ()):
+        return False
+    if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):
+        return False  # store_true / store_const / count / help / version
+    return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+
+
+def states_default(help_text: str, default: Any) -> bool:
+    """Whether a help text already states ``default``: by ``%(default)s``, or in words (the word
+    "default" and the value, as in "default 1: the machine is shared")."""
+    if "%(default)" in help_text:
+        return True
+    return re.search(r"\bdefault\b", help_text, re.IGNORECASE) is not None and str(default) in help_text
+
+
+class ShowDefaults(argparse.HelpFormatter):
+    """A help formatter (mixed into whichever class a parser names) that ends each option's help
+    with ``(default: X)`` unless the help already states it (``states_default``), and gives an option without a help text that line alone."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if shown_default(action) and not states_default(text, action.default):
+            text += " (default: %(default)s)" if text.strip() else "default: %(default)s"
+        return text
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help and action.help.strip()) and shown_default(action):
+            # argparse formats no help line at all without a help text; give it one for the default.
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+@functools.cache
+def _showing_defaults(formatter_class: type) -> type:
+    """``formatter_class`` with ``ShowDefaults`` first in its MRO. ``ShowDefaults`` overrides
+    ``_get_help_string`` whole, so argparse's ``ArgumentDefaultsHelpFormatter``, when named, adds
+    neither "(default: None)" nor a second default."""
+    if issubclass(formatter_class, ShowDefaults):
+        return formatter_class
+    return type(f"ShowDefaults{formatter_class.__name__}", (ShowDefaults, formatter_class), {})
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``{prog}: error: {message} (see {prog} --help)``, exit 2.
+    """argparse whose errors are one line, ``{prog}: error: {message} (see {prog} --help)``, exit 2,
+    and whose ``--help`` shows each option's default (``ShowDefaults``, mixed into the
+    ``formatter_class`` given, so ``RawDescriptionHelpFormatter`` keeps its layout).
 
     Subparsers made with ``add_subparsers`` are of this class too.
     """
+
+    def __init__(self, *args: Any, formatter_class: type = argparse.HelpFormatter, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=_showing_defaults(formatter_class), **kwargs)
 
     def error(self, message: str) -> NoReturn:
         message = " ".join(message.split())

@@ -91,9 +91,13 @@ def test_sweep_knob_reports_speed_and_quality_and_restores_thresholds():
     for r in rows:
         assert set(r) >= {"fraction", "routed_fraction", "val_loss", "decode_tokens_per_s"}
         assert abs(r["routed_fraction"] - r["fraction"]) <= 0.03
-        assert r["val_loss"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["decode_tokens_per_s"] > 0  # a timing: only its sign is certain
     assert rows[0]["routed_fraction"] > rows[1]["routed_fraction"]
     assert get_thresholds(model) == before
+    for r in rows:  # each row's loss is the causal loss at the thresholds it reports
+        set_thresholds(model, r["thresholds"])
+        assert r["val_loss"] == pytest.approx(causal_val_loss(model, val))
+    set_thresholds(model, before)
     with torch.no_grad():
         ref = float(model(val[:, :-1], targets_BT=val[:, 1:], routing="causal").lm_loss)
     assert causal_val_loss(model, val) == pytest.approx(ref)

@@ -100,6 +100,70 @@ def _tiny(**kw):
     return MoDTransformer(ModelConfig.from_name("tiny", **kw))
 
 
+def _reference_decode(model, prompt, n_new, pick):
+    """Decoding by recomputation, without ``generate``: the whole sequence routed causally per
+    token, the next token ``pick(last-position logits (1, V))``."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n_new):
+            seq.append(int(pick(model(torch.tensor([seq]), routing="causal").logits[:, -1])))
+    return seq[len(prompt) :]
+
+
+def _reference_sampler(temperature, top_k=None, top_p=None, seed=0):
+    """Temperature, top-k and top-p written out on sorted probabilities, drawing like ``generate``
+    (one ``torch.multinomial`` per step from a generator seeded with ``seed``)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(logits_1V):
+        probs, order = (logits_1V.float() / temperature).softmax(-1).sort(descending=True)
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        if top_k is not None:
+            keep[:, top_k:] = False
+        if top_p is not None:
+            keep &= probs.cumsum(-1) - probs < top_p  # the mass before a token is below top_p
+        kept = torch.where(keep, probs, torch.zeros_like(probs))
+        kept_V = torch.zeros_like(kept).scatter(-1, order, kept)
+        return torch.multinomial(kept_V / kept_V.sum(), 1, generator=gen)[0, 0]
+
+    return pick
+
+
+def test_greedy_continuation_is_the_argmax_of_recomputed_logits():
+    model = _mod_model("predictor")
+    prompts = _prompts(lens=(5, 12))
+    res = generate(model, prompts, 24, temperature=0, trace=True)
+    for b, p in enumerate(prompts):
+        assert res.tokens[b] == _reference_decode(model, p, 24, lambda logits: logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "options", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=0.9, top_p=0.8)]
+)
+def test_sampled_tokens_equal_a_reference_sampler(options):
+    model = _mod_model("predictor")
+    prompt = _prompts(lens=(7,))[0]
+    res = generate(model, [prompt], 24, seed=11, **options)
+    assert res.tokens[0] == _reference_decode(model, prompt, 24, _reference_sampler(seed=11, **options))
+    if "top_k" in options:  # every token is among the 5 most likely at its step
+        logits = generate(model, [prompt], 24, seed=11, return_logits=True, **options).logits[0]
+        top5 = logits.topk(5, dim=-1).indices
+        assert all(t in top5[i].tolist() for i, t in enumerate(res.tokens[0]))
+
+
+def test_the_trace_names_the_routes_the_model_reports():
+    model = _mod_model("predictor")
+    prompts = _prompts(lens=(6, 14))
+    res = generate(model, prompts, 20, seed=3, trace=True)
+    for b, p in enumerate(prompts):
+        seq = torch.tensor([p + res.tokens[b][:-1]])  # the last token is never fed back
+        routes = model(seq, routing="causal").routes
+        masks = {i: route_mask(routes[i], seq.shape[1])[0, len(p) :] for i in model.config.routed_layers}
+        assert res.routing[b] == [[i for i in model.config.routed_layers if masks[i][t]] for t in range(19)]
+        # routed blocks per token: as many as the model's routes hold for that position
+        assert [len(r) for r in res.routing[b]] == sum(m.long() for m in masks.values()).tolist()
+
+
 def test_greedy_is_deterministic_and_seeds_control_sampling():
     model = _tiny()
     prompts = _prompts(lens=(6, 9))
@@ -148,6 +212,8 @@ def test_stop_tokens_end_a_row():
 
 def test_prefill_topk_routes_the_prompt_by_topk():
     model = _tiny(capacity=0.25).double().eval()
+    # causal thresholds at the median: decoding then routes some fed-back tokens in and skips others
+    calibrate_thresholds(model, torch.randint(0, 256, (4, 96), generator=torch.Generator().manual_seed(9)), 0.5)
     prompts = _prompts(lens=(8, 21, 13))
     # one new token: nothing is fed back, so the cache holds exactly the prompt's routes
     res = generate(model, prompts, 1, temperature=0, prefill_routing="topk", return_logits=True, return_cache=True)
@@ -156,12 +222,19 @@ def test_prefill_topk_routes_the_prompt_by_topk():
     for b, p in enumerate(prompts):  # each row as if alone, routed by top-k over its real tokens
         ref = model(torch.tensor([p]), routing="topk").logits[0, -1]
         torch.testing.assert_close(res.logits[b, 0], ref.float(), rtol=1e-6, atol=1e-6)
-    # and decoding continues causally from there
-    long = generate(model, prompts, 16, temperature=0, prefill_routing="topk", return_cache=True)
-    assert all(len(t) == 16 for t in long.tokens)
+    # and decoding continues causally from there: greedy tokens are the argmax of the logits each
+    # step saw, the first is the one-token run's, and each routed cache grows by exactly the fed-back
+    # tokens the trace says went through that block
+    long = generate(
+        model, prompts, 16, temperature=0, prefill_routing="topk", return_cache=True, return_logits=True, trace=True
+    )
+    assert [t[0] for t in long.tokens] == [t[0] for t in res.tokens]
+    assert long.logits.argmax(-1).tolist() == long.tokens
     for layer in model.config.routed_layers:
-        grown = long.cache.layer_lengths(layer) - res.cache.layer_lengths(layer)
-        assert bool(((grown >= 0) & (grown <= 15)).all())
+        grown = (long.cache.layer_lengths(layer) - res.cache.layer_lengths(layer)).tolist()
+        assert grown == [sum(layer in r for r in row) for row in long.routing], layer
+        assert all(len(row) == 15 for row in long.routing)
+    assert 0 < sum(len(r) for row in long.routing for r in row) < 15 * 3 * len(model.config.routed_layers)
 
 
 def test_decode_session_steps_equal_generate():
@@ -178,12 +251,14 @@ def test_decode_session_steps_equal_generate():
     torch.testing.assert_close(res.logits, ref.logits)
 
 
-def test_tensor_prompts_and_random_router():
+def test_tensor_prompts_decode_as_their_lists_with_a_random_router():
     model = _tiny(router="random")
-    res = generate(model, torch.randint(0, 256, (2, 7)), 5, seed=0)
+    batch = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+    res = generate(model, batch, 5, seed=0)
+    assert res.tokens == generate(model, batch.tolist(), 5, seed=0).tokens
     assert [len(t) for t in res.tokens] == [5, 5]
-    res = generate(model, torch.randint(0, 256, (7,)), 3, seed=0)
-    assert len(res.tokens) == 1 and len(res.tokens[0]) == 3
+    one = generate(model, batch[1], 3, seed=0)
+    assert one.tokens == generate(model, [batch[1].tolist()], 3, seed=0).tokens and len(one.tokens[0]) == 3
 
 
 @pytest.mark.parametrize(
@@ -241,3 +316,9 @@ def test_token_choice_router_decodes_through_the_generic_path_and_matches_recomp
     torch.testing.assert_close(cached.logits, full.logits, rtol=1e-6, atol=1e-6)
     used = [layer for row in cached.routing for tok in row for layer in tok]
     assert 0 < len(used) < sum(len(row) for row in cached.routing) * len(model.config.routed_layers)
+    # the trace is what a full causal forward of the fed-back sequence routes
+    for b, p in enumerate(prompts):
+        seq = torch.tensor([p + cached.tokens[b][:-1]])
+        routes = model(seq, routing="causal").routes
+        masks = {i: route_mask(routes[i], seq.shape[1])[0, len(p) :].tolist() for i in model.config.routed_layers}
+        assert cached.routing[b] == [[i for i in masks if masks[i][t]] for t in range(len(cached.routing[b]))]

@@ -119,6 +119,9 @@ def test_new_kinds_train_with_aux_losses_and_every_parameter_has_a_role(preset):
     parameter_roles(model)  # raises if a new parameter has no declared role
     x = torch.randint(0, 256, (2, 32))
     out = model(x, x)
+    # the total is the LM loss plus the blocks' aux losses, nothing stashed elsewhere
+    torch.testing.assert_close(out.lm_loss, torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), x.flatten()))
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
     assert float(out.aux_loss.detach()) > 0
     out.loss.backward()
     stats = out.router_stats()

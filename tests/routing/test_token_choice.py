@@ -39,6 +39,9 @@ def test_router_caps_at_capacity_and_weights_by_gate():
     assert out.idx_BK.shape == (3, 8)  # K = capacity * T slots: static shapes, exact FLOPs
     assert torch.equal(out.valid_BK, torch.gather(r > 0, 1, out.idx_BK) & out.valid_BK)
     torch.testing.assert_close(out.weight_BK, torch.sigmoid(torch.gather(r, 1, out.idx_BK)))
+    # the balance loss: the squared gap between each row's asking fraction and the capacity
+    asking_B = (r > 0).float().mean(1)
+    torch.testing.assert_close(out.aux_loss, cfg.aux_loss_weight * (asking_B - 0.25).pow(2).mean())
     assert out.aux_loss.item() > 0 and out.aux_loss.requires_grad
 
 
