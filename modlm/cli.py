@@ -26,7 +26,7 @@ EPILOG = """examples:
   modlm flops --model small --seq-len 256
   modlm bench decode --batch-sizes 1 16          # decode tokens/s, MoD vs dense twin
   modlm isoflop --budgets 1e12,4e12 --family dense --family mod
-  modlm reproduce --scale default --report-dir docs/results
+  modlm reproduce --scale default
 """
 
 
@@ -293,9 +293,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     --capacity, the base frozen, only the routing parameters trained on a text sample, then the
     causal thresholds calibrated for decoding. --router tuned trains a zero-initialised score
     through the LM loss; --router attention (A-MoD) routes by the attention received in the
-    previous layer and trains only its decode predictor. The defaults finish in 10-20 min on
-    one CPU thread for SmolLM2-135M."""
-    from modlm.interop.adapt import AdaptConfig, adapt_checkpoint, parse_layers
+    previous layer and trains only its decode predictor. Defaults: router tuned, capacity 0.5,
+    the later half of the layers but the last, 200 steps of 1 x 256 tokens at lr 2e-3, the
+    thresholds calibrated on 1024 tokens, 1 thread (SmolLM2-135M: 2-5 s a step on a CPU)."""
+    from modlm.adapt.config import AdaptConfig, parse_layers
+    from modlm.adapt.tune import adapt_checkpoint
 
     _set_threads(args.threads)
     cfg = AdaptConfig(
@@ -308,6 +310,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         lr=args.lr,
         calib_tokens=args.calib_tokens,
         seed=args.seed,
+        grad_clip=args.grad_clip,
     )
     out = adapt_checkpoint(args.ckpt, args.out, cfg, data=args.data, log=lambda line: print(line, file=sys.stderr))
     print(json.dumps({"checkpoint": str(out), "router": cfg.router, "capacity": cfg.capacity}))
@@ -315,24 +318,50 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _add_adapt_args(p: argparse.ArgumentParser) -> None:
-    from modlm.interop.adapt import ADAPT_ROUTERS, AdaptConfig
+    from modlm.adapt.config import ADAPT_ROUTERS, AdaptConfig
 
     d = AdaptConfig()
     p.add_argument("ckpt", help="a dense modlm checkpoint (e.g. from modlm convert)")
     p.add_argument("out", help="the adapted checkpoint directory to write")
-    p.add_argument("--router", choices=ADAPT_ROUTERS, default=d.router, help="tuned (default) or attention (A-MoD)")
-    p.add_argument("--capacity", type=float, default=d.capacity, help="fraction of tokens a routed layer processes")
+    p.add_argument(
+        "--router", choices=ADAPT_ROUTERS, default=d.router, help="tuned or attention (A-MoD) (default: %(default)s)"
+    )
+    p.add_argument(
+        "--capacity",
+        type=float,
+        default=d.capacity,
+        help="fraction of tokens a routed layer processes (default: %(default)s)",
+    )
     p.add_argument(
         "--layers", default=None, help="layers to route, e.g. 14-28 or 3,5,7 (default: the later half but the last)"
     )
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training window")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps on the routing parameters")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of the routing parameters")
-    p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="tokens to calibrate thresholds on")
-    p.add_argument("--data", default=None, help="text sample: 'enwiki' (default, bundled), a text file or a folder")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the window sampling")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the machine is shared)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training window (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step (default: %(default)s)")
+    p.add_argument(
+        "--steps", type=int, default=d.steps, help="optimizer steps on the routing parameters (default: %(default)s)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=d.lr, help="AdamW learning rate of the routing parameters (default: %(default)s)"
+    )
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        default=d.grad_clip,
+        help="max gradient norm per clip group, 0 = off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=d.calib_tokens,
+        help="tokens to calibrate thresholds on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data", default=None, help="text sample: 'enwiki' (bundled), a text file or a folder (default: enwiki)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the window sampling (default: %(default)s)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads, 0 = torch's default (default: %(default)s: shared CPU)"
+    )
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -434,12 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapt_args(p)
     p.set_defaults(func=cmd_adapt)
 
-    from modlm.interop.study import add_study_args, cmd_adapt_study
+    from modlm.experiments.adapt_study import add_adapt_study_args, cmd_adapt_study
 
     p = sub.add_parser(
         "adapt-study", help=" ".join(cmd_adapt_study.__doc__.split()), description=cmd_adapt_study.__doc__
     )
-    add_study_args(p)
+    add_adapt_study_args(p)
     p.set_defaults(func=cmd_adapt_study)
 
     from modlm.experiments.reproduce import add_reproduce_args, cmd_reproduce

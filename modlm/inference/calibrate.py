@@ -21,8 +21,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from modlm.flops import causal_forward_flops, flops
+from modlm.inference.evaluation import evaluate_lm, window_batches
 from modlm.inference.generate import generate
 from modlm.model.block import route_mask
+from modlm.model.eval_mode import eval_mode
 from modlm.model.inputs import check_token_ids
 from modlm.model.transformer import MoDTransformer
 from modlm.spec.kinds import block_spec
@@ -33,7 +35,7 @@ __all__ = [
     "calibratable_blocks",
     "calibrate_exit_threshold",
     "calibrate_thresholds",
-    "causal_val_loss",
+    "causal_flop_fraction",
     "exit_blocks",
     "exit_flop_fraction",
     "get_thresholds",
@@ -121,10 +123,8 @@ def calibrate_thresholds(model: MoDTransformer, tokens_BT: torch.Tensor, target_
         raise ValueError(f"target_fraction={target_fraction!r} is invalid: must be a number in [0, 1]")
     blocks = calibratable_blocks(model)
     tokens_BT = _check_tokens(model, tokens_BT)
-    was_training = model.training
-    model.eval()
     captured: dict[int, torch.Tensor] = {}
-    try:
+    with eval_mode(model):
         for i, blk in blocks.items():
 
             def grab(module, args, kwargs, i=i):
@@ -137,8 +137,6 @@ def calibrate_thresholds(model: MoDTransformer, tokens_BT: torch.Tensor, target_
             finally:
                 handle.remove()
             blk.router.threshold.fill_(_threshold_for_fraction(captured.pop(i), float(target_fraction)))
-    finally:
-        model.train(was_training)
     return get_thresholds(model)
 
 
@@ -146,30 +144,10 @@ def calibrate_thresholds(model: MoDTransformer, tokens_BT: torch.Tensor, target_
 def measure_routed_fraction(model: MoDTransformer, tokens_BT: torch.Tensor) -> dict[int, float]:
     """Fraction of the tokens each routed block processes under causal routing: {layer: fraction}."""
     tokens_BT = _check_tokens(model, tokens_BT)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model(tokens_BT, routing="causal")
-    finally:
-        model.train(was_training)
     T = tokens_BT.shape[1]
     return {i: float(route_mask(r, T).float().mean()) for i, r in out.routes.items()}
-
-
-@torch.no_grad()
-def causal_val_loss(model: MoDTransformer, windows_BT1: torch.Tensor) -> float:
-    """Mean next-token loss (nats) over (B, T+1) windows, routing causally (as when decoding)."""
-    if not isinstance(windows_BT1, torch.Tensor) or windows_BT1.dim() != 2 or windows_BT1.shape[1] < 2:
-        raise ValueError("validation windows must be a (B, T+1) tensor of token ids with T >= 1")
-    inputs = _check_tokens(model, windows_BT1[:, :-1])
-    targets = windows_BT1[:, 1:].to(inputs.device)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(inputs, targets_BT=targets, routing="causal")
-    finally:
-        model.train(was_training)
-    return float(out.lm_loss)
 
 
 @torch.no_grad()
@@ -211,7 +189,7 @@ def sweep_knob(
         for f in fractions:
             th = calibrate_thresholds(model, calib, f)
             per_layer = measure_routed_fraction(model, inputs)
-            loss = causal_val_loss(model, windows)
+            loss = evaluate_lm(model, window_batches(model, windows), routing="causal").loss
             res = generate(model, prompts, new_tokens, temperature=1.0, seed=seed)
             results.append(
                 {
@@ -251,21 +229,26 @@ def set_exit_threshold(model: MoDTransformer, threshold: float) -> None:
 
 
 @torch.no_grad()
-def exit_flop_fraction(model: MoDTransformer, tokens_BT: torch.Tensor) -> float:
+def causal_flop_fraction(model: MoDTransformer, tokens_BT: torch.Tensor) -> float:
     """Inference FLOPs per token of a causal pass over ``tokens_BT``, as a fraction of the dense
-    twin's forward (``modlm.flops.causal_forward_flops``: the layers each token ran, the exit
-    gates' head evaluations for the tokens still running, the final head)."""
-    blocks = exit_blocks(model)
+    twin's forward (``modlm.flops.causal_forward_flops``: the tokens each routed or exit-gated
+    layer really ran, the exit gates' head evaluations for the tokens still running, the final
+    head). The FLOP-exact counterpart of ``modlm.inference.evaluation.block_compute_fraction``."""
     tokens_BT = _check_tokens(model, tokens_BT)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model(tokens_BT, routing="causal")
-    finally:
-        model.train(was_training)
     T = tokens_BT.shape[1]
-    layer_tokens = {i: route_mask(out.aux[i], T).sum(1).tolist() for i in blocks}
+    layers = set(model.config.routed_layers) | {
+        i for i, kind in enumerate(model.config.layer_types) if block_spec(kind).exit_gate and i > 0
+    }
+    layer_tokens = {i: route_mask(out.aux[i], T).sum(1).tolist() for i in sorted(layers)}
     return causal_forward_flops(model.config, layer_tokens, T) / flops(model.config.dense_twin(), T).forward
+
+
+def exit_flop_fraction(model: MoDTransformer, tokens_BT: torch.Tensor) -> float:
+    """``causal_flop_fraction`` of a model with exit gates (a one-line ValueError without any)."""
+    exit_blocks(model)
+    return causal_flop_fraction(model, tokens_BT)
 
 
 @torch.no_grad()

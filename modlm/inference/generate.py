@@ -14,6 +14,7 @@ This module knows nothing about tokenization: prompts and outputs are token ids.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 import time
@@ -26,6 +27,7 @@ import torch
 from modlm.inference.cache import ModelCache
 from modlm.inference.decode import HostDecisions
 from modlm.model.block import Phase, route_mask
+from modlm.model.eval_mode import eval_mode
 from modlm.model.inputs import check_token_ids
 from modlm.model.transformer import MoDTransformer
 from modlm.spec.routers import ROUTINGS
@@ -289,8 +291,9 @@ class DecodeSession:
         self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
         self.use_cache, self.stream, self.trace = cfg.use_cache, stream, cfg.trace
         self.return_logits, self.return_cache = cfg.return_logits, cfg.return_cache
-        self._was_training = model.training
-        model.eval()
+        # Eval mode until close() (the session outlives this call, so the context is held open).
+        self._mode = contextlib.ExitStack()
+        self._mode.enter_context(eval_mode(model))
         device = next(model.parameters()).device
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item()))
@@ -379,9 +382,7 @@ class DecodeSession:
 
     def close(self) -> None:
         """Restore the model's training mode (idempotent)."""
-        if self._was_training:
-            self.model.train()
-            self._was_training = False
+        self._mode.close()
 
     def result(self) -> GenerationResult:
         """What was generated so far (normally called once ``step()`` returned False)."""

@@ -1,13 +1,14 @@
-"""Validation loss of a model on held-out tokens, under top-k or causal routing."""
+"""Validation loss of a run on held-out tokens (``modlm.inference.evaluation.evaluate_lm`` over
+the run's fixed evaluation windows), with bits per byte."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from modlm.inference.evaluation import evaluate_lm
 from modlm.training.batching import bits_per_byte, iter_eval_batches
 from modlm.training.config import TrainConfig, stream_seed
-from modlm.training.device import autocast
 
 
 def evaluate(
@@ -29,29 +30,9 @@ def evaluate(
     Returns {"loss", "bpb", "tokens"} and, for a routed model, "routed_frac" (the mean share of
     tokens the routed blocks processed).
     """
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = 0
-    fracs: list[float] = []
-    cuda_devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    )
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(stream_seed(cfg.seed, 0, "eval"))
-            for x_BT, y_BT in iter_eval_batches(data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device):
-                with autocast(device, dtype):
-                    out = model(x_BT, y_BT, routing=routing)
-                total += out.lm_loss.double() * y_BT.numel()
-                n_tokens += y_BT.numel()
-                routed = [v for k, v in out.router_stats().items() if k.endswith("/routed_frac")]
-                if routed:
-                    fracs.append(sum(routed) / len(routed))
-    finally:
-        model.train(was_training)
-    loss = (total / max(1, n_tokens)).item()
-    result = {"loss": loss, "bpb": bits_per_byte(loss, tokens_per_byte), "tokens": n_tokens}
-    if fracs:
-        result["routed_frac"] = sum(fracs) / len(fracs)
+    batches = iter_eval_batches(data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device)
+    res = evaluate_lm(model, batches, routing=routing, dtype=dtype, seed=stream_seed(cfg.seed, 0, "eval"))
+    result = {"loss": res.loss, "bpb": bits_per_byte(res.loss, tokens_per_byte), "tokens": res.tokens}
+    if res.routed_frac is not None:
+        result["routed_frac"] = res.routed_frac
     return result

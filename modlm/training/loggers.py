@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from modlm.model.eval_mode import eval_mode
 from modlm.model.transformer import route_mask
 
 TB_DIR = "tensorboard"
@@ -86,15 +87,11 @@ def routing_heatmap(model: torch.nn.Module, idx_1T: torch.Tensor, cell: int = 4)
     A white cell is a processed token, black one that skipped the block; each token is one
     column, each cell ``cell`` pixels square. None for a dense model (nothing is routed).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        rows = []
+    rows = []
+    with eval_mode(model):
         for routing in ("topk", "causal"):
             out = model(idx_1T, routing=routing)
             rows.append([route_mask(out.routes[i], idx_1T.shape[1])[0] for i in sorted(out.routes)])
-    finally:
-        model.train(was_training)
     if not rows[0]:
         return None
     T = idx_1T.shape[1]

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from modlm.config import ModelConfig
+from modlm.devices import autocast, parse_device, resolve_dtype
 from modlm.errors import EXPECTED, ArgumentParser, report
 from modlm.flops import flops as flop_report
 from modlm.flops import format_flops, train_flops
@@ -56,7 +57,6 @@ from modlm.training.checkpoint import (
 )
 from modlm.training.config import TrainConfig, add_train_args, lr_at, stream_seed, train_config_from_args
 from modlm.training.corpus import prepare_corpus
-from modlm.training.device import autocast, resolve_device, resolve_dtype
 from modlm.training.distributed import (
     DistInfo,
     all_gather,
@@ -131,7 +131,7 @@ class Trainer:
     Args:
         cfg: the run.
         info: process-group facts (``modlm.training.distributed.process_group``).
-        device: where this rank computes (``modlm.training.device.resolve_device``).
+        device: where this rank computes (``modlm.devices.parse_device``).
         resume: continue from ``cfg.out_dir``'s checkpoint (a fresh start when there is none);
             without it (and without ``cfg.more_steps``, which implies it) an existing checkpoint
             is an error.
@@ -871,7 +871,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         raise TypeError(f"train() takes a TrainConfig, got {type(cfg).__name__}")
     t0 = time.monotonic()
     info = dist_info_from_env()
-    device = resolve_device(cfg.device, info.local_rank)
+    device = parse_device(cfg.device, "TrainConfig.device", local_rank=info.local_rank)
     with process_group(info, device) as info:
         return Trainer(cfg, info, device, resume=resume, progress=progress, t0=t0).run()
 

@@ -6,12 +6,12 @@ import torch
 from modlm import ModelConfig, MoDTransformer
 from modlm.inference.calibrate import (
     calibrate_thresholds,
-    causal_val_loss,
     get_thresholds,
     measure_routed_fraction,
     set_thresholds,
     sweep_knob,
 )
+from modlm.inference.evaluation import evaluate_lm, window_batches
 
 
 def _model(**kw):
@@ -100,4 +100,18 @@ def test_sweep_knob_reports_speed_and_quality_and_restores_thresholds():
     set_thresholds(model, before)
     with torch.no_grad():
         ref = float(model(val[:, :-1], targets_BT=val[:, 1:], routing="causal").lm_loss)
-    assert causal_val_loss(model, val) == pytest.approx(ref)
+    assert evaluate_lm(model, window_batches(model, val), routing="causal").loss == pytest.approx(ref)
+
+
+def test_causal_flop_fraction_counts_the_tokens_each_routed_layer_ran():
+    from modlm.flops import causal_forward_flops, flops
+    from modlm.inference.calibrate import causal_flop_fraction
+    from modlm.model.block import route_mask
+
+    model, x = _model(), _tokens(B=2, T=64)
+    calibrate_thresholds(model, x, 0.25)
+    with torch.no_grad():  # what the early-exit analysis computed by hand for a MoD model
+        out = model(x, routing="causal")
+    layer_tokens = {i: route_mask(r, 64).sum(1).tolist() for i, r in out.routes.items()}
+    ref = causal_forward_flops(model.config, layer_tokens, 64) / flops(model.config.dense_twin(), 64).forward
+    assert causal_flop_fraction(model, x) == ref < 1

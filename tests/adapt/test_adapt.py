@@ -9,19 +9,13 @@ import pytest
 import torch
 import transformers
 
+from modlm.adapt.config import AdaptConfig, default_layers, parse_layers
+from modlm.adapt.layers import block_influence, least_influential_layers, remove_layers
+from modlm.adapt.routers import adapt_model
+from modlm.adapt.tune import adapt_checkpoint
 from modlm.cli import main
 from modlm.inference.calibrate import measure_routed_fraction
 from modlm.inference.generate import generate
-from modlm.interop.adapt import (
-    AdaptConfig,
-    adapt_checkpoint,
-    adapt_model,
-    block_influence,
-    default_layers,
-    least_influential_layers,
-    parse_layers,
-    remove_layers,
-)
 from modlm.interop.llama import from_hf_llama
 from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint, save_checkpoint
 from modlm.training.tokenizers import HFTokenizer
