@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from modlm.config import ModelConfig, preset_names
+from modlm.devices import DEVICE_HELP, add_threads_arg, set_threads, use_threads
 from modlm.errors import ArgumentParser, run_cli
 from modlm.spec.fields import parse_assignments
 
@@ -34,10 +35,10 @@ EPILOG = """examples:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a Mixture-of-Depths (or dense) language model; checkpoints and metrics go to --out-dir."""
     from modlm.training.config import train_config_from_args
-    from modlm.training.trainer import train
+    from modlm.training.trainer import train_command
 
     cfg = train_config_from_args(args)
-    summary = train(cfg, resume=args.resume, progress=args.progress)
+    summary = train_command(cfg, resume=args.resume, progress=args.progress)
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, type(None)))}))
     return 0
 
@@ -129,30 +130,13 @@ def _calibrate(model, tokenizer, routed_fraction: float, device) -> None:
     calibrate_thresholds(model, sample, routed_fraction)
 
 
-def _set_threads(n: int) -> int:
-    """``torch.set_num_threads(n)`` for this command (0: leave torch's default); returns the previous count."""
-    import torch
-
-    if n < 0:
-        raise ValueError(f"--threads={n} is invalid: must be >= 1 (or 0 for torch's default)")
-    previous = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    return previous
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample text from a checkpoint with causal routing and the routed KV cache.
 
     Prompts are encoded, and output decoded, with the tokenizer saved in the checkpoint.
     """
-    import torch
-
-    previous_threads = _set_threads(args.threads)
-    try:
+    with use_threads(args.threads):
         return _generate(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -297,7 +281,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     one CPU thread for SmolLM2-135M."""
     from modlm.interop.adapt import AdaptConfig, adapt_checkpoint, parse_layers
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     cfg = AdaptConfig(
         router=args.router,
         capacity=args.capacity,
@@ -383,16 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute knob: calibrate routing thresholds so routed blocks take this fraction of tokens",
     )
     p.add_argument("--show-routing", action="store_true", help="print which routed blocks each generated token used")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        metavar="N",
-        help="torch CPU threads (default: %(default)s). Decoding a few rows is memory bound: a second thread "
-        "gains little, and on a busy CPU OpenMP threads waiting on each other can make it 50-100x slower; "
-        "0: torch's default (one per core)",
-    )
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: %(default)s)")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("flops", help=cmd_flops.__doc__, description=cmd_flops.__doc__)

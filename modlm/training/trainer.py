@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from modlm.config import ModelConfig
+from modlm.devices import use_threads
 from modlm.errors import EXPECTED, ArgumentParser, report
 from modlm.flops import flops as flop_report
 from modlm.flops import format_flops, train_flops
@@ -85,7 +86,7 @@ from modlm.training.tokenizers import load_tokenizer
 # Sleeping changes no numerics.
 STEP_DELAY_ENV = "MODLM_TRAIN_STEP_DELAY_S"
 # Settings a resume may change without the note that the run will differ from an uninterrupted
-# one: where and how often it writes, its time budget, compile, the device.
+# one: where and how often it writes, its time budget, compile, the device and its threads.
 _QUIET_ON_RESUME = (
     "out_dir",
     "max_time_s",
@@ -98,6 +99,7 @@ _QUIET_ON_RESUME = (
     "more_steps",
     "activation_checkpointing",
     "log",
+    "threads",
 )
 # The pace (and so the ETA) is measured over this invocation's steps 2..ETA_AFTER_STEPS: the first
 # step also pays for allocation and warm-up.
@@ -876,13 +878,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return Trainer(cfg, info, device, resume=resume, progress=progress, t0=t0).run()
 
 
+def train_command(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``train`` as the commands run it: with ``cfg.threads`` torch CPU threads (the one policy of
+    ``modlm.devices.use_threads``; 0: torch's default), restored after. Under torchrun every
+    process runs this, so each gets that many. ``train`` itself leaves the process's threads
+    alone: a caller that trains many runs (``modlm.experiments.sweep``) sets them once."""
+    with use_threads(cfg.threads):
+        return train(cfg, resume=resume, progress=progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m modlm.training``: parse flags, train, print the summary as JSON (rank 0)."""
     parser = ArgumentParser(prog="python -m modlm.training", description="Train a Mixture-of-Depths LM.")
     add_train_args(parser)
     args = parser.parse_args(argv)
     try:
-        summary = train(train_config_from_args(args), resume=args.resume, progress=args.progress)
+        summary = train_command(train_config_from_args(args), resume=args.resume, progress=args.progress)
     except (*EXPECTED, KeyboardInterrupt) as e:
         # A bad value, or bad input found at run time (device, data, an existing or busy run, a
         # diverging learning rate): one line, not a traceback (MODLM_DEBUG=1 shows it).
