@@ -321,6 +321,7 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
 
 # -------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    """The ``modlm`` parser: one subparser per subcommand, each built by its ``_add_*_command``."""
     from modlm import __version__
 
     parser = ArgumentParser(
@@ -331,11 +332,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"modlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_command in (
+        _add_train_command,
+        _add_generate_command,
+        _add_flops_command,
+        _add_bench_command,
+        _add_convert_command,
+        _add_adapt_commands,
+        _add_experiment_commands,
+    ):
+        add_command(sub)
+    return parser
+
+
+def _add_train_command(sub) -> None:
+    """``modlm train``: the flags of TrainConfig (``modlm.training.config.add_train_args``)."""
+    from modlm.training.config import add_train_args
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    _add_train_args_lazily(p)
+    add_train_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_generate_command(sub) -> None:
+    """``modlm generate``: sampling, routing and device flags."""
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run's --out-dir")
     p.add_argument("--prompt", help="prompt text (streamed output)")
@@ -371,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_flops_command(sub) -> None:
+    """``modlm flops``."""
     p = sub.add_parser("flops", help=cmd_flops.__doc__, description=cmd_flops.__doc__)
     p.add_argument("--model", default="small", choices=preset_names(), help="preset (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's max_seq_len)")
@@ -378,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
     p.set_defaults(func=cmd_flops)
 
+
+def _add_bench_command(sub) -> None:
+    """``modlm bench NAME ...``: the benchmark parses the rest."""
     from modlm.bench import BENCHMARKS
 
     p = sub.add_parser(
@@ -394,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_convert_command(sub) -> None:
+    """``modlm convert SRC OUT``."""
     p = sub.add_parser("convert", help=" ".join(cmd_convert.__doc__.split()), description=cmd_convert.__doc__)
     p.add_argument("src", help="a Hugging Face model directory (config.json + *.safetensors) or a .gguf file")
     p.add_argument("out", help="the checkpoint directory to write")
@@ -406,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json to ship instead of the source's own")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_adapt_commands(sub) -> None:
+    """``modlm adapt`` and ``modlm adapt-study``."""
     p = sub.add_parser("adapt", help=" ".join(cmd_adapt.__doc__.split()), description=cmd_adapt.__doc__)
     _add_adapt_args(p)
     p.set_defaults(func=cmd_adapt)
@@ -418,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_args(p)
     p.set_defaults(func=cmd_adapt_study)
 
+
+def _add_experiment_commands(sub) -> None:
+    """``modlm isoflop`` and ``modlm reproduce``."""
     from modlm.experiments.reproduce import add_reproduce_args, cmd_reproduce
     from modlm.experiments.study import add_isoflop_args, cmd_isoflop
 
@@ -427,13 +462,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help=cmd_reproduce.__doc__.split("\n")[0], description=cmd_reproduce.__doc__)
     add_reproduce_args(p)
     p.set_defaults(func=cmd_reproduce)
-    return parser
-
-
-def _add_train_args_lazily(p: argparse.ArgumentParser) -> None:
-    from modlm.training.config import add_train_args
-
-    add_train_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:
