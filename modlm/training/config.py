@@ -1,5 +1,6 @@
 """The training run's one typed config, its learning-rate schedule, random-stream seeds and its
-command-line flags (shared by ``python -m modlm.training`` and ``modlm train``).
+command-line flags (shared by ``python -m modlm.training`` and ``modlm train``): one flag per
+field, its type, default and help declared with the field (``_flag``), so the two cannot drift.
 
 No torch import: ``modlm --help`` and config validation import this module and should stay
 instant (as modlm.config does).
@@ -320,7 +321,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="RUN.TOML",
         help="read settings from a TOML run file (TrainConfig fields by name, ModelConfig overrides in a "
         "[model_overrides] table); flags given here override it. Every run writes its resolved settings to "
-        "OUT_DIR/run.toml, which --resume reads back (below this file and the flags)",
+        "OUT_DIR/run.toml, which --resume reads back (below this file and the flags) (default: none)",
     )
     groups = {name: parser.add_argument_group(name) for name in FLAG_GROUPS}
     _add_field_flags(groups)
@@ -329,10 +330,13 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--router",
         choices=(*router_names(), NO_ROUTER),
         default=None,
-        help="override the preset's router (none = dense)",
+        help="override the preset's router (none = dense) (default: the preset's)",
     )
     g.add_argument(
-        "--capacity", type=float, default=None, help="override the fraction of tokens a routed block processes"
+        "--capacity",
+        type=float,
+        default=None,
+        help="override the fraction of tokens a routed block processes (default: the preset's)",
     )
     g.add_argument(
         "--model-arg",
@@ -340,7 +344,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override any ModelConfig field, read by its type: d_model=128, tie_embeddings=false, "
-        "n_kv_heads=none, layer_types=dense,routed,... (repeatable)",
+        "n_kv_heads=none, layer_types=dense,routed,... (repeatable; default: the preset's fields)",
     )
     g = groups["run"]
     g.add_argument(
