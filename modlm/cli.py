@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from modlm.config import ModelConfig, preset_names
+from modlm.devices import DEVICE_HELP, add_threads_arg, set_threads, use_threads
 from modlm.errors import ArgumentParser, run_cli
 from modlm.spec.fields import parse_assignments
 
@@ -34,10 +35,10 @@ EPILOG = """examples:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a Mixture-of-Depths (or dense) language model; checkpoints and metrics go to --out-dir."""
     from modlm.training.config import train_config_from_args
-    from modlm.training.trainer import train
+    from modlm.training.trainer import train_command
 
     cfg = train_config_from_args(args)
-    summary = train(cfg, resume=args.resume, progress=args.progress)
+    summary = train_command(cfg, resume=args.resume, progress=args.progress)
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, type(None)))}))
     return 0
 
@@ -129,30 +130,13 @@ def _calibrate(model, tokenizer, routed_fraction: float, device) -> None:
     calibrate_thresholds(model, sample, routed_fraction)
 
 
-def _set_threads(n: int) -> int:
-    """``torch.set_num_threads(n)`` for this command (0: leave torch's default); returns the previous count."""
-    import torch
-
-    if n < 0:
-        raise ValueError(f"--threads={n} is invalid: must be >= 1 (or 0 for torch's default)")
-    previous = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    return previous
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample text from a checkpoint with causal routing and the routed KV cache.
 
     Prompts are encoded, and output decoded, with the tokenizer saved in the checkpoint.
     """
-    import torch
-
-    previous_threads = _set_threads(args.threads)
-    try:
+    with use_threads(args.threads):
         return _generate(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -299,7 +283,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from modlm.adapt.config import AdaptConfig, parse_layers
     from modlm.adapt.tune import adapt_checkpoint
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     cfg = AdaptConfig(
         router=args.router,
         capacity=args.capacity,
@@ -366,6 +350,7 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
 
 # -------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    """The ``modlm`` parser: one subparser per subcommand, each built by its ``_add_*_command``."""
     from modlm import __version__
 
     parser = ArgumentParser(
@@ -376,11 +361,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"modlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_command in (
+        _add_train_command,
+        _add_generate_command,
+        _add_flops_command,
+        _add_bench_command,
+        _add_convert_command,
+        _add_adapt_commands,
+        _add_experiment_commands,
+    ):
+        add_command(sub)
+    return parser
+
+
+def _add_train_command(sub) -> None:
+    """``modlm train``: the flags of TrainConfig (``modlm.training.config.add_train_args``)."""
+    from modlm.training.config import add_train_args
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    _add_train_args_lazily(p)
+    add_train_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_generate_command(sub) -> None:
+    """``modlm generate``: sampling, routing and device flags."""
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run's --out-dir")
     p.add_argument("--prompt", help="prompt text (streamed output)")
@@ -412,18 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute knob: calibrate routing thresholds so routed blocks take this fraction of tokens",
     )
     p.add_argument("--show-routing", action="store_true", help="print which routed blocks each generated token used")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        metavar="N",
-        help="torch CPU threads (default: %(default)s). Decoding a few rows is memory bound: a second thread "
-        "gains little, and on a busy CPU OpenMP threads waiting on each other can make it 50-100x slower; "
-        "0: torch's default (one per core)",
-    )
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: %(default)s)")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_flops_command(sub) -> None:
+    """``modlm flops``."""
     p = sub.add_parser("flops", help=cmd_flops.__doc__, description=cmd_flops.__doc__)
     p.add_argument("--model", default="small", choices=preset_names(), help="preset (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's max_seq_len)")
@@ -431,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
     p.set_defaults(func=cmd_flops)
 
+
+def _add_bench_command(sub) -> None:
+    """``modlm bench NAME ...``: the benchmark parses the rest."""
     from modlm.bench import BENCHMARKS
 
     p = sub.add_parser(
@@ -447,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options for the benchmark")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_convert_command(sub) -> None:
+    """``modlm convert SRC OUT``."""
     p = sub.add_parser("convert", help=" ".join(cmd_convert.__doc__.split()), description=cmd_convert.__doc__)
     p.add_argument("src", help="a Hugging Face model directory (config.json + *.safetensors) or a .gguf file")
     p.add_argument("out", help="the checkpoint directory to write")
@@ -459,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json to ship instead of the source's own")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_adapt_commands(sub) -> None:
+    """``modlm adapt`` and ``modlm adapt-study``."""
     p = sub.add_parser("adapt", help=" ".join(cmd_adapt.__doc__.split()), description=cmd_adapt.__doc__)
     _add_adapt_args(p)
     p.set_defaults(func=cmd_adapt)
@@ -471,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapt_study_args(p)
     p.set_defaults(func=cmd_adapt_study)
 
+
+def _add_experiment_commands(sub) -> None:
+    """``modlm isoflop`` and ``modlm reproduce``."""
     from modlm.experiments.reproduce import add_reproduce_args, cmd_reproduce
     from modlm.experiments.study import add_isoflop_args, cmd_isoflop
 
@@ -480,13 +491,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help=cmd_reproduce.__doc__.split("\n")[0], description=cmd_reproduce.__doc__)
     add_reproduce_args(p)
     p.set_defaults(func=cmd_reproduce)
-    return parser
-
-
-def _add_train_args_lazily(p: argparse.ArgumentParser) -> None:
-    from modlm.training.config import add_train_args
-
-    add_train_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:

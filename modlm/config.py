@@ -88,6 +88,16 @@ class ModelConfig:
     _derived: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # In order: each step's checks may rely on the fields the steps before it validated.
+        self._check_shape()
+        self._check_numbers()
+        self._check_routing()
+        self._check_kinds_and_experts()
+        self._resolve_layer_types()
+        self._check_noop_experts()
+
+    def _check_shape(self) -> None:
+        """The sizes (vocabulary, width, depth, heads, MLP, context), deriving n_kv_heads and d_mlp."""
         _require(isinstance(self.name, str), "name", self.name, "must be a string")
         _require(
             is_int(self.vocab_size) and self.vocab_size > 0, "vocab_size", self.vocab_size, "must be a positive int"
@@ -122,11 +132,17 @@ class ModelConfig:
             self.max_seq_len,
             f"must be an int in (1, {MAX_SEQ_LEN}] (the rotary tables are allocated for all of it)",
         )
+
+    def _check_numbers(self) -> None:
+        """The flags and scalars: tied embeddings, extra, RoPE base, norm epsilon, init std."""
         _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", self.tie_embeddings, "must be true or false")
         _require(isinstance(self.extra, dict), "extra", self.extra, "must be a dict")
         _require(is_number(self.rope_base) and self.rope_base > 1, "rope_base", self.rope_base, "must be > 1")
         _require(is_number(self.norm_eps) and self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
         _require(is_number(self.init_std) and self.init_std > 0, "init_std", self.init_std, "must be > 0")
+
+    def _check_routing(self) -> None:
+        """The router, capacity, where routing starts and repeats, and the routers' losses."""
         routers = (*router_names(), NO_ROUTER)
         _require(self.router in routers, "router", self.router, f"must be one of {routers}")
         _require(
@@ -171,7 +187,10 @@ class ModelConfig:
             self.predictor_hidden,
             "must be a positive int",
         )
-        self._check_kinds_and_experts()
+
+    def _resolve_layer_types(self) -> None:
+        """Each layer's block kind (None: the routed kind every ``route_every`` blocks from
+        ``route_start``), checked against the router."""
         if self.layer_types is None:
             routed = (
                 set() if self.router == NO_ROUTER else set(range(self.route_start, self.n_layers, self.route_every))
@@ -201,6 +220,9 @@ class ModelConfig:
             self.layer_types,
             "has routed layers but router='none' (give a router, or only dense layers)",
         )
+
+    def _check_noop_experts(self) -> None:
+        """No-op experts exactly where integrated MoDE layers are."""
         noop_kinds = [t for t in self.layer_types if block_spec(t).noop_experts]
         _require(
             self.n_noop_experts == 0 or bool(noop_kinds),

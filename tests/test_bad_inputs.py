@@ -168,7 +168,7 @@ CLI_CASES = [
     ("isoflop-family", ["isoflop", "--budgets", "1e12", "--family", "foo", "--dry-run"], "'foo'"),
     ("isoflop-shapes", ["isoflop", "--budgets", "1e12", "--shapes", "12", "--dry-run"], "'12'"),
     ("isoflop-jobs-zero", ["isoflop", "--budgets", "1e12", "--jobs", "0", "--dry-run"], "--jobs=0"),
-    ("isoflop-threads-zero", ["isoflop", "--budgets", "1e12", "--threads", "0", "--dry-run"], "--threads=0"),
+    ("isoflop-threads-negative", ["isoflop", "--budgets", "1e12", "--threads", "-1", "--dry-run"], "--threads=-1"),
     ("isoflop-seq-len-zero", ["isoflop", "--budgets", "1e12", "--seq-len", "0", "--dry-run"], "seq_len=0"),
     (
         "isoflop-results-dir-is-a-file",
@@ -194,7 +194,7 @@ CLI_CASES = [
     ),
     ("reproduce-jobs-negative", ["reproduce", "--scale", "tiny", "--dry-run", "--jobs", "-1"], "--jobs=-1"),
     ("reproduce-jobs-zero", ["reproduce", "--scale", "tiny", "--dry-run", "--jobs", "0"], "--jobs=0"),
-    ("reproduce-threads-zero", ["reproduce", "--scale", "tiny", "--dry-run", "--threads", "0"], "--threads=0"),
+    ("reproduce-threads-negative", ["reproduce", "--scale", "tiny", "--dry-run", "--threads", "-1"], "--threads=-1"),
     ("reproduce-batch-size-zero", ["reproduce", "--scale", "tiny", "--dry-run", "--batch-size", "0"], "batch_size=0"),
     # --- the command itself
     ("unknown-command", ["nope"], "'nope'"),

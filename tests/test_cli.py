@@ -303,3 +303,71 @@ def test_routed_fraction_calibrates_a_long_context_model_on_rows_that_fit(tmp_pa
     assert main(argv) == 0
     assert shapes == [(3, 48)]
     capsys.readouterr()
+
+
+# --------------------------------------------------------------------------------------- train
+def _train_config(*argv: str):
+    from modlm.cli import build_parser
+    from modlm.training.config import train_config_from_args
+
+    return train_config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_every_preset_trains_with_default_settings():
+    """Defaults follow the model: seq_len is min(256, max_seq_len) unless typed, so no preset refuses
+    ``modlm train --model P`` (the tiny presets' max_seq_len is 128)."""
+    from modlm.config import ModelConfig, preset_names
+
+    for name in preset_names():
+        cfg = _train_config("--model", name)
+        assert cfg.seq_len == min(256, ModelConfig.from_name(name).max_seq_len), name
+    assert _train_config("--model", "tiny", "--model-arg", "max_seq_len=512").seq_len == 256
+    assert _train_config("--model", "small", "--seq-len", "64").seq_len == 64
+
+
+def test_a_typed_seq_len_beyond_the_model_is_refused_in_one_line(capsys, tmp_path):
+    assert main(["train", "--model", "tiny", "--seq-len", "256", "--out-dir", str(tmp_path / "run")]) == 2
+    line = _err_line(capsys)
+    assert "TrainConfig.seq_len=256 is invalid: must be <= the model's max_seq_len=128" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-amod"])
+def test_a_tiny_preset_trains_with_defaults_and_samples(preset, tmp_path, capsys):
+    out = tmp_path / preset
+    assert main(["train", "--model", preset, "--max-steps", "3", "--out-dir", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["tokens_seen"] == 3 * 16 * 128  # default batch x seq_len 128
+    assert main(["generate", "--ckpt", str(out), "--prompt", "The", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+
+
+def test_train_threads_apply_during_the_run_are_recorded_and_restored(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import modlm.training.trainer as trainer
+
+    seen = []
+
+    def fake_train(cfg, resume=False, progress=True):
+        seen.append((cfg.threads, torch.get_num_threads()))
+        return {"step": 0}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    before = torch.get_num_threads()
+    assert main(["train", "--model", "tiny", "--threads", "2", "--out-dir", str(tmp_path)]) == 0
+    assert seen == [(2, 2)] and torch.get_num_threads() == before
+    assert main(["train", "--model", "tiny", "--out-dir", str(tmp_path)]) == 0
+    assert seen[-1] == (1, 1)  # the default of every command: one thread
+
+
+def test_train_threads_are_written_to_the_run_file(tmp_path, capsys):
+    from modlm.training.runfile import to_toml
+
+    assert "\nthreads = 3\n" in to_toml(_train_config("--model", "tiny", "--threads", "3"))
+
+
+@pytest.mark.parametrize("command", [["train", "--model", "tiny"], ["generate", "--ckpt", "x", "--prompt", "a"]])
+def test_negative_threads_are_one_line_errors(command, capsys, tmp_path):
+    assert main([*command, "--threads", "-1"]) == 2
+    assert "threads=-1 is invalid: must be >= 1 (or 0 for torch's default" in _err_line(capsys)

@@ -661,13 +661,10 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=None, help="autocast dtype (default: auto)")
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads per run (default 1: these models gain little from a second thread, and on "
-        "a busy CPU a second thread can make a run 10x slower; use --jobs to use more cores)",
-    )
+    # Threads per run, the one policy of every command: a second core does more as a second run (--jobs).
+    from modlm.devices import add_threads_arg  # here: it imports torch, and this module does not
+
+    add_threads_arg(g)
     g.add_argument(
         "--jobs",
         type=int,
@@ -693,12 +690,12 @@ def resolve_jobs(jobs: int | None, default: int = 1) -> int:
     return jobs
 
 
-def apply_threads(threads: int | None) -> int:
-    """Set torch's CPU threads for runs trained in this process (None: 1, see --threads); returns it."""
-    threads = 1 if threads is None else threads
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"--threads={threads!r} is invalid: must be an int >= 1")
+def apply_threads(threads: int) -> int:
+    """Set torch's CPU threads for the runs trained in this process (``modlm.devices.set_threads``:
+    0 is torch's default); returns the count now in use, which worker processes get too."""
     import torch
 
-    torch.set_num_threads(threads)
-    return threads
+    from modlm.devices import set_threads
+
+    set_threads(threads)
+    return torch.get_num_threads()

@@ -142,8 +142,9 @@ def run_curves(run_dir: Path) -> dict[str, Any]:
 
 
 def train_settings(cfg) -> dict[str, Any]:
-    """A run's TrainConfig as recorded: every field but out_dir (where a run lives is not how it trains)."""
-    return {k: v for k, v in cfg.to_dict().items() if k != "out_dir"}
+    """A run's TrainConfig as recorded: every field but out_dir and threads (where a run lives and
+    how many threads compute it are not how it trains; a sweep sets its threads itself)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "threads")}
 
 
 def run_record(run: PlannedRun, cfg, summary: dict[str, Any], run_dir: Path, results_dir: Path) -> dict[str, Any]:

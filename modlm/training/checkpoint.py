@@ -295,16 +295,47 @@ def save_checkpoint(
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step={step!r} is invalid: must be an int >= 0")
     final = Path(path)
+    _clear_the_way(final)
+    # Fail on unserialisable JSON before writing anything.
+    json.dumps({"train": train_config, "extra": extra_state})
+    model = _unwrap(model)
+    tokenizer = _check_model_and_tokenizer(model, config, tokenizer)
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir honours the umask.
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        files, aliases = _write_weights(tmp, model, model_state)
+        if optimizer is not None:
+            opt_tensors, opt_meta = _optimizer_payload(optimizer, model, optimizer_state)
+            _save_tensors(opt_tensors, tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
+            _write_json(tmp / OPTIMIZER_JSON, opt_meta)
+            files += [OPTIMIZER_FILE, OPTIMIZER_JSON]
+        rng = capture_rng_state() if rng_state is None else rng_state
+        _save_tensors(rng, tmp / RNG_FILE, metadata={"format": "pt"})
+        files.append(RNG_FILE)
+        files += tokenizer.save(tmp)
+        _write_manifest(tmp, files, step, config, train_config, extra_state, aliases, tokenizer)
+        _fsync_dir(tmp)
+        _swap_in(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _clear_the_way(final: Path) -> None:
+    """Create ``final``'s parent, finish a replacement a crash interrupted, and remove the
+    leftovers of saves killed mid-write (single writer assumed, so none of them is in use)."""
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     _recover(final)
-    # Leftovers of saves killed mid-write (single writer assumed, so none of them is in use).
     for stale in parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    # Fail on unserialisable JSON before writing anything.
-    json.dumps({"train": train_config, "extra": extra_state})
 
-    model = _unwrap(model)
+
+def _check_model_and_tokenizer(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer | None) -> Tokenizer:
+    """The tokenizer to save (None: bytes), once ``config`` is the model's own and the tokenizer's
+    ids fit its vocabulary (ValueError otherwise)."""
     own = getattr(model, "config", None)
     if isinstance(own, ModelConfig) and own != config:
         # A manifest that disagrees with the weights would only fail later, at load time.
@@ -317,59 +348,59 @@ def save_checkpoint(
             f"tokenizer {tokenizer.name!r} has vocab_size={tokenizer.vocab_size} > the model's "
             f"vocab_size={config.vocab_size}: its ids would index past the embedding table"
         )
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir honours the umask.
-    tmp = parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        if model_state is None:
-            state = model.state_dict()
-            aliases = _tied_aliases(state)
-        else:  # gathered copies share no storage: tied weights are found by parameter identity
-            state, aliases = model_state, _tied_parameters(model)
-        weights = {k: v for k, v in state.items() if k not in aliases}
-        # One metadata key: safetensors writes metadata in hash-map order, and several keys would
-        # make identical weights produce different bytes from run to run.
-        _save_tensors(weights, tmp / MODEL_FILE, metadata={"format": "pt"})
-        files = [MODEL_FILE]
+    return tokenizer
 
-        if optimizer is not None:
-            opt_tensors, opt_meta = _optimizer_payload(optimizer, model, optimizer_state)
-            _save_tensors(opt_tensors, tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
-            _write_json(tmp / OPTIMIZER_JSON, opt_meta)
-            files += [OPTIMIZER_FILE, OPTIMIZER_JSON]
 
-        rng = capture_rng_state() if rng_state is None else rng_state
-        _save_tensors(rng, tmp / RNG_FILE, metadata={"format": "pt"})
-        files.append(RNG_FILE)
-        files += tokenizer.save(tmp)
+def _write_weights(
+    tmp: Path, model: nn.Module, model_state: dict[str, torch.Tensor] | None
+) -> tuple[list[str], dict[str, str]]:
+    """Write the model's weights, a tied alias once; returns the files written and the aliases
+    (``{alias: stored name}``)."""
+    if model_state is None:
+        state = model.state_dict()
+        aliases = _tied_aliases(state)
+    else:  # gathered copies share no storage: tied weights are found by parameter identity
+        state, aliases = model_state, _tied_parameters(model)
+    weights = {k: v for k, v in state.items() if k not in aliases}
+    # One metadata key: safetensors writes metadata in hash-map order, and several keys would
+    # make identical weights produce different bytes from run to run.
+    _save_tensors(weights, tmp / MODEL_FILE, metadata={"format": "pt"})
+    return [MODEL_FILE], aliases
 
-        from modlm import __version__
 
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "modlm_version": __version__,
-            "step": step,
-            "model": config.to_dict(),
-            "train": train_config,
-            "extra": extra_state or {},
-            "tied_weights": aliases,  # {alias: stored name}; the alias is restored by tying, not copying
-            "tokenizer": tokenizer.spec(),
-            # Sizes catch truncation, hashes catch flipped bytes safetensors cannot see.
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
-        }
-        _write_json(tmp / CONFIG_FILE, manifest)
-        # safetensors creates its files 0600; every file gets the mode open() gave the JSON
-        # (0666 minus the umask), so whoever may read the config may read the weights.
-        mode = stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode)
-        for name in files:
-            os.chmod(tmp / name, mode)
-        _fsync_dir(tmp)
-        _swap_in(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+def _write_manifest(
+    tmp: Path,
+    files: list[str],
+    step: int,
+    config: ModelConfig,
+    train_config: dict[str, Any] | None,
+    extra_state: dict[str, Any] | None,
+    aliases: dict[str, str],
+    tokenizer: Tokenizer,
+) -> None:
+    """Write config.json (what the checkpoint holds, each file's size and hash), then give every
+    file its mode."""
+    from modlm import __version__
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "modlm_version": __version__,
+        "step": step,
+        "model": config.to_dict(),
+        "train": train_config,
+        "extra": extra_state or {},
+        "tied_weights": aliases,  # {alias: stored name}; the alias is restored by tying, not copying
+        "tokenizer": tokenizer.spec(),
+        # Sizes catch truncation, hashes catch flipped bytes safetensors cannot see.
+        "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
+    }
+    _write_json(tmp / CONFIG_FILE, manifest)
+    # safetensors creates its files 0600; every file gets the mode open() gave the JSON
+    # (0666 minus the umask), so whoever may read the config may read the weights.
+    mode = stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode)
+    for name in files:
+        os.chmod(tmp / name, mode)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:

@@ -1,5 +1,6 @@
 """The training run's one typed config, its learning-rate schedule, random-stream seeds and its
-command-line flags (shared by ``python -m modlm.training`` and ``modlm train``).
+command-line flags (shared by ``python -m modlm.training`` and ``modlm train``): one flag per
+field, its type, default and help declared with the field (``_flag``), so the two cannot drift.
 
 No torch import: ``modlm --help`` and config validation import this module and should stay
 instant (as modlm.config does).
@@ -15,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,50 +40,126 @@ def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
     require(cond, "TrainConfig", name, value, allowed)
 
 
+# The groups of ``add_train_args``'s help, in order; each flag-bearing field names its own.
+FLAG_GROUPS = ("model", "data", "optimisation", "run")
+# The default sequence length, when the model allows it (``TrainConfig.seq_len``).
+DEFAULT_SEQ_LEN = 256
+
+
+def _flag(default: Any, group: str, help: str, *, shown: str | None = None, **kwargs: Any) -> Any:
+    """A TrainConfig field with its command-line flag ``--name-with-dashes`` (``add_train_args``).
+
+    ``help`` is the flag's help, to which ``(default: ...)`` is appended: the default's value,
+    or ``shown`` where the default is resolved later (a None). ``kwargs`` go to argparse
+    (``choices``, ``metavar``); the flag's type is the field's."""
+    return field(default=default, metadata={"group": group, "help": help, "shown": shown, **kwargs})
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides ``resume`` and ``progress``.
 
     The model is a preset (``ModelConfig.from_name``; ``<preset>-dense`` for the dense twin)
     with ``model_overrides`` applied on top (any ModelConfig field, e.g. router, capacity).
+    Each field but ``model_overrides`` is a flag of ``add_train_args``, its help in the field.
     """
 
-    model: str = "small"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    data: str | None = None  # None / "enwiki": the bundled Wikipedia sample; else a text file or folder
-    cache_dir: str | None = None  # token cache root; None: $MODLM_CACHE or ~/.cache/modlm
-    tokenizer: str | None = None  # None / "byte": UTF-8 bytes; else a Hugging Face tokenizer.json (or its folder)
-    val_fraction: float = 0.05
-    out_dir: str = "runs/mod"
-    batch_size: int = 16  # sequences per micro-step per rank
-    seq_len: int = 256
-    grad_accum: int = 1
-    max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int | None = None  # None: min(100, max_steps // 10)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    eval_interval: int = 200
-    eval_batches: int = 20
-    ckpt_interval: int = 500
-    log_interval: int = 10
-    seed: int = 0
+    model: str = _flag("small", "model", "preset: {presets}")
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # flags --router, --capacity, --model-arg
+    # None / "enwiki": the bundled Wikipedia sample; else a text file or folder.
+    data: str | None = _flag(
+        None,
+        "data",
+        "'enwiki' (the bundled Wikipedia sample), a folder of *.txt/*.md/*.text files (one document each) or one "
+        "UTF-8 text file (cut into ~20k-character documents at blank lines, or line ends)",
+        shown="enwiki",
+    )
+    cache_dir: str | None = _flag(None, "data", "token cache root", shown="$MODLM_CACHE or ~/.cache/modlm")
+    # None / "byte": UTF-8 bytes; else a Hugging Face tokenizer.json (or its folder).
+    tokenizer: str | None = _flag(
+        None,
+        "data",
+        "a Hugging Face tokenizer.json (or its folder). The model's vocab_size follows it, and checkpoints carry "
+        "it, so `modlm generate` decodes with it",
+        shown="UTF-8 bytes",
+        metavar="PATH",
+    )
+    val_fraction: float = _flag(0.05, "data", "held-out share")
+    out_dir: str = _flag("runs/mod", "run", "metrics.jsonl and checkpoints/ go here")
+    batch_size: int = _flag(16, "optimisation", "sequences per micro-step per rank")
+    # None: min(DEFAULT_SEQ_LEN, the model's max_seq_len), so every preset trains with defaults
+    # only; a seq_len given is refused beyond max_seq_len.
+    seq_len: int | None = _flag(
+        None, "optimisation", "tokens per sequence", shown=f"min({DEFAULT_SEQ_LEN}, the model's max_seq_len)"
+    )
+    grad_accum: int = _flag(1, "optimisation", "micro-steps per optimizer step")
+    max_steps: int = _flag(2000, "optimisation", "optimizer steps")
+    lr: float = _flag(1e-3, "optimisation", "peak learning rate")
+    min_lr: float = _flag(1e-4, "optimisation", "learning rate at the end of the cosine")
+    warmup_steps: int | None = _flag(
+        None, "optimisation", "linear warmup steps", shown="min(100, max_steps // 10)"
+    )  # None: min(100, max_steps // 10)
+    weight_decay: float = _flag(0.1, "optimisation", "AdamW decay of matrices")
+    beta1: float = _flag(0.9, "optimisation", "AdamW beta1")
+    beta2: float = _flag(0.95, "optimisation", "AdamW beta2")
+    grad_clip: float = _flag(1.0, "optimisation", "max grad norm, 0 = off")  # 0 disables clipping
+    eval_interval: int = _flag(200, "run", "steps between evaluations")
+    eval_batches: int = _flag(20, "run", "validation batches per evaluation")
+    ckpt_interval: int = _flag(500, "run", "steps between checkpoints")
+    log_interval: int = _flag(10, "run", "steps between metric lines")
+    seed: int = _flag(0, "run", "seed of init, data order and random routing")
     # Seed of the train/val document split; None: ``seed``. Repeating a run with other seeds
     # (init, data order) but the same split keeps its validation set and token cache.
-    split_seed: int | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
-    max_time_s: float | None = None  # wall-clock budget of this invocation: stop, save, exit 0
-    compile: bool = False  # torch.compile the training (and top-k evaluation) forward
-    parallel: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp
-    activation_checkpointing: bool = False  # recompute each block's f(x) in the backward
-    log: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl and a TensorBoard event file)
+    split_seed: int | None = _flag(None, "run", "seed of the train/val document split", shown="the --seed")
+    device: str = _flag("auto", "run", "auto | cpu | cuda | cuda:N")
+    # auto: bf16 on CUDA with bf16 support, else fp32.
+    dtype: str = _flag("auto", "run", "autocast dtype; auto = bf16 on CUDA if supported", choices=DTYPES)
+    # Wall-clock budget of this invocation: stop, save, exit 0.
+    max_time_s: float | None = _flag(
+        None, "run", "wall-clock budget in seconds: stop, checkpoint, exit 0", shown="none"
+    )
+    compile: bool = _flag(
+        False,
+        "run",
+        "torch.compile the model (inductor: C++ on CPU, Triton on CUDA) for training and top-k evaluation; the "
+        "first step pays a one-off compile (about a minute on CPU). Causal-routing evaluation stays eager: its "
+        "per-row token counts are data-dependent",
+    )
+    parallel: str = _flag(
+        "auto",
+        "run",
+        "under torchrun: ddp (every rank holds all weights) or fsdp (FSDP2 fully_shard per block, then the root: "
+        "weights, gradients and AdamW state split over the ranks; bf16 gather / fp32 reduce on CUDA); auto = ddp; "
+        "none is refused there (unsynchronised copies). A single process ignores it",
+        choices=PARALLEL,
+    )
+    activation_checkpointing: bool = _flag(
+        False,
+        "run",
+        "recompute each block's attention and MLP in the backward pass instead of storing their activations (the "
+        "routing runs once): less memory, about one more forward of compute; same numbers",
+    )
+    log: str = _flag(
+        "jsonl",
+        "run",
+        "tensorboard: also write OUT_DIR/tensorboard (the scalars of metrics.jsonl and a routing heatmap per "
+        "evaluation; needs the tb extra: pip install 'modlm[tb]'). metrics.jsonl is always written",
+        choices=LOGGERS,
+    )
     # This invocation only (like max_time_s): continue a finished run for this many more steps
     # (a new warmup + cosine over them; ``Trainer._plan_stretch``). Implies resuming.
-    more_steps: int | None = None
+    more_steps: int | None = _flag(
+        None,
+        "run",
+        "implies --resume: a run that reached its max steps trains N more (a new warmup to --lr, then a cosine to "
+        "--min-lr over the N steps); a run stopped early first finishes its planned steps",
+        shown="none",
+        metavar="N",
+    )
+    # torch CPU threads of each process (0: torch's default). The policy, its flag and its
+    # default are modlm.devices' (THREADS_DEFAULT, not imported: it imports torch; a test keeps
+    # the two in step); the commands apply it (``modlm.training.trainer.train_command``).
+    threads: int = field(default=1, metadata={"group": "run", "flag": "modlm.devices.add_threads_arg"})
 
     def __post_init__(self) -> None:
         # Every field against its declared type first (an int is never a bool, a float is
@@ -93,6 +171,8 @@ class TrainConfig:
             self.warmup_steps = min(100, self.max_steps // 10)
         self._check_ranges()
         mcfg = self.model_config()  # ModelConfig validates the overrides (one-line ValueError)
+        if self.seq_len is None:  # the default follows the model; only a seq_len given is refused
+            self.seq_len = min(DEFAULT_SEQ_LEN, mcfg.max_seq_len)
         _require(
             self.seq_len <= mcfg.max_seq_len,
             "seq_len",
@@ -113,7 +193,8 @@ class TrainConfig:
         _require(self.out_dir != "", "out_dir", self.out_dir, "must be a non-empty path")
         for name in _COUNTS:
             value = getattr(self, name)
-            _require(1 <= value < MAX_INT, name, value, "must be an int in [1, 2**63)")
+            if value is not None:  # only seq_len may be None here: it is resolved from the model next
+                _require(1 <= value < MAX_INT, name, value, "must be an int in [1, 2**63)")
         _require(
             self.more_steps is None or 1 <= self.more_steps < MAX_INT,
             "more_steps",
@@ -148,6 +229,8 @@ class TrainConfig:
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
         _require(self.parallel in PARALLEL, "parallel", self.parallel, f"must be one of {PARALLEL}")
         _require(self.log in LOGGERS, "log", self.log, f"must be one of {LOGGERS}")
+        # The words of modlm.devices.set_threads, which applies it.
+        _require(self.threads >= 0, "threads", self.threads, "must be >= 1 (or 0 for torch's default, one per core)")
         _require(
             self.max_time_s is None or self.max_time_s > 0,
             "max_time_s",
@@ -228,14 +311,9 @@ def stream_seed(seed: int, rank: int, stream: str) -> int:
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the training flags (defaults from TrainConfig) plus --resume / --no-progress."""
-    d = TrainConfig.__dataclass_fields__
+    """Add the training flags, one per TrainConfig field (``_add_field_flags``), plus --config,
+    the model overrides (--router, --capacity, --model-arg), --resume and --no-progress."""
     first_new_action = len(parser._actions)
-
-    def default(name: str) -> Any:
-        f = d[name]
-        return f.default
-
     g = parser.add_argument_group("run file")
     g.add_argument(
         "--config",
@@ -243,20 +321,22 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="RUN.TOML",
         help="read settings from a TOML run file (TrainConfig fields by name, ModelConfig overrides in a "
         "[model_overrides] table); flags given here override it. Every run writes its resolved settings to "
-        "OUT_DIR/run.toml, which --resume reads back (below this file and the flags)",
+        "OUT_DIR/run.toml, which --resume reads back (below this file and the flags) (default: none)",
     )
-    g = parser.add_argument_group("model")
-    g.add_argument(
-        "--model", default=default("model"), help=f"preset: {', '.join(preset_names())} (default: %(default)s)"
-    )
+    groups = {name: parser.add_argument_group(name) for name in FLAG_GROUPS}
+    _add_field_flags(groups)
+    g = groups["model"]
     g.add_argument(
         "--router",
         choices=(*router_names(), NO_ROUTER),
         default=None,
-        help="override the preset's router (none = dense)",
+        help="override the preset's router (none = dense) (default: the preset's)",
     )
     g.add_argument(
-        "--capacity", type=float, default=None, help="override the fraction of tokens a routed block processes"
+        "--capacity",
+        type=float,
+        default=None,
+        help="override the fraction of tokens a routed block processes (default: the preset's)",
     )
     g.add_argument(
         "--model-arg",
@@ -264,154 +344,14 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override any ModelConfig field, read by its type: d_model=128, tie_embeddings=false, "
-        "n_kv_heads=none, layer_types=dense,routed,... (repeatable)",
+        "n_kv_heads=none, layer_types=dense,routed,... (repeatable; default: the preset's fields)",
     )
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        default=None,
-        help="'enwiki' (default: bundled Wikipedia sample), a folder of *.txt/*.md/*.text files (one document "
-        "each) or one UTF-8 text file (cut into ~20k-character documents at blank lines, or line ends)",
-    )
-    g.add_argument(
-        "--tokenizer",
-        default=None,
-        metavar="PATH",
-        help="a Hugging Face tokenizer.json (or its folder); default: UTF-8 bytes. The model's vocab_size "
-        "follows it, and checkpoints carry it, so `modlm generate` decodes with it",
-    )
-    g.add_argument("--cache-dir", default=None, help="token cache root (default: $MODLM_CACHE or ~/.cache/modlm)")
-    g.add_argument(
-        "--val-fraction", type=float, default=default("val_fraction"), help="held-out share (default: %(default)s)"
-    )
-    g = parser.add_argument_group("optimisation")
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=default("batch_size"),
-        help="sequences per micro-step per rank (default: %(default)s)",
-    )
-    g.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per sequence (default: %(default)s)")
-    g.add_argument(
-        "--grad-accum",
-        type=int,
-        default=default("grad_accum"),
-        help="micro-steps per optimizer step (default: %(default)s)",
-    )
-    g.add_argument("--max-steps", type=int, default=default("max_steps"), help="optimizer steps (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate (default: %(default)s)")
-    g.add_argument(
-        "--min-lr",
-        type=float,
-        default=default("min_lr"),
-        help="learning rate at the end of the cosine (default: %(default)s)",
-    )
-    g.add_argument(
-        "--warmup-steps", type=int, default=None, help="linear warmup steps (default: min(100, max_steps // 10))"
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=default("weight_decay"),
-        help="AdamW decay of matrices (default: %(default)s)",
-    )
-    g.add_argument("--beta1", type=float, default=default("beta1"), help="AdamW beta1 (default: %(default)s)")
-    g.add_argument("--beta2", type=float, default=default("beta2"), help="AdamW beta2 (default: %(default)s)")
-    g.add_argument(
-        "--grad-clip", type=float, default=default("grad_clip"), help="max grad norm, 0 = off (default: %(default)s)"
-    )
-    g = parser.add_argument_group("run")
-    g.add_argument(
-        "--out-dir", default=default("out_dir"), help="metrics.jsonl and checkpoints/ go here (default: %(default)s)"
-    )
-    g.add_argument(
-        "--eval-interval",
-        type=int,
-        default=default("eval_interval"),
-        help="steps between evaluations (default: %(default)s)",
-    )
-    g.add_argument(
-        "--eval-batches",
-        type=int,
-        default=default("eval_batches"),
-        help="validation batches per evaluation (default: %(default)s)",
-    )
-    g.add_argument(
-        "--ckpt-interval",
-        type=int,
-        default=default("ckpt_interval"),
-        help="steps between checkpoints (default: %(default)s)",
-    )
-    g.add_argument(
-        "--log-interval",
-        type=int,
-        default=default("log_interval"),
-        help="steps between metric lines (default: %(default)s)",
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=default("seed"),
-        help="seed of init, data order and random routing (default: %(default)s)",
-    )
-    g.add_argument(
-        "--split-seed",
-        type=int,
-        default=default("split_seed"),
-        help="seed of the train/val document split (default: the --seed)",
-    )
-    g.add_argument("--device", default=default("device"), help="auto | cpu | cuda | cuda:N (default: %(default)s)")
-    g.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default=default("dtype"),
-        help="autocast dtype; auto = bf16 on CUDA if supported (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-time-s", type=float, default=None, help="wall-clock budget in seconds: stop, checkpoint, exit 0"
-    )
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model (inductor: C++ on CPU, Triton on CUDA) for training and top-k evaluation; "
-        "the first step pays a one-off compile (about a minute on CPU). Causal-routing evaluation stays eager: "
-        "its per-row token counts are data-dependent",
-    )
-    g.add_argument(
-        "--parallel",
-        choices=PARALLEL,
-        default=default("parallel"),
-        help="under torchrun: ddp (every rank holds all weights) or fsdp (FSDP2 fully_shard per block, then the "
-        "root: weights, gradients and AdamW state split over the ranks; bf16 gather / fp32 reduce on CUDA); "
-        "auto = ddp; none is refused there (unsynchronised copies). A single process ignores it (default: %(default)s)",
-    )
-    g.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        help="recompute each block's attention and MLP in the backward pass instead of storing their activations "
-        "(the routing runs once): less memory, about one more forward of compute; same numbers",
-    )
-    g.add_argument(
-        "--log",
-        choices=LOGGERS,
-        default=default("log"),
-        help="tensorboard: also write OUT_DIR/tensorboard (the scalars of metrics.jsonl and a routing heatmap per "
-        "evaluation; needs the tb extra: pip install 'modlm[tb]'). metrics.jsonl is always written "
-        "(default: %(default)s)",
-    )
+    g = groups["run"]
     g.add_argument(
         "--resume",
         action="store_true",
         help="continue from OUT_DIR/checkpoints/latest (fresh start if none), with the settings of OUT_DIR/run.toml "
-        "under --config and the flags given",
-    )
-    g.add_argument(
-        "--more-steps",
-        type=int,
-        default=None,
-        metavar="N",
-        help="implies --resume: a run that reached its max steps trains N more (a new warmup to --lr, then a "
-        "cosine to --min-lr over the N steps); a run stopped early first finishes its planned steps",
+        "under --config and the flags given (default: off)",
     )
     g.add_argument(
         "--no-progress",
@@ -421,6 +361,42 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     _record_given(parser, first_new_action)
     return parser
+
+
+def _add_field_flags(groups: dict[str, argparse._ArgumentGroup]) -> None:
+    """One flag per TrainConfig field that declares one (``_flag``): ``--name-with-dashes``, the
+    field's type and default, its help with ``(default: ...)``; a bool field is a switch."""
+    declared = field_types(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        if "group" not in meta:
+            continue
+        g = groups[meta.pop("group")]
+        if meta.pop("flag", None) == "modlm.devices.add_threads_arg":
+            # The one --threads of every command (imports torch; this module stays torch-free).
+            from modlm.devices import add_threads_arg
+
+            add_threads_arg(g, default=f.default)
+            continue
+        help_text = meta.pop("help").format(presets=", ".join(preset_names()))
+        shown = meta.pop("shown")
+        tp = _flag_type(declared[f.name])
+        if tp is bool:
+            meta["action"] = "store_true"
+            shown = "on" if f.default else "off"
+        else:
+            meta["type"] = tp
+        default = "%(default)s" if shown is None else shown
+        g.add_argument(
+            "--" + f.name.replace("_", "-"), default=f.default, help=f"{help_text} (default: {default})", **meta
+        )
+
+
+def _flag_type(tp: Any) -> type:
+    """The type a flag reads: the field's, without its None (``int | None`` reads an int)."""
+    members = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
+    assert len(members) == 1 and members[0] in (bool, int, float, str), tp
+    return members[0]
 
 
 # The Namespace attribute listing the destinations of the flags given on the command line.

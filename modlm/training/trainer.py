@@ -37,13 +37,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from tqdm import tqdm
 
 from modlm.config import ModelConfig
-from modlm.devices import autocast, parse_device, resolve_dtype
+from modlm.devices import autocast, parse_device, resolve_dtype, use_threads
 from modlm.errors import EXPECTED, ArgumentParser, report
-from modlm.flops import flops as flop_report
-from modlm.flops import format_flops, train_flops
+from modlm.flops import train_flops
 from modlm.model.transformer import ModelOutput, MoDTransformer
 from modlm.training import evaluation
 from modlm.training.batching import get_batch
@@ -77,6 +75,7 @@ from modlm.training.lock import RunDirLock, RunDirLockedError
 from modlm.training.loggers import HEATMAP_TAG, TensorBoardSink, require_tensorboard, routing_heatmap
 from modlm.training.metrics import METRICS_FILE, MetricsWriter, truncate_metrics
 from modlm.training.optim import apply_hyperparameters, build_optimizer, clip_gradients, clip_groups, set_lr
+from modlm.training.progress import ETA_AFTER_STEPS, Console, banner, eta_line, eval_line, plan_line, train_postfix
 from modlm.training.runfile import write_resolved
 from modlm.training.signals import StopSignal
 from modlm.training.tokenizers import load_tokenizer
@@ -85,7 +84,7 @@ from modlm.training.tokenizers import load_tokenizer
 # Sleeping changes no numerics.
 STEP_DELAY_ENV = "MODLM_TRAIN_STEP_DELAY_S"
 # Settings a resume may change without the note that the run will differ from an uninterrupted
-# one: where and how often it writes, its time budget, compile, the device.
+# one: where and how often it writes, its time budget, compile, the device and its threads.
 _QUIET_ON_RESUME = (
     "out_dir",
     "max_time_s",
@@ -98,10 +97,8 @@ _QUIET_ON_RESUME = (
     "more_steps",
     "activation_checkpointing",
     "log",
+    "threads",
 )
-# The pace (and so the ETA) is measured over this invocation's steps 2..ETA_AFTER_STEPS: the first
-# step also pays for allocation and warm-up.
-ETA_AFTER_STEPS = 3
 # How ranks agree on a stop: the largest code wins, so a signal on any rank beats the time budget.
 _STOP_CODES = {None: 0, "max_time": 1, "signal": 2}
 _STOP_REASONS = {code: reason for reason, code in _STOP_CODES.items()}
@@ -151,13 +148,13 @@ class Trainer:
     ):
         self.cfg, self.info, self.device = cfg, info, device
         # --more-steps continues a run, so it implies resuming.
-        self.resume_requested, self.progress = resume or cfg.more_steps is not None, progress
+        self.resume_requested = resume or cfg.more_steps is not None
         self.t0 = time.monotonic() if t0 is None else t0
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_path = self.out_dir / RUN_CHECKPOINT
         self.comm_device = comm_device(device)
         self.tensorboard: TensorBoardSink | None = None  # rank 0 with --log tensorboard (``setup``)
-        self.bar: tqdm | None = None
+        self.console = Console(info.main, progress)
         self.metrics = MetricsWriter(None)
         self.state: dict[str, Any] | None = None  # the checkpoint being resumed, if any
         self.ckpt_dir: Path | None = None
@@ -167,10 +164,8 @@ class Trainer:
         self.sec_per_step: float | None = None
 
     def say(self, msg: str) -> None:
-        """A line on rank 0's console (above the progress bar when there is one)."""
-        if self.info.main:
-            (tqdm.write if self.bar is not None else print)(msg)
-            sys.stdout.flush()
+        """A line on rank 0's console (``modlm.training.progress.Console``)."""
+        self.console.say(msg)
 
     # ----------------------------------------------------------------------------------------
     # Set-up
@@ -402,46 +397,21 @@ class Trainer:
         )
 
     def _print_banner(self, dense_flops: int) -> None:
-        """What is trained, on what, for how long (the plan; an ETA follows after a few steps),
-        what the progress line shows, and the resolved configs."""
-        cfg, mcfg = self.cfg, self.mcfg
-        rep = flop_report(mcfg, cfg.seq_len)
-        print(
-            f"modlm train: {mcfg.name} (router={mcfg.router}, capacity={mcfg.capacity}, routed blocks "
-            f"{list(mcfg.routed_layers)}) | params {self.n_params:,} (non-embedding {self.model.num_params(True):,})"
+        """The run's banner (``modlm.training.banner``)."""
+        corpus = self.corpus
+        banner(
+            self.console,
+            self.cfg,
+            self.mcfg,
+            params=(self.n_params, self.model.num_params(True)),
+            step_flops=self.step_flops,
+            dense_flops=dense_flops,
+            seqs_per_step=self.seqs_per_step,
+            data=f"{corpus.meta.get('source')}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens | "
+            f"device {self.device}, dtype {self.dtype}, world size {self.info.world_size}",
+            resuming=f"step {self.start_step} ({self.ckpt_dir})" if self.state is not None else None,
+            plan=plan_line(self.cfg, self.start_step, self.tokens_per_step),
         )
-        print(
-            f"  FLOPs/step {format_flops(self.step_flops)} = {self.seqs_per_step} seq x {cfg.seq_len} tok x "
-            f"{format_flops(rep.train_per_token)}/token; dense twin {format_flops(dense_flops)} "
-            f"(x{self.step_flops / dense_flops:.3f})"
-        )
-        print(
-            f"  data {self.corpus.meta.get('source')}: {len(self.corpus.train):,} train / {len(self.corpus.val):,} val "
-            f"tokens | device {self.device}, dtype {self.dtype}, world size {self.info.world_size}"
-        )
-        if self.state is not None:
-            print(f"  resuming from step {self.start_step} ({self.ckpt_dir})")
-        print("  " + self._plan_line())
-        print("  " + _progress_legend(mcfg))
-        print("  train config: " + json.dumps(cfg.to_dict()))
-        print("  model config: " + json.dumps(mcfg.to_dict()))
-        sys.stdout.flush()
-
-    def _plan_line(self) -> str:
-        """Steps, tokens and time this invocation plans (the ETA comes once the pace is measured)."""
-        cfg = self.cfg
-        todo = cfg.max_steps - self.start_step
-        if todo <= 0:
-            return f"plan: nothing to train, the run is at its max_steps={cfg.max_steps} (--more-steps N trains it further)"
-        line = (
-            f"plan: steps {self.start_step} -> {cfg.max_steps}: {todo:,} steps x {self.tokens_per_step:,} tokens "
-            f"= {todo * self.tokens_per_step:,} tokens"
-        )
-        if cfg.max_time_s is not None:
-            line += f", or fewer if --max-time-s {cfg.max_time_s:g} runs out first"
-        if todo > ETA_AFTER_STEPS:
-            line += f"; an ETA follows step {self.start_step + ETA_AFTER_STEPS}"
-        return line
 
     def elapsed(self) -> float:
         """Training seconds of the whole run, earlier invocations included."""
@@ -499,25 +469,8 @@ class Trainer:
             "elapsed_s": self.elapsed(),
         }
         self.metrics.log("train", **self.last_train, router=stats)
-        summary_stat = _router_summary(stats)
-        # The LM loss alone: the routers' losses (the total minus it) never reach the LM.
-        post = {"loss": f"{lm_loss:.4f}"}
-        if self.mcfg.routed_layers:
-            post["router_loss"] = f"{loss - lm_loss:.3f}"
-        post["tok/s"] = f"{tok_s:,.0f}"
-        if summary_stat is not None:
-            post[summary_stat[0]] = f"{summary_stat[1]:.3f}"
-        if self.bar is not None:
-            self.bar.set_postfix(post, refresh=False)
-        elif self.info.main:
-            eta = self._eta_s()
-            print(
-                f"step {step}/{cfg.max_steps} "
-                + " ".join(f"{k} {v}" for k, v in post.items())
-                + f" lr {result.lr:.3g}"
-                + (f" eta {_duration(eta)}" if eta is not None else ""),
-                flush=True,
-            )
+        post = train_postfix(loss, lm_loss, tok_s, stats, bool(self.mcfg.routed_layers))
+        self.console.train(step, cfg.max_steps, post, result.lr, self._eta_s())
         self.loss_sum.zero_()
         self.lm_sum.zero_()
         self.interval_steps, self.t_interval = 0, time.perf_counter()
@@ -575,11 +528,7 @@ class Trainer:
         self.metrics.log("eval", **self.last_eval, tokens=topk["tokens"])
         if heatmap is not None and self.tensorboard is not None:
             self.tensorboard.image(HEATMAP_TAG, heatmap, step)
-        frac = f", routed {causal['routed_frac']:.3f}" if "routed_frac" in causal else ""
-        self.say(
-            f"step {step}: val loss {topk['loss']:.4f} ({topk['bpb']:.3f} bpb) | causal routing "
-            f"{causal['loss']:.4f} ({causal['bpb']:.3f} bpb{frac})"
-        )
+        self.say(eval_line(step, topk, causal))
 
     def save(self) -> None:
         """Checkpoint this step (never a diverged one): every rank's random streams are gathered,
@@ -676,36 +625,25 @@ class Trainer:
         """The steps, with their log lines, evaluations and checkpoints at their intervals, until
         ``max_steps``, a stop signal or the time budget."""
         cfg = self.cfg
-        # A bar only where a person watches: written to a file or a pipe, its carriage returns
-        # pile up and the evaluation lines glue onto them, so plain lines are printed instead.
-        interactive = sys.stdout.isatty() and sys.stderr.isatty()
-        if self.progress and self.info.main and interactive:
-            self.bar = tqdm(total=cfg.max_steps, initial=self.start_step, unit="step", dynamic_ncols=True, desc="train")
-        try:
-            with StopSignal() as stop_signal:
-                while self.global_step < cfg.max_steps:
-                    result = self.step()
-                    if self.bar is not None:
-                        self.bar.update(1)
-                    if self.step_delay:
-                        time.sleep(self.step_delay)
-                    step = self.global_step
-                    if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                        self.log(result)
-                    if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                        self.evaluate()
-                    reason = self._agreed_stop(stop_signal)
-                    if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or reason is not None:
-                        self.save()
-                    self._measure_pace()
-                    if reason is not None:
-                        self.stop_reason = reason
-                        self.say(f"stopping at step {step}/{cfg.max_steps}: {reason}")
-                        break
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
+        with self.console.steps(cfg.max_steps, self.start_step), StopSignal() as stop_signal:
+            while self.global_step < cfg.max_steps:
+                result = self.step()
+                self.console.advance()
+                if self.step_delay:
+                    time.sleep(self.step_delay)
+                step = self.global_step
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    self.log(result)
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                    self.evaluate()
+                reason = self._agreed_stop(stop_signal)
+                if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or reason is not None:
+                    self.save()
+                self._measure_pace()
+                if reason is not None:
+                    self.stop_reason = reason
+                    self.say(f"stopping at step {step}/{cfg.max_steps}: {reason}")
+                    break
 
     def _measure_pace(self) -> None:
         """Seconds per step, from the end of this invocation's first step; after
@@ -720,7 +658,7 @@ class Trainer:
         since_step, since = self.pace
         self.sec_per_step = (now - since) / (self.global_step - since_step)
         if done == ETA_AFTER_STEPS and self.global_step < self.cfg.max_steps:
-            self.say(self._eta_line())
+            self.say(eta_line(self.cfg, self.global_step, self.sec_per_step, self.t0))
 
     def _eta_s(self) -> float | None:
         """Seconds until this invocation ends (its max_steps or its time budget), once measured."""
@@ -730,17 +668,6 @@ class Trainer:
         if self.cfg.max_time_s is not None:
             eta = min(eta, max(0.0, self.cfg.max_time_s - (time.monotonic() - self.t0)))
         return eta
-
-    def _eta_line(self) -> str:
-        cfg, sps = self.cfg, self.sec_per_step
-        todo = cfg.max_steps - self.global_step
-        line = f"pace: {sps:.3g} s/step; {todo:,} more step{'s' * (todo != 1)}, about {_duration(todo * sps)}"
-        if cfg.max_time_s is not None:
-            left = max(0.0, cfg.max_time_s - (time.monotonic() - self.t0))
-            if left < todo * sps:
-                reach = self.global_step + int(left / sps)
-                line += f"; --max-time-s {cfg.max_time_s:g} stops it first, in {_duration(left)} near step {reach}"
-        return line
 
     def _finish(self) -> dict[str, Any]:
         """The replicas' agreement check (DDP), the summary, its "end" event and the last line."""
@@ -814,46 +741,6 @@ def restore_rank_buffers(model: torch.nn.Module, local_state: dict[str, torch.Te
             b.copy_(raw.view(b.dtype).reshape(b.shape))
 
 
-def _duration(seconds: float) -> str:
-    """``42s``, ``3m05s``, ``1h12m``."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def _progress_legend(mcfg: ModelConfig) -> str:
-    """What the progress line's numbers are (its ``router_loss`` is the total minus the LM loss)."""
-    line = "progress: loss = the LM's cross-entropy (nats/token, as val loss)"
-    if not mcfg.routed_layers:
-        return line
-    terms = []
-    if mcfg.uses_predictor:
-        terms.append(
-            f"the causal predictor's BCE (weight {mcfg.predictor_loss_weight:g}; it trains only the predictor)"
-        )
-    if mcfg.uses_aux_loss:
-        terms.append(f"the router logit's BCE (weight {mcfg.aux_loss_weight:g})")
-    what = " + ".join(terms) if terms else f"the {mcfg.router} router's auxiliary loss, if any"
-    line += f"; router_loss = {what}, summed over the {len(mcfg.routed_layers)} routed blocks"
-    if mcfg.uses_predictor:
-        line += "; pred_acc = how often the predictor agrees with top-k (decoding routes by it)"
-    elif mcfg.uses_aux_loss:
-        line += "; aux_acc = how often sigmoid(router logit) agrees with top-k (decoding routes by it)"
-    return line
-
-
-def _router_summary(stats: dict[str, float]) -> tuple[str, float] | None:
-    """One number for the progress bar: mean causal-predictor accuracy, else aux-router accuracy."""
-    for key in ("pred_acc", "aux_acc"):
-        vals = [v for k, v in stats.items() if k.endswith("/" + key)]
-        if vals:
-            return key, sum(vals) / len(vals)
-    return None
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or, with ``resume``, continue) the run in ``cfg.out_dir``; returns a summary dict.
 
@@ -876,13 +763,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return Trainer(cfg, info, device, resume=resume, progress=progress, t0=t0).run()
 
 
+def train_command(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``train`` as the commands run it: with ``cfg.threads`` torch CPU threads (the one policy of
+    ``modlm.devices.use_threads``; 0: torch's default), restored after. Under torchrun every
+    process runs this, so each gets that many. ``train`` itself leaves the process's threads
+    alone: a caller that trains many runs (``modlm.experiments.sweep``) sets them once."""
+    with use_threads(cfg.threads):
+        return train(cfg, resume=resume, progress=progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m modlm.training``: parse flags, train, print the summary as JSON (rank 0)."""
     parser = ArgumentParser(prog="python -m modlm.training", description="Train a Mixture-of-Depths LM.")
     add_train_args(parser)
     args = parser.parse_args(argv)
     try:
-        summary = train(train_config_from_args(args), resume=args.resume, progress=args.progress)
+        summary = train_command(train_config_from_args(args), resume=args.resume, progress=args.progress)
     except (*EXPECTED, KeyboardInterrupt) as e:
         # A bad value, or bad input found at run time (device, data, an existing or busy run, a
         # diverging learning rate): one line, not a traceback (MODLM_DEBUG=1 shows it).

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from modlm.training.config import TrainConfig, add_train_args, lr_at, stream_seed, train_config_from_args
+from modlm.training.config import DTYPES, TrainConfig, add_train_args, lr_at, stream_seed, train_config_from_args
 from modlm.training.trainer import main
 
 # --------------------------------------------------------------------------------------------
@@ -240,3 +240,30 @@ def test_bad_model_arg_is_one_line_naming_key_and_value(item, fragment, capsys):
     assert main(["--model", "tiny", "--model-arg", item]) == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 1 and fragment in err_lines[0]
+
+
+def test_flags_are_the_fields_with_their_types_defaults_and_shown_defaults():
+    """Each TrainConfig field is a flag (its dest, type and default come from the field), and every
+    flag's help shows its default; --threads is modlm.devices' one flag, with its default."""
+    from modlm.devices import THREADS_DEFAULT
+
+    parser = add_train_args(argparse.ArgumentParser())
+    actions = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_overrides":
+            continue
+        action = actions[f.name]
+        assert action.option_strings == ["--" + f.name.replace("_", "-")]
+        assert action.default == f.default, f.name
+    assert actions["lr"].type is float and actions["seq_len"].type is int and actions["data"].type is str
+    assert actions["compile"].nargs == 0 and actions["dtype"].choices == DTYPES
+    assert TrainConfig.threads == THREADS_DEFAULT
+    for action in parser._actions:
+        if action.dest not in ("help", "progress"):  # --no-progress says when the bar shows
+            assert "default" in action.help, action.dest
+
+
+def test_threads_policy_words():
+    with pytest.raises(ValueError, match=r"^TrainConfig\.threads=-1 is invalid: must be >= 1 \(or 0 for torch"):
+        TrainConfig(model="tiny", threads=-1)
+    assert TrainConfig(model="tiny", threads=0).threads == 0
