@@ -25,7 +25,7 @@ from typing import Any
 
 from modlm.experiments.curves import CurveOptimum, curve_optima, curve_points
 from modlm.experiments.curves import isoflop_noise as seed_noise_of
-from modlm.experiments.isoflop import Shape, format_budget
+from modlm.experiments.isoflop import format_budget
 
 Record = dict[str, Any]
 
@@ -101,11 +101,6 @@ def variant_record(records: Sequence[Record], key: str) -> Record | None:
 def format_params(n: float) -> str:
     """12345 -> '12K', 1234567 -> '1.23M'."""
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
-
-
-def shape_name(r: Record) -> str:
-    """The shape of a run record: 'd128L4'."""
-    return Shape(**r["shape"]).name
 
 
 def _pct(a: float, b: float) -> str:
