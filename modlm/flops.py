@@ -83,11 +83,6 @@ def attention_flops(config: ModelConfig, tokens: int, causal: bool = False) -> i
     return 2 * pairs2 * config.n_heads * config.head_dim
 
 
-def block_flops(config: ModelConfig, tokens: int, causal_attention: bool = False) -> int:
-    """Forward FLOPs of one block over ``tokens`` tokens attending among themselves."""
-    return 2 * tokens * block_params(config) + attention_flops(config, tokens, causal_attention)
-
-
 def n_all_experts(config: ModelConfig, kind: str) -> int:
     """X, the experts a layer of this kind routes among (real + its no-op experts)."""
     return config.n_experts + (config.n_noop_experts if block_spec(kind).noop_experts else 0)
@@ -316,11 +311,6 @@ def causal_forward_flops(
             prev = seq_len if n is None else n
         total += 2 * seq_len * D * V
     return total / rows
-
-
-def forward_flops(config: ModelConfig, seq_len: int | None = None, batch_size: int = 1) -> int:
-    """Forward FLOPs of ``batch_size`` sequences (routed blocks at capacity)."""
-    return batch_size * flops(config, seq_len).forward
 
 
 def train_flops(config: ModelConfig, seq_len: int | None = None, batch_size: int = 1) -> int:

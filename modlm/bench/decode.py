@@ -39,13 +39,13 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from modlm.bench import check_minimums, environment
+from modlm.bench import add_common_args, bench_parser, environment, parse_bench_args
 from modlm.config import ModelConfig
-from modlm.devices import parse_device
-from modlm.errors import ArgumentParser
+from modlm.devices import THREADS_DEFAULT, parse_device, set_threads
 from modlm.inference.calibrate import calibrate_thresholds, measure_routed_fraction
 from modlm.inference.generate import DecodeSession
 from modlm.kernels import fewrow as kernels
@@ -53,8 +53,16 @@ from modlm.model.transformer import MoDTransformer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="base", help="ModelConfig preset for a random-init model")
+    p = bench_parser(__doc__)
+    add_common_args(
+        p,
+        preset_help="ModelConfig preset for a random-init model",
+        threads=THREADS_DEFAULT,
+        warmup=1,
+        warmup_help="untimed runs per batch size first",
+        kernels=True,
+        seed_help="seed of the weights, prompts and sampling",
+    )
     p.add_argument("--ckpt", default=None, help="checkpoint directory of a trained MoD model (instead of --preset)")
     p.add_argument(
         "--causal-routing",
@@ -62,13 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["predictor", "aux_loss", "both"],
         help="override the preset's causal routing (random init only)",
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes timed, one by one")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens decoded per row")
     p.add_argument(
         "--repeats", type=int, default=5, help="timed runs per batch size, fresh prompts each (median reported)"
     )
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
     p.add_argument(
         "--target-fraction",
         type=float,
@@ -83,37 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["random", "enwiki"],
         help="prompts/calibration text (default: random tokens for random init, enwiki for --ckpt)",
     )
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads; small-batch decoding is memory bound, and one thread avoids "
-        "OpenMP contention on a shared machine (0: leave torch's default)",
-    )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and KV cache dtype")
-    p.add_argument(
-        "--kernels",
-        default="native",
-        choices=["native", "torch"],
-        help="few-row linear products: modlm.kernels.fewrow' native CPU kernel where it applies (both "
-        "models alike), or torch's F.linear everywhere",
-    )
     p.add_argument("--no-sync-probe", action="store_true", help="skip the host-sync measurement")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    check_minimums(
-        p,
-        [
-            ("--batch-sizes", args.batch_sizes, 1),
-            ("--prompt-len", args.prompt_len, 1),
-            ("--new-tokens", args.new_tokens, 2),
-            ("--repeats", args.repeats, 1),
-            ("--warmup", args.warmup, 0),
-            ("--calib-rows", args.calib_rows, 1),
-            ("--threads", args.threads, 0),
-        ],
+    args = parse_bench_args(
+        p, argv, {"--batch-sizes": 1, "--prompt-len": 1, "--new-tokens": 2, "--repeats": 1, "--calib-rows": 1}
     )
     if args.target_fraction is not None and not 0.0 <= args.target_fraction <= 1.0:
         p.error(f"--target-fraction={args.target_fraction} is invalid: must be in [0, 1]")
@@ -327,14 +308,31 @@ def sync_probe(mod, batch: int, device: torch.device, step_s: float) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+@dataclass
+class Routing:
+    """The data of a run and the MoD model's routing before timing: prompts, calibration
+    target (None: the checkpoint's thresholds), thresholds and routed fractions per layer on the
+    calibration and the held-out samples."""
+
+    prompts_pool: torch.Tensor  # (rows, prompt_len): each run's prompts, taken in turn
+    data_desc: str
+    calib_shape: tuple[int, ...]
+    target: float | None
+    thresholds: dict[int, float]
+    frac_calib: dict[int, float]
+    frac_held: dict[int, float]
+
+
+def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Apply --threads and --kernels; return --device and --dtype."""
+    set_threads(args.threads)
     kernels.set_enabled(args.kernels == "native")
-    device = parse_device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    cfg, mod, dense = build_models(args, device, dtype)
+    return parse_device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+
+def calibrate(args: argparse.Namespace, cfg: ModelConfig, mod, device: torch.device) -> Routing:
+    """Draw the calibration, held-out and prompt samples; calibrate the routed blocks of ``mod``
+    to the target fraction (a random-init model: 0.125 unless --target-fraction)."""
     routed = list(cfg.routed_layers)
     T = args.prompt_len + args.new_tokens
     n_prompts = max(args.batch_sizes) * (args.repeats + args.warmup)
@@ -350,7 +348,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     frac_calib = measure_routed_fraction(mod, calib)
     frac_held = measure_routed_fraction(mod, heldout)
+    return Routing(prompts_pool, data_desc, tuple(calib.shape), target, thresholds, frac_calib, frac_held)
 
+
+def print_setup(args: argparse.Namespace, cfg: ModelConfig, device: torch.device, routing: Routing) -> None:
+    """Where it ran, the model, the data, and the routing per layer before timing."""
     threads = torch.get_num_threads() if device.type == "cpu" else None
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(
@@ -362,22 +364,29 @@ def main(argv: list[str] | None = None) -> dict:
     src = f"checkpoint {args.ckpt}" if args.ckpt else f"preset {args.preset} (random init, seed {args.seed})"
     print(
         f"model   {src}: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} vocab={cfg.vocab_size} "
-        f"routed blocks={routed} causal_routing={cfg.causal_routing}"
+        f"routed blocks={list(cfg.routed_layers)} causal_routing={cfg.causal_routing}"
     )
     print(
-        f"data    {data_desc}; prompt {args.prompt_len} + {args.new_tokens} new tokens, temperature "
+        f"data    {routing.data_desc}; prompt {args.prompt_len} + {args.new_tokens} new tokens, temperature "
         f"{args.temperature}; {args.repeats} repeats (+{args.warmup} warm-up), models interleaved step by step"
     )
+    target = routing.target
     how = (
-        f"calibrated to {target:.3f} on {tuple(calib.shape)} tokens" if target is not None else "checkpoint thresholds"
+        f"calibrated to {target:.3f} on {routing.calib_shape} tokens" if target is not None else "checkpoint thresholds"
     )
     print(f"routing {how}")
     print(f"        {'layer':>5} {'threshold':>10} {'calib':>7} {'held-out':>9}")
-    for i in routed:
-        print(f"        {i:>5} {thresholds[i]:>10.4f} {frac_calib[i]:>7.3f} {frac_held[i]:>9.3f}")
+    for i in cfg.routed_layers:
+        print(
+            f"        {i:>5} {routing.thresholds[i]:>10.4f} {routing.frac_calib[i]:>7.3f} {routing.frac_held[i]:>9.3f}"
+        )
 
+
+def time_batches(args: argparse.Namespace, models: dict, prompts_pool: torch.Tensor, device: torch.device) -> dict:
+    """{batch size: tokens/s of each model (median and runs), MoD/dense ratios and their median,
+    the MoD decode routed fraction per layer}, over --warmup + --repeats runs of fresh prompts."""
+    routed = list(models["mod"].config.routed_layers)
     results: dict[int, dict] = {}
-    models = {"mod": mod, "dense": dense}
     for B in args.batch_sizes:
         runs = {"mod": [], "dense": []}
         fracs = []
@@ -398,12 +407,23 @@ def main(argv: list[str] | None = None) -> dict:
             "speedup": statistics.median(ratios),
             "frac": {i: sum(f[i] for f in fracs) / len(fracs) for i in routed},
         }
+    return results
 
-    probes = []
-    if not args.no_sync_probe:
-        for B in args.batch_sizes:
-            probes.append(sync_probe(mod, B, device, B / results[B]["mod"]))
 
+def add_ideal_speedups(args: argparse.Namespace, cfg: ModelConfig, results: dict, dtype: torch.dtype) -> None:
+    """Each batch size's ideal speed-ups at its decode routed fractions: by FLOPs per token
+    (``ideal_flops``) and by bytes read per step (``ideal_bytes``)."""
+    P, N = args.prompt_len, args.new_tokens
+    flops_dense = decode_flops_per_token(cfg, {}, P, N)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    for B, r in results.items():
+        f_dec = r["frac"]
+        r["ideal_flops"] = flops_dense / decode_flops_per_token(cfg, f_dec, P, N)
+        r["ideal_bytes"] = bytes_per_step(cfg, {}, B, P, N, elem) / bytes_per_step(cfg, f_dec, B, P, N, elem)
+
+
+def print_results(results: dict, probes: list[dict]) -> None:
+    """The table per batch size, the decode routed fraction per layer, the host-sync costs."""
     print()
     hdr = (
         f"{'batch':>5} {'MoD tok/s':>10} {'dense tok/s':>12} {'speedup':>8} {'routed (decode)':>16} "
@@ -411,15 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(hdr)
     print("-" * len(hdr))
-    flops_dense = decode_flops_per_token(cfg, {}, args.prompt_len, args.new_tokens)
-    elem = torch.tensor([], dtype=dtype).element_size()
     for B, r in results.items():
-        f_dec = r["frac"]
-        r["ideal_flops"] = flops_dense / decode_flops_per_token(cfg, f_dec, args.prompt_len, args.new_tokens)
-        r["ideal_bytes"] = bytes_per_step(cfg, {}, B, args.prompt_len, args.new_tokens, elem) / bytes_per_step(
-            cfg, f_dec, B, args.prompt_len, args.new_tokens, elem
-        )
-        mean_f = sum(f_dec.values()) / len(f_dec)
+        mean_f = sum(r["frac"].values()) / len(r["frac"])
         print(
             f"{B:>5} {r['mod']:>10.1f} {r['dense']:>12.1f} {r['speedup']:>7.2f}x {mean_f:>16.3f} "
             f"{r['ideal_flops']:>11.2f}x {r['ideal_bytes']:>11.2f}x"
@@ -443,8 +456,15 @@ def main(argv: list[str] | None = None) -> dict:
             + f"; {p['syncs_per_token']:.2f} per decoded token"
         )
 
+
+def result_json(
+    args: argparse.Namespace, cfg: ModelConfig, device: torch.device, routing: Routing, results: dict, probes: list
+) -> dict:
+    """The JSON object printed last (per batch size keyed by its string)."""
+    routed, frac_held, target = list(cfg.routed_layers), routing.frac_held, routing.target
     nominal = {i: (target if target is not None else frac_held[i]) for i in routed}
-    result = {
+    flops_dense = decode_flops_per_token(cfg, {}, args.prompt_len, args.new_tokens)
+    return {
         "bench": "decode",
         "speedup_b1": results[1]["speedup"] if 1 in results else None,
         "speedup_b16": results[16]["speedup"] if 16 in results else None,
@@ -467,17 +487,31 @@ def main(argv: list[str] | None = None) -> dict:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "temperature": args.temperature,
-        "data": data_desc,
+        "data": routing.data_desc,
         "model": args.ckpt or args.preset,
         "d_model": cfg.d_model,
         "n_layers": cfg.n_layers,
         "routed_layers": routed,
         "causal_routing": cfg.causal_routing,
         "dtype": args.dtype,
-        "threads": threads,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "native_kernels": kernels.enabled() and device.type == "cpu",
         **environment(device),
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark: a table for people, then the JSON object (returned too) as the last line."""
+    args = parse_args(argv)
+    device, dtype = setup_device(args)
+    cfg, mod, dense = build_models(args, device, dtype)
+    routing = calibrate(args, cfg, mod, device)
+    print_setup(args, cfg, device, routing)
+    results = time_batches(args, {"mod": mod, "dense": dense}, routing.prompts_pool, device)
+    probes = [] if args.no_sync_probe else [sync_probe(mod, B, device, B / results[B]["mod"]) for B in args.batch_sizes]
+    add_ideal_speedups(args, cfg, results, dtype)
+    print_results(results, probes)
+    result = result_json(args, cfg, device, routing, results, probes)
     print(json.dumps(result))
     sys.stdout.flush()
     return result

@@ -15,7 +15,6 @@ the machine streams memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,31 +24,22 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modlm.bench import check_minimums, environment
+from modlm.bench import add_common_args, bench_parser, environment, parse_bench_args
 from modlm.config import ModelConfig
-from modlm.errors import ArgumentParser
 from modlm.kernels import fewrow as kernels
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="base", help="ModelConfig preset whose block shapes are timed")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p = bench_parser(__doc__)
+    # No common --threads: this benchmark sweeps a list of thread counts, each timed in turn.
+    add_common_args(
+        p, preset_help="ModelConfig preset whose block shapes are timed", device=False, seed_help="seed of the weights"
+    )
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32], help="rows per product, each timed")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts, each timed")
     p.add_argument("--blocks", type=int, default=8, help="distinct weight sets cycled (more than the caches hold)")
     p.add_argument("--iters", type=int, default=20, help="timed passes over the blocks per measurement")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    check_minimums(
-        p,
-        [
-            ("--rows", args.rows, 1),
-            ("--threads", args.threads, 1),
-            ("--blocks", args.blocks, 1),
-            ("--iters", args.iters, 1),
-        ],
-    )
-    return args
+    return parse_bench_args(p, argv, {"--rows": 1, "--threads": 1, "--blocks": 1, "--iters": 1})
 
 
 def block_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:

@@ -31,17 +31,23 @@ import time
 
 import torch
 
-from modlm.bench import check_minimums, environment
+from modlm.bench import add_common_args, bench_parser, environment, parse_bench_args
 from modlm.bench.train import DTYPES, Stepper, fmt_time
 from modlm.config import ModelConfig
-from modlm.devices import parse_device
-from modlm.errors import ArgumentParser
+from modlm.devices import parse_device, set_threads
 from modlm.flops import flops, format_flops, train_flops
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="base", help="the shape (a ModelConfig preset; its routing is ignored)")
+    p = bench_parser(__doc__)
+    # --threads 0 (torch's default, one thread per core) is this benchmark's default, as it always was.
+    add_common_args(
+        p,
+        preset_help="the shape (a ModelConfig preset; its routing is ignored)",
+        threads=0,
+        warmup=1,
+        seed_help="seed for weights and the batch",
+    )
     p.add_argument("--experts", type=int, default=8, help="real experts per MoE layer")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (1 or 2)")
     p.add_argument("--noop-experts", type=int, default=None, help="no-op experts of MoDE (default: --experts)")
@@ -49,26 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32, or bf16 autocast")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and the batch")
-    args = p.parse_args(argv)
-    check_minimums(
-        p,
-        [
-            ("--experts", args.experts, 1),
-            ("--top-k", args.top_k, 1),
-            ("--noop-experts", args.noop_experts, 1),
-            ("--batch-size", args.batch_size, 1),
-            ("--seq-len", args.seq_len, 2),
-            ("--steps", args.steps, 1),
-            ("--warmup", args.warmup, 0),
-            ("--threads", args.threads, 1),
-        ],
-    )
-    return args
+    minimums = {"--experts": 1, "--top-k": 1, "--noop-experts": 1, "--batch-size": 1, "--seq-len": 2, "--steps": 1}
+    return parse_bench_args(p, argv, minimums)
 
 
 def build_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
@@ -117,8 +106,7 @@ class MoEStepper(Stepper):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = parse_device(args.device)
     dtype = DTYPES[args.dtype]
     cfgs = build_configs(args)

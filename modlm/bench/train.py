@@ -43,13 +43,13 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
-from modlm.bench import check_minimums, environment
+from modlm.bench import add_common_args, bench_parser, environment, parse_bench_args
 from modlm.config import ModelConfig
-from modlm.devices import parse_device
-from modlm.errors import ArgumentParser
+from modlm.devices import parse_device, set_threads
 from modlm.flops import flops, format_flops, train_flops
 from modlm.model.transformer import MoDTransformer
 
@@ -57,41 +57,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="base", help="ModelConfig preset (see modlm.config.PRESETS)")
+    p = bench_parser(__doc__)
+    # --threads 0 (torch's default, one thread per core) is this benchmark's default, as it always was.
+    add_common_args(p, threads=0, warmup=3, seed_help="seed for weights and the batch")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (raises max_seq_len if needed)")
     p.add_argument("--capacity", type=float, default=None, help="override the preset's routed capacity")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument(
         "--dtype",
         default="fp32",
         choices=sorted(DTYPES),
         help="fp32, or bf16 autocast over fp32 weights (mixed precision training)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step in the timed region")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and the batch")
     p.add_argument(
         "--compile",
         action="store_true",
         help="also step torch.compile'd twins (inductor); report compile speed-ups and the fraction of a plain "
         "fp32 matmul's rate the compiled steps reach",
     )
-    args = p.parse_args(argv)
-    check_minimums(
-        p,
-        [
-            ("--batch-size", args.batch_size, 1),
-            ("--seq-len", args.seq_len, 2),
-            ("--steps", args.steps, 1),
-            ("--warmup", args.warmup, 0),
-            ("--threads", args.threads, 1),
-        ],
-    )
-    return args
+    return parse_bench_args(p, argv, {"--batch-size": 1, "--seq-len": 2, "--steps": 1})
 
 
 def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -250,86 +236,135 @@ def fmt_time(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+@dataclass
+class TrainRun:
+    """The steppers of one run: the headline pair (``mod``, ``dense``: compiled with --compile),
+    and with --compile the eager pair and the plain matmul timed between the steps."""
+
+    args: argparse.Namespace
+    device: torch.device
+    mod_cfg: ModelConfig
+    dense_cfg: ModelConfig
+    mod: Stepper
+    dense: Stepper
+    eager_mod: Stepper | None = None
+    eager_dense: Stepper | None = None
+    matmul: MatmulTimer | None = None
+
+    @property
+    def steppers(self) -> list[Stepper]:
+        """Every stepper, in the order a round starts from (then rotated)."""
+        pairs = [self.eager_mod, self.eager_dense] if self.args.compile else []
+        return pairs + [self.mod, self.dense]
+
+    @property
+    def warmup(self) -> int:
+        # The compiled steppers compile during their first step: never time it.
+        return max(self.args.warmup, 1) if self.args.compile else self.args.warmup
+
+
+def setup_device(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and return --device (TF32 matmuls allowed on CUDA)."""
+    set_threads(args.threads)
     device = parse_device(args.device)
-    dtype = DTYPES[args.dtype]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return device
 
+
+def build_run(args: argparse.Namespace, device: torch.device) -> TrainRun:
+    """The MoD and dense steppers (eager, or compiled + eager with --compile), same seed."""
     mod_cfg, dense_cfg = build_configs(args)
-    B, T = args.batch_size, args.seq_len
-    k = mod_cfg.capacity_tokens(T)
-    mod = Stepper(mod_cfg, device, dtype, args.optimizer, args.seed, compile=False)
-    dense = Stepper(dense_cfg, device, dtype, args.optimizer, args.seed, compile=False)
-    steppers = [mod, dense]
-    eager_mod = eager_dense = matmul = None
+    dtype = DTYPES[args.dtype]
+
+    def stepper(cfg: ModelConfig, compile: bool) -> Stepper:
+        return Stepper(cfg, device, dtype, args.optimizer, args.seed, compile=compile)
+
+    run = TrainRun(args, device, mod_cfg, dense_cfg, stepper(mod_cfg, False), stepper(dense_cfg, False))
     if args.compile:
-        eager_mod, eager_dense = mod, dense
-        mod = Stepper(mod_cfg, device, dtype, args.optimizer, args.seed, compile=True)
-        dense = Stepper(dense_cfg, device, dtype, args.optimizer, args.seed, compile=True)
-        steppers += [mod, dense]
-        matmul = MatmulTimer(largest_gemm(dense.model, B * T), device)
+        run.eager_mod, run.eager_dense = run.mod, run.dense
+        run.mod, run.dense = stepper(mod_cfg, True), stepper(dense_cfg, True)
+        run.matmul = MatmulTimer(largest_gemm(run.dense.model, args.batch_size * args.seq_len), device)
+    return run
 
+
+def time_steps(run: TrainRun) -> None:
+    """Step every model ``warmup + steps`` times on one batch, interleaved."""
+    args, B, T = run.args, run.args.batch_size, run.args.seq_len
     g = torch.Generator().manual_seed(args.seed)
-    tokens = torch.randint(0, mod_cfg.vocab_size, (B, T + 1), generator=g).to(device)
+    tokens = torch.randint(0, run.mod_cfg.vocab_size, (B, T + 1), generator=g).to(run.device)
     idx_BT, tgt_BT = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
+    steppers = run.steppers
     # Interleave, rotating who goes first, so no model always runs on a warmer cache; the plain
     # matmul is timed in every round too, so it sees the same machine load as the steps.
-    warmup = max(args.warmup, 1) if args.compile else args.warmup
-    for i in range(warmup + args.steps):
-        record = i >= warmup
+    for i in range(run.warmup + args.steps):
+        record = i >= run.warmup
         for s in steppers[i % len(steppers) :] + steppers[: i % len(steppers)]:
             s.step(idx_BT, tgt_BT, record)
-        if matmul is not None:
-            matmul.measure(record)
+        if run.matmul is not None:
+            run.matmul.measure(record)
 
-    mod_s, dense_s = mod.median, dense.median
-    mod_f, dense_f = train_flops(mod_cfg, T, B), train_flops(dense_cfg, T, B)
-    time_ratio, flop_ratio = mod_s / dense_s, mod_f / dense_f
-    overhead = time_ratio / flop_ratio
-    # Step i of MoD and step i of dense ran back to back: their ratio cancels slow drifts in
-    # machine load, so its median is a second, often steadier, estimate of the time ratio.
-    paired_ratio = statistics.median(m / d for m, d in zip(mod.times, dense.times))
-    # Secondary: the FLOP ratio if attention counted only the visible (causal) half, as a kernel
-    # that skips masked tiles does (PyTorch's CPU flash kernel and the CUDA flash kernel do).
-    try:
-        causal_ratio = flops(mod_cfg, T, causal_attention=True).train / flops(dense_cfg, T, causal_attention=True).train
-    except TypeError:  # an older modlm.flops without the option
-        causal_ratio = None
-    threads = torch.get_num_threads() if device.type == "cpu" else None
-    # CPU only: process CPU seconds per step. Time a neighbour steals from us is not ours, so with
-    # --threads 1 this ratio is the steadiest estimate on a shared machine. With several threads it
-    # also counts OpenMP workers spinning at barriers, so prefer wall time there.
-    cpu_ratio = mod.cpu_median / dense.cpu_median if device.type == "cpu" else None
-    timed = "zero_grad + forward + backward" + (" + AdamW.step" if args.optimizer else "")
 
+def step_figures(run: TrainRun) -> dict:
+    """The headline pair's FLOPs and ratios (time, FLOPs, overhead, per-pair, CPU time)."""
+    B, T, mod, dense = run.args.batch_size, run.args.seq_len, run.mod, run.dense
+    mod_f, dense_f = train_flops(run.mod_cfg, T, B), train_flops(run.dense_cfg, T, B)
+    time_ratio, flop_ratio = mod.median / dense.median, mod_f / dense_f
+    cpu = run.device.type == "cpu"
+    return {
+        "mod_f": mod_f,
+        "dense_f": dense_f,
+        "time_ratio": time_ratio,
+        "flop_ratio": flop_ratio,
+        "overhead": time_ratio / flop_ratio,
+        # Step i of MoD and step i of dense ran back to back: their ratio cancels slow drifts in
+        # machine load, so its median is a second, often steadier, estimate of the time ratio.
+        "paired_ratio": statistics.median(m / d for m, d in zip(mod.times, dense.times)),
+        # Secondary: the FLOP ratio if attention counted only the visible (causal) half, as a kernel
+        # that skips masked tiles does (PyTorch's CPU flash kernel and the CUDA flash kernel do).
+        "causal_ratio": flops(run.mod_cfg, T, causal_attention=True).train
+        / flops(run.dense_cfg, T, causal_attention=True).train,
+        "threads": torch.get_num_threads() if cpu else None,
+        # CPU only: process CPU seconds per step. Time a neighbour steals from us is not ours, so with
+        # --threads 1 this ratio is the steadiest estimate on a shared machine. With several threads it
+        # also counts OpenMP workers spinning at barriers, so prefer wall time there.
+        "cpu_ratio": mod.cpu_median / dense.cpu_median if cpu else None,
+        "timed": "zero_grad + forward + backward" + (" + AdamW.step" if run.args.optimizer else ""),
+    }
+
+
+def print_header(run: TrainRun, fig: dict) -> None:
+    """Where it ran, the model, the routing and what was timed."""
+    args, cfg, device, threads = run.args, run.mod_cfg, run.device, fig["threads"]
+    B, T = args.batch_size, args.seq_len
     print(
         f"modlm bench_train: torch {torch.__version__}, python {platform.python_version()}, "
         f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
         f"dtype {args.dtype}" + (f", {threads} threads (nproc {os.cpu_count()})" if threads else "")
     )
     print(
-        f"config  preset={args.preset} B={B} T={T} d={mod_cfg.d_model} layers={mod_cfg.n_layers} "
-        f"heads={mod_cfg.n_heads} vocab={mod_cfg.vocab_size} d_mlp={mod_cfg.d_mlp}"
+        f"config  preset={args.preset} B={B} T={T} d={cfg.d_model} layers={cfg.n_layers} "
+        f"heads={cfg.n_heads} vocab={cfg.vocab_size} d_mlp={cfg.d_mlp}"
     )
     print(
-        f"routing capacity={mod_cfg.capacity} (k={k} of {T}) routed blocks={list(mod_cfg.routed_layers)} "
-        f"causal_routing={mod_cfg.causal_routing}"
+        f"routing capacity={cfg.capacity} (k={cfg.capacity_tokens(T)} of {T}) routed blocks={list(cfg.routed_layers)} "
+        f"causal_routing={cfg.causal_routing}"
     )
-    print(f"timed   {timed}; median of {args.steps} interleaved steps after {warmup} warm-up")
+    print(f"timed   {fig['timed']}; median of {args.steps} interleaved steps after {run.warmup} warm-up")
     print()
-    rows = [("MoD", mod, mod_f), ("dense", dense, dense_f)]
-    if args.compile:  # the compiled pair first (the headline figures), then the eager one
+
+
+def print_table(run: TrainRun, fig: dict) -> None:
+    """One row per stepper: parameters, step times, tokens/s, counted FLOPs and FLOP/s."""
+    B, T, mod_f, dense_f = run.args.batch_size, run.args.seq_len, fig["mod_f"], fig["dense_f"]
+    rows = [("MoD", run.mod, mod_f), ("dense", run.dense, dense_f)]
+    if run.args.compile:  # the compiled pair first (the headline figures), then the eager one
         rows = [
-            ("MoD c", mod, mod_f),
-            ("dense c", dense, dense_f),
-            ("MoD", eager_mod, mod_f),
-            ("dense", eager_dense, dense_f),
+            ("MoD c", run.mod, mod_f),
+            ("dense c", run.dense, dense_f),
+            ("MoD", run.eager_mod, mod_f),
+            ("dense", run.eager_dense, dense_f),
         ]
     hdr = (
         f"{'model':<7}{'params':>10}{'step (median)':>15}{'min':>11}{'max':>11}{'CPU s/step':>12}"
@@ -340,88 +375,127 @@ def main(argv: list[str] | None = None) -> dict:
     for name, s, f in rows:
         print(
             f"{name:<7}{s.model.num_params() / 1e6:>9.2f}M{fmt_time(s.median):>15}{fmt_time(min(s.times)):>11}"
-            f"{fmt_time(max(s.times)):>11}{fmt_time(s.cpu_median) if cpu_ratio else '-':>12}"
+            f"{fmt_time(max(s.times)):>11}{fmt_time(s.cpu_median) if fig['cpu_ratio'] else '-':>12}"
             f"{B * T / s.median:>11.0f}{format_flops(f):>16}"
             f"{f / s.median / 1e12:>10.3f} TF/s"
         )
     print()
-    compiled = compile_figures(
-        eager_mod, eager_dense, mod, dense, matmul, mod_f, dense_f, flop_ratio, cpu=device.type == "cpu"
-    )
-    if compiled:
-        M, K, N = matmul.shape
-        print(
-            f"compiled:    speed-up MoD {compiled['compile_speedup_mod']:.2f}x, dense "
-            f"{compiled['compile_speedup_dense']:.2f}x (eager step / compiled step; 'c' rows are compiled)"
-        )
-        print(
-            f"             fp32 matmul ({M}x{K} @ {K}x{N}) {compiled['matmul_gflops']:.1f} GFLOP/s; the compiled steps "
-            f"reach MoD {compiled['mod_frac_of_matmul']:.2f}, dense {compiled['dense_frac_of_matmul']:.2f} of it; "
-            f"eager overhead {compiled['eager_overhead']:.3f}"
-        )
-        if "cpu_matmul_gflops" in compiled:
-            print(
-                f"  by CPU time: speed-up MoD {compiled['cpu_compile_speedup_mod']:.2f}x, dense "
-                f"{compiled['cpu_compile_speedup_dense']:.2f}x; matmul {compiled['cpu_matmul_gflops']:.1f} GFLOP/s; "
-                f"MoD {compiled['cpu_mod_frac_of_matmul']:.2f}, dense {compiled['cpu_dense_frac_of_matmul']:.2f} of "
-                f"it; eager overhead {compiled['cpu_eager_overhead']:.3f}"
-            )
+
+
+def print_compiled(compiled: dict, matmul: MatmulTimer | None) -> None:
+    """The --compile lines: speed-ups over eager and the fraction of the matmul's rate reached."""
+    if not compiled:
+        return
+    M, K, N = matmul.shape
     print(
-        f"MoD / dense: time {time_ratio:.3f}   FLOPs {flop_ratio:.3f}   overhead (time/FLOPs) {overhead:.3f}   "
-        f"speed-up {1 / time_ratio:.2f}x"
+        f"compiled:    speed-up MoD {compiled['compile_speedup_mod']:.2f}x, dense "
+        f"{compiled['compile_speedup_dense']:.2f}x (eager step / compiled step; 'c' rows are compiled)"
     )
-    print(f"             median of per-pair time ratios {paired_ratio:.3f} (overhead {paired_ratio / flop_ratio:.3f})")
-    if cpu_ratio is not None:
-        print(f"             CPU-time ratio {cpu_ratio:.3f} (overhead {cpu_ratio / flop_ratio:.3f})")
-    if causal_ratio is not None:
+    print(
+        f"             fp32 matmul ({M}x{K} @ {K}x{N}) {compiled['matmul_gflops']:.1f} GFLOP/s; the compiled steps "
+        f"reach MoD {compiled['mod_frac_of_matmul']:.2f}, dense {compiled['dense_frac_of_matmul']:.2f} of it; "
+        f"eager overhead {compiled['eager_overhead']:.3f}"
+    )
+    if "cpu_matmul_gflops" in compiled:
         print(
-            f"             FLOPs with causal-half attention {causal_ratio:.3f} (overhead {time_ratio / causal_ratio:.3f})"
+            f"  by CPU time: speed-up MoD {compiled['cpu_compile_speedup_mod']:.2f}x, dense "
+            f"{compiled['cpu_compile_speedup_dense']:.2f}x; matmul {compiled['cpu_matmul_gflops']:.1f} GFLOP/s; "
+            f"MoD {compiled['cpu_mod_frac_of_matmul']:.2f}, dense {compiled['cpu_dense_frac_of_matmul']:.2f} of "
+            f"it; eager overhead {compiled['cpu_eager_overhead']:.3f}"
         )
 
-    result = {
+
+def print_ratios(fig: dict) -> None:
+    """MoD / dense: time, FLOPs, overhead, and the secondary estimates of the time ratio."""
+    time_ratio, flop_ratio, paired, cpu_ratio = (
+        fig["time_ratio"],
+        fig["flop_ratio"],
+        fig["paired_ratio"],
+        fig["cpu_ratio"],
+    )
+    print(
+        f"MoD / dense: time {time_ratio:.3f}   FLOPs {flop_ratio:.3f}   overhead (time/FLOPs) {fig['overhead']:.3f}   "
+        f"speed-up {1 / time_ratio:.2f}x"
+    )
+    print(f"             median of per-pair time ratios {paired:.3f} (overhead {paired / flop_ratio:.3f})")
+    if cpu_ratio is not None:
+        print(f"             CPU-time ratio {cpu_ratio:.3f} (overhead {cpu_ratio / flop_ratio:.3f})")
+    causal = fig["causal_ratio"]
+    print(f"             FLOPs with causal-half attention {causal:.3f} (overhead {time_ratio / causal:.3f})")
+
+
+def result_json(run: TrainRun, fig: dict, compiled: dict) -> dict:
+    """The JSON object printed last (every figure, the raw step times, the setup)."""
+    args, cfg, mod, dense, cpu_ratio = run.args, run.mod_cfg, run.mod, run.dense, fig["cpu_ratio"]
+    B, T, flop_ratio = args.batch_size, args.seq_len, fig["flop_ratio"]
+    return {
         "bench": "train_step",
-        "timed": timed,
+        "timed": fig["timed"],
         "optimizer": args.optimizer,
-        "mod_step_s": mod_s,
-        "dense_step_s": dense_s,
-        "time_ratio": time_ratio,
+        "mod_step_s": mod.median,
+        "dense_step_s": dense.median,
+        "time_ratio": fig["time_ratio"],
         "flop_ratio": flop_ratio,
-        "overhead": overhead,
-        "paired_time_ratio": paired_ratio,
-        "paired_overhead": paired_ratio / flop_ratio,
-        "flop_ratio_causal_attention": causal_ratio,
+        "overhead": fig["overhead"],
+        "paired_time_ratio": fig["paired_ratio"],
+        "paired_overhead": fig["paired_ratio"] / flop_ratio,
+        "flop_ratio_causal_attention": fig["causal_ratio"],
         "mod_step_min_s": min(mod.times),
         "dense_step_min_s": min(dense.times),
         "cpu_time_ratio": cpu_ratio,
         "cpu_overhead": cpu_ratio / flop_ratio if cpu_ratio else None,
         "mod_cpu_s": mod.cpu_median if cpu_ratio else None,
         "dense_cpu_s": dense.cpu_median if cpu_ratio else None,
-        "mod_train_flops": mod_f,
-        "dense_train_flops": dense_f,
-        "mod_tokens_per_s": B * T / mod_s,
-        "dense_tokens_per_s": B * T / dense_s,
+        "mod_train_flops": fig["mod_f"],
+        "dense_train_flops": fig["dense_f"],
+        "mod_tokens_per_s": B * T / mod.median,
+        "dense_tokens_per_s": B * T / dense.median,
         "mod_step_times_s": mod.times,
         "dense_step_times_s": dense.times,
         "preset": args.preset,
         "batch_size": B,
         "seq_len": T,
-        "d_model": mod_cfg.d_model,
-        "n_layers": mod_cfg.n_layers,
-        "n_heads": mod_cfg.n_heads,
-        "vocab_size": mod_cfg.vocab_size,
-        "capacity": mod_cfg.capacity,
-        "k": k,
-        "routed_layers": list(mod_cfg.routed_layers),
-        "causal_routing": mod_cfg.causal_routing,
+        "d_model": cfg.d_model,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "vocab_size": cfg.vocab_size,
+        "capacity": cfg.capacity,
+        "k": cfg.capacity_tokens(T),
+        "routed_layers": list(cfg.routed_layers),
+        "causal_routing": cfg.causal_routing,
         "steps": args.steps,
-        "warmup": warmup,
+        "warmup": run.warmup,
         "dtype": args.dtype,
-        "tf32": device.type == "cuda",
-        "threads": threads,
+        "tf32": run.device.type == "cuda",
+        "threads": fig["threads"],
         "compile": args.compile,
         **compiled,
-        **environment(device),
+        **environment(run.device),
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark: a table for people, then the JSON object (returned too) as the last line."""
+    args = parse_args(argv)
+    run = build_run(args, setup_device(args))
+    time_steps(run)
+    fig = step_figures(run)
+    compiled = compile_figures(
+        run.eager_mod,
+        run.eager_dense,
+        run.mod,
+        run.dense,
+        run.matmul,
+        fig["mod_f"],
+        fig["dense_f"],
+        fig["flop_ratio"],
+        cpu=run.device.type == "cpu",
+    )
+    print_header(run, fig)
+    print_table(run, fig)
+    print_compiled(compiled, run.matmul)
+    print_ratios(fig)
+    result = result_json(run, fig, compiled)
     print(json.dumps(result))
     sys.stdout.flush()
     return result

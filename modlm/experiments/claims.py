@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from modlm.experiments.curves import CurveOptimum, curve_optima, curve_points
+from modlm.experiments.curves import CurveOptimum, CurvePoint, curve_optima, curve_points
 from modlm.experiments.curves import isoflop_noise as seed_noise_of
-from modlm.experiments.isoflop import Shape, format_budget
+from modlm.experiments.isoflop import format_budget
 
 Record = dict[str, Any]
 
@@ -103,11 +103,6 @@ def format_params(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def shape_name(r: Record) -> str:
-    """The shape of a run record: 'd128L4'."""
-    return Shape(**r["shape"]).name
-
-
 def _pct(a: float, b: float) -> str:
     """Relative difference of a vs b in %."""
     return f"{100 * (a - b) / b:+.2f}%"
@@ -163,29 +158,12 @@ def build_claims(
 
 
 def expected_claim_ids(budgets: Sequence[float]) -> list[str]:
-    """The ids of every claim row ``build_claims`` produces, in order."""
-    return [f"isoflop@{format_budget(b)}" for b in budgets] + [
-        "optimal_params",
-        "forward_flops_ratio",
-        "parity_fewer_flops",
-        "capacity_12.5_best",
-        "every_other_vs_every",
-        "learned_vs_random@0.125",
-        "learned_vs_random@0.5",
-        "expert_vs_token_choice",
-        "predictor_accuracy",
-        "causal_eval_predictor",
-        "causal_eval_aux-loss",
-        "aux_loss_cost",
-        "depth_varies",
-        "depth_entropy",
-        *(f"mode_vs_moe@{f:g}" for f in MODE_FRACTIONS),
-        *(f"mode_vs_dense@{f:g}" for f in MODE_FRACTIONS),
-        "staged_vs_moe",
-        "staged_vs_integrated",
-        "mod_vs_early_exit",
-        "amod_vs_learned",
-    ]
+    """The ids of every claim row ``build_claims`` produces, in order.
+
+    Every claim has its row whether or not its runs exist (a missing run reads "not run"), so
+    the rows built from no runs at all name every claim: the builders are the one list of ids."""
+    claims, _ = build_claims([], None, budgets)
+    return [c.id for c in claims]
 
 
 def _optimum_text(o: CurveOptimum) -> str:
@@ -238,11 +216,19 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
     about as many forward FLOPs, and some MoD matches dense with fewer (paper Fig. 4). Optima are
     fits through bracketed curves (``modlm.experiments.study.curve_optima``)."""
     iso = isoflop_runs(records)
-    curves = curve_points(iso)
     optima = curve_optima(iso)
     claims = [_isoflop_row(b, optima.get((b, "dense")), optima.get((b, "mod")), noise, nz) for b in budgets]
     pairs = [(b, optima.get((b, "dense")), optima.get((b, "mod"))) for b in budgets]
     pairs = [(b, d, m) for b, d, m in pairs if d is not None and m is not None]
+    return claims + [_optimal_params_claim(pairs), _forward_flops_claim(pairs), _parity_claim(pairs, curve_points(iso))]
+
+
+# (budget, dense optimum, MoD optimum) of the budgets where both families were run
+OptimumPairs = Sequence[tuple[float, CurveOptimum, CurveOptimum]]
+
+
+def _optimal_params_claim(pairs: OptimumPairs) -> Claim:
+    """The isoFLOP-optimal MoD is bigger than the dense one, judged on bracketed optima."""
     if pairs:
         # Fitted sizes of bracketed optima (the best measured shape's otherwise), without routers
         # and predictors: the same shape is the same size in both families.
@@ -262,17 +248,19 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
         holds = NOT_BRACKETED if not judged else "yes" if all(more) else "partly" if any(more) else "no"
     else:
         ours, holds = NOT_RUN
-    claims.append(
-        Claim(
-            "optimal_params",
-            S1,
-            "The isoFLOP-optimal MoD model has more parameters than the isoFLOP-optimal dense model",
-            "yes: the MoD curve moves down and to the right (Fig. 4)",
-            ours,
-            holds,
-            WHY["params"],
-        )
+    return Claim(
+        "optimal_params",
+        S1,
+        "The isoFLOP-optimal MoD model has more parameters than the isoFLOP-optimal dense model",
+        "yes: the MoD curve moves down and to the right (Fig. 4)",
+        ours,
+        holds,
+        WHY["params"],
     )
+
+
+def _forward_flops_claim(pairs: OptimumPairs) -> Claim:
+    """The isoFLOP-optimal MoD and dense models spend about as many FLOPs per forward pass."""
     if pairs:
         ratios = [m.best.forward_flops_per_token / d.best.forward_flops_per_token for _, d, m in pairs]
         ours = "; ".join(
@@ -281,18 +269,20 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
         holds = "yes" if all(0.67 <= r <= 1.5 for r in ratios) else "no"
     else:
         ours, holds = NOT_RUN
-    claims.append(
-        Claim(
-            "forward_flops_ratio",
-            S1,
-            "The isoFLOP-optimal MoD uses about as many FLOPs per forward pass as the isoFLOP-optimal "
-            "dense model (we call 0.67x-1.5x 'about'; the best measured shapes)",
-            "rule of thumb: ~1x (§4.1, Fig. 4)",
-            ours,
-            holds,
-            WHY["fwd_ratio"],
-        )
+    return Claim(
+        "forward_flops_ratio",
+        S1,
+        "The isoFLOP-optimal MoD uses about as many FLOPs per forward pass as the isoFLOP-optimal "
+        "dense model (we call 0.67x-1.5x 'about'; the best measured shapes)",
+        "rule of thumb: ~1x (§4.1, Fig. 4)",
+        ours,
+        holds,
+        WHY["fwd_ratio"],
     )
+
+
+def _parity_claim(pairs: OptimumPairs, curves: dict[tuple[float, str], list[CurvePoint]]) -> Claim:
+    """Some MoD run matches the dense optimum's loss with fewer FLOPs per forward pass."""
     rows = []
     for b, d, _ in pairs:
         cheaper = [p for p in curves.get((b, "mod"), []) if p.loss <= d.loss]
@@ -322,18 +312,15 @@ def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: 
         )
     else:
         ours, holds = NOT_RUN
-    claims.append(
-        Claim(
-            "parity_fewer_flops",
-            S1,
-            "Some MoD model matches the isoFLOP-optimal dense loss with fewer FLOPs per forward pass (mean over seeds)",
-            "yes, up to 50% fewer (abstract, Fig. 4)",
-            ours,
-            holds,
-            WHY["parity"],
-        )
+    return Claim(
+        "parity_fewer_flops",
+        S1,
+        "Some MoD model matches the isoFLOP-optimal dense loss with fewer FLOPs per forward pass (mean over seeds)",
+        "yes, up to 50% fewer (abstract, Fig. 4)",
+        ours,
+        holds,
+        WHY["parity"],
     )
-    return claims
 
 
 def _capacity_claims(records: Sequence[Record], noise: float | None, nz: str) -> list[Claim]:
@@ -583,64 +570,74 @@ def _fwd_ratio(rec: Record, dense: Record | None) -> str:
     return f", {rec['forward_flops_per_token'] / dense['forward_flops_per_token']:.2f}x dense FLOPs/forward"
 
 
+# The paper's figures for integrated MoDE at each MLP FLOP fraction (Fig. 7 right, read off the plot).
+PAPER_FIG7 = {
+    0.5: "yes (Fig. 7, approx.): normalised loss at equal FLOPs/forward dense 1.000, MoE 0.978, MoDE 0.957; "
+    "at ~0.6 FLOPs 1.007 / 0.983 / 0.969",
+    0.25: "yes (Fig. 7, approx.): at ~0.35 FLOPs normalised loss dense 1.018, MoE 1.008, MoDE 0.995",
+}
+
+
 def _mode_claims(records: Sequence[Record], noise: float | None, nz: str) -> list[Claim]:
     """7. Integrated MoDE beats MoE with reduced capacity and dense (paper Fig. 7 right), at two
     MLP FLOP fractions; staged MoDE against plain MoE (Fig. 7 left) and against integrated MoDE."""
     dense = variant_record(records, "dense")
-    paper_fig7 = {
-        0.5: "yes (Fig. 7, approx.): normalised loss at equal FLOPs/forward dense 1.000, MoE 0.978, MoDE 0.957; "
-        "at ~0.6 FLOPs 1.007 / 0.983 / 0.969",
-        0.25: "yes (Fig. 7, approx.): at ~0.35 FLOPs normalised loss dense 1.018, MoE 1.008, MoDE 0.995",
-    }
-    claims: list[Claim] = []
-    for f in MODE_FRACTIONS:
-        moe, mode = variant_record(records, f"moe-c{f:g}"), variant_record(records, f"mode-c{f:g}")
-        noop = _final_router_stat(mode, "noop_frac") if mode is not None else {}
-        claim = (
-            f"Integrated MoDE (no-op experts) beats MoE with reduced expert capacity (token dropping) at equal "
-            f"training FLOPs and MLP FLOP fraction {f:g}"
-        )
-        if moe is not None and mode is not None:
-            ours = (
-                f"normalised to same-shape dense: MoE {_normalised(moe, dense)}{_fwd_ratio(moe, dense)}; "
-                f"MoDE {_normalised(mode, dense)}{_fwd_ratio(mode, dense)}"
-                + (f"; no-op share at the end {_mean(noop.values()):.3f}" if noop else "")
-                + f"; {nz}"
-            )
-            holds = verdict(moe["val_loss"] - mode["val_loss"], noise)
-            claims.append(Claim(f"mode_vs_moe@{f:g}", S7, claim, paper_fig7[f], ours, holds, WHY["mode_moe"]))
-        else:
-            claims.append(Claim(f"mode_vs_moe@{f:g}", S7, claim, paper_fig7[f], *NOT_RUN))
-    for f in MODE_FRACTIONS:
-        mode = variant_record(records, f"mode-c{f:g}")
-        claim = (
-            f"Integrated MoDE at MLP FLOP fraction {f:g} beats the same-shape dense model at equal training FLOPs "
-            "(dense spends more FLOPs per forward pass)"
-        )
-        if mode is not None and dense is not None:
-            ours = _versus("dense", dense, "MoDE", mode) + f"{_fwd_ratio(mode, dense)}; {nz}"
-            holds = verdict(dense["val_loss"] - mode["val_loss"], noise)
-            claims.append(Claim(f"mode_vs_dense@{f:g}", S7, claim, paper_fig7[f], ours, holds, WHY["mode_dense"]))
-        else:
-            claims.append(Claim(f"mode_vs_dense@{f:g}", S7, claim, paper_fig7[f], *NOT_RUN))
+    return (
+        [_mode_vs_moe_claim(records, f, dense, noise, nz) for f in MODE_FRACTIONS]
+        + [_mode_vs_dense_claim(records, f, dense, noise, nz) for f in MODE_FRACTIONS]
+        + _staged_claims(records, dense, noise, nz)
+    )
+
+
+def _mode_vs_moe_claim(
+    records: Sequence[Record], f: float, dense: Record | None, noise: float | None, nz: str
+) -> Claim:
+    """Integrated MoDE against MoE with token dropping, both at MLP FLOP fraction ``f``."""
+    moe, mode = variant_record(records, f"moe-c{f:g}"), variant_record(records, f"mode-c{f:g}")
+    claim = (
+        f"Integrated MoDE (no-op experts) beats MoE with reduced expert capacity (token dropping) at equal "
+        f"training FLOPs and MLP FLOP fraction {f:g}"
+    )
+    if moe is None or mode is None:
+        return Claim(f"mode_vs_moe@{f:g}", S7, claim, PAPER_FIG7[f], *NOT_RUN)
+    noop = _final_router_stat(mode, "noop_frac")
+    ours = (
+        f"normalised to same-shape dense: MoE {_normalised(moe, dense)}{_fwd_ratio(moe, dense)}; "
+        f"MoDE {_normalised(mode, dense)}{_fwd_ratio(mode, dense)}"
+        + (f"; no-op share at the end {_mean(noop.values()):.3f}" if noop else "")
+        + f"; {nz}"
+    )
+    holds = verdict(moe["val_loss"] - mode["val_loss"], noise)
+    return Claim(f"mode_vs_moe@{f:g}", S7, claim, PAPER_FIG7[f], ours, holds, WHY["mode_moe"])
+
+
+def _mode_vs_dense_claim(
+    records: Sequence[Record], f: float, dense: Record | None, noise: float | None, nz: str
+) -> Claim:
+    """Integrated MoDE at MLP FLOP fraction ``f`` against the same-shape dense model."""
+    mode = variant_record(records, f"mode-c{f:g}")
+    claim = (
+        f"Integrated MoDE at MLP FLOP fraction {f:g} beats the same-shape dense model at equal training FLOPs "
+        "(dense spends more FLOPs per forward pass)"
+    )
+    if mode is None or dense is None:
+        return Claim(f"mode_vs_dense@{f:g}", S7, claim, PAPER_FIG7[f], *NOT_RUN)
+    ours = _versus("dense", dense, "MoDE", mode) + f"{_fwd_ratio(mode, dense)}; {nz}"
+    holds = verdict(dense["val_loss"] - mode["val_loss"], noise)
+    return Claim(f"mode_vs_dense@{f:g}", S7, claim, PAPER_FIG7[f], ours, holds, WHY["mode_dense"])
+
+
+def _staged_claims(records: Sequence[Record], dense: Record | None, noise: float | None, nz: str) -> list[Claim]:
+    """Staged MoDE against the plain MoE of its shape, and against integrated MoDE at fraction 0.5."""
     staged, moe = variant_record(records, "mode-staged"), variant_record(records, "moe")
     claim = "Staged MoDE (MoD 12.5% around MoE blocks) beats the plain MoE of the same shape at equal training FLOPs"
     paper = "yes: MoDE's isoFLOP curve lies below MoE's (Fig. 7 left, approx.)"
     if staged is not None and moe is not None:
         ours = _versus("MoE", moe, "staged MoDE", staged) + f"{_fwd_ratio(staged, dense)}; {nz}"
-        claims.append(
-            Claim(
-                "staged_vs_moe",
-                S7,
-                claim,
-                paper,
-                ours,
-                verdict(moe["val_loss"] - staged["val_loss"], noise),
-                WHY["staged"],
-            )
-        )
+        holds = verdict(moe["val_loss"] - staged["val_loss"], noise)
+        claims = [Claim("staged_vs_moe", S7, claim, paper, ours, holds, WHY["staged"])]
     else:
-        claims.append(Claim("staged_vs_moe", S7, claim, paper, *NOT_RUN))
+        claims = [Claim("staged_vs_moe", S7, claim, paper, *NOT_RUN)]
     integ = variant_record(records, "mode-c0.5")
     claim = (
         "Staged MoDE (tokens may skip attention too) beats integrated MoDE (attention always runs; MLP FLOP "
@@ -652,17 +649,8 @@ def _mode_claims(records: Sequence[Record], noise: float | None, nz: str) -> lis
             f"staged {_normalised(staged, dense)}{_fwd_ratio(staged, dense)}; "
             f"integrated {_normalised(integ, dense)}{_fwd_ratio(integ, dense)}; {nz}"
         )
-        claims.append(
-            Claim(
-                "staged_vs_integrated",
-                S7,
-                claim,
-                paper,
-                ours,
-                verdict(integ["val_loss"] - staged["val_loss"], noise),
-                WHY["staged_integrated"],
-            )
-        )
+        holds = verdict(integ["val_loss"] - staged["val_loss"], noise)
+        claims.append(Claim("staged_vs_integrated", S7, claim, paper, ours, holds, WHY["staged_integrated"]))
     else:
         claims.append(Claim("staged_vs_integrated", S7, claim, paper, *NOT_RUN))
     return claims

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -204,15 +205,52 @@ def _run_parallel(
     """Up to ``jobs`` worker processes, one per run (``python -c``, so no ``__main__`` guard is
     needed anywhere). Ctrl-C reaches the workers too (same process group): each stops at a step
     boundary with a checkpoint; we wait for them, record nothing unfinished, and return False."""
-    import subprocess
+    workers = _Workers(todo, results, settings, threads, bar, settle)
 
-    queue = list(todo)
-    active: dict[str, tuple[subprocess.Popen, PlannedRun, Any]] = {}
-    complete = True
+    def on_term(signum, frame):  # SIGTERM stops the sweep as Ctrl-C does (train() treats both alike)
+        raise KeyboardInterrupt
 
-    def start_next() -> None:
-        run = queue.pop(0)
-        run_dir = results / RUNS_DIR / run.run_id
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    try:
+        while workers.queue or workers.active:
+            while workers.queue and workers.complete and len(workers.active) < jobs:
+                workers.start_next()
+            workers.reap(block=False)
+            if not workers.complete:
+                workers.queue.clear()  # a run failed or was stopped: let the running ones finish, start nothing new
+            if workers.active:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        workers.interrupt()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return workers.complete
+
+
+class _Workers:
+    """The worker processes of a parallel sweep: started one per run from ``queue``, reaped as
+    they end (a run is settled from its summary.json); ``complete`` turns False at the first run
+    that failed or stopped early."""
+
+    def __init__(
+        self,
+        todo: Sequence[PlannedRun],
+        results: Path,
+        settings: SweepSettings,
+        threads: int,
+        bar: _Progress,
+        settle: Settle,
+    ):
+        self.queue = list(todo)
+        self.active: dict[str, tuple[subprocess.Popen, PlannedRun, Any]] = {}  # run id -> (process, run, log)
+        self.complete = True
+        self.results, self.settings, self.threads, self.bar, self.settle = results, settings, threads, bar, settle
+
+    def start_next(self) -> None:
+        """Start the next queued run in a worker process (its job file says what to train)."""
+        run = self.queue.pop(0)
+        run_dir = self.results / RUNS_DIR / run.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
         job = run_dir / JOB_FILE
@@ -220,9 +258,9 @@ def _run_parallel(
             json.dumps(
                 {
                     "run": run.as_dict(),
-                    "settings": dataclasses.asdict(settings),
+                    "settings": dataclasses.asdict(self.settings),
                     "run_dir": str(run_dir),
-                    "threads": threads,
+                    "threads": self.threads,
                 }
             )
         )
@@ -234,55 +272,40 @@ def _run_parallel(
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
-        active[run.run_id] = (proc, run, log)
-        bar.watch(run, run_dir)
+        self.active[run.run_id] = (proc, run, log)
+        self.bar.watch(run, run_dir)
 
-    def reap(block: bool) -> None:
-        nonlocal complete
-        for rid, (proc, run, log) in list(active.items()):
+    def reap(self, block: bool) -> None:
+        """Settle every worker that has ended (with ``block``, wait for each first)."""
+        for rid, (proc, run, log) in list(self.active.items()):
             if block:
                 proc.wait()
             if proc.poll() is None:
                 continue
-            del active[rid]
+            del self.active[rid]
             log.close()
-            path = results / RUNS_DIR / rid / SUMMARY_FILE
+            path = self.results / RUNS_DIR / rid / SUMMARY_FILE
             if proc.returncode != 0 or not path.exists():
-                bar.finish_run(run, finished=False)
-                complete = False
-                tail = (results / RUNS_DIR / rid / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
-                bar.write(f"isoflop: {rid} failed (exit code {proc.returncode}): {' | '.join(tail)}")
+                self.bar.finish_run(run, finished=False)
+                self.complete = False
+                log_path = self.results / RUNS_DIR / rid / "worker.log"
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                self.bar.write(f"isoflop: {rid} failed (exit code {proc.returncode}): {' | '.join(tail)}")
                 continue
-            if not settle(run, json.loads(path.read_text())):
-                complete = False
+            if not self.settle(run, json.loads(path.read_text())):
+                self.complete = False
 
-    def on_term(signum, frame):  # SIGTERM stops the sweep as Ctrl-C does (train() treats both alike)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
-    try:
-        while queue or active:
-            while queue and complete and len(active) < jobs:
-                start_next()
-            reap(block=False)
-            if not complete:
-                queue.clear()  # a run failed or was stopped: let the running ones finish, start nothing new
-            if active:
-                time.sleep(0.2)
-    except KeyboardInterrupt:
-        complete = False
-        queue.clear()
-        bar.write(f"isoflop: interrupted; waiting for {len(active)} running run(s) to checkpoint")
-        for proc, _, _ in active.values():
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM: start nothing more, stop the running workers, wait for their checkpoints."""
+        self.complete = False
+        self.queue.clear()
+        self.bar.write(f"isoflop: interrupted; waiting for {len(self.active)} running run(s) to checkpoint")
+        for proc, _, _ in self.active.values():
             if proc.poll() is None:
                 # SIGTERM, not a second SIGINT: train() stops at a step boundary either way, but a second
                 # SIGINT (if the terminal's reached the worker too) would interrupt it mid-checkpoint.
                 proc.send_signal(signal.SIGTERM)
-        reap(block=True)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return complete
+        self.reap(block=True)
 
 
 class _Progress:

@@ -7,6 +7,7 @@ not depend on timing are right (routed fractions, ideal speed-ups, parts adding 
 
 import importlib
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,19 @@ def _restore_threads():
     torch.set_num_threads(n)
 
 
+def _table(lines, header_start):
+    """The rows (split on whitespace) of the table whose header line starts with ``header_start``,
+    up to the first blank line (the dashed line under the header skipped)."""
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(header_start)) + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        if not set(line.strip()) <= {"-"}:
+            rows.append(line.split())
+    return rows
+
+
 def test_bench_decode_runs_and_reports(capsys):
     bench = _load("bench_decode")
     res = bench.main(
@@ -50,7 +64,7 @@ def test_bench_decode_runs_and_reports(capsys):
             "--new-tokens",
             "8",
             "--repeats",
-            "1",
+            "2",
             "--warmup",
             "0",
             "--calib-rows",
@@ -58,9 +72,39 @@ def test_bench_decode_runs_and_reports(capsys):
             "--no-sync-probe",
         ]
     )
-    assert _last_json(capsys) == json.loads(json.dumps(res))
-    assert res["speedup_b1"] > 0 and set(res["speedup"]) == {"1", "3"}
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(json.dumps(res))
+    # Each speed-up is the median of per-run ratios of the measured tokens/s, run by run.
+    assert set(res["speedup"]) == {"1", "3"} and res["speedup_b1"] == res["speedup"]["1"]
+    assert res["speedup_b16"] is None  # batch 16 was not run
+    for B in ("1", "3"):
+        runs = res["runs_tokens_per_s"][B]
+        assert len(runs["mod"]) == len(runs["dense"]) == 2  # --repeats, no warm-up run recorded
+        assert res["speedup_runs"][B] == [m / d for m, d in zip(runs["mod"], runs["dense"])]
+        assert res["speedup"][B] == statistics.median(res["speedup_runs"][B])
+        assert res["tokens_per_s"][B] == {name: statistics.median(runs[name]) for name in ("mod", "dense")}
+    # The routing table: the calibration sample (8 rows x 24 tokens) routes exactly the target,
+    # 24 of 192 tokens per layer; the held-out column is the JSON's routed fraction per layer.
+    routing = _table(lines, "layer")
+    assert [int(r[0]) for r in routing] == res["routed_layers"] == [1, 3]
+    for layer, _, calib, held in routing:
+        assert float(calib) == 0.125
+        assert held == f"{res['routed_fraction_per_layer'][layer]:.3f}"
+    per_layer = res["routed_fraction_per_layer"].values()
+    assert res["routed_fraction"] == pytest.approx(sum(per_layer) / len(per_layer))
     assert abs(res["routed_fraction"] - 0.125) < 0.1  # calibrated on one sample, measured on another
+    # The speed-up table says what the JSON says.
+    for row, B in zip(_table(lines, "batch"), ("1", "3"), strict=True):
+        tps = res["tokens_per_s"][B]
+        assert row == [
+            B,
+            f"{tps['mod']:.1f}",
+            f"{tps['dense']:.1f}",
+            f"{res['speedup'][B]:.2f}x",
+            f"{res['routed_fraction_decode'][B]:.3f}",
+            f"{res['ideal_speedup_flops'][B]:.2f}x",
+            f"{res['ideal_speedup_bytes'][B]:.2f}x",
+        ]
     # The ideal speed-ups depend only on shapes and routed fractions: MoD saves, but less than
     # skipping every routed block would.
     cfg_layers = 4
@@ -97,6 +141,7 @@ def test_profile_decode_parts_add_up(capsys):
     assert routed_calls == 2
     for m in ("mod", "dense"):
         assert 0 < res["rest_ms"][m] < res["step_ms"][m]
+    assert res["speedup"] == res["step_ms"]["dense"] / res["step_ms"]["mod"]
     all_rows = parts.get("mod/routed: all rows", {}).get("calls_per_step", 0.0)
     some = parts.get("mod/routed: some rows", {}).get("calls_per_step", 0.0)
     # batch 2: an "all rows" call runs 2 rows, a "some rows" call 1; 2 routed blocks x 2 rows per step
@@ -104,13 +149,35 @@ def test_profile_decode_parts_add_up(capsys):
 
 
 def test_bench_train_runs_and_reports(capsys):
+    from modlm.config import ModelConfig
+    from modlm.flops import format_flops, train_flops
+
     bench = _load("bench_train")
     res = bench.main(
-        ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--steps", "1", "--warmup", "0", "--threads", "1"]
+        ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--steps", "2", "--warmup", "0", "--threads", "1"]
     )
-    out = _last_json(capsys)
-    assert out["flop_ratio"] == pytest.approx(res["flop_ratio"])
-    assert 0 < res["flop_ratio"] < 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(json.dumps(res))
+    # FLOPs are counted, not measured: the MoD model's and its dense twin's at B=2, T=32.
+    cfg = ModelConfig.from_name("tiny")
+    assert res["mod_train_flops"] == train_flops(cfg, 32, 2)
+    assert res["dense_train_flops"] == train_flops(cfg.dense_twin(), 32, 2)
+    assert res["flop_ratio"] == res["mod_train_flops"] / res["dense_train_flops"] and 0 < res["flop_ratio"] < 1
+    # The ratios are those of the measured step times.
+    for name in ("mod", "dense"):
+        assert len(res[f"{name}_step_times_s"]) == 2
+        assert res[f"{name}_step_s"] == statistics.median(res[f"{name}_step_times_s"])
+        assert res[f"{name}_tokens_per_s"] == 2 * 32 / res[f"{name}_step_s"]
+    assert res["time_ratio"] == res["mod_step_s"] / res["dense_step_s"]
+    assert res["overhead"] == res["time_ratio"] / res["flop_ratio"]
+    pairs = [m / d for m, d in zip(res["mod_step_times_s"], res["dense_step_times_s"])]
+    assert res["paired_time_ratio"] == statistics.median(pairs)
+    assert res["cpu_overhead"] == res["cpu_time_ratio"] / res["flop_ratio"]
+    # The table's FLOPs columns say what the JSON says.
+    table = {row[0]: row for row in _table(lines, "model")}
+    assert set(table) == {"MoD", "dense"}
+    assert " ".join(table["MoD"][-4:-2]) == format_flops(res["mod_train_flops"])
+    assert " ".join(table["dense"][-4:-2]) == format_flops(res["dense_train_flops"])
 
 
 def test_bench_kernels_runs_and_reports(capsys):

@@ -12,6 +12,39 @@ def test_verdicts_need_two_sigma():
     assert verdict(0.005, None) == "yes"
 
 
+def test_claim_ids_are_stable_and_every_claim_has_a_row_without_runs():
+    """claims.json's ids are keys other tools read: a row per claim, in this order, run or not."""
+    claims, _ = build_claims([], None, [1e12, 1e14])
+    assert [c.id for c in claims] == expected_claim_ids([1e12, 1e14])
+    assert all((c.ours, c.holds) == ("not run", "n/a") for c in claims)
+    assert expected_claim_ids([1e12, 1e14]) == [
+        "isoflop@1e12",
+        "isoflop@1e14",
+        "optimal_params",
+        "forward_flops_ratio",
+        "parity_fewer_flops",
+        "capacity_12.5_best",
+        "every_other_vs_every",
+        "learned_vs_random@0.125",
+        "learned_vs_random@0.5",
+        "expert_vs_token_choice",
+        "predictor_accuracy",
+        "causal_eval_predictor",
+        "causal_eval_aux-loss",
+        "aux_loss_cost",
+        "depth_varies",
+        "depth_entropy",
+        "mode_vs_moe@0.5",
+        "mode_vs_moe@0.25",
+        "mode_vs_dense@0.5",
+        "mode_vs_dense@0.25",
+        "staged_vs_moe",
+        "staged_vs_integrated",
+        "mod_vs_early_exit",
+        "amod_vs_learned",
+    ]
+
+
 def _rec(budget, family, d_model, params, loss, seed=0, tags=("isoflop",)):
     return {
         "run_id": f"{budget}-{family}-{params}-s{seed}",
