@@ -283,9 +283,6 @@ class ModelConfig:
         """Indices of the blocks that route (empty for a dense model)."""
         return tuple(i for i, t in enumerate(self.layer_types) if block_spec(t).routed)
 
-    def is_routed(self, layer_idx: int) -> bool:
-        return layer_idx in self.routed_layers
-
     @property
     def uses_predictor(self) -> bool:
         """Routed blocks carry a causal predictor MLP (the router's registry spec decides)."""

@@ -8,7 +8,7 @@ function of the results alone.
 Noise: differences are judged against the seed noise sigma, the pooled standard deviation of
 the final validation loss over the isoFLOP runs repeated with several seeds (same shape, budget,
 family and learning rate; each seed changes the init and the data order, not the validation
-set): ``modlm.experiments.study.isoflop_noise``. A claim "holds" when our difference has the
+set): ``modlm.experiments.curves.isoflop_noise``. A claim "holds" when our difference has the
 paper's sign and exceeds ``VERDICT_SIGMAS`` (2) sigma, fails when it has the opposite sign
 beyond that, and is "within noise" otherwise. An isoFLOP comparison is judged only between
 optima that are bracketed (the best shape has a measured smaller and larger neighbour, and the
@@ -214,7 +214,7 @@ def _isoflop_row(b: float, d: CurveOptimum | None, m: CurveOptimum | None, noise
 def _isoflop_claims(records: Sequence[Record], budgets: Sequence[float], noise: float | None, nz: str) -> list[Claim]:
     """1. The best MoD beats the isoFLOP-optimal dense model at every budget, with more parameters,
     about as many forward FLOPs, and some MoD matches dense with fewer (paper Fig. 4). Optima are
-    fits through bracketed curves (``modlm.experiments.study.curve_optima``)."""
+    fits through bracketed curves (``modlm.experiments.curves.curve_optima``)."""
     iso = isoflop_runs(records)
     optima = curve_optima(iso)
     claims = [_isoflop_row(b, optima.get((b, "dense")), optima.get((b, "mod")), noise, nz) for b in budgets]
