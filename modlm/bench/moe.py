@@ -34,17 +34,16 @@ import torch
 from modlm.bench import add_common_args, bench_parser, environment, parse_bench_args
 from modlm.bench.train import DTYPES, Stepper, fmt_time
 from modlm.config import ModelConfig
-from modlm.devices import parse_device, set_threads
+from modlm.devices import THREADS_DEFAULT, parse_device, set_threads
 from modlm.flops import flops, format_flops, train_flops
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = bench_parser(__doc__)
-    # --threads 0 (torch's default, one thread per core) is this benchmark's default, as it always was.
     add_common_args(
         p,
         preset_help="the shape (a ModelConfig preset; its routing is ignored)",
-        threads=0,
+        threads=THREADS_DEFAULT,
         warmup=1,
         seed_help="seed for weights and the batch",
     )

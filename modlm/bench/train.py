@@ -49,7 +49,7 @@ import torch
 
 from modlm.bench import add_common_args, bench_parser, environment, parse_bench_args
 from modlm.config import ModelConfig
-from modlm.devices import parse_device, set_threads
+from modlm.devices import THREADS_DEFAULT, parse_device, set_threads
 from modlm.flops import flops, format_flops, train_flops
 from modlm.model.transformer import MoDTransformer
 
@@ -58,8 +58,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = bench_parser(__doc__)
-    # --threads 0 (torch's default, one thread per core) is this benchmark's default, as it always was.
-    add_common_args(p, threads=0, warmup=3, seed_help="seed for weights and the batch")
+    add_common_args(p, threads=THREADS_DEFAULT, warmup=3, seed_help="seed for weights and the batch")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (raises max_seq_len if needed)")
     p.add_argument("--capacity", type=float, default=None, help="override the preset's routed capacity")

@@ -397,7 +397,7 @@ class Trainer:
         )
 
     def _print_banner(self, dense_flops: int) -> None:
-        """The run's banner (``modlm.training.banner``)."""
+        """The run's banner (``modlm.training.progress.banner``)."""
         corpus = self.corpus
         banner(
             self.console,
