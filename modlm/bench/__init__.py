@@ -63,16 +63,16 @@ def bench_parser(doc: str):
 def add_common_args(
     parser,
     *,
-    preset_help: str = "ModelConfig preset (see modlm.config.PRESETS)",
+    preset_help: str | None = "ModelConfig preset (see modlm.config.PRESETS)",
     device: bool = True,
     threads: int | None = None,
     warmup: int | None = None,
     warmup_help: str = "untimed steps per model first",
     kernels: bool = False,
-    seed_help: str = "seed of the weights and the data",
+    seed_help: str | None = "seed of the weights and the data",
 ) -> None:
-    """Add the flags the benchmarks share: ``--preset`` (default "base"), ``--seed`` (0), and
-    where asked ``--device`` (cpu), ``--threads`` (``modlm.devices.add_threads_arg`` with default
+    """Add the flags the benchmarks share: ``--preset`` (default "base"), ``--seed`` (0) unless
+    their help is None (a benchmark of a given pretrained model has neither), and where asked ``--device`` (cpu), ``--threads`` (``modlm.devices.add_threads_arg`` with default
     ``threads``; 0 is torch's default), ``--warmup`` (default ``warmup``) and ``--kernels``
     (native | torch few-row products). ``parse_bench_args`` checks their minimums.
 
@@ -82,7 +82,8 @@ def add_common_args(
     # BENCHMARKS from this package) stays torch-free.
     from modlm.devices import DEVICE_HELP, add_threads_arg
 
-    parser.add_argument("--preset", default="base", help=preset_help)
+    if preset_help is not None:
+        parser.add_argument("--preset", default="base", help=preset_help)
     if device:
         parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     if threads is not None:
@@ -97,7 +98,8 @@ def add_common_args(
             help="few-row linear products: modlm.kernels.fewrow's native CPU kernel where it applies (both "
             "models alike), or torch's F.linear everywhere",
         )
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    if seed_help is not None:
+        parser.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
 def parse_bench_args(parser, argv, minimums: dict[str, float]):

@@ -21,14 +21,13 @@ ppl_routed, and the ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from modlm.bench import check_minimums, environment
-from modlm.errors import ArgumentParser
+from modlm.bench import add_common_args, bench_parser, environment, parse_bench_args
+from modlm.devices import THREADS_DEFAULT, set_threads
 from modlm.inference.evaluation import decode_compute_fraction, evaluate_lm, window_batches
 from modlm.inference.generate import generate
 from modlm.inference.timing import modlm_decoder, side_by_side
@@ -36,34 +35,21 @@ from modlm.interop.pretrained import hf_decoder, load_hf, parity_max_abs_diff, s
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser(__doc__)
+    add_common_args(p, preset_help=None, seed_help=None, device=False, threads=THREADS_DEFAULT, warmup=1)
     p.add_argument("--source", default=None, help="the original: a Llama model directory or .gguf (default: SmolLM2)")
     p.add_argument("--dense", default=None, help="its converted checkpoint (default: convert --source into --work-dir)")
     p.add_argument("--routed", default=None, help="an adapted checkpoint (default: modlm adapt into --work-dir)")
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "modlm" / "adapt"), help="for made checkpoints")
     p.add_argument("--capacity", type=float, default=0.25, help="capacity of an adapted model made here")
     p.add_argument("--adapt-steps", type=int, default=60, help="tuning steps of an adapted model made here")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of the timed decodes")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens each timed decode generates")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs all three decoders)")
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for the perplexities")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (the machine is shared: 1)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (smoke test; no figures)")
-    args = p.parse_args(argv)
-    check_minimums(
-        p,
-        [
-            ("--prompt-len", args.prompt_len, 1),
-            ("--new-tokens", args.new_tokens, 1),
-            ("--rounds", args.rounds, 1),
-            ("--warmup", args.warmup, 0),
-            ("--eval-tokens", args.eval_tokens, 2),
-            ("--threads", args.threads, 1),
-            ("--adapt-steps", args.adapt_steps, 0),
-        ],
-    )
-    return args
+    minimums = {"--prompt-len": 1, "--new-tokens": 1, "--rounds": 1, "--eval-tokens": 2, "--adapt-steps": 0}
+    return parse_bench_args(p, argv, minimums)
 
 
 def _tiny_models(args):
@@ -125,7 +111,7 @@ def _pretrained_models(args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     hf, dense, routed, text = _tiny_models(args) if args.tiny else _pretrained_models(args)
     n_parity = min(64, len(text))
     parity = parity_max_abs_diff(hf, dense, text[None, :n_parity])
