@@ -275,8 +275,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_adapt(args: argparse.Namespace) -> int:
     """Adapt a dense checkpoint (modlm convert output) to run with less compute, and write it with
     its tokenizer to OUT. --method tune-routers (the default): routers on --layers at
-    --capacity, the base frozen, only the routing parameters trained on a text sample (--loss kl:
-    distillation from the original's next-token distribution), then the causal thresholds
+    --capacity, the base frozen, only the routing parameters trained on a text sample (--loss lm,
+    or kl: distillation from the original's next-token distribution), then the causal thresholds
     calibrated for decoding; --router tuned trains a zero-initialised score, --router attention
     (A-MoD) routes by the attention received in the previous layer and trains only its decode
     predictor. --method remove-layers: drop the blocks of lowest block influence (ShortGPT),
@@ -286,7 +286,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     validation split, never seen in adaptation) and the block compute kept; the checkpoint's
     config.json records them. Router tuning stops, writing nothing, when its training loss runs
     far above the original's (--max-loss-rise). Defaults: tune-routers, router tuned, capacity
-    0.5, the later half of the layers but the last, loss kl, 200 steps of 1 x 256 tokens at lr
+    0.5, the later half of the layers but the last, loss lm, 200 steps of 1 x 256 tokens at lr
     2e-3, the thresholds calibrated on 1024 tokens, 2048 held-out tokens, 1 thread."""
     from modlm.adapt.config import AdaptConfig, parse_layers
     from modlm.adapt.tune import adapt_checkpoint

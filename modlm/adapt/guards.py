@@ -38,8 +38,10 @@ class CollapseGuard:
     """Stops router tuning whose LM loss runs away from the original's.
 
     Rule: from step ``GUARD_WINDOW`` on, with a and o the means over the last ``GUARD_WINDOW``
-    steps of the adapted model's LM loss and of the original's on the same batches, stop when
-    a > ln(vocab_size), or a > o + max(max_loss_rise, 0.25 · o). ``max_loss_rise`` 0: never stop.
+    steps of the adapted model's LM loss and of the original's on the same batches, stop when a
+    is not finite or a > ``limit(o)`` = max(o + max_loss_rise, min(o + max(max_loss_rise, 0.25 · o),
+    ln(vocab_size))): a rise of max(max_loss_rise nats, 25%), and never worse than uniform
+    guessing unless the original itself is within max_loss_rise of it. ``max_loss_rise`` 0: never stop.
     ``advice``: what to change, ending the message.
     """
 
@@ -64,18 +66,22 @@ class CollapseGuard:
         if len(self.adapted) < GUARD_WINDOW:
             return
         a, o = sum(self.adapted) / GUARD_WINDOW, sum(self.original) / GUARD_WINDOW
-        limit = o + max(self.max_loss_rise, GUARD_RELATIVE * o)
-        if a > self.limit_uniform or a > limit or not math.isfinite(a):
-            why = (
-                f"above ln(vocab)={self.limit_uniform:.2f}, worse than uniform guessing"
-                if a > self.limit_uniform
-                else f"above the limit {limit:.2f} = original + max({self.max_loss_rise:g}, {GUARD_RELATIVE:.0%})"
-            )
+        limit = self.limit(o)
+        if a > limit or not math.isfinite(a):
             raise AdaptationCollapsed(
                 f"router tuning collapsed at step {step}: training LM loss {a:.2f} (mean of the last "
-                f"{GUARD_WINDOW} steps) against the original's {o:.2f} on the same batches, {why}; "
+                f"{GUARD_WINDOW} steps) against the original's {o:.2f} on the same batches, above the limit "
+                f"{limit:.2f} (original + max({self.max_loss_rise:g}, {GUARD_RELATIVE:.0%}), at most "
+                f"ln(vocab)={self.limit_uniform:.2f} unless that is within {self.max_loss_rise:g} of the original); "
                 f"nothing was written. {self.advice}"
             )
+
+    def limit(self, original: float) -> float:
+        """The highest training loss allowed against the original's ``original``: original +
+        max(max_loss_rise, 25%), capped at ln(vocab) (worse than uniform guessing), but never
+        below original + max_loss_rise (a model near uniform itself may come close to ln(vocab))."""
+        relative = original + max(self.max_loss_rise, GUARD_RELATIVE * original)
+        return max(original + self.max_loss_rise, min(relative, self.limit_uniform))
 
 
 def heldout_windows(val: np.ndarray | torch.Tensor, seq_len: int, eval_tokens: int) -> torch.Tensor:

@@ -244,7 +244,7 @@ def _remove_layers(dense: MoDTransformer, train: np.ndarray, n_drop: int, cfg: A
     settings (the layers removed, the influence) and no extra state."""
     gen = torch.Generator().manual_seed(cfg.seed)
     n_rows = max(1, math.ceil(cfg.calib_tokens / cfg.seq_len))
-    calib_BT, _ = _calibration_batch(train, n_rows, cfg, gen, next(dense.parameters()).device)
+    calib_BT, _ = _calibration_batch(train, n_rows, min(cfg.seq_len, dense.config.max_seq_len), gen, dense)
     model, drop, influence = remove_least_influential(dense, calib_BT, n_drop)
     log(
         f"# adapt by layer removal: {dense.config.n_layers} -> {model.config.n_layers} layers, removed {list(drop)} "
@@ -253,9 +253,10 @@ def _remove_layers(dense: MoDTransformer, train: np.ndarray, n_drop: int, cfg: A
     return model, {"removed": list(drop), "block_influence": influence}, {}
 
 
-def _calibration_batch(tokens: np.ndarray, n_rows: int, cfg: AdaptConfig, gen: torch.Generator, device):
-    """``n_rows`` seeded windows of ``seq_len`` tokens (fewer tokens each if the sample is short)."""
-    T = min(cfg.seq_len, len(tokens) - 1)
+def _calibration_batch(tokens: np.ndarray, n_rows: int, seq_len: int, gen: torch.Generator, model: MoDTransformer):
+    """``n_rows`` seeded windows of ``seq_len`` tokens (fewer if the sample is short), on ``model``'s device."""
+    device = next(model.parameters()).device
+    T = min(seq_len, len(tokens) - 1)
     if T < 1:
         raise ValueError(f"the text sample has {len(tokens)} tokens, too few to rank the layers on")
     return get_batch(tokens, n_rows, T, gen, device)
