@@ -335,7 +335,12 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"remove-layers: fraction of the blocks to keep, rounded (default: {DEFAULT_KEEP} unless --drop)",
     )
-    p.add_argument("--drop", type=int, default=None, help="remove-layers: number of blocks to drop, instead of --keep")
+    p.add_argument(
+        "--drop",
+        type=int,
+        default=None,
+        help="remove-layers: number of blocks to drop, instead of --keep (default: none, --keep decides)",
+    )
     p.add_argument(
         "--router",
         choices=ADAPT_ROUTERS,
