@@ -273,18 +273,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    """Adapt a dense checkpoint (modlm convert output) to Mixture-of-Depths: routers on --layers at
-    --capacity, the base frozen, only the routing parameters trained on a text sample, then the
-    causal thresholds calibrated for decoding. --router tuned trains a zero-initialised score
-    through the LM loss; --router attention (A-MoD) routes by the attention received in the
-    previous layer and trains only its decode predictor. Defaults: router tuned, capacity 0.5,
-    the later half of the layers but the last, 200 steps of 1 x 256 tokens at lr 2e-3, the
-    thresholds calibrated on 1024 tokens, 1 thread (SmolLM2-135M: 2-5 s a step on a CPU)."""
+    """Adapt a dense checkpoint (modlm convert output) to run with less compute, and write it with
+    its tokenizer to OUT. --method tune-routers (the default): routers on --layers at
+    --capacity, the base frozen, only the routing parameters trained on a text sample (--loss lm,
+    or kl: distillation from the original's next-token distribution), then the causal thresholds
+    calibrated for decoding; --router tuned trains a zero-initialised score, --router attention
+    (A-MoD) routes by the attention received in the previous layer and trains only its decode
+    predictor. --method remove-layers: drop the blocks of lowest block influence (ShortGPT),
+    never the first or the last, keeping --keep of them (default 0.8) or dropping --drop; the
+    baseline any routed model has to beat. Every method ends by printing the held-out perplexity
+    of the adapted and the original model as they decode (causal routing, on the data's
+    validation split, never seen in adaptation) and the block compute kept; the checkpoint's
+    config.json records them. Router tuning stops, writing nothing, when its training loss runs
+    far above the original's (--max-loss-rise). Defaults: tune-routers, router tuned, capacity
+    0.5, the later half of the layers but the last, loss lm, 200 steps of 1 x 256 tokens at lr
+    2e-3, the thresholds calibrated on 1024 tokens, 2048 held-out tokens, 1 thread."""
     from modlm.adapt.config import AdaptConfig, parse_layers
     from modlm.adapt.tune import adapt_checkpoint
+    from modlm.training.checkpoint import read_checkpoint_config
 
     set_threads(args.threads)
     cfg = AdaptConfig(
+        method=args.method,
+        loss=args.loss,
+        keep=args.keep,
+        drop=args.drop,
+        eval_tokens=args.eval_tokens,
+        max_loss_rise=args.max_loss_rise,
         router=args.router,
         capacity=args.capacity,
         layers=None if args.layers is None else parse_layers(args.layers),
@@ -297,27 +312,58 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip,
     )
     out = adapt_checkpoint(args.ckpt, args.out, cfg, data=args.data, log=lambda line: print(line, file=sys.stderr))
-    print(json.dumps({"checkpoint": str(out), "router": cfg.router, "capacity": cfg.capacity}))
+    report = read_checkpoint_config(out)["train"]["eval"]
+    print(json.dumps({"checkpoint": str(out), "method": cfg.method, **report}))
     return 0
 
 
 def _add_adapt_args(p: argparse.ArgumentParser) -> None:
-    from modlm.adapt.config import ADAPT_ROUTERS, AdaptConfig
+    from modlm.adapt.config import ADAPT_LOSSES, ADAPT_METHODS, ADAPT_ROUTERS, DEFAULT_KEEP, AdaptConfig
 
     d = AdaptConfig()
     p.add_argument("ckpt", help="a dense modlm checkpoint (e.g. from modlm convert)")
     p.add_argument("out", help="the adapted checkpoint directory to write")
     p.add_argument(
-        "--router", choices=ADAPT_ROUTERS, default=d.router, help="tuned or attention (A-MoD) (default: %(default)s)"
+        "--method",
+        choices=ADAPT_METHODS,
+        default=d.method,
+        help="tune-routers (MoD routers on a frozen base) or remove-layers (drop whole blocks) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=None,
+        help=f"remove-layers: fraction of the blocks to keep, rounded (default: {DEFAULT_KEEP} unless --drop)",
+    )
+    p.add_argument(
+        "--drop",
+        type=int,
+        default=None,
+        help="remove-layers: number of blocks to drop, instead of --keep (default: none, --keep decides)",
+    )
+    p.add_argument(
+        "--router",
+        choices=ADAPT_ROUTERS,
+        default=d.router,
+        help="tune-routers: tuned or attention (A-MoD) (default: %(default)s)",
     )
     p.add_argument(
         "--capacity",
         type=float,
         default=d.capacity,
-        help="fraction of tokens a routed layer processes (default: %(default)s)",
+        help="tune-routers: fraction of tokens a routed layer processes (default: %(default)s)",
     )
     p.add_argument(
-        "--layers", default=None, help="layers to route, e.g. 14-28 or 3,5,7 (default: the later half but the last)"
+        "--layers",
+        default=None,
+        help="tune-routers: layers to route, e.g. 14-28 or 3,5,7 (default: the later half but the last)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=ADAPT_LOSSES,
+        default=d.loss,
+        help="tune-routers: kl = distillation from the original's next-token distribution, lm = the LM loss, "
+        "kl+lm = their sum (default: %(default)s)",
     )
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training window (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step (default: %(default)s)")
@@ -334,13 +380,31 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
         help="max gradient norm per clip group, 0 = off (default: %(default)s)",
     )
     p.add_argument(
+        "--max-loss-rise",
+        type=float,
+        default=d.max_loss_rise,
+        help="tune-routers: stop, writing nothing, when the training LM loss (mean of the last 10 steps) exceeds "
+        "the original's on the same batches by more than max(this many nats, 25%%), or ln(vocab); 0 = no guard "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--calib-tokens",
         type=int,
         default=d.calib_tokens,
-        help="tokens to calibrate thresholds on (default: %(default)s)",
+        help="tokens to calibrate thresholds (tune-routers) or rank the layers (remove-layers) on "
+        "(default: %(default)s)",
     )
     p.add_argument(
-        "--data", default=None, help="text sample: 'enwiki' (bundled), a text file or a folder (default: enwiki)"
+        "--eval-tokens",
+        type=int,
+        default=d.eval_tokens,
+        help="held-out tokens the final perplexities are measured on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="text: 'enwiki' (bundled), a text file or a folder; its training split adapts, its validation split "
+        "measures (default: enwiki)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the window sampling (default: %(default)s)")
     p.add_argument(

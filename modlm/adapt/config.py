@@ -1,5 +1,21 @@
 """What ``modlm adapt`` does: ``AdaptConfig`` and the routed layers' defaults.
 
+Two methods (``ADAPT_METHODS``):
+
+- ``tune-routers`` (the default): routers on chosen layers, tuned on a text sample (below).
+- ``remove-layers``: the baseline to beat, static removal of the blocks of lowest block influence
+  (ShortGPT, arXiv 2403.03853: 1 - cos(block input, block output) on a calibration sample),
+  never the first or the last; ``keep`` (a fraction of the blocks, rounded) or ``drop`` (a count).
+
+The training signal of router tuning (``ADAPT_LOSSES``): ``lm`` (the default), the LM loss on the
+sample's next tokens; ``kl``, KL(original ‖ adapted) between the next-token distributions of the
+original (the same weights with every gate open) and the gated model, i.e. distillation from the
+frozen original; ``kl+lm``, their sum. ``lm`` stays the default: on a tiny pretrained model (4
+layers, 2 routed at 0.5, 3 seeds) the three ended within noise of each other on held-out text
+(perplexity 1.170x / 1.170x / 1.161x the original's after 100 steps at lr 2e-3; 1.143x / 1.149x /
+1.138x after 300 at 1e-2), against 1.68x untrained. The tuned router's straight-through gradient
+reaches only the tokens a layer processed, which limits any loss alike.
+
 Two routers:
 
 - ``tuned`` (``modlm.routing.tuned``): a zero-initialised score w·x̂ trained through the LM loss
@@ -25,13 +41,18 @@ layer feeds the head directly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from modlm.validation import is_int, is_number, require
 
-__all__ = ["ADAPT_ROUTERS", "AdaptConfig", "default_layers", "parse_layers"]
+__all__ = ["ADAPT_LOSSES", "ADAPT_METHODS", "ADAPT_ROUTERS", "AdaptConfig", "default_layers", "parse_layers"]
 
 ADAPT_ROUTERS = ("tuned", "attention")
+ADAPT_METHODS = ("tune-routers", "remove-layers")
+ADAPT_LOSSES = ("kl", "lm", "kl+lm")
+# The blocks remove-layers keeps when neither keep nor drop is given.
+DEFAULT_KEEP = 0.8
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -69,8 +90,20 @@ class AdaptConfig:
     every window). None: 0.5 for ``tuned``, 0 for ``attention`` (its predictor learns the target
     capacity's decisions). grad_clip: max gradient norm per clip group (the trainer's clipping,
     ``modlm.training.optim.clip_gradients``); 0, the default, disables it. seed: the windows'.
+
+    method: "tune-routers" or "remove-layers". loss: "kl", "lm" or "kl+lm" (tune-routers).
+    keep / drop: remove-layers only, at most one of them (neither: keep ``DEFAULT_KEEP``).
+    eval_tokens: held-out tokens (the data's validation split) on which the adapted and the
+    original model's perplexities are measured at the end. max_loss_rise: the collapse guard of
+    router tuning (``modlm.adapt.guards.CollapseGuard``), in nats; 0 turns it off.
     """
 
+    method: str = "tune-routers"
+    loss: str = "lm"
+    keep: float | None = None
+    drop: int | None = None
+    eval_tokens: int = 2048
+    max_loss_rise: float = 1.0
     router: str = "tuned"
     capacity: float = 0.5
     layers: tuple[int, ...] | None = None
@@ -102,3 +135,34 @@ class AdaptConfig:
         if self.layers is not None:
             self.layers = tuple(self.layers)
             check(len(self.layers) > 0 and all(is_int(i) for i in self.layers), "layers", "must name some layers")
+        self._check_method(check)
+
+    def _check_method(self, check) -> None:
+        """The method, the loss, removal's keep/drop and the guards."""
+        check(self.method in ADAPT_METHODS, "method", f"must be one of {ADAPT_METHODS}")
+        check(self.loss in ADAPT_LOSSES, "loss", f"must be one of {ADAPT_LOSSES}")
+        check(is_int(self.eval_tokens) and self.eval_tokens >= 1, "eval_tokens", "must be an int >= 1")
+        check(
+            is_number(self.max_loss_rise) and 0 <= self.max_loss_rise < float("inf"),
+            "max_loss_rise",
+            "must be a finite number of nats >= 0 (0 turns the collapse guard off)",
+        )
+        removing = self.method == "remove-layers"
+        for name in ("keep", "drop"):
+            check(getattr(self, name) is None or removing, name, "applies to method remove-layers only")
+        check(self.keep is None or self.drop is None, "keep", f"give keep or drop, not both (drop={self.drop})")
+        check(self.keep is None or (is_number(self.keep) and 0 < self.keep <= 1), "keep", "must be in (0, 1]")
+        check(self.drop is None or (is_int(self.drop) and self.drop >= 1), "drop", "must be an int >= 1")
+
+    def layers_to_drop(self, n_layers: int) -> int:
+        """How many of ``n_layers`` blocks remove-layers drops: ``drop``, or the blocks beyond
+        round(keep * n_layers); at most n_layers - 2 (the first and the last always stay)."""
+        keep = DEFAULT_KEEP if self.keep is None and self.drop is None else self.keep
+        n = self.drop if keep is None else n_layers - math.floor(keep * n_layers + 0.5)
+        if n > n_layers - 2:
+            what = f"drop={self.drop}" if keep is None else f"keep={keep:g} ({n} blocks dropped)"
+            raise ValueError(
+                f"{what} is invalid for a model of {n_layers} layers: at most {n_layers - 2} can go "
+                "(the first and the last layer are never dropped)"
+            )
+        return n

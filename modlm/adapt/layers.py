@@ -6,7 +6,7 @@ import torch
 
 from modlm.model.transformer import MoDTransformer
 
-__all__ = ["block_influence", "least_influential_layers", "remove_layers"]
+__all__ = ["block_influence", "least_influential_layers", "remove_least_influential", "remove_layers"]
 
 
 @torch.no_grad()
@@ -70,3 +70,14 @@ def remove_layers(dense: MoDTransformer, drop: tuple[int, ...]) -> MoDTransforme
     model.load_state_dict(state)
     param = next(dense.parameters())
     return model.to(device=param.device, dtype=param.dtype).eval()
+
+
+def remove_least_influential(
+    dense: MoDTransformer, tokens_BT: torch.Tensor, n_drop: int
+) -> tuple[MoDTransformer, tuple[int, ...], dict[int, float]]:
+    """``modlm adapt --method remove-layers``: ``dense`` without its ``n_drop`` blocks of lowest
+    block influence on ``tokens_BT`` (never the first or the last). Returns the model, the
+    dropped layers and the influence of every layer."""
+    influence = block_influence(dense, tokens_BT)
+    drop = least_influential_layers(influence, n_drop, spaced=False) if n_drop else ()
+    return remove_layers(dense, drop), drop, influence

@@ -79,7 +79,7 @@ def _tiny_models(args):
     ).eval()
     dense = from_hf_llama(hf)
     text = torch.randint(0, 256, (4096,))
-    cfg = AdaptConfig(capacity=args.capacity, seq_len=32, steps=args.adapt_steps, calib_tokens=256)
+    cfg = AdaptConfig(capacity=args.capacity, seq_len=32, steps=args.adapt_steps, calib_tokens=256, max_loss_rise=0.0)
     routed = adapt_model(dense, cfg.router, cfg.capacity, cfg.layers)
     tune_routers(routed, text, cfg)
     return hf, dense, routed, text[: args.eval_tokens + 1]
@@ -101,7 +101,7 @@ def _pretrained_models(args):
     routed_dir = Path(args.routed) if args.routed else work / f"tuned-c{args.capacity:g}"
     if not (routed_dir / "config.json").is_file():
         print(f"# adapting {dense_dir} -> {routed_dir} ({args.adapt_steps} steps)")
-        cfg = AdaptConfig(capacity=args.capacity, steps=args.adapt_steps)
+        cfg = AdaptConfig(capacity=args.capacity, steps=args.adapt_steps, max_loss_rise=0.0)  # every point, however bad
         adapt_checkpoint(dense_dir, routed_dir, cfg, log=lambda s: print(s))
     tok = load_tokenizer_from_checkpoint(dense_dir)
     val = prepare_corpus(None, tokenizer=tok).val

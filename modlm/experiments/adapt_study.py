@@ -194,6 +194,8 @@ def measure_capacity(study: StudyModel, cfg: AdaptStudyConfig, c: float, work_di
             lr=cfg.lr,
             calib_tokens=cfg.calib_tokens,
             anneal=anneal,
+            loss="lm",  # the signal the shipped report measured (docs/results/ADAPT.md)
+            max_loss_rise=0.0,  # the study reports every point, however bad: no guard
         )
         hist = tune_routers(model, study.train, acfg)
         ppl, frac = evaluate(model, windows, "causal")

@@ -1,5 +1,5 @@
 """tune_routers, built of the trainer's pieces, trains exactly what the former hand-written AdamW
-loop trained, for the same seed; the trainer's clipping applies when asked for."""
+loop trained (LM loss), for the same seed; the trainer's clipping applies when asked for."""
 
 import math
 
@@ -50,7 +50,12 @@ def _former_loop(model, tokens, cfg):
 @pytest.mark.parametrize("router", ["tuned", "attention"])
 def test_tuning_equals_the_former_loop_bit_for_bit(router):
     dense, tokens = _dense(), np.random.default_rng(0).integers(0, 256, 3000).astype(np.uint16)
-    cfg = AdaptConfig(router=router, capacity=0.5, layers=(1, 2), seq_len=32, batch_size=2, steps=8, calib_tokens=96)
+    # The former loop minimised the LM loss; the collapse guard (on: it runs the original
+    # alongside, without gradients) must not change a step.
+    cfg = AdaptConfig(
+        router=router, capacity=0.5, layers=(1, 2), seq_len=32, batch_size=2, steps=8, calib_tokens=96, loss="lm"
+    )
+    assert cfg.max_loss_rise > 0
     ref = adapt_model(dense, router, cfg.capacity, cfg.layers)
     _former_loop(ref, tokens, cfg)
     model = adapt_model(dense, router, cfg.capacity, cfg.layers)
