@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from modlm.config import ModelConfig, preset_names
-from modlm.devices import DEVICE_HELP, add_threads_arg, set_threads, use_threads
+from modlm.devices import DEVICE_HELP, add_threads_arg, use_threads
 from modlm.errors import ArgumentParser, run_cli
 from modlm.spec.fields import parse_assignments
 
@@ -292,7 +292,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from modlm.adapt.tune import adapt_checkpoint
     from modlm.training.checkpoint import read_checkpoint_config
 
-    set_threads(args.threads)
     cfg = AdaptConfig(
         method=args.method,
         loss=args.loss,
@@ -311,7 +310,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         seed=args.seed,
         grad_clip=args.grad_clip,
     )
-    out = adapt_checkpoint(args.ckpt, args.out, cfg, data=args.data, log=lambda line: print(line, file=sys.stderr))
+    with use_threads(args.threads):
+        out = adapt_checkpoint(args.ckpt, args.out, cfg, data=args.data, log=lambda line: print(line, file=sys.stderr))
     report = read_checkpoint_config(out)["train"]["eval"]
     print(json.dumps({"checkpoint": str(out), "method": cfg.method, **report}))
     return 0
@@ -407,9 +407,7 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
         "measures (default: enwiki)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the window sampling (default: %(default)s)")
-    p.add_argument(
-        "--threads", type=int, default=1, help="CPU threads, 0 = torch's default (default: %(default)s: shared CPU)"
-    )
+    add_threads_arg(p)
 
 
 # -------------------------------------------------------------------------------------------- main
