@@ -19,7 +19,8 @@ class Attention(nn.Module):
     """Causal self-attention with grouped-query heads, over whatever tokens it is given.
 
     In a routed block it sees only the selected tokens, in causal order at their true RoPE
-    positions, so a token that skipped this block is invisible here to every later token.
+    positions, so a token that skipped this block is invisible here to every later token
+    (``modlm.model.keys_kept.KeysKeptAttention`` keeps skipped tokens as keys instead).
     """
 
     param_roles = {"qkv.weight": roles.MATRIX, "proj.weight": roles.OUT_MATRIX}

@@ -96,12 +96,13 @@ class DenseBlock(nn.Module):
     """Pre-norm transformer block: x + f(x), f = attention then SwiGLU MLP (each pre-normed)."""
 
     kind: ClassVar[str] = "dense"
+    attention_class: ClassVar[type[Attention]] = Attention  # a kind may extend attention (same parameters)
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(config, layer_idx)
+        self.attn = self.attention_class(config, layer_idx)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 

@@ -89,10 +89,10 @@ class KeysKeptBlock(RoutedBlock):
     """
 
     kind: ClassVar[str] = "keys-kept"
+    attention_class: ClassVar[type[Attention]] = KeysKeptAttention
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.attn = KeysKeptAttention(config, layer_idx)
         nxt = layer_idx + 1
         if (
             router_spec(config.router).needs_received_attention

@@ -70,6 +70,16 @@ def test_full_model_capacity_one_equals_the_dense_model_and_a_dense_checkpoint_l
     assert unexpected == [] and missing and all(".router." in k for k in missing)  # only routers are new
 
 
+def test_a_seed_gives_the_routed_kinds_weights():
+    """Same parameters, same init draws: a keys-kept model and a MoD model of one seed start equal
+    (the variants of ``modlm reproduce`` differ by the rule alone)."""
+    torch.manual_seed(0)
+    kept = MoDTransformer(kk()).state_dict()
+    torch.manual_seed(0)
+    mod = MoDTransformer(kk(routed_kind="routed")).state_dict()
+    assert kept.keys() == mod.keys() and all(torch.equal(kept[k], mod[k]) for k in kept)
+
+
 def test_skipped_tokens_unchanged_and_routed_ones_see_every_key():
     """A routed token's update is the dense block's update of that token (attention over every
     earlier token, routed or not), weighted by its router score; skipped tokens pass unchanged."""
