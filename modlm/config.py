@@ -39,7 +39,7 @@ class ModelConfig:
     ``router="none"`` gives the dense transformer with identical parameters minus routers.
 
     ``layer_types`` names each layer's block kind (``modlm.spec.kinds``: "dense", "routed",
-    "moe", "mode-staged", "mode-integrated", "exit"); left unset it is derived from ``router``,
+    "moe", "mode-staged", "mode-integrated", "exit", "keys-kept"); left unset it is derived from ``router``,
     ``route_every`` and ``route_start``: routed positions get ``routed_kind``, the others
     ``block_kind``. Derived fields (``DERIVED_FIELDS``) are recomputed by ``replace`` unless the
     change names them. The ``n_experts`` / ``moe_*`` fields shape MoE feed-forwards
@@ -376,19 +376,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# MoE, MoDE and early-exit presets (``modlm.model.moe_blocks``, ``modlm.model.early_exit``): the shapes
-# above with another block kind. MoE: every layer, top-2 token choice. Staged MoDE: MoD routing
-# every other block (capacity 12.5%) around MoE blocks. Integrated MoDE: as many no-op experts as
-# real ones, so about half the assignments ride the residual. Early exit: every layer may exit.
+# MoE, MoDE, early-exit and keys-kept presets (``modlm.model.moe_blocks``, ``modlm.model.early_exit``,
+# ``modlm.model.keys_kept``): the shapes above with another block kind. MoE: every layer, top-2
+# token choice. Staged MoDE: MoD routing every other block (capacity 12.5%) around MoE blocks.
+# Integrated MoDE: as many no-op experts as real ones, so about half the assignments ride the
+# residual. Early exit: every layer may exit. Keys kept: MoD's learned routing every other block
+# (12.5%), skipped tokens keeping their keys and values.
 _KIND_VARIANTS: dict[str, dict[str, Any]] = {
     "moe": dict(router="none", block_kind="moe"),
     "mode-staged": dict(router="learned", block_kind="moe", routed_kind="mode-staged"),
     "mode-integrated": dict(router="none", block_kind="mode-integrated"),
     "early-exit": dict(router="none", block_kind="exit"),
+    "keys-kept": dict(router="learned", routed_kind="keys-kept"),
 }
 for _shape, _experts in (("tiny", 4), ("small", 8)):
     for _variant, _fields in _KIND_VARIANTS.items():
-        _extra = dict(n_experts=_experts) if _variant != "early-exit" else {}
+        _extra = dict(n_experts=_experts) if _variant not in ("early-exit", "keys-kept") else {}
         if _variant == "mode-integrated":
             _extra["n_noop_experts"] = _experts
         PRESETS[f"{_shape}-{_variant}"] = dict(PRESETS[_shape], **_fields, **_extra)

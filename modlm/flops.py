@@ -37,6 +37,10 @@ Block kinds beyond dense / routed (``modlm.spec.kinds``), each counted layer by 
   k·n·E/X·min(1, c), the balanced load the balance loss drives towards, capped by the
   capacity factor c (an upper bound when the load is uneven and c < 1; exact for a plain MoE
   without dropping). The MoE router's input is not detached: backward 2x, as for any matmul.
+- Skipping that keeps keys (``"keys-kept"``): the key/value projections run over all T tokens,
+  2·T·D·2·G·E; the query and output projections and the MLP over the K routed ones; attention
+  is K queries over T keys, 4·K·T·D (``causal_attention=True``: 2·K·(T+1)·D, the visible pairs
+  of queries spread evenly over the sequence, exact at K = T). The router as for ``"routed"``.
 - Early exit (``"exit"``): in training every token runs every layer and each exit block
   (index > 0) applies the LM head to its input for the exit loss: 2·T·D·V per exit block
   (``exit_heads``). Inference with exits is data-dependent: ``causal_forward_flops`` counts it
@@ -83,6 +87,21 @@ def attention_flops(config: ModelConfig, tokens: int, causal: bool = False) -> i
     return 2 * pairs2 * config.n_heads * config.head_dim
 
 
+def query_attention_flops(config: ModelConfig, queries: float, keys: int, causal: bool = False) -> float:
+    """Forward FLOPs of scores and values for ``queries`` tokens attending over ``keys`` tokens
+    of one sequence (a ``"keys-kept"`` layer: its routed tokens over every token's key).
+
+    ``causal``: count the visible pairs of queries spread evenly over the sequence, each seeing
+    (keys + 1) / 2 keys on average (exact when every token is a query)."""
+    pairs2 = queries * (keys + 1) if causal else 2 * queries * keys  # 2 x (attended pairs)
+    return 2 * pairs2 * config.n_heads * config.head_dim
+
+
+def kv_params(config: ModelConfig) -> int:
+    """Matmul parameters of one block's key and value projections."""
+    return config.d_model * 2 * config.n_kv_heads * config.head_dim
+
+
 def n_all_experts(config: ModelConfig, kind: str) -> int:
     """X, the experts a layer of this kind routes among (real + its no-op experts)."""
     return config.n_experts + (config.n_noop_experts if block_spec(kind).noop_experts else 0)
@@ -111,6 +130,10 @@ def layer_flops(
     kind = config.layer_types[layer_idx]
     spec = block_spec(kind)
     n = tokens if tokens is not None else capacity_k(config.capacity, seq_len) if spec.routed else seq_len
+    if spec.keeps_keys:  # keys and values of every token, the rest of the block for the n routed
+        attn = query_attention_flops(config, n, seq_len, causal_attention)
+        kv = kv_params(config)
+        return 2 * seq_len * kv + 2 * n * (block_params(config) - kv) + attn, attn
     attn = attention_flops(config, n, causal_attention)
     if not spec.moe:
         return 2 * n * block_params(config) + attn, attn

@@ -332,7 +332,7 @@ def test_a_typed_seq_len_beyond_the_model_is_refused_in_one_line(capsys, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-amod"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-amod", "tiny-keys-kept"])
 def test_a_tiny_preset_trains_with_defaults_and_samples(preset, tmp_path, capsys):
     out = tmp_path / preset
     assert main(["train", "--model", preset, "--max-steps", "3", "--out-dir", str(out), "--no-progress"]) == 0

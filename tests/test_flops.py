@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.flops import flops, param_count, router_score_flops, train_flops
+from modlm.flops import flops, layer_flops, param_count, router_score_flops, train_flops
 
 B, T = 2, 64
 CONFIGS = {
@@ -97,6 +97,10 @@ NEW_KINDS = {
     "mode-staged": dict(router="learned", block_kind="moe", routed_kind="mode-staged", n_experts=4),
     "mode-integrated": dict(router="none", block_kind="mode-integrated", n_experts=2, n_noop_experts=2),
     "early-exit": dict(router="none", block_kind="exit"),
+    "keys-kept": dict(router="learned", routed_kind="keys-kept"),
+    "keys-kept-gqa-every-block": dict(
+        router="learned", routed_kind="keys-kept", n_kv_heads=2, route_every=1, route_start=0, capacity=0.25
+    ),
 }
 
 
@@ -179,3 +183,49 @@ def test_amod_counts_the_recomputed_attention_scores_forward_only():
     assert rep.received_attention == 2 * cfg.d_model * (T * T + 2 * k * k)
     assert rep.backward == 2 * (rep.forward - rep.predictors - rep.received_attention) + rep.predictors_backward
     assert flops(cfg.replace(router="learned"), T).received_attention == 0
+
+
+def test_keys_kept_counts_keys_and_values_for_every_token_and_the_rest_for_the_routed():
+    cfg = ModelConfig.from_name("tiny-keys-kept", capacity=0.25)
+    routed = flops(cfg.replace(routed_kind="routed"), T)
+    kept = flops(cfg, T)
+    D, k = cfg.d_model, 16
+    kv = 2 * D * D  # keys and values of every head (MHA)
+    # per routed block: K/V for the T - k skipped tokens too, attention over T keys instead of k
+    extra = 2 * (T - k) * kv + 4 * k * (T - k) * D
+    assert kept.routed_blocks - routed.routed_blocks == 2 * extra
+    assert kept.routers == routed.routers
+    full = cfg.replace(capacity=1.0)
+    assert flops(full, T).forward - flops(full.dense_twin(), T).forward == flops(full, T).routers
+    half = flops(full, T, causal_attention=True)
+    assert half.attention == flops(full.dense_twin(), T, causal_attention=True).attention
+
+
+def test_keys_kept_causal_forward_flops_match_pytorch_counter_at_the_tokens_routed():
+    """A causal forward of one sequence: each keys-kept block's count at the tokens it routed.
+    (Routers are left out: an evaluating predictor router runs folded, ``CausalPredictor.fold``.)"""
+    from modlm.flops import causal_forward_flops, router_flops
+    from modlm.inference.calibrate import calibrate_thresholds
+    from modlm.kernels import fewrow as kernels
+    from modlm.model.block import route_mask
+
+    cfg = ModelConfig.from_name("tiny-keys-kept", n_kv_heads=2)
+    torch.manual_seed(0)
+    model = MoDTransformer(cfg).eval()
+    calibrate_thresholds(model, torch.randint(0, 256, (2, T)), 0.4)
+    x = torch.randint(0, 256, (1, T))
+    prev = kernels.set_enabled(False)  # the native few-row kernel's products are invisible to the counter
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            out = model(x, routing="causal")
+    finally:
+        kernels.set_enabled(prev)
+    tokens = {i: [int(route_mask(out.routes[i], T).sum())] for i in cfg.routed_layers}
+    assert all(0 < n[0] < T for n in tokens.values())
+    counts = {name: sum(c.values()) for name, c in counter.get_flop_counts().items()}
+    routers = sum(counts[f"MoDTransformer.blocks.{i}.router"] for i in cfg.routed_layers)
+    for i in cfg.routed_layers:
+        block = counts[f"MoDTransformer.blocks.{i}"] - counts[f"MoDTransformer.blocks.{i}.router"]
+        assert block == layer_flops(cfg, i, T, tokens[i][0])[0]
+    no_routers = causal_forward_flops(cfg, tokens, T) - len(cfg.routed_layers) * router_flops(cfg, T)
+    assert no_routers == counter.get_total_flops() - routers

@@ -41,6 +41,7 @@ S7, S8 = ("7. Mixture-of-Depths-and-Experts (MoDE)", "8. MoD vs early exit")
 # MLP FLOP fractions of the MoE-with-dropping and integrated-MoDE variants (modlm.experiments.scales).
 MODE_FRACTIONS = (0.5, 0.25)
 S9 = "9. Attention-based routing (A-MoD, from scratch)"
+S10 = "10. Skipping that keeps keys (from scratch)"
 NOT_RUN = ("not run", "n/a")  # (ours, holds) of a claim whose runs are missing
 VERDICT_SIGMAS = 2.0  # a difference is a verdict only beyond this many seed sigmas
 NOT_BRACKETED = "not bracketed"  # holds of an isoFLOP comparison whose optimum is not bracketed
@@ -153,6 +154,7 @@ def build_claims(
         + _mode_claims(records, noise, nz)
         + _early_exit_claims(records, analysis, noise, nz)
         + _amod_claims(records, noise, nz)
+        + _keys_kept_claims(records, noise, nz)
     )
     return claims, noise
 
@@ -705,6 +707,38 @@ def _amod_claims(records: Sequence[Record], noise: float | None, nz: str) -> lis
     ]
 
 
+def _keys_kept_claims(records: Sequence[Record], noise: float | None, nz: str) -> list[Claim]:
+    """10. Skipped tokens that keep their keys and values (``"keys-kept"``) vs MoD's rule (a
+    skipped token is invisible in the block), trained from scratch at equal training FLOPs."""
+    ref, kept = variant_record(records, "mod"), variant_record(records, "keys-kept")
+    claim = (
+        "MoD's rule (a skipped token is invisible in the block) trains no worse from scratch than keeping "
+        "skipped tokens' keys/values, at equal training FLOPs"
+    )
+    paper = (
+        "MoD §3.1 drops skipped tokens from the block's attention; FlexiDepth (arXiv 2503.23798) keeps their "
+        "keys/values to adapt a pretrained model; no from-scratch comparison is published"
+    )
+    if ref is None or kept is None:
+        return [Claim("keys_kept_vs_mod", S10, claim, paper, *NOT_RUN)]
+    ours = _versus("MoD's rule", ref, "keys kept", kept)
+    if kept.get("val_loss_causal") is not None:
+        ours += f"; keys kept, causal routing {kept['val_loss_causal']:.4f}"
+    # One-sided, as "costs only a little": MoD's rule fails only if keys kept is better beyond noise.
+    holds = verdict(kept["val_loss"] - ref["val_loss"], noise)
+    return [
+        Claim(
+            "keys_kept_vs_mod",
+            S10,
+            claim,
+            paper,
+            ours + f"; {nz}",
+            "yes" if holds == "within noise" else holds,
+            WHY["keys_kept"],
+        )
+    ]
+
+
 # Our explanations when a claim does not hold at small scale: hypotheses, stated as such. They
 # live with the claims because each row carries its own (claims.json keeps them with the verdict).
 WHY = {
@@ -755,6 +789,9 @@ WHY = {
     "the routing; what a small byte-level model attends to early in training (nearby bytes, the first "
     "token) may be a poor proxy for which tokens need the block, and its score computation costs "
     "training steps at equal FLOPs.",
+    "keys_kept": "Keeping skipped tokens' keys gives every routed token the whole context, which a small model "
+    "trained briefly may use better than the extra steps MoD's cheaper blocks buy; the paper chose its rule for "
+    "cost (no K/V projections or attention over skipped tokens), not for quality.",
     "entropy": "Small byte-level models predict most bytes inside a word with low entropy; routing may follow "
     "position or byte class (spaces, word starts) rather than uncertainty at this scale.",
 }

@@ -66,6 +66,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     # Early exit (modlm.model.early_exit): LayerSkip-style exit losses at every layer.
     "early-exit": {"router": "none", "block_kind": "exit"},
+    # "mod" whose skipped tokens keep their keys and values (modlm.model.keys_kept, FlexiDepth's rule).
+    "keys-kept": {
+        "router": "learned",
+        "capacity": 0.125,
+        "route_every": 2,
+        "route_start": 1,
+        "causal_routing": "predictor",
+        "routed_kind": "keys-kept",
+    },
 }
 
 

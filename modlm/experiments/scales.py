@@ -55,6 +55,10 @@ VARIANTS: tuple[Variant, ...] = (
     # block, no router parameters; at the same training FLOPs as "mod" (its recomputed attention
     # scores are counted, so it gets slightly fewer steps).
     Variant("amod", "mod:router=attention", "A-MoD 12.5% (attention-based routing), every other block"),
+    # Skipping that keeps keys (claims section 10): "mod" whose skipped tokens still write their
+    # keys and values (FlexiDepth's rule, meant for pretrained models); at the same training FLOPs
+    # it pays for those projections and for attention over every key with fewer steps.
+    Variant("keys-kept", "keys-kept", "MoD 12.5%, skipped tokens keep keys/values, every other block"),
 )
 VARIANT_BY_KEY = {v.key: v for v in VARIANTS}
 

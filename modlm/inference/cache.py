@@ -10,7 +10,8 @@ K new tokens per row in this update, S cached slots, E head size.
   numbers of tokens. ``RaggedLayerCache`` keeps per-row lengths on the host and writes
   (row, slot) pairs for the rows that ran.
 
-Which layout a layer gets is its block kind's ``cache_layout`` (``modlm.spec.kinds``). Each
+Which layout a layer gets is its block kind's ``cache_layout`` (``modlm.spec.kinds``): a
+``"keys-kept"`` routed layer stores every token's key and value, so it is contiguous. Each
 layer preallocates a buffer per row and doubles it when full (amortised O(1) per token).
 
 The contract is narrow, in the spirit of Hugging Face's ``Cache.update``:

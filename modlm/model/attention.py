@@ -19,7 +19,8 @@ class Attention(nn.Module):
     """Causal self-attention with grouped-query heads, over whatever tokens it is given.
 
     In a routed block it sees only the selected tokens, in causal order at their true RoPE
-    positions, so a token that skipped this block is invisible here to every later token.
+    positions, so a token that skipped this block is invisible here to every later token
+    (``modlm.model.keys_kept.KeysKeptAttention`` keeps skipped tokens as keys instead).
     """
 
     param_roles = {"qkv.weight": roles.MATRIX, "proj.weight": roles.OUT_MATRIX}
@@ -56,12 +57,23 @@ class Attention(nn.Module):
             # The cache returns this layer's keys/values for the whole visible history (B, G, S, E)
             # and the mask that makes each query see exactly its own causal past.
             k, v, attn_mask = cache.update(k, v, self.layer_idx)
+        return self.attend(q, k, v, attn_mask)
+
+    def attend(
+        self, q_BHTE: torch.Tensor, k_BGSE: torch.Tensor, v_BGSE: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The output projection of softmax(q k^T / sqrt(E)) v: (B, T, D).
+
+        ``attn_mask``: (B or 1, 1, T, S) bool, True where a query may see a key; None: the causal
+        mask of T queries over the same T keys."""
+        B, H, T, E = q_BHTE.shape
+        G = k_BGSE.shape[1]
         if G != H:
-            k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, E)
-            v = v.repeat_interleave(H // G, dim=1)
+            k_BGSE = k_BGSE.repeat_interleave(H // G, dim=1)  # (B, H, S, E)
+            v_BGSE = v_BGSE.repeat_interleave(H // G, dim=1)
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+            y = F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, attn_mask=attn_mask)
+        y = y.transpose(1, 2).reshape(B, T, H * E)  # (B, T, D)
         return self.proj(y)

@@ -96,12 +96,13 @@ class DenseBlock(nn.Module):
     """Pre-norm transformer block: x + f(x), f = attention then SwiGLU MLP (each pre-normed)."""
 
     kind: ClassVar[str] = "dense"
+    attention_class: ClassVar[type[Attention]] = Attention  # a kind may extend attention (same parameters)
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(config, layer_idx)
+        self.attn = self.attention_class(config, layer_idx)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
@@ -182,7 +183,7 @@ class RoutedBlock(DenseBlock):
 
     def run_route(self, x_BTD: torch.Tensor, ctx: BlockContext, route: RouterOutput) -> tuple[torch.Tensor, Any]:
         """Gather the routed tokens, compute f on them only, scatter x + w·f back (TRAIN, PREFILL)."""
-        idx_BK, valid_BK, weight_BK = route.idx_BK, route.valid_BK, route.weight_BK
+        idx_BK, valid_BK = route.idx_BK, route.valid_BK
         pos_BK = torch.gather(ctx.pos_BT, 1, idx_BK)  # true positions of the routed tokens, for RoPE
         cos, sin = ctx.rotary(pos_BK)
         x_BKD = gather_tokens(x_BTD, idx_BK)
@@ -201,11 +202,7 @@ class RoutedBlock(DenseBlock):
         f_BKD, ffn_aux = self.update(
             x_BKD, cos, sin, cache=cache, routing=ctx.routing, valid_BT=valid_BK, record=record
         )
-        if valid_BK is not None:
-            f_BKD = f_BKD.masked_fill(~valid_BK.unsqueeze(-1), 0.0)
-            if weight_BK is not None:
-                weight_BK = weight_BK.masked_fill(~valid_BK, 0.0)
-        return scatter_add_weighted(x_BTD, idx_BK, f_BKD, weight_BK), ffn_aux
+        return combine_route(x_BTD, route, f_BKD), ffn_aux
 
     def compute_rows(self, x_B1D: torch.Tensor, ctx: BlockContext, plan: RowPlan) -> tuple[torch.Tensor, Any]:
         """One new token per row: compute exactly the rows the plan names, x + w·f(x) for them.
@@ -229,6 +226,17 @@ class RoutedBlock(DenseBlock):
         if plan.weight_b1 is not None:
             f_b1D = f_b1D * plan.weight_b1.unsqueeze(-1).to(f_b1D.dtype)
         return x_B1D.index_add(0, plan.rows_dev, f_b1D.to(x_B1D.dtype)), aux
+
+
+def combine_route(x_BTD: torch.Tensor, route: RouterOutput, f_BKD: torch.Tensor) -> torch.Tensor:
+    """x + w·f scattered back to the routed tokens (Raposo et al. 2024, eq. 1); padded slots of a
+    causal route (``valid_BK`` False) add nothing. Every other token leaves unchanged."""
+    weight_BK = route.weight_BK
+    if route.valid_BK is not None:
+        f_BKD = f_BKD.masked_fill(~route.valid_BK.unsqueeze(-1), 0.0)
+        if weight_BK is not None:
+            weight_BK = weight_BK.masked_fill(~route.valid_BK, 0.0)
+    return scatter_add_weighted(x_BTD, route.idx_BK, f_BKD, weight_BK)
 
 
 def with_ffn_aux(route: RouterOutput, ffn_aux: Any) -> RouterOutput:

@@ -24,6 +24,9 @@ class BlockSpec:
     noop_experts: its MoE has ``ModelConfig.n_noop_experts`` no-op experts (integrated MoDE).
     exit_gate: a token may leave the model at this layer's input (early exit); when it does, it
         has no keys or values here (the ``ragged`` cache), and its gate evaluates the LM head.
+    keeps_keys: (a routed kind) a token the router skips still computes its key and value here
+        and stays visible to later tokens (FlexiDepth's rule, ``modlm.model.keys_kept``): the
+        key/value projections run over every token, the rest of the block over the routed ones.
     """
 
     name: str
@@ -34,6 +37,7 @@ class BlockSpec:
     moe: bool = False
     noop_experts: bool = False
     exit_gate: bool = False
+    keeps_keys: bool = False
 
     def load(self) -> type:
         return load_target(self.target)
@@ -94,5 +98,15 @@ register_block(
         cache_layout="ragged",
         dense_kind="dense",
         exit_gate=True,
+    )
+)
+register_block(
+    BlockSpec(
+        "keys-kept",
+        "modlm.model.keys_kept:KeysKeptBlock",
+        routed=True,
+        cache_layout="contiguous",  # every token's key and value is stored
+        dense_kind="dense",
+        keeps_keys=True,
     )
 )

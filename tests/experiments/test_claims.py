@@ -42,6 +42,7 @@ def test_claim_ids_are_stable_and_every_claim_has_a_row_without_runs():
         "staged_vs_integrated",
         "mod_vs_early_exit",
         "amod_vs_learned",
+        "keys_kept_vs_mod",
     ]
 
 
@@ -164,6 +165,27 @@ def test_amod_vs_learned_is_judged_on_the_two_variant_runs():
     assert {c.id: c for c in claims}["amod_vs_learned"].holds == "no"
     claims, _ = build_claims([variant("mod", 2.00)], None, [])
     assert {c.id: c for c in claims}["amod_vs_learned"].holds == "n/a"
+
+
+def test_keys_kept_vs_the_papers_rule_is_one_sided_on_the_two_variant_runs():
+    """MoD's rule holds unless keeping skipped tokens' keys trains better beyond the seed noise."""
+
+    def variant(key, loss, causal=None):
+        return {"run_id": key, "tags": [f"variant:{key}"], "val_loss": loss, "val_loss_causal": causal, "params": 1000}
+
+    noise = [_rec(1e12, "dense", 48, 4000, 2.0 + w, seed=s) for s, w in enumerate((0.0, 0.01, -0.01))]
+
+    def row(mod, kept, causal=None):
+        claims, _ = build_claims(noise + [variant("mod", mod), variant("keys-kept", kept, causal)], None, [1e12])
+        return {c.id: c for c in claims}["keys_kept_vs_mod"]
+
+    better = row(2.00, 2.10, 2.12)
+    assert better.holds == "yes" and "keys kept 2.1000" in better.ours and "causal routing 2.1200" in better.ours
+    assert row(2.00, 1.995).holds == "yes"  # within noise: no worse
+    worse = row(2.00, 1.90)
+    assert worse.holds == "no" and worse.why_not
+    claims, _ = build_claims([variant("mod", 2.00)], None, [])
+    assert {c.id: c for c in claims}["keys_kept_vs_mod"].holds == "n/a"
 
 
 def test_the_aux_loss_cost_is_one_sided():

@@ -45,7 +45,9 @@ def test_family_specs():
             Family.parse(bad)
 
 
-@pytest.mark.parametrize("family", ["moe", "mode-integrated:n_noop_experts=12", "mode-staged", "early-exit"])
+@pytest.mark.parametrize(
+    "family", ["moe", "mode-integrated:n_noop_experts=12", "mode-staged", "early-exit", "keys-kept"]
+)
 def test_new_kind_families_plan_runs_at_their_budget(family):
     settings = SweepSettings()
     run = plan_run(3.6e12, family, Shape(128, 4), settings)

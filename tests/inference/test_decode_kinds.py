@@ -1,4 +1,4 @@
-"""Cached decoding equals full recomputation for the MoE, MoDE and early-exit kinds.
+"""Cached decoding equals full recomputation for the MoE, MoDE, early-exit and keys-kept kinds.
 
 Each test samples (a fixed seed on both paths) from ragged prompts for >= 32 new tokens and
 compares the KV-cache path with recomputing the whole sequence each step under the same causal
@@ -87,3 +87,27 @@ def test_early_exit_cached_equals_recomputation_and_exited_tokens_store_nothing_
             prev = ran
         assert 0 < int(prev.sum()) < T  # some tokens exited before the last layer, some did not
     assert 0 < thr < 1
+
+
+@pytest.mark.parametrize("prompt_lens", [PROMPT_LENS, (11,)])
+def test_keys_kept_cached_equals_recomputation_and_every_token_keeps_its_keys(prompt_lens):
+    """Batch 1 and a ragged left-padded batch of 3: the routed rows of each decode step run the
+    block, every row appends its key and value (the contiguous cache holds every fed token)."""
+    model = _model("tiny-keys-kept", n_kv_heads=2)
+    with torch.no_grad():
+        for i in model.config.routed_layers:
+            model.blocks[i].router.predictor.fc2.weight.mul_(50.0)
+            model.blocks[i].router.predictor.fc2.bias.zero_()
+    calibrate_thresholds(model, torch.randint(0, 256, (4, 96), generator=torch.Generator().manual_seed(9)), 0.5)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in prompt_lens]
+    cached = generate(model, prompts, N_NEW, seed=0, return_logits=True, return_cache=True, trace=True)
+    full = generate(model, prompts, N_NEW, seed=0, use_cache=False, return_logits=True)
+    assert cached.tokens == full.tokens and all(len(t) == N_NEW for t in cached.tokens)
+    torch.testing.assert_close(cached.logits, full.logits, rtol=1e-6, atol=1e-6)
+    greedy = generate(model, prompts, N_NEW, temperature=0, return_logits=True)
+    assert greedy.tokens == generate(model, prompts, N_NEW, temperature=0, use_cache=False).tokens
+    for layer in range(4):
+        assert cached.cache.layer_lengths(layer).tolist() == [n + N_NEW - 1 for n in prompt_lens]
+    used = [len(r) for row in cached.routing for r in row]  # the decode steps really skipped some rows
+    assert 0.1 < sum(used) / (len(used) * len(model.config.routed_layers)) < 0.9

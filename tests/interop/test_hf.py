@@ -62,7 +62,7 @@ def test_config_carries_the_model_config():
         hf.MoDConfig(dict(cfg.to_dict(), capacity=2.0))
 
 
-@pytest.mark.parametrize("name", ["tiny-dense", "tiny"])
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny", "tiny-keys-kept"])
 def test_save_pretrained_loads_with_auto_and_generates_like_modlm(tmp_path, name):
     model = _model(name)
     wrapped = hf.MoDForCausalLM.from_modlm(model)

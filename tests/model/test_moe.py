@@ -110,7 +110,9 @@ def test_balance_and_z_losses_match_their_formulas_and_train_the_router():
     assert moe.router.weight.grad.abs().sum() > 0 and moe.w_down.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-mode-staged", "tiny-mode-integrated", "tiny-early-exit"])
+@pytest.mark.parametrize(
+    "preset", ["tiny-moe", "tiny-mode-staged", "tiny-mode-integrated", "tiny-early-exit", "tiny-keys-kept"]
+)
 def test_new_kinds_train_with_aux_losses_and_every_parameter_has_a_role(preset):
     from modlm.spec.roles import parameter_roles
 

@@ -274,7 +274,7 @@ def _graph_breaks(model, routing: str = "topk", grad: bool = True) -> int:
     return torch._dynamo.explain(loss)(x_BT, x_BT).graph_break_count
 
 
-@pytest.mark.parametrize("name,router", [("tiny", "learned"), ("tiny-dense", None)])
+@pytest.mark.parametrize("name,router", [("tiny", "learned"), ("tiny-dense", None), ("tiny-keys-kept", "learned")])
 def test_training_forward_compiles_as_one_graph(name, router):
     """torch.compile sees the whole training forward (top-k routing is static-shaped: K =
     round(capacity * T), gather and scatter by index) as one graph: no break, MoD or dense."""

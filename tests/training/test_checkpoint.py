@@ -141,6 +141,7 @@ def test_continued_training_matches_after_reload(saved):
         dict(router="learned", block_kind="moe", routed_kind="mode-staged", n_experts=2),
         dict(router="none", block_kind="mode-integrated", n_experts=2, n_noop_experts=2),
         dict(router="none", block_kind="exit"),
+        dict(router="learned", routed_kind="keys-kept", n_kv_heads=2),
     ],
 )
 def test_round_trip_variants(tmp_path, overrides):
@@ -432,3 +433,22 @@ def test_new_kind_loads_with_its_calibrated_exit_threshold_and_same_logits(tmp_p
     x = torch.randint(0, 256, (2, T))
     model.eval(), model2.eval()
     torch.testing.assert_close(model2(x, routing="causal").logits, model(x, routing="causal").logits)
+
+
+def test_keys_kept_kind_loads_with_its_thresholds_and_computes_the_same(tmp_path):
+    from modlm.inference.calibrate import calibrate_thresholds
+    from modlm.inference.generate import generate
+
+    cfg = ModelConfig.from_name("tiny-keys-kept")
+    model, opt = _trained(cfg, steps=1)
+    calibrate_thresholds(model, torch.randint(0, 256, (2, T)), 0.5)
+    save_checkpoint(tmp_path / "c", model, cfg, None, opt, 1)
+    model2, cfg2, _ = load_checkpoint(tmp_path / "c")
+    assert cfg2.layer_types == ("dense", "keys-kept") * 2
+    x = torch.randint(0, 256, (2, T))
+    model.eval(), model2.eval()
+    with torch.no_grad():
+        for routing in ("topk", "causal"):
+            assert torch.equal(model2(x, routing=routing).logits, model(x, routing=routing).logits)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    assert generate(model2, prompts, 8, temperature=0).tokens == generate(model, prompts, 8, temperature=0).tokens
