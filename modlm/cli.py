@@ -318,9 +318,17 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _add_adapt_args(p: argparse.ArgumentParser) -> None:
-    from modlm.adapt.config import ADAPT_LOSSES, ADAPT_METHODS, ADAPT_ROUTERS, DEFAULT_KEEP, AdaptConfig
+    from modlm.adapt.config import AdaptConfig
 
     d = AdaptConfig()
+    _add_adapt_method_args(p, d)
+    _add_adapt_training_args(p, d)
+
+
+def _add_adapt_method_args(p: argparse.ArgumentParser, d) -> None:
+    """What ``modlm adapt`` does: the method, and each method's own knobs (``d``: the defaults)."""
+    from modlm.adapt.config import ADAPT_LOSSES, ADAPT_METHODS, ADAPT_ROUTERS, DEFAULT_KEEP
+
     p.add_argument("ckpt", help="a dense modlm checkpoint (e.g. from modlm convert)")
     p.add_argument("out", help="the adapted checkpoint directory to write")
     p.add_argument(
@@ -365,6 +373,10 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
         help="tune-routers: kl = distillation from the original's next-token distribution, lm = the LM loss, "
         "kl+lm = their sum (default: %(default)s)",
     )
+
+
+def _add_adapt_training_args(p: argparse.ArgumentParser, d) -> None:
+    """How ``modlm adapt`` trains, calibrates and measures (``d``: the defaults)."""
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training window (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step (default: %(default)s)")
     p.add_argument(
