@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from modlm.training.chat import ChatTemplate
+
 __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
@@ -124,9 +126,12 @@ class HFTokenizer:
     shown. The exact bytes of the tokenizer.json are kept: their sha256 is the identity, and
     ``save`` writes them back unchanged, so a tokenizer reloaded from a checkpoint has the same
     ``name`` (and reuses the same token cache) as the file it came from.
+
+    ``chat_template``: a chat model's template (``modlm.training.chat.ChatTemplate``), or None.
+    It changes no id, so it is not part of ``name``; ``spec()`` carries it.
     """
 
-    def __init__(self, tokenizer_json: bytes, source: str = HF_FILENAME):
+    def __init__(self, tokenizer_json: bytes, source: str = HF_FILENAME, chat_template: ChatTemplate | None = None):
         tokenizers = _import_tokenizers()
         try:
             self._tok = tokenizers.Tokenizer.from_str(tokenizer_json.decode("utf-8"))
@@ -134,6 +139,7 @@ class HFTokenizer:
             why = " ".join(str(e).split()) or type(e).__name__
             raise ValueError(f"{source} is not a Hugging Face tokenizer.json ({why})") from None
         self._json = tokenizer_json
+        self.chat_template = chat_template
         self.sha256 = hashlib.sha256(tokenizer_json).hexdigest()
         self.name = f"hf-{self.sha256[:16]}"
         # Not get_vocab_size(): ids of added tokens need not be contiguous; the embedding must hold the largest.
@@ -153,7 +159,10 @@ class HFTokenizer:
         return self._tok.decode(arr.tolist(), skip_special_tokens=False)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "hf", "file": HF_FILENAME, "sha256": self.sha256, "vocab_size": self.vocab_size}
+        spec = {"kind": "hf", "file": HF_FILENAME, "sha256": self.sha256, "vocab_size": self.vocab_size}
+        if self.chat_template is not None:
+            spec["chat_template"] = self.chat_template.spec()
+        return spec
 
     def save(self, directory: Path) -> list[str]:
         (Path(directory) / HF_FILENAME).write_bytes(self._json)
@@ -167,6 +176,8 @@ class HFTokenizer:
         tok = cls.from_file(path)
         if tok.sha256 != spec["sha256"]:
             raise ValueError(f"{path} does not match its recorded sha256 (corrupted or replaced)")
+        if spec.get("chat_template") is not None:
+            tok.chat_template = ChatTemplate.from_spec(spec["chat_template"])
         return tok
 
     def __repr__(self) -> str:
