@@ -4,7 +4,7 @@ One table (``LLAMA_WEIGHTS``) maps every Hugging Face weight name to its modlm n
 fusing rules; one function (``llama_model_config``) maps config.json to a ``ModelConfig``. The
 rest reads a source (a directory of config.json + safetensors, or a GGUF file through
 ``transformers``) and writes a checkpoint with the model's tokenizer, its chat template
-(``modlm.training.chat.ChatTemplate``, kept in the tokenizer's spec) and its end-of-sequence
+(``modlm.training.tokenizers.ChatTemplate``, kept in the tokenizer's spec) and its end-of-sequence
 ids (``ModelConfig.extra["eos_token_id"]``, where decoding stops).
 
 Why no weight needs permuting: Hugging Face Llama checkpoints already use the rotate-half RoPE
@@ -31,9 +31,8 @@ import torch
 
 from modlm.config import ModelConfig
 from modlm.model.transformer import MoDTransformer
-from modlm.training.chat import SPECIAL_TOKEN_NAMES, ChatTemplate
 from modlm.training.checkpoint import save_checkpoint
-from modlm.training.tokenizers import HF_FILENAME, HFTokenizer
+from modlm.training.tokenizers import HF_FILENAME, SPECIAL_TOKEN_NAMES, ChatTemplate, HFTokenizer
 from modlm.validation import is_int
 
 __all__ = [

@@ -4,8 +4,8 @@ checkpoint, and bad input refused in one line."""
 import pytest
 import transformers
 
-from modlm.training.chat import ChatTemplate, apply_chat_template
-from modlm.training.tokenizers import HFTokenizer, tokenizer_from_spec
+from modlm.training.chat import apply_chat_template
+from modlm.training.tokenizers import ChatTemplate, HFTokenizer, tokenizer_from_spec
 
 # Reads a special token, raises on a bad role, and uses tojson (which must not escape HTML).
 TEMPLATE = (
@@ -60,3 +60,10 @@ def test_bad_templates_are_one_line(bpe_tokenizer_file):
         ChatTemplate(TEMPLATE, {"bos": "<s>"})
     with pytest.raises(ValueError, match="has no chat template"):
         apply_chat_template(HFTokenizer.from_file(bpe_tokenizer_file), CHAT)
+
+
+def test_the_top_level_name_is_the_function():
+    import modlm
+    from modlm.training import chat
+
+    assert modlm.apply_chat_template is chat.apply_chat_template
