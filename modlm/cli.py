@@ -309,7 +309,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(
             f"# converting {args.src} -> {args.out}: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} "
             f"kv_heads={cfg.n_kv_heads} d_mlp={cfg.d_mlp} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len} "
-            f"rope_base={cfg.rope_base:g} norm_eps={cfg.norm_eps:g} tied={cfg.tie_embeddings} tokenizer={tok.name}",
+            f"rope_base={cfg.rope_base:g} norm_eps={cfg.norm_eps:g} tied={cfg.tie_embeddings} tokenizer={tok.name} "
+            f"eos={cfg.extra.get('eos_token_id')} chat_template={tok.chat_template is not None}",
             file=sys.stderr,
         )
 

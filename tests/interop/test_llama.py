@@ -293,11 +293,14 @@ def _chat_source(path, bpe_tokenizer_file, layout):
 
 
 @pytest.mark.parametrize("layout", ["jinja", "config", "named"])
-def test_convert_keeps_the_chat_template_and_every_eos(tmp_path, bpe_tokenizer_file, layout):
+def test_convert_keeps_the_chat_template_and_every_eos(tmp_path, bpe_tokenizer_file, layout, capsys):
     from modlm.training.chat import apply_chat_template
 
     fast, end, text_end = _chat_source(tmp_path / "src", bpe_tokenizer_file, layout)
-    out = convert_llama(tmp_path / "src", tmp_path / "ckpt")
+    out = tmp_path / "ckpt"
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "src"), str(out)]) == 0
+    assert f"eos=[{end}, {text_end}] chat_template=True" in capsys.readouterr().err
     want = fast.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert want.endswith("<|im_start|>assistant\n") and "Be brief.<|im_end|>" in want
     assert apply_chat_template(out, CHAT) == want  # rendered from the checkpoint alone
