@@ -20,12 +20,22 @@ from modlm.config import ModelConfig, preset_names
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "MoDTransformer", "ModelOutput", "generate", "load_model", "preset_names", "__version__"]
+__all__ = [
+    "ModelConfig",
+    "MoDTransformer",
+    "ModelOutput",
+    "apply_chat_template",
+    "generate",
+    "load_model",
+    "preset_names",
+    "__version__",
+]
 
 # torch-heavy names are imported on first use, so `modlm --help` and config validation stay fast.
 _LAZY = {
     "MoDTransformer": "modlm.model",
     "ModelOutput": "modlm.model",
+    "apply_chat_template": "modlm.training.chat",
     "generate": "modlm.inference.generate",
     "load_model": "modlm.training.checkpoint",
 }

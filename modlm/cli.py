@@ -63,10 +63,36 @@ def _routing_table(
     return "\n".join(lines)
 
 
+def _read_chats(args: argparse.Namespace) -> list[list[dict[str, str]]]:
+    """One conversation per ``--chat`` (the user's turn, after ``--system`` if given); [] without
+    --chat. ValueError naming the flag that does not fit."""
+    if not args.chat:
+        if args.system is not None:
+            raise ValueError(f"--system {args.system!r:.40} needs --chat TEXT (the user's turn)")
+        return []
+    if args.prompt is not None or args.prompts_file is not None:
+        given = "--prompt" if args.prompt is not None else "--prompts-file"
+        raise ValueError(f"{given} and --chat both given: --chat is the prompt (through the chat template)")
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    return [system + [{"role": "user", "content": text}] for text in args.chat]
+
+
+def _chat_prompts(ckpt: str, tokenizer, chats: list[list[dict[str, str]]]) -> list[str]:
+    """Each conversation rendered by the checkpoint's chat template, the assistant's turn opened."""
+    from modlm.training.chat import apply_chat_template
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"--chat: checkpoint {ckpt} has no chat template (modlm convert keeps a chat model's; "
+            "use --prompt for plain text)"
+        )
+    return [apply_chat_template(tokenizer, messages) for messages in chats]
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     """The prompt texts of ``--prompt`` or ``--prompts-file`` (ValueError naming what is wrong)."""
     if args.prompt is None and args.prompts_file is None:
-        raise ValueError("give --prompt TEXT or --prompts-file FILE")
+        raise ValueError("give --prompt TEXT, --prompts-file FILE or --chat TEXT")
     if args.prompts_file is None:
         return [args.prompt]
     p = Path(args.prompts_file)
@@ -133,7 +159,9 @@ def _calibrate(model, tokenizer, routed_fraction: float, device) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample text from a checkpoint with causal routing and the routed KV cache.
 
-    Prompts are encoded, and output decoded, with the tokenizer saved in the checkpoint.
+    Prompts are encoded, and output decoded, with the tokenizer saved in the checkpoint. A row
+    ends at the checkpoint's end-of-sequence token (unless --ignore-eos), which is not printed.
+    --chat renders a user turn through the checkpoint's chat template (modlm convert keeps it).
     """
     with use_threads(args.threads):
         return _generate(args)
@@ -145,9 +173,8 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from modlm.devices import parse_device
-    from modlm.inference.generate import GenerationConfig, generate, validate_prompts
+    from modlm.inference.generate import GenerationConfig, eos_tokens, validate_prompts
     from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
-    from modlm.training.tokenizers import StreamDecoder
 
     # Everything that can be checked before loading is checked first: a mistake costs no wait.
     gen = GenerationConfig(
@@ -156,45 +183,36 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        ignore_eos=args.ignore_eos,
         use_cache=not args.no_cache,
         prefill_routing=args.prefill_routing,
         trace=args.show_routing,
     )
-    prompts_text = _read_prompts(args)
+    chats = _read_chats(args)
+    prompts_text = [] if chats else _read_prompts(args)
     if args.routed_fraction is not None and not 0.0 < args.routed_fraction <= 1.0:  # before loading anything
         raise ValueError(f"--routed-fraction={args.routed_fraction} is invalid: must be in (0, 1]")
     device = parse_device(args.device)
+    tok = load_tokenizer_from_checkpoint(args.ckpt)  # first: a checkpoint without a chat template costs no load
+    model_text = _chat_prompts(args.ckpt, tok, chats) if chats else prompts_text
     model = load_model(args.ckpt, device=device)
-    tok = load_tokenizer_from_checkpoint(args.ckpt)
     gen = dataclasses.replace(gen, stop_tokens=_stop_tokens(tok, args.stop))
-    prompts = validate_prompts(model, [tok.encode(t) for t in prompts_text], gen.max_new_tokens)
+    prompts = validate_prompts(model, [tok.encode(t) for t in model_text], gen.max_new_tokens)
     cfg = model.config
+    eos = () if args.ignore_eos else eos_tokens(cfg)
     if args.routed_fraction is not None:
         _calibrate(model, tok, args.routed_fraction, device)
     print(
         f"# model {cfg.name}: d={cfg.d_model} layers={cfg.n_layers} routed={list(cfg.routed_layers)} "
         f"capacity={cfg.capacity} causal_routing={cfg.causal_routing} tokenizer={tok.name} | "
         f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed} "
+        f"eos={'ignored' if args.ignore_eos else list(eos) or 'none'} chat={bool(chats)} "
         f"cache={not args.no_cache} device={device} threads={torch.get_num_threads()}",
         file=sys.stderr,
     )
-    streaming = len(prompts) == 1
-    decoder = StreamDecoder(tok, context=prompts[0])
-    started = []
-
-    def stream(row: int, token: int) -> None:
-        if not started:  # the prompt is echoed once generation has really begun (inputs were valid)
-            sys.stdout.write(prompts_text[0])
-            started.append(True)
-        sys.stdout.write(decoder.push(token))
-        sys.stdout.flush()
-
-    res = generate(model, prompts, gen.max_new_tokens, config=gen, stream=stream if streaming else None)
-    if streaming:
-        sys.stdout.write(decoder.flush() + "\n")
-    else:
-        for text, toks in zip(prompts_text, res.tokens):
-            print(json.dumps({"prompt": text, "completion": tok.decode(toks)}, ensure_ascii=False))
+    # A chat prints the reply only (its prompt is the template's markup); plain text echoes the prompt.
+    shown = [m[-1]["content"] for m in chats] if chats else prompts_text
+    res = _sample_and_print(model, tok, prompts, gen, eos, echo="" if chats else prompts_text[0], shown=shown)
     tps = res.new_tokens / max(res.decode_s + res.prefill_s, 1e-9)
     print(f"# {res.new_tokens} tokens in {res.prefill_s + res.decode_s:.2f}s ({tps:.1f} tok/s)", file=sys.stderr)
     if args.show_routing:
@@ -203,6 +221,34 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"\n# routing of prompt {row} (each generated token; {len(cfg.routed_layers)} routed blocks)")
             print(_routing_table(tok, toks, res.routing[row], cfg.routed_layers, color))
     return 0
+
+
+def _sample_and_print(model, tok, prompts, gen, eos: tuple[int, ...], echo: str, shown: list[str]):
+    """Decode; one prompt streams (after ``echo``), several print JSON lines. The eos token that
+    ended a row is a marker, not text: it is not printed."""
+    from modlm.inference.generate import generate
+    from modlm.training.tokenizers import StreamDecoder
+
+    streaming = len(prompts) == 1
+    decoder = StreamDecoder(tok, context=prompts[0])
+    started = []
+
+    def stream(row: int, token: int) -> None:
+        if not started:  # the prompt is echoed once generation has really begun (inputs were valid)
+            sys.stdout.write(echo)
+            started.append(True)
+        if token not in eos:
+            sys.stdout.write(decoder.push(token))
+            sys.stdout.flush()
+
+    res = generate(model, prompts, gen.max_new_tokens, config=gen, stream=stream if streaming else None)
+    if streaming:
+        sys.stdout.write(decoder.flush() + "\n")
+    else:
+        for text, toks in zip(shown, res.tokens):
+            toks = toks[:-1] if toks and toks[-1] in eos else toks
+            print(json.dumps({"prompt": text, "completion": tok.decode(toks)}, ensure_ascii=False))
+    return res
 
 
 # ------------------------------------------------------------------------------------------- flops
@@ -263,7 +309,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(
             f"# converting {args.src} -> {args.out}: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} "
             f"kv_heads={cfg.n_kv_heads} d_mlp={cfg.d_mlp} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len} "
-            f"rope_base={cfg.rope_base:g} norm_eps={cfg.norm_eps:g} tied={cfg.tie_embeddings} tokenizer={tok.name}",
+            f"rope_base={cfg.rope_base:g} norm_eps={cfg.norm_eps:g} tied={cfg.tie_embeddings} tokenizer={tok.name} "
+            f"eos={cfg.extra.get('eos_token_id')} chat_template={tok.chat_template is not None}",
             file=sys.stderr,
         )
 
@@ -473,6 +520,20 @@ def _add_generate_command(sub) -> None:
         action="append",
         default=[],
         help="text that ends a row when generated; must be exactly one token (repeatable)",
+    )
+    p.add_argument(
+        "--chat",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a user turn, rendered by the checkpoint's chat template with the assistant's turn opened "
+        "(repeatable: one conversation each, batched)",
+    )
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message before each --chat turn")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="do not stop at the checkpoint's end-of-sequence token (decode --max-new-tokens)",
     )
     p.add_argument(
         "--no-cache", action="store_true", help="recompute the whole sequence per token (slow; for checking)"

@@ -371,3 +371,103 @@ def test_train_threads_are_written_to_the_run_file(tmp_path, capsys):
 def test_negative_threads_are_one_line_errors(command, capsys, tmp_path):
     assert main([*command, "--threads", "-1"]) == 2
     assert "threads=-1 is invalid: must be >= 1 (or 0 for torch's default" in _err_line(capsys)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _eos_checkpoint(tmp_path, tokenizer_file, prompt_ids, eos_step=2, chat=False):
+    """A tiny BPE checkpoint recording as eos the token its greedy continuation of ``prompt_ids``
+    first produces at step ``eos_step`` or later; (ckpt, tokenizer, free continuation, eos).
+    ``chat``: the tokenizer has <|im_start|>/<|im_end|> and a chat template."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from modlm import ModelConfig, MoDTransformer
+    from modlm.inference.generate import generate
+    from modlm.training.checkpoint import save_checkpoint
+    from modlm.training.tokenizers import ChatTemplate, HFTokenizer
+
+    backend = Tokenizer.from_file(str(tokenizer_file))
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    template = ChatTemplate(CHAT_TEMPLATE, {"eos_token": "<|im_end|>"}) if chat else None
+    tok = HFTokenizer(backend.to_str().encode("utf-8"), chat_template=template)
+
+    def model(**extra):
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, extra=extra)
+        m = MoDTransformer(cfg).eval()
+        with torch.no_grad():  # weights large enough that greedy text varies
+            for p in m.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.3)
+        return m
+
+    free = generate(model(), [prompt_ids(tok)], 12, temperature=0.0).tokens[0]
+    eos = next(t for i, t in enumerate(free) if i >= eos_step and t not in free[:i])
+    m = model(eos_token_id=eos)
+    return save_checkpoint(tmp_path / "eos_ckpt", m, m.config, tokenizer=tok), tok, free, eos
+
+
+def test_generate_stops_at_the_checkpoints_eos_without_printing_it(tmp_path, capsys, bpe_tokenizer_file):
+    ckpt, tok, free, eos = _eos_checkpoint(tmp_path, bpe_tokenizer_file, lambda tok: tok.encode("The city"))
+    j = free.index(eos)
+    argv = ["generate", "--ckpt", str(ckpt), "--prompt", "The city", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "The city" + tok.decode(free[:j]) + "\n" and f"eos=[{eos}]" in cap.err
+    assert f"# {j + 1} tokens in" in cap.err  # the eos was generated, then decoding ended
+    assert main(argv + ["--ignore-eos"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "The city" + tok.decode(free) + "\n" and "eos=ignored" in cap.err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The city\nThe city\n", encoding="utf-8")
+    argv = ["generate", "--ckpt", str(ckpt), "--prompts-file", str(prompts), "--max-new-tokens", "12"]
+    assert main(argv + ["--temperature", "0"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [d["completion"] for d in lines] == [tok.decode(free[:j])] * 2
+
+
+def test_generate_chat_renders_the_template_and_stops_at_eos(tmp_path, capsys, bpe_tokenizer_file):
+    from modlm.training.chat import apply_chat_template
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The city?"}]
+    ckpt, tok, free, eos = _eos_checkpoint(
+        tmp_path, bpe_tokenizer_file, lambda tok: tok.encode(apply_chat_template(tok, chat)), chat=True
+    )
+    assert apply_chat_template(ckpt, chat).endswith("The city?<|im_end|>\n<|im_start|>assistant\n")
+    argv = ["generate", "--ckpt", str(ckpt), "--chat", "The city?", "--system", "Be brief.", "--temperature", "0"]
+    assert main(argv + ["--max-new-tokens", "12"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == tok.decode(free[: free.index(eos)]) + "\n" and "chat=True" in cap.err  # the reply alone
+    # each --chat is one conversation; several are batched, JSON lines out
+    assert main(argv + ["--chat", "The city?", "--max-new-tokens", "12"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert lines == [{"prompt": "The city?", "completion": tok.decode(free[: free.index(eos)])}] * 2
+
+
+def test_chat_flags_that_do_not_fit_are_one_line(tmp_path, capsys, bpe_tokenizer_file):
+    ckpt = _byte_checkpoint(tmp_path)
+    cases = [
+        (["--chat", "hi"], f"--chat: checkpoint {ckpt} has no chat template"),
+        (["--prompt", "a", "--system", "Be brief."], "--system 'Be brief.' needs --chat"),
+        (["--prompt", "a", "--chat", "hi"], "--prompt and --chat both given"),
+        (["--prompt", "a", "--ignore-eos=yes"], "--ignore-eos: ignored explicit argument 'yes'"),
+    ]
+    for extra, fragment in cases:
+        assert _exit_code(["generate", "--ckpt", str(ckpt), *extra]) == 2
+        cap = capsys.readouterr()
+        lines = cap.err.strip().splitlines()
+        assert cap.out == "" and len(lines) == 1 and lines[0].startswith("modlm"), (extra, lines)
+        assert fragment in lines[0], (extra, lines)
+
+
+def _exit_code(argv):
+    """main's status, also when the parser exits (a flag given a value it does not take)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code

@@ -123,7 +123,9 @@ def main(argv=None) -> dict:
     }
     rates = side_by_side(decoders, args.new_tokens, args.rounds, args.warmup)
     # The compute it used, from one more (untimed) traced run: tracing costs host work per step.
-    fraction = decode_compute_fraction(routed, generate(routed, [prompt], args.new_tokens, temperature=0, trace=True))
+    fraction = decode_compute_fraction(
+        routed, generate(routed, [prompt], args.new_tokens, temperature=0, trace=True, ignore_eos=True)
+    )
     window = min(512, len(text) - 1)
     n_win = max(1, (len(text) - 1) // window)
     windows = torch.stack([text[i * window : i * window + window + 1] for i in range(n_win)])

@@ -221,7 +221,9 @@ def timed_pair(models: dict, prompts: torch.Tensor, args, seed: int, first: str,
     one alternates too), so load changes hit all alike. Returns ({name: tokens/s}, MoD decode
     routed fraction per layer, from its cache)."""
     sessions = {
-        name: DecodeSession(m, prompts, args.new_tokens, temperature=args.temperature, seed=seed, return_cache=True)
+        name: DecodeSession(
+            m, prompts, args.new_tokens, temperature=args.temperature, seed=seed, return_cache=True, ignore_eos=True
+        )
         for name, m in models.items()
     }
     mod_cache = sessions["mod"].cache
@@ -261,7 +263,7 @@ def count_device_syncs(mod, batch: int, device: torch.device, steps: int = 8) ->
     import warnings
 
     prompts = torch.randint(0, mod.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(0))
-    session = DecodeSession(mod, prompts.to(device), steps + 1, temperature=0.0, seed=0)
+    session = DecodeSession(mod, prompts.to(device), steps + 1, temperature=0.0, seed=0, ignore_eos=True)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

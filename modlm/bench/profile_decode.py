@@ -128,8 +128,8 @@ def build_sessions(args) -> tuple[dict[str, DecodeSession], int]:
     calibrate_thresholds(mod, pool[:32], args.target_fraction)
     prompts = pool[32 : 32 + B, : args.prompt_len]
     sessions = {
-        "mod": DecodeSession(mod, prompts, args.steps + 2, seed=args.seed),
-        "dense": DecodeSession(dense, prompts, args.steps + 2, seed=args.seed),
+        "mod": DecodeSession(mod, prompts, args.steps + 2, seed=args.seed, ignore_eos=True),
+        "dense": DecodeSession(dense, prompts, args.steps + 2, seed=args.seed, ignore_eos=True),
     }
     return sessions, len(cfg.routed_layers)
 

@@ -236,7 +236,9 @@ def compare_decoders(
         cfg.new_tokens,
         cfg.rounds,
     )
-    traced = generate(routed, [prompt], cfg.new_tokens, temperature=0, trace=True)  # untimed: tracing costs
+    traced = generate(
+        routed, [prompt], cfg.new_tokens, temperature=0, trace=True, ignore_eos=True
+    )  # untimed: tracing costs
     log(f"# tok/s {json.dumps(rates)}")
     return {
         "best": best_name,

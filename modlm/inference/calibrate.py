@@ -190,7 +190,7 @@ def sweep_knob(
             th = calibrate_thresholds(model, calib, f)
             per_layer = measure_routed_fraction(model, inputs)
             loss = evaluate_lm(model, window_batches(model, windows), routing="causal").loss
-            res = generate(model, prompts, new_tokens, temperature=1.0, seed=seed)
+            res = generate(model, prompts, new_tokens, temperature=1.0, seed=seed, ignore_eos=True)
             results.append(
                 {
                     "fraction": float(f),

@@ -45,6 +45,9 @@ class GenerationConfig:
     temperature: 0 = greedy; top_k / top_p: the usual filters (None: off).
     seed: seeds the sampler's own generator (same seed, same text; None: a random seed).
     stop_tokens: a row ends after emitting any of these.
+    ignore_eos: False (default): the model's end-of-sequence token(s), ``config.extra["eos_token_id"]``
+        (recorded by ``modlm convert``; an int or a list), also end a row. True: they do not
+        (fixed-length decoding, as benchmarks need). A model that records none decodes as before.
     use_cache: the routed KV cache (fast); False recomputes the whole sequence per token
         (causal routing throughout, also for the prompt after the first step).
     prefill_routing: "causal" (default; prefill+decode equals a full causal forward) or "topk".
@@ -61,6 +64,7 @@ class GenerationConfig:
     top_p: float | None = None
     seed: int | None = None
     stop_tokens: Sequence[int] = ()
+    ignore_eos: bool = False
     use_cache: bool = True
     prefill_routing: str = "causal"
     trace: bool = False
@@ -94,7 +98,7 @@ class GenerationConfig:
             "stop_tokens",
             "must be a list of token ids (ints)",
         )
-        for name in ("use_cache", "trace", "return_logits", "return_cache"):
+        for name in ("ignore_eos", "use_cache", "trace", "return_logits", "return_cache"):
             check(isinstance(getattr(self, name), bool), name, "must be True or False")
 
     @classmethod
@@ -147,6 +151,26 @@ def _token_id(t: Any) -> int | None:
         return operator.index(t)
     except TypeError:
         return None
+
+
+def eos_tokens(model_config: Any) -> tuple[int, ...]:
+    """The end-of-sequence ids a model records in ``config.extra["eos_token_id"]``: () when it
+    records none; Hugging Face configs hold an int or a list of ints, so both are read.
+
+    Raises a one-line ValueError naming the value when it is neither (or an id is outside the
+    vocabulary): decoding would otherwise run past the model's end without a word.
+    """
+    value = model_config.extra.get("eos_token_id")
+    if value is None:
+        return ()
+    ids = [value] if not isinstance(value, (list, tuple)) else list(value)
+    V = model_config.vocab_size
+    if not all(is_int(t) and 0 <= t < V for t in ids):
+        raise ValueError(
+            f"ModelConfig.extra['eos_token_id']={value!r} is invalid: must be a token id in [0, {V}) or a "
+            "list of them (ignore_eos=True decodes without it)"
+        )
+    return tuple(ids)
 
 
 def validate_prompts(model: MoDTransformer, prompts: Any, max_new_tokens: int) -> list[list[int]]:
@@ -244,7 +268,7 @@ def generate(
     Args:
         prompts: token-id lists (ragged), a (B, T) tensor, or one (T,) tensor.
         max_new_tokens, **options: ``GenerationConfig`` fields (temperature, top_k, top_p, seed,
-            stop_tokens, use_cache, prefill_routing, trace, return_logits, return_cache),
+            stop_tokens, ignore_eos, use_cache, prefill_routing, trace, return_logits, return_cache),
             applied on top of ``config``.
         stream: called as stream(row, token) for each new token as it is chosen.
 
@@ -287,6 +311,8 @@ class DecodeSession:
     ):
         cfg = self.config = GenerationConfig.resolve(config, max_new_tokens, options)
         prompts = validate_prompts(model, prompts, cfg.max_new_tokens)
+        # The model's eos ends a row like an explicit stop token: one set, read once per token.
+        self.stops = {int(s) for s in cfg.stop_tokens} | set(() if cfg.ignore_eos else eos_tokens(model.config))
         self.model, self.max_new_tokens = model, cfg.max_new_tokens
         self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
         self.use_cache, self.stream, self.trace = cfg.use_cache, stream, cfg.trace
@@ -297,7 +323,6 @@ class DecodeSession:
         device = next(model.parameters()).device
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        self.stops = {int(s) for s in cfg.stop_tokens}
         prefill_routing = cfg.prefill_routing
 
         idx_BT, mask_BT, pos_BT = _left_pad(prompts, device)

@@ -18,7 +18,7 @@ def modlm_decoder(model, prompt: list[int], new_tokens: int) -> Callable[[], tup
 
     def run():
         t0 = time.perf_counter()
-        res = generate(model, [prompt], new_tokens, temperature=0)
+        res = generate(model, [prompt], new_tokens, temperature=0, ignore_eos=True)
         return res.tokens[0], time.perf_counter() - t0
 
     return run

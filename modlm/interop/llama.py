@@ -3,7 +3,9 @@
 One table (``LLAMA_WEIGHTS``) maps every Hugging Face weight name to its modlm name, with the
 fusing rules; one function (``llama_model_config``) maps config.json to a ``ModelConfig``. The
 rest reads a source (a directory of config.json + safetensors, or a GGUF file through
-``transformers``) and writes a checkpoint with the model's tokenizer.
+``transformers``) and writes a checkpoint with the model's tokenizer, its chat template
+(``modlm.training.tokenizers.ChatTemplate``, kept in the tokenizer's spec) and its end-of-sequence
+ids (``ModelConfig.extra["eos_token_id"]``, where decoding stops).
 
 Why no weight needs permuting: Hugging Face Llama checkpoints already use the rotate-half RoPE
 layout (dims i and i + E/2 form a pair), which is modlm's (``modlm.model.layers.apply_rotary``),
@@ -30,7 +32,7 @@ import torch
 from modlm.config import ModelConfig
 from modlm.model.transformer import MoDTransformer
 from modlm.training.checkpoint import save_checkpoint
-from modlm.training.tokenizers import HF_FILENAME, HFTokenizer
+from modlm.training.tokenizers import HF_FILENAME, SPECIAL_TOKEN_NAMES, ChatTemplate, HFTokenizer
 from modlm.validation import is_int
 
 __all__ = [
@@ -274,16 +276,32 @@ def from_hf_llama(hf_model: torch.nn.Module, *, max_seq_len: int | None = None) 
     """
     hf = hf_model.config.to_dict()
     name = Path(str(hf.get("_name_or_path") or "llama")).name or "llama"
-    config = llama_model_config(hf, max_seq_len=max_seq_len, name=name, extra=_notes(hf, "transformers"))
+    generation = getattr(hf_model, "generation_config", None)
+    notes = _notes(hf, "transformers", generation.to_dict() if generation is not None else None)
+    config = llama_model_config(hf, max_seq_len=max_seq_len, name=name, extra=notes)
     return _build(config, {k: v.detach() for k, v in hf_model.state_dict().items()})
 
 
-def _notes(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """What ``ModelConfig.extra`` keeps of the source: where it came from and its special ids."""
+def _notes(hf: Mapping[str, Any], source: str, generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``ModelConfig.extra`` keeps of the source: where it came from and its special ids.
+
+    ``eos_token_id`` (an int or a list: decoding stops at any of them) joins the ids of
+    generation_config.json, which ``transformers`` decodes with, to config.json's: chat models
+    often list their end-of-turn token only there.
+    """
     notes: dict[str, Any] = {"converted_from": source, "hf_model_type": hf.get("model_type")}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if hf.get(key) is not None:
             notes[key] = hf[key]
+    eos = [
+        t
+        for value in ((generation or {}).get("eos_token_id"), hf.get("eos_token_id"))
+        for t in (value if isinstance(value, list) else [value])
+        if t is not None
+    ]
+    eos = list(dict.fromkeys(eos))  # generation_config's first, each id once
+    if eos:
+        notes["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     return notes
 
 
@@ -331,18 +349,26 @@ class LlamaSource:
         _check_llama(self.hf_config)  # what the config says is refused before weights are looked for
         _rope_theta(self.hf_config)
         self.weight_files = [] if self.gguf_file else self._find_weight_files()
+        # A GGUF file's eos ids come with its config (transformers reads tokenizer.ggml.eos_token_id).
+        self.generation_config = {} if self.gguf_file else self._read_json("generation_config.json", optional=True)
 
     def _read_config(self) -> dict[str, Any]:
         if self.gguf_file is not None:
             return _transformers().AutoConfig.from_pretrained(self.directory, gguf_file=self.gguf_file).to_dict()
-        path = self.directory / "config.json"
+        return self._read_json("config.json")
+
+    def _read_json(self, name: str, optional: bool = False) -> dict[str, Any]:
+        """A JSON object of the model directory ({} for a missing optional file)."""
+        path = self.directory / name
+        if optional and not path.is_file():
+            return {}
         try:
-            hf = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not readable JSON ({type(e).__name__})") from None
-        if not isinstance(hf, dict):
+        if not isinstance(obj, dict):
             raise ValueError(f"{path} is not a JSON object")
-        return hf
+        return obj
 
     def _find_weight_files(self) -> list[str]:
         index = self.directory / "model.safetensors.index.json"
@@ -362,9 +388,8 @@ class LlamaSource:
     def model_config(self, max_seq_len: int | None = None) -> ModelConfig:
         """The dense ``ModelConfig`` (see ``llama_model_config``)."""
         source = str(self.path)
-        return llama_model_config(
-            self.hf_config, max_seq_len=max_seq_len, name=self.name, extra=_notes(self.hf_config, source)
-        )
+        extra = _notes(self.hf_config, source, self.generation_config)
+        return llama_model_config(self.hf_config, max_seq_len=max_seq_len, name=self.name, extra=extra)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor under its Hugging Face name (a GGUF file's dequantized by ``transformers``)."""
@@ -386,18 +411,63 @@ class LlamaSource:
             path = path / HF_FILENAME if path.is_dir() else path
             if not path.is_file():
                 raise ValueError(f"tokenizer={str(override)!r} is not a {HF_FILENAME} file or a directory holding one")
-            return HFTokenizer.from_file(path)
-        if self.gguf_file is None:
-            if not (self.directory / HF_FILENAME).is_file():
+        elif self.gguf_file is None:
+            path = self.directory / HF_FILENAME
+            if not path.is_file():
                 raise ValueError(
                     f"{self.directory} has no {HF_FILENAME}: pass tokenizer= (--tokenizer) a tokenizer.json"
                 )
-            return HFTokenizer.from_file(self.directory / HF_FILENAME)
+        else:
+            return self._gguf_tokenizer()
+        # The source's chat template stays with a replacement tokenizer: it is the model's chat format.
+        tok = HFTokenizer.from_file(path)
+        tok.chat_template = self._directory_chat_template() if self.gguf_file is None else self._gguf_chat_template()
+        return tok
+
+    def _directory_chat_template(self) -> ChatTemplate | None:
+        """The chat template of a model directory: chat_template.jinja, else tokenizer_config.json's
+        ``chat_template`` (a string, or a list of named templates of which "default" is used), with
+        the special-token strings of tokenizer_config.json; None when there is none."""
+        config = self._read_json("tokenizer_config.json", optional=True)
+        jinja = self.directory / "chat_template.jinja"
+        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
+        return _chat_template(template, config, str(self.directory))
+
+    def _gguf_tokenizer(self) -> HFTokenizer:
+        """The tokenizer ``transformers`` rebuilds from the GGUF metadata, with its chat template."""
         tok = _transformers().AutoTokenizer.from_pretrained(self.directory, gguf_file=self.gguf_file)
         backend = getattr(tok, "backend_tokenizer", None)  # a fast tokenizer's is a tokenizer.json
         if backend is None:
             raise ValueError(f"{self.path}: transformers gave no fast tokenizer to save as {HF_FILENAME}")
-        return HFTokenizer(backend.to_str().encode("utf-8"), source=str(self.path))
+        chat = _chat_template(tok.chat_template, tok.special_tokens_map, str(self.path))
+        return HFTokenizer(backend.to_str().encode("utf-8"), source=str(self.path), chat_template=chat)
+
+    def _gguf_chat_template(self) -> ChatTemplate | None:
+        """The GGUF file's ``tokenizer.chat_template`` (read through ``transformers``' tokenizer)."""
+        return self._gguf_tokenizer().chat_template
+
+
+def _chat_template(template: Any, special: Mapping[str, Any], where: str) -> ChatTemplate | None:
+    """A ``ChatTemplate`` from a source's template (None, a string, or Hugging Face's named
+    templates as a list of {"name", "template"} or a dict) and its special tokens, whose values
+    may be strings or added-token dicts ({"content": ...})."""
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+    if isinstance(template, Mapping):
+        if "default" not in template:
+            raise ValueError(f"{where}: the chat templates {sorted(map(str, template))} include no 'default' one")
+        template = template["default"]
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise ValueError(f"{where}: chat_template={template!r:.60} is not a string")
+    tokens = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        value = special.get(name)
+        value = value.get("content") if isinstance(value, Mapping) else value
+        if isinstance(value, str):
+            tokens[name] = value
+    return ChatTemplate(template, tokens)
 
 
 def read_llama_config(src: str | Path, *, max_seq_len: int | None = None) -> ModelConfig:

@@ -11,7 +11,7 @@ Layout of a checkpoint directory::
     tokenizer.json          (only for a Hugging Face tokenizer) the tokenizer the model was trained with
 
 ``config.json["tokenizer"]`` is the tokenizer's ``spec()`` ({"kind": "byte"} or {"kind": "hf",
-"file", "sha256", "vocab_size"}); checkpoints written before it existed have no entry and mean
+"file", "sha256", "vocab_size"}, with "chat_template" for a chat model's); checkpoints written before it existed have no entry and mean
 the byte tokenizer.
 
 Only tensors and JSON are stored, so loading never executes code (no pickle, no ``torch.load``).

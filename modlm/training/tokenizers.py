@@ -5,6 +5,10 @@ checkpoint's ``config.json``), ``save(directory)`` writes the files that descrip
 ``tokenizer_from_spec(spec, directory)`` rebuilds it. ``name`` is its identity: two tokenizers with
 equal names give equal ids for every text, so the token cache keys on it.
 
+``ChatTemplate`` is a chat model's Jinja template (a conversation -> its prompt text), rendered
+as ``transformers``' ``apply_chat_template`` renders it; ``HFTokenizer.chat_template`` carries it,
+since the template is written for that tokenizer's special tokens.
+
 ``StreamDecoder`` turns a stream of sampled ids into text that can be printed as it comes, even
 when one character spans several tokens (a byte tokenizer, byte-level BPE).
 """
@@ -12,7 +16,11 @@ when one character spans several tokens (a byte tokenizer, byte-level BPE).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +29,7 @@ import torch
 
 __all__ = [
     "ByteTokenizer",
+    "ChatTemplate",
     "HFTokenizer",
     "StreamDecoder",
     "Tokenizer",
@@ -103,6 +112,112 @@ class ByteTokenizer:
 
 
 # --------------------------------------------------------------------------------------------
+# Chat templates
+# --------------------------------------------------------------------------------------------
+
+# The named special tokens Hugging Face hands a template (``special_tokens_map``).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _check_messages(messages: Any) -> list[dict[str, str]]:
+    """``messages`` as a list of plain {"role": str, "content": str} dicts, or a one-line
+    ValueError naming the first bad message."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError(f"messages={messages!r:.80} is invalid: give a non-empty list of {{'role', 'content'}} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} is {m!r:.80}: each message must be a dict with str 'role' and 'content'")
+        out.append({str(k): v for k, v in m.items()})
+    return out
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str) -> Any:
+    """The template compiled in a Jinja environment like ``transformers``' (sandboxed: templates
+    come from model hubs and are untrusted code)."""
+    try:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ImportError("a chat template needs jinja2 (torch depends on it): pip install 'jinja2>=3.1'") from None
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        # Jinja's own tojson escapes HTML characters, which would change the prompt text.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not parse (line {e.lineno}: {e.message})") from None
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat model's Jinja template and the special-token strings it may read.
+
+    template: the Jinja source. special_tokens: {"bos_token": "<s>", "eos_token": "</s>", ...},
+    passed to the template as variables (Hugging Face's ``special_tokens_map``).
+    """
+
+    template: str
+    special_tokens: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """One-line ValueErrors naming the bad field."""
+        if not isinstance(self.template, str) or not self.template.strip():
+            raise ValueError(f"ChatTemplate.template={self.template!r:.60} is invalid: must be a non-empty string")
+        tokens = self.special_tokens
+        if not isinstance(tokens, Mapping) or not all(
+            k in SPECIAL_TOKEN_NAMES and isinstance(v, str) for k, v in tokens.items()
+        ):
+            raise ValueError(
+                f"ChatTemplate.special_tokens={tokens!r:.80} is invalid: must map names in "
+                f"{SPECIAL_TOKEN_NAMES} to strings"
+            )
+        object.__setattr__(self, "special_tokens", dict(tokens))
+
+    def spec(self) -> dict[str, Any]:
+        """JSON description (kept in a tokenizer's ``spec()``); ``from_spec`` reads it back."""
+        return {"template": self.template, "special_tokens": dict(self.special_tokens)}
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> ChatTemplate:
+        """The template of a ``spec()``; a one-line ValueError when it is not one."""
+        if not isinstance(spec, Mapping) or "template" not in spec:
+            raise ValueError(f"chat template spec {spec!r:.80} is invalid: must be a dict with a 'template'")
+        return cls(spec["template"], spec.get("special_tokens") or {})
+
+    def render(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text of ``messages`` ([{"role": "user", "content": "..."}, ...]); with
+        ``add_generation_prompt`` the template's opening of the assistant's turn follows.
+
+        Raises ValueError (one line) for bad messages or a template that raises on them.
+        """
+        import jinja2
+
+        compiled = _compile(self.template)
+        try:
+            return compiled.render(
+                messages=_check_messages(messages),
+                tools=None,
+                documents=None,
+                add_generation_prompt=bool(add_generation_prompt),
+                **self.special_tokens,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"the chat template refused the messages: {' '.join(str(e).split())}") from None
+
+
+# --------------------------------------------------------------------------------------------
 # Hugging Face tokenizers
 # --------------------------------------------------------------------------------------------
 
@@ -124,9 +239,12 @@ class HFTokenizer:
     shown. The exact bytes of the tokenizer.json are kept: their sha256 is the identity, and
     ``save`` writes them back unchanged, so a tokenizer reloaded from a checkpoint has the same
     ``name`` (and reuses the same token cache) as the file it came from.
+
+    ``chat_template``: a chat model's template (``ChatTemplate``), or None.
+    It changes no id, so it is not part of ``name``; ``spec()`` carries it.
     """
 
-    def __init__(self, tokenizer_json: bytes, source: str = HF_FILENAME):
+    def __init__(self, tokenizer_json: bytes, source: str = HF_FILENAME, chat_template: ChatTemplate | None = None):
         tokenizers = _import_tokenizers()
         try:
             self._tok = tokenizers.Tokenizer.from_str(tokenizer_json.decode("utf-8"))
@@ -134,6 +252,7 @@ class HFTokenizer:
             why = " ".join(str(e).split()) or type(e).__name__
             raise ValueError(f"{source} is not a Hugging Face tokenizer.json ({why})") from None
         self._json = tokenizer_json
+        self.chat_template = chat_template
         self.sha256 = hashlib.sha256(tokenizer_json).hexdigest()
         self.name = f"hf-{self.sha256[:16]}"
         # Not get_vocab_size(): ids of added tokens need not be contiguous; the embedding must hold the largest.
@@ -153,7 +272,10 @@ class HFTokenizer:
         return self._tok.decode(arr.tolist(), skip_special_tokens=False)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "hf", "file": HF_FILENAME, "sha256": self.sha256, "vocab_size": self.vocab_size}
+        spec = {"kind": "hf", "file": HF_FILENAME, "sha256": self.sha256, "vocab_size": self.vocab_size}
+        if self.chat_template is not None:
+            spec["chat_template"] = self.chat_template.spec()
+        return spec
 
     def save(self, directory: Path) -> list[str]:
         (Path(directory) / HF_FILENAME).write_bytes(self._json)
@@ -167,6 +289,8 @@ class HFTokenizer:
         tok = cls.from_file(path)
         if tok.sha256 != spec["sha256"]:
             raise ValueError(f"{path} does not match its recorded sha256 (corrupted or replaced)")
+        if spec.get("chat_template") is not None:
+            tok.chat_template = ChatTemplate.from_spec(spec["chat_template"])
         return tok
 
     def __repr__(self) -> str:

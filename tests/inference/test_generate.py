@@ -322,3 +322,82 @@ def test_token_choice_router_decodes_through_the_generic_path_and_matches_recomp
         routes = model(seq, routing="causal").routes
         masks = {i: route_mask(routes[i], seq.shape[1])[0, len(p) :].tolist() for i in model.config.routed_layers}
         assert cached.routing[b] == [[i for i in masks if masks[i][t]] for t in range(len(cached.routing[b]))]
+
+
+def _first_stop(row, stops):
+    """``row`` up to and including its first token in ``stops``."""
+    hits = [i for i, t in enumerate(row) if t in stops]
+    return row[: hits[0] + 1] if hits else row
+
+
+def _varied(**kw):
+    """A tiny model with weights large enough that its greedy text varies (a fresh init repeats
+    one token), so a chosen token first comes at a known step."""
+    model = _tiny(**kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def _eos_at_step(ref_row, step):
+    """A token of ``ref_row`` whose first occurrence is at index ``step`` or later (the first such)."""
+    return next(t for i, t in enumerate(ref_row) if i >= step and t not in ref_row[:i])
+
+
+def test_generation_stops_at_the_models_eos_unless_ignored():
+    prompts = _prompts(lens=(6, 9, 4))
+    ref = generate(_varied(), prompts, 24, temperature=0).tokens
+    eos = _eos_at_step(ref[0], 2)
+    model = _varied(extra={"eos_token_id": eos})  # same seed: the same weights, now with a recorded eos
+    got = generate(model, prompts, 24, temperature=0)
+    assert got.tokens == [_first_stop(r, {eos}) for r in ref]
+    assert got.tokens[0][-1] == eos and len(got.tokens[0]) == ref[0].index(eos) + 1 <= 24
+    assert generate(model, prompts, 24, temperature=0, ignore_eos=True).tokens == ref
+    # explicit stop tokens still end rows beside the eos
+    stop = ref[1][1]
+    both = generate(model, prompts, 24, temperature=0, stop_tokens=[stop]).tokens
+    assert both == [_first_stop(r, {eos, stop}) for r in ref]
+
+
+def test_a_list_of_eos_ids_stops_rows_at_different_steps():
+    prompts = _prompts(lens=(6, 9, 4))
+    ref = generate(_varied(), prompts, 24, temperature=0).tokens
+    eos = [_eos_at_step(ref[0], 2), _eos_at_step(ref[1], 6)]
+    model = _varied(extra={"eos_token_id": eos})  # Hugging Face configs may list several
+    expect = [_first_stop(r, set(eos)) for r in ref]
+    assert len({len(r) for r in expect}) > 1  # the rows really end at different steps
+    seen = {0: [], 1: [], 2: []}
+    got = generate(model, prompts, 24, temperature=0, stream=lambda b, t: seen[b].append(t))
+    assert got.tokens == expect and [seen[b] for b in range(3)] == expect
+    session = DecodeSession(model, prompts, 24, temperature=0)
+    steps = 1
+    while session.step():
+        steps += 1
+    assert session.result().tokens == expect and steps == max(len(r) for r in expect)
+
+
+@pytest.mark.parametrize(
+    "extra, options, fragment",
+    [
+        ({"eos_token_id": "</s>"}, {}, "ModelConfig.extra['eos_token_id']='</s>'"),
+        ({"eos_token_id": [1, 256]}, {}, "ModelConfig.extra['eos_token_id']=[1, 256]"),
+        ({"eos_token_id": True}, {}, "ModelConfig.extra['eos_token_id']=True"),
+        ({}, {"ignore_eos": "yes"}, "GenerationConfig.ignore_eos='yes'"),
+    ],
+)
+def test_a_bad_eos_or_ignore_eos_is_one_line_naming_the_value(extra, options, fragment):
+    model = _varied(extra=extra)
+    with pytest.raises(ValueError) as e:
+        generate(model, [[1, 2, 3]], 4, **options)
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert model.training  # refused before the model was touched
+
+
+def test_a_bad_recorded_eos_decodes_with_ignore_eos():
+    model = _varied(extra={"eos_token_id": "</s>"})
+    assert (
+        generate(model, [[1, 2, 3]], 4, temperature=0, ignore_eos=True).tokens
+        == generate(_varied(), [[1, 2, 3]], 4, temperature=0).tokens
+    )

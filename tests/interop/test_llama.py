@@ -253,3 +253,82 @@ def test_cli_convert_bad_sources_fail_in_one_line(tmp_path, bpe_tokenizer_file, 
         capsys, ["convert", str(pickled), out, "--tokenizer", str(bpe_tokenizer_file)], "no *.safetensors weights"
     )
     assert not (tmp_path / "ckpt").exists()
+
+
+# A SmolLM2-style template that also reads a special token (as Llama's templates read bos_token).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+
+
+def _chat_source(path, bpe_tokenizer_file, layout):
+    """A tiny Llama chat model folder as ``transformers`` saves it: chat_template.jinja (layout
+    "jinja"), or the template inside tokenizer_config.json ("config": older files) or listed
+    there among named templates ("named"); eos ids in config.json and generation_config.json."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(bpe_tokenizer_file))
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE
+    )
+    end, text_end = fast.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    _save_source(_hf_llama(False, eos_token_id=text_end, bos_token_id=fast.bos_token_id), path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, text_end]}))
+    fast.save_pretrained(path)
+    if layout != "jinja":
+        (path / "chat_template.jinja").unlink()
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        config["chat_template"] = (
+            CHAT_TEMPLATE
+            if layout == "config"
+            else [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHAT_TEMPLATE}]
+        )
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return fast, end, text_end
+
+
+@pytest.mark.parametrize("layout", ["jinja", "config", "named"])
+def test_convert_keeps_the_chat_template_and_every_eos(tmp_path, bpe_tokenizer_file, layout, capsys):
+    from modlm.training.chat import apply_chat_template
+
+    fast, end, text_end = _chat_source(tmp_path / "src", bpe_tokenizer_file, layout)
+    out = tmp_path / "ckpt"
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "src"), str(out)]) == 0
+    assert f"eos=[{end}, {text_end}] chat_template=True" in capsys.readouterr().err
+    want = fast.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert want.endswith("<|im_start|>assistant\n") and "Be brief.<|im_end|>" in want
+    assert apply_chat_template(out, CHAT) == want  # rendered from the checkpoint alone
+    tok = load_tokenizer_from_checkpoint(out)
+    assert tok.encode(want) == fast(want, add_special_tokens=False)["input_ids"]
+    assert tok.chat_template.render(CHAT, add_generation_prompt=False) == fast.apply_chat_template(
+        CHAT, tokenize=False, add_generation_prompt=False
+    )
+    # generation_config.json's ids first, then config.json's: decoding stops at either
+    assert load_model(out).config.extra["eos_token_id"] == [end, text_end]
+
+
+def test_convert_without_a_template_keeps_none(tmp_path, bpe_tokenizer_file):
+    from modlm.training.chat import apply_chat_template
+
+    src = _save_source(_hf_llama(True, eos_token_id=0), tmp_path / "src", bpe_tokenizer_file)
+    out = convert_llama(src, tmp_path / "ckpt")
+    assert load_tokenizer_from_checkpoint(out).chat_template is None
+    assert load_model(out).config.extra["eos_token_id"] == 0  # one id stays an int, as config.json has it
+    with pytest.raises(ValueError, match=f"{tmp_path / 'ckpt'} has no chat template"):
+        apply_chat_template(out, CHAT)
+
+
+def test_a_source_whose_named_templates_have_no_default_is_one_line(tmp_path, bpe_tokenizer_file):
+    _chat_source(tmp_path / "src", bpe_tokenizer_file, "named")
+    config = json.loads((tmp_path / "src" / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "x"}]
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the chat templates \['tool_use'\] include no 'default' one"):
+        convert_llama(tmp_path / "src", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
