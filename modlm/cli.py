@@ -335,28 +335,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     far above the original's (--max-loss-rise). Defaults: tune-routers, router tuned, capacity
     0.5, the later half of the layers but the last, loss lm, 200 steps of 1 x 256 tokens at lr
     2e-3, the thresholds calibrated on 1024 tokens, 2048 held-out tokens, 1 thread."""
-    from modlm.adapt.config import AdaptConfig, parse_layers
+    from modlm.adapt.config import AdaptConfig
     from modlm.adapt.tune import adapt_checkpoint
+    from modlm.spec.fields import flag_values
     from modlm.training.checkpoint import read_checkpoint_config
 
-    cfg = AdaptConfig(
-        method=args.method,
-        loss=args.loss,
-        keep=args.keep,
-        drop=args.drop,
-        eval_tokens=args.eval_tokens,
-        max_loss_rise=args.max_loss_rise,
-        router=args.router,
-        capacity=args.capacity,
-        layers=None if args.layers is None else parse_layers(args.layers),
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        lr=args.lr,
-        calib_tokens=args.calib_tokens,
-        seed=args.seed,
-        grad_clip=args.grad_clip,
-    )
+    cfg = AdaptConfig(**flag_values(AdaptConfig, args))
     with use_threads(args.threads):
         out = adapt_checkpoint(args.ckpt, args.out, cfg, data=args.data, log=lambda line: print(line, file=sys.stderr))
     report = read_checkpoint_config(out)["train"]["eval"]
@@ -365,107 +349,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _add_adapt_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``modlm adapt``: ``AdaptConfig``'s fields, each declared with its flag."""
     from modlm.adapt.config import AdaptConfig
-
-    d = AdaptConfig()
-    _add_adapt_method_args(p, d)
-    _add_adapt_training_args(p, d)
-
-
-def _add_adapt_method_args(p: argparse.ArgumentParser, d) -> None:
-    """What ``modlm adapt`` does: the method, and each method's own knobs (``d``: the defaults)."""
-    from modlm.adapt.config import ADAPT_LOSSES, ADAPT_METHODS, ADAPT_ROUTERS, DEFAULT_KEEP
+    from modlm.spec.fields import add_field_flags
 
     p.add_argument("ckpt", help="a dense modlm checkpoint (e.g. from modlm convert)")
     p.add_argument("out", help="the adapted checkpoint directory to write")
-    p.add_argument(
-        "--method",
-        choices=ADAPT_METHODS,
-        default=d.method,
-        help="tune-routers (MoD routers on a frozen base) or remove-layers (drop whole blocks) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--keep",
-        type=float,
-        default=None,
-        help=f"remove-layers: fraction of the blocks to keep, rounded (default: {DEFAULT_KEEP} unless --drop)",
-    )
-    p.add_argument(
-        "--drop",
-        type=int,
-        default=None,
-        help="remove-layers: number of blocks to drop, instead of --keep (default: none, --keep decides)",
-    )
-    p.add_argument(
-        "--router",
-        choices=ADAPT_ROUTERS,
-        default=d.router,
-        help="tune-routers: tuned or attention (A-MoD) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--capacity",
-        type=float,
-        default=d.capacity,
-        help="tune-routers: fraction of tokens a routed layer processes (default: %(default)s)",
-    )
-    p.add_argument(
-        "--layers",
-        default=None,
-        help="tune-routers: layers to route, e.g. 14-28 or 3,5,7 (default: the later half but the last)",
-    )
-    p.add_argument(
-        "--loss",
-        choices=ADAPT_LOSSES,
-        default=d.loss,
-        help="tune-routers: kl = distillation from the original's next-token distribution, lm = the LM loss, "
-        "kl+lm = their sum (default: %(default)s)",
-    )
-
-
-def _add_adapt_training_args(p: argparse.ArgumentParser, d) -> None:
-    """How ``modlm adapt`` trains, calibrates and measures (``d``: the defaults)."""
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training window (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step (default: %(default)s)")
-    p.add_argument(
-        "--steps", type=int, default=d.steps, help="optimizer steps on the routing parameters (default: %(default)s)"
-    )
-    p.add_argument(
-        "--lr", type=float, default=d.lr, help="AdamW learning rate of the routing parameters (default: %(default)s)"
-    )
-    p.add_argument(
-        "--grad-clip",
-        type=float,
-        default=d.grad_clip,
-        help="max gradient norm per clip group, 0 = off (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-loss-rise",
-        type=float,
-        default=d.max_loss_rise,
-        help="tune-routers: stop, writing nothing, when the training LM loss (mean of the last 10 steps) exceeds "
-        "the original's on the same batches by more than max(this many nats, 25%%), or ln(vocab); 0 = no guard "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--calib-tokens",
-        type=int,
-        default=d.calib_tokens,
-        help="tokens to calibrate thresholds (tune-routers) or rank the layers (remove-layers) on "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--eval-tokens",
-        type=int,
-        default=d.eval_tokens,
-        help="held-out tokens the final perplexities are measured on (default: %(default)s)",
-    )
+    add_field_flags(AdaptConfig, p)
     p.add_argument(
         "--data",
         default=None,
         help="text: 'enwiki' (bundled), a text file or a folder; its training split adapts, its validation split "
         "measures (default: enwiki)",
     )
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the window sampling (default: %(default)s)")
     add_threads_arg(p)
 
 

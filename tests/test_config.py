@@ -130,3 +130,33 @@ def test_parse_assignments_reads_values_by_declared_type():
         parse_assignments(["d_model=1.5"], "--flag", into=ModelConfig)
     with pytest.raises(ValueError, match=r"has no field 'wings'; known: name, vocab_size, d_model"):
         parse_assignments(["wings=2"], into=ModelConfig)
+
+
+def test_field_flags_read_by_type_and_say_a_parse_error_in_one_line(capsys):
+    from dataclasses import dataclass
+
+    from modlm.errors import ArgumentParser
+    from modlm.spec.fields import add_field_flags, flag, flag_values
+
+    def read_pair(text: str) -> tuple[int, int]:
+        a, sep, b = text.partition(",")
+        if not sep:
+            raise ValueError(f"--pair {text!r} is invalid: give two ints, e.g. 1,2")
+        return int(a), int(b)
+
+    @dataclass
+    class Opts:
+        steps: int = flag(3, None, "steps")
+        fast: bool = flag(False, None, "go fast")
+        pair: tuple[int, int] | None = flag(None, None, "two ints", shown="none", type=read_pair)
+        hidden: int = 7  # no flag
+
+    p = ArgumentParser(prog="x")
+    add_field_flags(Opts, p)
+    args = p.parse_args(["--steps", "5", "--fast", "--pair", "1,2"])
+    assert Opts(**flag_values(Opts, args)) == Opts(steps=5, fast=True, pair=(1, 2))
+    assert "(default: 3)" in p.format_help() and "(default: none)" in p.format_help()
+    assert "--hidden" not in p.format_help()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--pair", "12"])
+    assert "--pair '12' is invalid: give two ints" in capsys.readouterr().err  # the parser's own message

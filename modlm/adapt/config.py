@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from modlm.spec.fields import flag
 from modlm.validation import is_int, is_number, require
 
 __all__ = ["ADAPT_LOSSES", "ADAPT_METHODS", "ADAPT_ROUTERS", "AdaptConfig", "default_layers", "parse_layers"]
@@ -98,23 +99,55 @@ class AdaptConfig:
     router tuning (``modlm.adapt.guards.CollapseGuard``), in nats; 0 turns it off.
     """
 
-    method: str = "tune-routers"
-    loss: str = "lm"
-    keep: float | None = None
-    drop: int | None = None
-    eval_tokens: int = 2048
-    max_loss_rise: float = 1.0
-    router: str = "tuned"
-    capacity: float = 0.5
-    layers: tuple[int, ...] | None = None
-    seq_len: int = 256
-    batch_size: int = 1
-    steps: int = 200
-    lr: float = 2e-3
-    calib_tokens: int = 1024
+    # Each field with a flag is a ``modlm adapt`` option (``modlm.spec.fields.add_field_flags``).
+    method: str = flag(
+        "tune-routers",
+        None,
+        "tune-routers (MoD routers on a frozen base) or remove-layers (drop whole blocks)",
+        choices=ADAPT_METHODS,
+    )
+    loss: str = flag(
+        "lm",
+        None,
+        "tune-routers: kl = distillation from the original's next-token distribution, lm = the LM loss, "
+        "kl+lm = their sum",
+        choices=ADAPT_LOSSES,
+    )
+    keep: float | None = flag(
+        None,
+        None,
+        "remove-layers: fraction of the blocks to keep, rounded",
+        shown=f"{DEFAULT_KEEP} unless --drop",
+    )
+    drop: int | None = flag(
+        None, None, "remove-layers: number of blocks to drop, instead of --keep", shown="none, --keep decides"
+    )
+    eval_tokens: int = flag(2048, None, "held-out tokens the final perplexities are measured on")
+    max_loss_rise: float = flag(
+        1.0,
+        None,
+        "tune-routers: stop, writing nothing, when the training LM loss (mean of the last 10 steps) exceeds "
+        "the original's on the same batches by more than max(this many nats, 25%%), or ln(vocab); 0 = no guard",
+    )
+    router: str = flag("tuned", None, "tune-routers: tuned or attention (A-MoD)", choices=ADAPT_ROUTERS)
+    capacity: float = flag(0.5, None, "tune-routers: fraction of tokens a routed layer processes")
+    layers: tuple[int, ...] | None = flag(
+        None,
+        None,
+        "tune-routers: layers to route, e.g. 14-28 or 3,5,7",
+        shown="the later half but the last",
+        type=parse_layers,
+    )
+    seq_len: int = flag(256, None, "tokens per training window")
+    batch_size: int = flag(1, None, "windows per step")
+    steps: int = flag(200, None, "optimizer steps on the routing parameters")
+    lr: float = flag(2e-3, None, "AdamW learning rate of the routing parameters")
+    calib_tokens: int = flag(
+        1024, None, "tokens to calibrate thresholds (tune-routers) or rank the layers (remove-layers) on"
+    )
     anneal: float | None = None
-    seed: int = 0
-    grad_clip: float = 0.0
+    seed: int = flag(0, None, "seed of the window sampling")
+    grad_clip: float = flag(0.0, None, "max gradient norm per clip group, 0 = off")
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, allowed: str) -> None:

@@ -6,6 +6,7 @@ value is read by the type its field declares, and a bad one is refused in one li
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -180,3 +181,92 @@ def describe_type(tp: Any) -> str:
     if tp is dict or typing.get_origin(tp) is dict:
         return "a JSON object"
     return "any value"
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line flags declared with the fields (litgpt-style typed CLIs)
+# --------------------------------------------------------------------------------------------
+
+
+def flag(default: Any, group: str | None, help: str, *, shown: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field that is also the command-line flag ``--name-with-dashes`` (``add_field_flags``).
+
+    ``group``: the argparse group it goes in (None: the parser itself). ``help`` gets
+    ``(default: ...)`` appended: the default's value, or ``shown`` where the default is resolved
+    later (a None). ``kwargs`` go to argparse (``choices``, ``metavar``, a ``type`` that parses
+    the text into the field's value); without ``type`` the flag reads the field's type. ``flag``
+    in ``kwargs`` names a special-case builder ``add_field_flags`` is given (e.g. the one
+    ``--threads`` of every command)."""
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, "shown": shown, **kwargs})
+
+
+def flag_type(tp: Any) -> type:
+    """The type a flag reads: the field's, without its None (``int | None`` reads an int)."""
+    members = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
+    if len(members) != 1 or members[0] not in (bool, int, float, str):
+        raise TypeError(f"a flag reads bool, int, float or str; give the field's flag a type= for {tp}")
+    return members[0]
+
+
+def flagged_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of dataclass ``cls`` that declare a flag (``flag``), in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "group" in f.metadata]
+
+
+def add_field_flags(
+    cls: type,
+    parser: Any,
+    groups: dict[str, Any] | None = None,
+    special: dict[str, Any] | None = None,
+    fmt: dict[str, str] | None = None,
+) -> None:
+    """One flag per field of ``cls`` that declares one (``flag``): ``--name-with-dashes``, the
+    field's type (or its ``type=``) and default, its help with ``(default: ...)``; a bool field
+    is a switch. Flags go in ``groups[field's group]``, or ``parser`` for group None.
+
+    ``special``: {name: builder(target, field)} for fields whose metadata ``flag`` names a
+    builder (the caller's, e.g. one that imports torch, which this module does not). ``fmt``:
+    values for ``{...}`` placeholders in help texts."""
+    declared = field_types(cls)
+    for f in flagged_fields(cls):
+        meta = dict(f.metadata)
+        group = meta.pop("group")
+        target = parser if group is None else (groups or {})[group]
+        builder = meta.pop("flag", None)
+        if builder is not None:
+            (special or {})[builder](target, f)
+            continue
+        help_text = meta.pop("help").format(**(fmt or {}))
+        shown = meta.pop("shown")
+        if "type" in meta:
+            meta["type"] = _reads_with_message(meta["type"])
+        else:
+            tp = flag_type(declared[f.name])
+            if tp is bool:
+                meta["action"] = "store_true"
+                shown = "on" if f.default else "off"
+            else:
+                meta["type"] = tp
+        default = "%(default)s" if shown is None else shown
+        target.add_argument(
+            "--" + f.name.replace("_", "-"), default=f.default, help=f"{help_text} (default: {default})", **meta
+        )
+
+
+def _reads_with_message(parse: Any) -> Any:
+    """``parse`` as an argparse type whose ValueError message reaches the user as it is (argparse
+    would print "invalid parse value" instead of the one line that names the value)."""
+
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    read.__name__ = getattr(parse, "__name__", "value")
+    return read
+
+
+def flag_values(cls: type, namespace: Any) -> dict[str, Any]:
+    """{field: value} of ``cls``'s flagged fields read off a parsed argparse namespace."""
+    return {f.name: getattr(namespace, f.name) for f in flagged_fields(cls)}

@@ -1,6 +1,7 @@
 """The training run's one typed config, its learning-rate schedule, random-stream seeds and its
 command-line flags (shared by ``python -m modlm.training`` and ``modlm train``): one flag per
-field, its type, default and help declared with the field (``_flag``), so the two cannot drift.
+field, its type, default and help declared with the field (``modlm.spec.fields.flag``), so the
+two cannot drift.
 
 No torch import: ``modlm --help`` and config validation import this module and should stay
 instant (as modlm.config does).
@@ -16,12 +17,19 @@ import dataclasses
 import functools
 import hashlib
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from modlm.config import ModelConfig, preset_names
-from modlm.spec.fields import conforms, dataclass_from_dict, describe_type, field_types, parse_assignments
+from modlm.spec.fields import (
+    add_field_flags,
+    conforms,
+    dataclass_from_dict,
+    describe_type,
+    field_types,
+    flag,
+    parse_assignments,
+)
 from modlm.spec.routers import NO_ROUTER, router_names
 from modlm.validation import require
 
@@ -46,15 +54,6 @@ FLAG_GROUPS = ("model", "data", "optimisation", "run")
 DEFAULT_SEQ_LEN = 256
 
 
-def _flag(default: Any, group: str, help: str, *, shown: str | None = None, **kwargs: Any) -> Any:
-    """A TrainConfig field with its command-line flag ``--name-with-dashes`` (``add_train_args``).
-
-    ``help`` is the flag's help, to which ``(default: ...)`` is appended: the default's value,
-    or ``shown`` where the default is resolved later (a None). ``kwargs`` go to argparse
-    (``choices``, ``metavar``); the flag's type is the field's."""
-    return field(default=default, metadata={"group": group, "help": help, "shown": shown, **kwargs})
-
-
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides ``resume`` and ``progress``.
@@ -64,19 +63,19 @@ class TrainConfig:
     Each field but ``model_overrides`` is a flag of ``add_train_args``, its help in the field.
     """
 
-    model: str = _flag("small", "model", "preset: {presets}")
+    model: str = flag("small", "model", "preset: {presets}")
     model_overrides: dict[str, Any] = field(default_factory=dict)  # flags --router, --capacity, --model-arg
     # None / "enwiki": the bundled Wikipedia sample; else a text file or folder.
-    data: str | None = _flag(
+    data: str | None = flag(
         None,
         "data",
         "'enwiki' (the bundled Wikipedia sample), a folder of *.txt/*.md/*.text files (one document each) or one "
         "UTF-8 text file (cut into ~20k-character documents at blank lines, or line ends)",
         shown="enwiki",
     )
-    cache_dir: str | None = _flag(None, "data", "token cache root", shown="$MODLM_CACHE or ~/.cache/modlm")
+    cache_dir: str | None = flag(None, "data", "token cache root", shown="$MODLM_CACHE or ~/.cache/modlm")
     # None / "byte": UTF-8 bytes; else a Hugging Face tokenizer.json (or its folder).
-    tokenizer: str | None = _flag(
+    tokenizer: str | None = flag(
         None,
         "data",
         "a Hugging Face tokenizer.json (or its folder). The model's vocab_size follows it, and checkpoints carry "
@@ -84,48 +83,46 @@ class TrainConfig:
         shown="UTF-8 bytes",
         metavar="PATH",
     )
-    val_fraction: float = _flag(0.05, "data", "held-out share")
-    out_dir: str = _flag("runs/mod", "run", "metrics.jsonl and checkpoints/ go here")
-    batch_size: int = _flag(16, "optimisation", "sequences per micro-step per rank")
+    val_fraction: float = flag(0.05, "data", "held-out share")
+    out_dir: str = flag("runs/mod", "run", "metrics.jsonl and checkpoints/ go here")
+    batch_size: int = flag(16, "optimisation", "sequences per micro-step per rank")
     # None: min(DEFAULT_SEQ_LEN, the model's max_seq_len), so every preset trains with defaults
     # only; a seq_len given is refused beyond max_seq_len.
-    seq_len: int | None = _flag(
+    seq_len: int | None = flag(
         None, "optimisation", "tokens per sequence", shown=f"min({DEFAULT_SEQ_LEN}, the model's max_seq_len)"
     )
-    grad_accum: int = _flag(1, "optimisation", "micro-steps per optimizer step")
-    max_steps: int = _flag(2000, "optimisation", "optimizer steps")
-    lr: float = _flag(1e-3, "optimisation", "peak learning rate")
-    min_lr: float = _flag(1e-4, "optimisation", "learning rate at the end of the cosine")
-    warmup_steps: int | None = _flag(
+    grad_accum: int = flag(1, "optimisation", "micro-steps per optimizer step")
+    max_steps: int = flag(2000, "optimisation", "optimizer steps")
+    lr: float = flag(1e-3, "optimisation", "peak learning rate")
+    min_lr: float = flag(1e-4, "optimisation", "learning rate at the end of the cosine")
+    warmup_steps: int | None = flag(
         None, "optimisation", "linear warmup steps", shown="min(100, max_steps // 10)"
     )  # None: min(100, max_steps // 10)
-    weight_decay: float = _flag(0.1, "optimisation", "AdamW decay of matrices")
-    beta1: float = _flag(0.9, "optimisation", "AdamW beta1")
-    beta2: float = _flag(0.95, "optimisation", "AdamW beta2")
-    grad_clip: float = _flag(1.0, "optimisation", "max grad norm, 0 = off")  # 0 disables clipping
-    eval_interval: int = _flag(200, "run", "steps between evaluations")
-    eval_batches: int = _flag(20, "run", "validation batches per evaluation")
-    ckpt_interval: int = _flag(500, "run", "steps between checkpoints")
-    log_interval: int = _flag(10, "run", "steps between metric lines")
-    seed: int = _flag(0, "run", "seed of init, data order and random routing")
+    weight_decay: float = flag(0.1, "optimisation", "AdamW decay of matrices")
+    beta1: float = flag(0.9, "optimisation", "AdamW beta1")
+    beta2: float = flag(0.95, "optimisation", "AdamW beta2")
+    grad_clip: float = flag(1.0, "optimisation", "max grad norm, 0 = off")  # 0 disables clipping
+    eval_interval: int = flag(200, "run", "steps between evaluations")
+    eval_batches: int = flag(20, "run", "validation batches per evaluation")
+    ckpt_interval: int = flag(500, "run", "steps between checkpoints")
+    log_interval: int = flag(10, "run", "steps between metric lines")
+    seed: int = flag(0, "run", "seed of init, data order and random routing")
     # Seed of the train/val document split; None: ``seed``. Repeating a run with other seeds
     # (init, data order) but the same split keeps its validation set and token cache.
-    split_seed: int | None = _flag(None, "run", "seed of the train/val document split", shown="the --seed")
-    device: str = _flag("auto", "run", "auto | cpu | cuda | cuda:N")
+    split_seed: int | None = flag(None, "run", "seed of the train/val document split", shown="the --seed")
+    device: str = flag("auto", "run", "auto | cpu | cuda | cuda:N")
     # auto: bf16 on CUDA with bf16 support, else fp32.
-    dtype: str = _flag("auto", "run", "autocast dtype; auto = bf16 on CUDA if supported", choices=DTYPES)
+    dtype: str = flag("auto", "run", "autocast dtype; auto = bf16 on CUDA if supported", choices=DTYPES)
     # Wall-clock budget of this invocation: stop, save, exit 0.
-    max_time_s: float | None = _flag(
-        None, "run", "wall-clock budget in seconds: stop, checkpoint, exit 0", shown="none"
-    )
-    compile: bool = _flag(
+    max_time_s: float | None = flag(None, "run", "wall-clock budget in seconds: stop, checkpoint, exit 0", shown="none")
+    compile: bool = flag(
         False,
         "run",
         "torch.compile the model (inductor: C++ on CPU, Triton on CUDA) for training and top-k evaluation; the "
         "first step pays a one-off compile (about a minute on CPU). Causal-routing evaluation stays eager: its "
         "per-row token counts are data-dependent",
     )
-    parallel: str = _flag(
+    parallel: str = flag(
         "auto",
         "run",
         "under torchrun: ddp (every rank holds all weights) or fsdp (FSDP2 fully_shard per block, then the root: "
@@ -133,13 +130,13 @@ class TrainConfig:
         "none is refused there (unsynchronised copies). A single process ignores it",
         choices=PARALLEL,
     )
-    activation_checkpointing: bool = _flag(
+    activation_checkpointing: bool = flag(
         False,
         "run",
         "recompute each block's attention and MLP in the backward pass instead of storing their activations (the "
         "routing runs once): less memory, about one more forward of compute; same numbers",
     )
-    log: str = _flag(
+    log: str = flag(
         "jsonl",
         "run",
         "tensorboard: also write OUT_DIR/tensorboard (the scalars of metrics.jsonl and a routing heatmap per "
@@ -148,7 +145,7 @@ class TrainConfig:
     )
     # This invocation only (like max_time_s): continue a finished run for this many more steps
     # (a new warmup + cosine over them; ``Trainer._plan_stretch``). Implies resuming.
-    more_steps: int | None = _flag(
+    more_steps: int | None = flag(
         None,
         "run",
         "implies --resume: a run that reached its max steps trains N more (a new warmup to --lr, then a cosine to "
@@ -311,7 +308,7 @@ def stream_seed(seed: int, rank: int, stream: str) -> int:
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the training flags, one per TrainConfig field (``_add_field_flags``), plus --config,
+    """Add the training flags, one per TrainConfig field (``modlm.spec.fields.add_field_flags``), plus --config,
     the model overrides (--router, --capacity, --model-arg), --resume and --no-progress."""
     first_new_action = len(parser._actions)
     g = parser.add_argument_group("run file")
@@ -324,7 +321,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "OUT_DIR/run.toml, which --resume reads back (below this file and the flags) (default: none)",
     )
     groups = {name: parser.add_argument_group(name) for name in FLAG_GROUPS}
-    _add_field_flags(groups)
+    special = {"modlm.devices.add_threads_arg": _threads_flag}
+    add_field_flags(TrainConfig, parser, groups, special, fmt={"presets": ", ".join(preset_names())})
     g = groups["model"]
     g.add_argument(
         "--router",
@@ -363,40 +361,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_field_flags(groups: dict[str, argparse._ArgumentGroup]) -> None:
-    """One flag per TrainConfig field that declares one (``_flag``): ``--name-with-dashes``, the
-    field's type and default, its help with ``(default: ...)``; a bool field is a switch."""
-    declared = field_types(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        if "group" not in meta:
-            continue
-        g = groups[meta.pop("group")]
-        if meta.pop("flag", None) == "modlm.devices.add_threads_arg":
-            # The one --threads of every command (imports torch; this module stays torch-free).
-            from modlm.devices import add_threads_arg
+def _threads_flag(target: Any, f: dataclasses.Field) -> None:
+    """The one --threads of every command (``modlm.devices`` imports torch; this module stays torch-free)."""
+    from modlm.devices import add_threads_arg
 
-            add_threads_arg(g, default=f.default)
-            continue
-        help_text = meta.pop("help").format(presets=", ".join(preset_names()))
-        shown = meta.pop("shown")
-        tp = _flag_type(declared[f.name])
-        if tp is bool:
-            meta["action"] = "store_true"
-            shown = "on" if f.default else "off"
-        else:
-            meta["type"] = tp
-        default = "%(default)s" if shown is None else shown
-        g.add_argument(
-            "--" + f.name.replace("_", "-"), default=f.default, help=f"{help_text} (default: {default})", **meta
-        )
-
-
-def _flag_type(tp: Any) -> type:
-    """The type a flag reads: the field's, without its None (``int | None`` reads an int)."""
-    members = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
-    assert len(members) == 1 and members[0] in (bool, int, float, str), tp
-    return members[0]
+    add_threads_arg(target, default=f.default)
 
 
 # The Namespace attribute listing the destinations of the flags given on the command line.
