@@ -40,12 +40,13 @@ from modlm.adapt.config import AdaptConfig
 from modlm.adapt.layers import block_influence, least_influential_layers, remove_layers
 from modlm.adapt.routers import adapt_model, with_routers
 from modlm.adapt.tune import tune_routers
-from modlm.devices import add_threads_arg, set_threads
+from modlm.devices import add_threads_arg, use_threads
 from modlm.inference.evaluation import decode_compute_fraction, evaluate_lm, window_batches
 from modlm.inference.generate import generate
 from modlm.inference.timing import modlm_decoder, side_by_side
 from modlm.interop.pretrained import hf_decoder, load_hf, smollm2_gguf
 from modlm.model.transformer import MoDTransformer
+from modlm.spec.fields import add_field_flags, flag, flag_values
 
 METHODS = (
     "original",
@@ -65,19 +66,25 @@ REPORT_FILE, RESULT_FILE = "ADAPT.md", "adapt.json"
 class AdaptStudyConfig:
     """The study's sizes (defaults: 41 min on one thread of the shared 2-core CPU it was recorded on)."""
 
-    n_routed: int = 12
-    capacities: tuple[float, ...] = (0.75, 0.5, 0.25)
-    eval_windows: int = 4
-    eval_len: int = 512
+    # Each field with a flag is a ``modlm adapt-study`` option (``modlm.spec.fields.add_field_flags``).
+    n_routed: int = flag(12, None, "layers to route")
+    capacities: tuple[float, ...] = flag(
+        (0.75, 0.5, 0.25), None, "capacities to measure every method at", type=float, nargs="+"
+    )
+    eval_windows: int = flag(4, None, "held-out windows")
+    eval_len: int = flag(512, None, "tokens per held-out window")
     seq_len: int = 256
-    tuned_steps: int = 80
-    predictor_steps: int = 40
+    tuned_steps: int = flag(80, None, "tuning steps of the tuned routers")
+    predictor_steps: int = flag(40, None, "training steps of A-MoD's decode predictor")
     lr: float = 2e-3
     calib_tokens: int = 512
     prompt_len: int = 32
-    new_tokens: int = 64
-    rounds: int = 3
+    new_tokens: int = flag(64, None, "tokens each timed decode makes")
+    rounds: int = flag(3, None, "timed decode rounds, the median reported")
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.capacities = tuple(self.capacities)  # a flag gives a list
 
 
 @dataclass
@@ -392,7 +399,6 @@ DISCUSSION = "## Discussion"
 
 def add_adapt_study_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``modlm adapt-study`` (every one with its default)."""
-    d = AdaptStudyConfig()
     p.add_argument(
         "--report-dir",
         default=REPORT_DIR,
@@ -400,34 +406,7 @@ def add_adapt_study_args(p: argparse.ArgumentParser) -> None:
         "the repository's report is docs/results)",
     )
     p.add_argument("--work-dir", default=WORK_DIR, help="the checkpoints it makes (default: %(default)s)")
-    p.add_argument("--n-routed", type=int, default=d.n_routed, help="layers to route (default: %(default)s)")
-    p.add_argument(
-        "--capacities",
-        type=float,
-        nargs="+",
-        default=list(d.capacities),
-        help="capacities to measure every method at (default: %(default)s)",
-    )
-    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="held-out windows (default: %(default)s)")
-    p.add_argument("--eval-len", type=int, default=d.eval_len, help="tokens per held-out window (default: %(default)s)")
-    p.add_argument(
-        "--tuned-steps",
-        type=int,
-        default=d.tuned_steps,
-        help="tuning steps of the tuned routers (default: %(default)s)",
-    )
-    p.add_argument(
-        "--predictor-steps",
-        type=int,
-        default=d.predictor_steps,
-        help="training steps of A-MoD's decode predictor (default: %(default)s)",
-    )
-    p.add_argument(
-        "--new-tokens", type=int, default=d.new_tokens, help="tokens each timed decode makes (default: %(default)s)"
-    )
-    p.add_argument(
-        "--rounds", type=int, default=d.rounds, help="timed decode rounds, the median reported (default: %(default)s)"
-    )
+    add_field_flags(AdaptStudyConfig, p)
     add_threads_arg(p)
     p.add_argument(
         "--decode-only",
@@ -442,21 +421,12 @@ def cmd_adapt_study(args: argparse.Namespace) -> int:
     random skipping, A-MoD (untrained and with its decode predictor) and tuned routers, then
     decode speed against Hugging Face generate; writes ADAPT.md, adapt.png and adapt.json into
     --report-dir (default: runs/adapt-study). About 40 min on one CPU thread."""
-    set_threads(args.threads)
-    cfg = AdaptStudyConfig(
-        n_routed=args.n_routed,
-        capacities=tuple(args.capacities),
-        eval_windows=args.eval_windows,
-        eval_len=args.eval_len,
-        tuned_steps=args.tuned_steps,
-        predictor_steps=args.predictor_steps,
-        new_tokens=args.new_tokens,
-        rounds=args.rounds,
-    )
+    cfg = AdaptStudyConfig(**flag_values(AdaptStudyConfig, args))
     report_dir = Path(args.report_dir)
-    res = run_adapt_study(
-        cfg, Path(args.work_dir), report_dir, log=lambda s: print(s, flush=True), decode_only=args.decode_only
-    )
+    with use_threads(args.threads):
+        res = run_adapt_study(
+            cfg, Path(args.work_dir), report_dir, log=lambda s: print(s, flush=True), decode_only=args.decode_only
+        )
     print(json.dumps({"report": str(report_dir / REPORT_FILE), "decode": res["decode"]}))
     return 0
 
