@@ -35,15 +35,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from modlm.config import ModelConfig
+from modlm.interop.hf_cache import MoDCache
+from modlm.model.block import Phase
 from modlm.model.layers import Rotary
 from modlm.model.transformer import MoDTransformer
 from modlm.spec.routers import check_routing
 
-__all__ = ["MODEL_TYPE", "MoDCausalLMOutput", "MoDConfig", "MoDForCausalLM", "register"]
+__all__ = ["MODEL_TYPE", "MoDCache", "MoDCausalLMOutput", "MoDConfig", "MoDForCausalLM", "register"]
 
 MODEL_TYPE = "modlm"
 # transformers 5 declares tied weights as {target: source}; 4.x as a list of targets.
 _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# The output field generate reads the cache from: "cache" since transformers 5.x, "past_key_values" before.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 _TIED = {"model.lm_head.weight": "model.tok_emb.weight"}
 # Mirrors of ModelConfig fields under transformers' standard names (read by its utilities).
 _MIRRORS = {
@@ -112,9 +116,6 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
             )
         self.model = model if model is not None else MoDTransformer(config.model_config)
         self.post_init()
-        # No transformers cache (module docstring): generate recomputes the sequence each step.
-        if self.generation_config is not None:
-            self.generation_config.use_cache = False
 
     @classmethod
     def from_modlm(cls, model: MoDTransformer) -> MoDForCausalLM:
@@ -138,7 +139,7 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # generate must not build a DynamicCache for a model that cannot fill it.
+        # generate must not build a DynamicCache: forward builds the MoDCache it needs (use_cache=True).
         return False
 
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -156,29 +157,47 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         routing: str = "topk",
+        cache: MoDCache | None = None,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ) -> MoDCausalLMOutput:
         """Logits (B, T, V) and, with ``labels`` (B, T; unshifted, -100 ignored), the loss.
 
         Args:
-            input_ids: token ids (B, T).
+            input_ids: token ids (B, T): the whole sequence, or with a ``cache`` the positions
+                after those it holds.
             attention_mask: (B, T), 1 for real tokens; left or right padding is never routed or
-                attended to, and positions count real tokens only.
+                attended to, and positions count real tokens only. With a cache: the whole
+                sequence's mask (cached positions included), as ``generate`` passes it.
             routing: "topk" (expert-choice over the sequence, as in training) or "causal" (each
                 token routes by the causal signal, as when decoding; ``generate`` uses it).
-            kwargs: ``transformers``' bookkeeping (``return_dict``, ``use_cache``...); a cache
-                object or ``inputs_embeds`` is refused.
+                Tokens decoded into a non-empty cache always route causally.
+            cache: a ``MoDCache`` (``past_key_values`` is read as the same): empty, it is
+                prefilled with the sequence; holding one, each new token is decoded into it.
+            use_cache: True without a cache builds a fresh ``MoDCache`` (returned as ``cache``).
+            kwargs: ``transformers``' bookkeeping (``return_dict``...); ``inputs_embeds`` and a
+                cache of another kind are refused.
         """
-        for key in ("past_key_values", "cache", "inputs_embeds"):
-            if kwargs.get(key) is not None:
-                raise ValueError(
-                    f"MoDForCausalLM takes no {key}: it recomputes the whole sequence each call "
-                    "(modlm.generate decodes with the routed KV cache)"
-                )
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("MoDForCausalLM takes no inputs_embeds: give input_ids")
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, MoDCache):
+            raise ValueError(
+                f"MoDForCausalLM takes a MoDCache, not a {type(cache).__name__}: a routed layer's ragged KV cache "
+                "has no transformers equivalent (pass none; generate builds one)"
+            )
         check_routing(routing)
+        if cache is None and use_cache and labels is None:
+            cache = MoDCache(self.model.config)
+        seen = 0 if cache is None else cache.get_seq_length()
         max_len = self.model.config.max_seq_len
-        if input_ids.shape[1] > max_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len={max_len}")
+        if seen + input_ids.shape[1] > max_len:
+            raise ValueError(f"sequence length {seen + input_ids.shape[1]} exceeds max_seq_len={max_len}")
+        if cache is not None:
+            if labels is not None:
+                raise ValueError("MoDForCausalLM takes no labels with a cache: the loss needs the whole sequence")
+            logits = self._cached_forward(input_ids, attention_mask, routing, cache)
+            return MoDCausalLMOutput(logits=logits, **{_CACHE_FIELD: cache})
         mask_BT = pos_BT = None
         if attention_mask is not None:
             mask_BT = attention_mask.bool()
@@ -192,18 +211,74 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
         out = self.model(input_ids, targets_BT, routing=routing, pos_BT=pos_BT, token_mask_BT=mask_BT)
         return MoDCausalLMOutput(loss=out.loss, logits=out.logits, aux_loss=out.aux_loss)
 
+    def _cached_forward(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, routing: str, cache: MoDCache
+    ) -> torch.Tensor:
+        """Logits (B, T, V): an empty cache is prefilled, a filled one decodes each new token in turn.
+
+        As ``modlm.generate`` does: the prompt enters with its padding mask and true positions
+        (phase "prefill"); each later token is one forward of one token per row (phase "decode",
+        routed blocks computing only the rows whose causal decision routes them in).
+        """
+        B, T = input_ids.shape
+        seen = cache.get_seq_length()
+        if attention_mask is not None and attention_mask.shape != (B, seen + T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; with a cache holding {seen} positions "
+                f"and {T} new ones it must be ({B}, {seen + T})"
+            )
+        if seen == 0:
+            mask_BT = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            pos_BT = (mask_BT.long().cumsum(1) - 1).clamp(min=0)  # true positions under left padding
+            param = next(self.model.parameters())
+            model_cache = cache.start(B, T, param.device, param.dtype)
+            out = self.model(
+                input_ids, routing=routing, cache=model_cache, pos_BT=pos_BT, token_mask_BT=mask_BT, phase=Phase.PREFILL
+            )
+            cache.advance(T, pos_BT[:, -1:] + 1)
+            return out.logits
+        if cache.batch_size != B:
+            raise ValueError(f"input_ids has {B} rows; the cache holds {cache.batch_size}")
+        if attention_mask is not None and not bool(attention_mask[:, seen:].all()):
+            raise ValueError(
+                "attention_mask masks a token after the prompt: with a cache only the prompt may be padded"
+            )
+        logits = []
+        for t in range(T):
+            out = self.model(
+                input_ids[:, t : t + 1],
+                routing="causal",
+                cache=cache.model_cache,
+                pos_BT=cache.next_pos_B1,
+                phase=Phase.DECODE,
+                decode=cache.policy,
+            )
+            cache.advance(1, cache.next_pos_B1 + 1)
+            logits.append(out.logits)
+        return logits[0] if T == 1 else torch.cat(logits, 1)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
+        cache: MoDCache | None = None,
+        use_cache: bool | None = None,
         routing: str = "causal",
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """The whole sequence every step, routed causally (no cache: see the module docstring)."""
-        for key in ("past_key_values", "cache"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"MoDForCausalLM.generate takes no {key}: it recomputes the sequence each step")
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "routing": routing}
+        """The positions the cache does not hold yet (all of them without a cache), routed causally.
+
+        ``generate`` keeps ``input_ids`` and ``attention_mask`` whole; the cache says how many
+        positions it holds, so the first call prefills the prompt and each later one feeds the
+        one new token per row.
+        """
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        inputs: dict[str, Any] = {"attention_mask": attention_mask, "routing": routing, "use_cache": use_cache}
+        if cache is not None:
+            input_ids = input_ids[:, cache.get_seq_length() :] if isinstance(cache, MoDCache) else input_ids
+            inputs["cache"] = cache
+        inputs["input_ids"] = input_ids
+        return inputs
 
 
 def register() -> None:

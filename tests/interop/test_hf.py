@@ -119,8 +119,10 @@ def test_labels_give_modlm_loss_with_aux():
 def test_a_cache_or_a_bad_routing_is_refused():
     wrapped = hf.MoDForCausalLM.from_modlm(_model("tiny-dense"))
     idx = _prompts(1, 4)
-    with pytest.raises(ValueError, match="takes no past_key_values"):
-        wrapped(idx, past_key_values=transformers.DynamicCache())
+    with pytest.raises(ValueError, match="takes a MoDCache, not a DynamicCache"):
+        wrapped(idx, cache=transformers.DynamicCache())
+    with pytest.raises(ValueError, match="takes a MoDCache, not a DynamicCache"):
+        wrapped.generate(idx, max_new_tokens=2, do_sample=False, cache=transformers.DynamicCache())
     with pytest.raises(ValueError, match="routing='greedy'"):
         wrapped(idx, routing="greedy")
     with pytest.raises(ValueError, match="exceeds max_seq_len=128"):
