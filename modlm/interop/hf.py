@@ -22,7 +22,10 @@ decoding use ``modlm.generate``. A cache object passed in is refused rather than
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +34,14 @@ try:
     import transformers
 except ImportError as e:  # an optional extra
     raise ImportError("modlm.interop.hf needs transformers: pip install 'modlm[hf]'") from e
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from modlm.config import ModelConfig
@@ -40,8 +50,10 @@ from modlm.model.block import Phase
 from modlm.model.layers import Rotary
 from modlm.model.transformer import MoDTransformer
 from modlm.spec.routers import check_routing
+from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
+from modlm.training.tokenizers import HFTokenizer, Tokenizer
 
-__all__ = ["MODEL_TYPE", "MoDCache", "MoDCausalLMOutput", "MoDConfig", "MoDForCausalLM", "register"]
+__all__ = ["MODEL_TYPE", "MoDCache", "MoDCausalLMOutput", "MoDConfig", "MoDForCausalLM", "register", "save_tokenizer"]
 
 MODEL_TYPE = "modlm"
 # transformers 5 declares tied weights as {target: source}; 4.x as a list of targets.
@@ -60,6 +72,9 @@ _MIRRORS = {
     "tie_word_embeddings": "tie_embeddings",
 }
 
+# Special token ids modlm records in ModelConfig.extra (a converted model's) and transformers reads.
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
 
 class MoDConfig(PretrainedConfig):
     """A ``PretrainedConfig`` holding a modlm ``ModelConfig`` as ``modlm`` (its ``to_dict()``).
@@ -77,6 +92,9 @@ class MoDConfig(PretrainedConfig):
             model_config = ModelConfig.from_dict(modlm) if modlm is not None else ModelConfig()
         for key in _MIRRORS:
             kwargs.pop(key, None)
+        for key in _TOKEN_IDS:  # a converted model's special ids (config.extra), for generate's defaults
+            if kwargs.get(key) is None and model_config.extra.get(key) is not None:
+                kwargs[key] = model_config.extra[key]
         self.modlm = model_config.to_dict()
         super().__init__(tie_word_embeddings=model_config.tie_embeddings, **kwargs)
         for key, field in _MIRRORS.items():
@@ -108,19 +126,35 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["DenseBlock", "RoutedBlock"]
     _tied_weights_keys = _TIED if _TRANSFORMERS_5 else list(_TIED)
 
-    def __init__(self, config: MoDConfig, model: MoDTransformer | None = None):
+    def __init__(self, config: MoDConfig, model: MoDTransformer | None = None, tokenizer: Tokenizer | None = None):
         super().__init__(config)
         if model is not None and model.config != config.model_config:
             raise ValueError(
                 f"model.config={model.config.name!r} does not match config.modlm; pass MoDConfig(model.config)"
             )
         self.model = model if model is not None else MoDTransformer(config.model_config)
+        self.modlm_tokenizer = tokenizer  # written by save_pretrained (see save_tokenizer)
         self.post_init()
 
     @classmethod
-    def from_modlm(cls, model: MoDTransformer) -> MoDForCausalLM:
-        """Wrap an existing modlm model; its parameters are shared, not copied."""
-        return cls(MoDConfig(model.config), model=model)
+    def from_modlm(cls, model: MoDTransformer, tokenizer: Tokenizer | None = None) -> MoDForCausalLM:
+        """Wrap an existing modlm model; its parameters are shared, not copied.
+
+        ``tokenizer``: the model's modlm tokenizer, which ``save_pretrained`` writes beside it.
+        """
+        return cls(MoDConfig(model.config), model=model, tokenizer=tokenizer)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> MoDForCausalLM:
+        """Wrap a modlm checkpoint (or run directory): its model, in eval mode, and its tokenizer."""
+        return cls.from_modlm(load_model(path), load_tokenizer_from_checkpoint(path))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """``transformers``' ``save_pretrained`` (config, weights, generation config with the
+        special ids), plus the tokenizer when the wrapper has one (``save_tokenizer``)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.modlm_tokenizer is not None:
+            save_tokenizer(self.modlm_tokenizer, save_directory, self.config.model_config)
 
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -279,6 +313,36 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
             inputs["cache"] = cache
         inputs["input_ids"] = input_ids
         return inputs
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike, config: ModelConfig) -> bool:
+    """Write a modlm tokenizer where ``AutoTokenizer.from_pretrained(directory)`` loads it; False if none.
+
+    A Hugging Face tokenizer (``HFTokenizer``) is written as a ``PreTrainedTokenizerFast``
+    (tokenizer.json, tokenizer_config.json) with the config's bos/eos/pad ids as its special
+    tokens and its chat template. modlm encodes without the post-processor's special tokens:
+    ``encode(text, add_special_tokens=False)`` gives modlm's ids. The byte tokenizer has no
+    ``transformers`` class (its ids are UTF-8 bytes): nothing is written, with a warning.
+    """
+    if not isinstance(tokenizer, HFTokenizer):
+        warnings.warn(
+            f"{tokenizer!r} has no transformers equivalent: no tokenizer written to {directory}", stacklevel=2
+        )
+        return False
+    directory = Path(directory)
+    (file,) = tokenizer.save(directory)
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(directory / file))
+    specials = {}
+    for key in _TOKEN_IDS:
+        ids = config.extra.get(key)
+        ids = ids[0] if isinstance(ids, (list, tuple)) and ids else ids  # a list of eos ids: the first is the token
+        if ids is not None:
+            specials[key.removesuffix("_id")] = fast.convert_ids_to_tokens(int(ids))
+    fast.add_special_tokens(specials)
+    if tokenizer.chat_template is not None:
+        fast.chat_template = tokenizer.chat_template.template
+    fast.save_pretrained(directory)
+    return True
 
 
 def register() -> None:
