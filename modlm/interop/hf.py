@@ -11,13 +11,18 @@
 ``MoDForCausalLM`` wraps a ``MoDTransformer`` as ``.model`` and adapts its forward to
 ``transformers``' conventions (``labels`` unshifted with -100 ignored, a 2D ``attention_mask``).
 
-Caches: ``MoDForCausalLM`` takes no ``transformers`` cache. ``generate`` recomputes the whole
-sequence each step (O(T^2) per sequence; its generation config says ``use_cache=False``, and
-``use_cache=True`` changes nothing), routing causally (``routing="causal"``), so a routed model
-chooses exactly the routes of modlm's own cached causal decoding (``modlm.generate``), token for
-token. A routed block's KV cache is ragged (each row holds only the tokens that went through it,
-at their true positions), which ``transformers``' per-layer caches do not model; for fast
-decoding use ``modlm.generate``. A cache object passed in is refused rather than decoded wrong.
+Caches: ``generate`` decodes with modlm's own KV cache behind ``transformers``' ``Cache`` type
+(``MoDCache``, in ``modlm.interop.hf_cache``; ``use_cache=True``, the default). The first forward
+prefills the prompt (left padding from ``attention_mask``, routed causally); each later one feeds
+one new token per row (phase "decode", routed blocks computing only the rows their causal
+decision routes in), so greedy tokens equal ``modlm.generate``'s and the cache holds what its
+cache holds: a routed layer's rows only the tokens that went through it. ``use_cache=False``
+recomputes the whole sequence each step. A cache of another kind (a ``DynamicCache``) is
+refused; so are beam search and assisted decoding, which reorder or crop a cache.
+
+``save_pretrained`` also writes the tokenizer given to ``from_modlm`` (``from_checkpoint`` takes
+the checkpoint's) when it is a Hugging Face one, and the generation config carries the model's
+bos/eos/pad ids (``ModelConfig.extra``), so ``generate`` stops at eos as ``modlm.generate`` does.
 """
 
 from __future__ import annotations
@@ -110,8 +115,8 @@ class MoDConfig(PretrainedConfig):
 class MoDCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus the routers' auxiliary loss (already inside ``loss``).
 
-    loss = lm_loss + aux_loss when ``labels`` are given; logits (B, T, V); past_key_values
-    is always None (see the module docstring on caches).
+    loss = lm_loss + aux_loss when ``labels`` are given; logits (B, T, V); the ``MoDCache``
+    when one was used (see the module docstring on caches).
     """
 
     aux_loss: torch.FloatTensor | None = None
