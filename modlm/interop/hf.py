@@ -213,6 +213,7 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
                 Tokens decoded into a non-empty cache always route causally.
             cache: a ``MoDCache`` (``past_key_values`` is read as the same): empty, it is
                 prefilled with the sequence; holding one, each new token is decoded into it.
+                Runs under ``torch.inference_mode`` (no gradients; ``labels`` are refused).
             use_cache: True without a cache builds a fresh ``MoDCache`` (returned as ``cache``).
             kwargs: ``transformers``' bookkeeping (``return_dict``...); ``inputs_embeds`` and a
                 cache of another kind are refused.
@@ -235,7 +236,10 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             if labels is not None:
                 raise ValueError("MoDForCausalLM takes no labels with a cache: the loss needs the whole sequence")
-            logits = self._cached_forward(input_ids, attention_mask, routing, cache)
+            # NOTE: decoding tracks no gradients (as modlm.generate): the logits and the cache's
+            # tensors are inference tensors, and the per-step autograd bookkeeping is skipped.
+            with torch.inference_mode():
+                logits = self._cached_forward(input_ids, attention_mask, routing, cache)
             return MoDCausalLMOutput(logits=logits, **{_CACHE_FIELD: cache})
         mask_BT = pos_BT = None
         if attention_mask is not None:
