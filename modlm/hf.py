@@ -3,6 +3,6 @@
 Importing it needs ``transformers`` (``pip install 'modlm[hf]'``).
 """
 
-from modlm.interop.hf import MODEL_TYPE, MoDCausalLMOutput, MoDConfig, MoDForCausalLM, register
+from modlm.interop.hf import MODEL_TYPE, MoDCache, MoDCausalLMOutput, MoDConfig, MoDForCausalLM, register
 
-__all__ = ["MODEL_TYPE", "MoDCausalLMOutput", "MoDConfig", "MoDForCausalLM", "register"]
+__all__ = ["MODEL_TYPE", "MoDCache", "MoDCausalLMOutput", "MoDConfig", "MoDForCausalLM", "register"]

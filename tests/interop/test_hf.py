@@ -19,6 +19,7 @@ from modlm.inference.calibrate import calibrate_thresholds
 from modlm.inference.generate import generate
 from modlm.interop import hf
 from modlm.interop.llama import from_hf_llama
+from modlm.spec.kinds import block_spec
 
 
 def _model(name: str, **kw) -> MoDTransformer:
@@ -92,11 +93,117 @@ def test_left_padded_batch_generates_like_modlm():
     model = _model("tiny")
     wrapped = hf.MoDForCausalLM.from_modlm(model)
     prompts = [_prompts(1, n, seed=n)[0].tolist() for n in (4, 11, 7)]
+    ids, mask = _padded(prompts)
+    T = ids.shape[1]
+    got = wrapped.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert got[:, T:].tolist() == generate(model, prompts, 16, temperature=0).tokens
+
+
+def _padded(prompts):
+    """Left-padded ids and attention mask of ragged prompts, as a Hugging Face tokenizer gives them."""
     T = max(map(len, prompts))
     ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    got = wrapped.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    assert got[:, T:].tolist() == generate(model, prompts, 16, temperature=0).tokens
+    return ids, mask
+
+
+def _count_inputs(model: MoDTransformer) -> list[tuple[int, ...]]:
+    """The shape of the ids each forward of ``model`` receives, in order."""
+    shapes = []
+    model.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny", "tiny-keys-kept", "tiny-early-exit"])
+@pytest.mark.parametrize("lengths", [(9,), (4, 11, 7)])
+def test_cached_generate_decodes_one_token_per_forward_like_modlm(name, lengths):
+    model = _model(name)
+    wrapped = hf.MoDForCausalLM.from_modlm(model)
+    prompts = [_prompts(1, n, seed=n)[0].tolist() for n in lengths]
+    ids, mask = _padded(prompts)
+    shapes = _count_inputs(model)
+    out = wrapped.generate(
+        ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+    )
+    # one prefill of the padded prompts, then one forward of one new token per row for each further token
+    B, T = ids.shape
+    assert shapes == [(B, T)] + [(B, 1)] * 15
+    want = generate(model, prompts, 16, temperature=0, return_cache=True)
+    assert out.sequences[:, T:].tolist() == want.tokens
+    cache = out.cache
+    assert isinstance(cache, hf.MoDCache) and cache.get_seq_length() == T + 15
+    for i in range(model.config.n_layers):  # holds what modlm's own cache holds, layer by layer
+        torch.testing.assert_close(cache.layer_lengths(i), want.cache.layer_lengths(i))
+    kinds = model.config.layer_types
+    seq = torch.tensor([len(p) + 15 for p in prompts])
+    for i in model.config.routed_layers:  # a ragged routed layer holds only the tokens that went through it
+        if block_spec(kinds[i]).cache_layout == "ragged":
+            assert (cache.layer_lengths(i) < seq).any()
+
+
+def test_cached_generate_stops_at_the_models_eos():
+    idx = _prompts(2, 8)
+    free = generate(_model("tiny"), idx, 20, temperature=0).tokens
+    eos = free[0][6]  # a token row 0 picks mid-way
+    model = _model("tiny", extra={"eos_token_id": eos})
+    wrapped = hf.MoDForCausalLM.from_modlm(model)
+    assert wrapped.generation_config.eos_token_id == eos
+    want = generate(model, idx, 20, temperature=0).tokens
+    assert len(want[0]) <= 7 and want[0][-1] == eos
+    got = wrapped.generate(idx, max_new_tokens=20, do_sample=False, pad_token_id=0)[:, 8:].tolist()
+    assert [row[: row.index(eos) + 1] if eos in row else row for row in got] == want
+
+
+def test_use_cache_false_recomputes_the_sequence_each_step():
+    model = _model("tiny")
+    wrapped = hf.MoDForCausalLM.from_modlm(model)
+    idx = _prompts(2, 6)
+    shapes = _count_inputs(model)
+    got = wrapped.generate(idx, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert shapes == [(2, 6 + i) for i in range(8)]
+    assert got[:, 6:].tolist() == generate(model, idx, 8, temperature=0).tokens
+
+
+def test_a_cache_continues_in_later_forwards():
+    model = _model("tiny")
+    wrapped = hf.MoDForCausalLM.from_modlm(model)
+    idx = _prompts(2, 12)
+    with torch.no_grad():
+        want = model(idx, routing="causal").logits  # causal routing: prefill + decode equals one forward
+        cache = hf.MoDCache(model.config)
+        first = wrapped(idx[:, :5], routing="causal", cache=cache).logits
+        rest = wrapped(idx[:, 5:], cache=cache).logits  # seven tokens, decoded one at a time
+    # NOTE: not bit-exact: decoding computes the routed rows' router weights on its own path (fp32 router math).
+    torch.testing.assert_close(torch.cat([first, rest], 1), want, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 12
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\); .* must be \(2, 13\)"):
+        wrapped(idx[:, :1], attention_mask=torch.ones(2, 3), cache=cache)
+
+
+def test_save_pretrained_writes_the_checkpoints_tokenizer(tmp_path, bpe_tokenizer_file):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from modlm.training.checkpoint import save_checkpoint
+    from modlm.training.tokenizers import ByteTokenizer, HFTokenizer
+
+    tok = HFTokenizer.from_file(bpe_tokenizer_file)
+    eos = tok.encode("<|endoftext|>")[0]
+    cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, extra={"eos_token_id": eos, "bos_token_id": eos})
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", MoDTransformer(cfg), cfg, tokenizer=tok)
+    hf.MoDForCausalLM.from_checkpoint(tmp_path / "ckpt").save_pretrained(tmp_path / "out")
+    auto = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "The quick brown fox, and émigré naïveté: 12 + 30 = 42."
+    assert auto.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert auto.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+    assert auto.eos_token == auto.bos_token == "<|endoftext|>"
+    gen = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert (gen.eos_token_id, gen.bos_token_id) == (eos, eos)
+
+    byte_model = hf.MoDForCausalLM.from_modlm(_model("tiny-dense"), ByteTokenizer())
+    with pytest.warns(UserWarning, match="has no transformers equivalent: no tokenizer written"):
+        byte_model.save_pretrained(tmp_path / "bytes")
+    assert not (tmp_path / "bytes" / "tokenizer.json").exists()
 
 
 def test_labels_give_modlm_loss_with_aux():
@@ -119,8 +226,10 @@ def test_labels_give_modlm_loss_with_aux():
 def test_a_cache_or_a_bad_routing_is_refused():
     wrapped = hf.MoDForCausalLM.from_modlm(_model("tiny-dense"))
     idx = _prompts(1, 4)
-    with pytest.raises(ValueError, match="takes no past_key_values"):
-        wrapped(idx, past_key_values=transformers.DynamicCache())
+    with pytest.raises(ValueError, match="takes a MoDCache, not a DynamicCache"):
+        wrapped(idx, cache=transformers.DynamicCache())
+    with pytest.raises(ValueError, match="takes a MoDCache, not a DynamicCache"):
+        wrapped.generate(idx, max_new_tokens=2, do_sample=False, cache=transformers.DynamicCache())
     with pytest.raises(ValueError, match="routing='greedy'"):
         wrapped(idx, routing="greedy")
     with pytest.raises(ValueError, match="exceeds max_seq_len=128"):
