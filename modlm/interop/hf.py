@@ -35,18 +35,17 @@ from typing import Any
 
 import torch
 
-try:
-    import transformers
-except ImportError as e:  # an optional extra
+try:  # an optional extra
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        GenerationMixin,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerFast,
+    )
+except ImportError as e:
     raise ImportError("modlm.interop.hf needs transformers: pip install 'modlm[hf]'") from e
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    GenerationMixin,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from modlm.config import ModelConfig
@@ -61,9 +60,7 @@ from modlm.training.tokenizers import HFTokenizer, Tokenizer
 __all__ = ["MODEL_TYPE", "MoDCache", "MoDCausalLMOutput", "MoDConfig", "MoDForCausalLM", "register", "save_tokenizer"]
 
 MODEL_TYPE = "modlm"
-# transformers 5 declares tied weights as {target: source}; 4.x as a list of targets.
-_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-# The output field generate reads the cache from: "cache" since transformers 5.x, "past_key_values" before.
+# The output field generate reads the cache from: "cache" in recent transformers, "past_key_values" before.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 _TIED = {"model.lm_head.weight": "model.tok_emb.weight"}
 # Mirrors of ModelConfig fields under transformers' standard names (read by its utilities).
@@ -129,7 +126,7 @@ class MoDForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["DenseBlock", "RoutedBlock"]
-    _tied_weights_keys = _TIED if _TRANSFORMERS_5 else list(_TIED)
+    _tied_weights_keys = _TIED  # transformers 5: {target: source}
 
     def __init__(self, config: MoDConfig, model: MoDTransformer | None = None, tokenizer: Tokenizer | None = None):
         super().__init__(config)
