@@ -61,7 +61,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     # --- routing ---
-    router: str = "learned"  # a registered router (learned, random, token_choice, attention, tuned) | none
+    router: str = "learned"  # a registered router (learned, random, token_choice, attention, tuned, gate) | none
     capacity: float = 0.125  # fraction of each sequence a routed block processes
     route_every: int = 2  # a routed block every `route_every` blocks...
     route_start: int = 1  # ...starting at this block index (the paper routes every other block)
@@ -69,6 +69,7 @@ class ModelConfig:
     aux_loss_weight: float = 0.01  # weight of the router BCE (aux_loss / both)
     predictor_loss_weight: float = 1.0  # weight of the predictor BCE (its input is detached)
     predictor_hidden: int = 64
+    n_sink: int = 4  # gate router: the first n_sink real tokens of a sequence are always processed
     layer_types: tuple[str, ...] | None = None  # None: from router / route_every / route_start
 
     # --- block kinds, Mixture-of-Experts and early exit (modlm.spec.kinds, modlm.model.moe) ---
@@ -187,6 +188,7 @@ class ModelConfig:
             self.predictor_hidden,
             "must be a positive int",
         )
+        _require(is_int(self.n_sink) and self.n_sink >= 0, "n_sink", self.n_sink, "must be an int >= 0")
 
     def _resolve_layer_types(self) -> None:
         """Each layer's block kind (None: the routed kind every ``route_every`` blocks from

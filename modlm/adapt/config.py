@@ -25,7 +25,15 @@ Two routers:
   received in the previous block; only its stop-gradient decode predictor trains, by BCE on the
   top-k decisions, so nothing backpropagates through the frozen model at all.
 
-Keep-all start: both routers decide causally by thresholding a logit, and every threshold starts
+- ``gate`` (``modlm.routing.gate``): hard gates s > threshold, the same rule in training and
+  decoding, straight-through to every token (a skipped token learns it should have been
+  processed), the first ``ModelConfig.n_sink`` tokens always processed; its routed layers are
+  ``"keys-kept"`` (a skipped token still writes its key and value), where training computes
+  every token's update (the dense layer's cost) and decoding skips for real. A compute term,
+  ``compute_weight``·(mean soft gate - capacity)², holds the training compute near the target;
+  no capacity anneal by default. Its keep-all start is its own (w = 0 below a threshold of -2).
+
+Keep-all start: the tuned and attention routers decide causally by thresholding a logit, and every threshold starts
 at -inf, so the adapted model, before tuning, processes every token in every layer and computes
 exactly what the original does (``x + f(x)``, unit weights). Tuning trains with top-k at the
 target capacity; calibration (``modlm.inference.calibrate``) then sets each threshold at the
@@ -49,7 +57,7 @@ from modlm.validation import is_int, is_number, require
 
 __all__ = ["ADAPT_LOSSES", "ADAPT_METHODS", "ADAPT_ROUTERS", "AdaptConfig", "default_layers", "parse_layers"]
 
-ADAPT_ROUTERS = ("tuned", "attention")
+ADAPT_ROUTERS = ("tuned", "attention", "gate")
 ADAPT_METHODS = ("tune-routers", "remove-layers")
 ADAPT_LOSSES = ("kl", "lm", "kl+lm")
 # The blocks remove-layers keeps when neither keep nor drop is given.
@@ -89,7 +97,9 @@ class AdaptConfig:
     linearly from 1.0 to ``capacity`` (keep-all start in training too: the first steps see nearly
     the original model, instead of a zero-initialised top-k that keeps the first k tokens of
     every window). None: 0.5 for ``tuned``, 0 for ``attention`` (its predictor learns the target
-    capacity's decisions). grad_clip: max gradient norm per clip group (the trainer's clipping,
+    capacity's decisions) and ``gate`` (its compute term moves the gates from their open start).
+    compute_weight: ``gate`` only, the weight of its compute term (the mean soft gate pulled to
+    the training capacity). grad_clip: max gradient norm per clip group (the trainer's clipping,
     ``modlm.training.optim.clip_gradients``); 0, the default, disables it. seed: the windows'.
 
     method: "tune-routers" or "remove-layers". loss: "kl", "lm" or "kl+lm" (tune-routers).
@@ -129,7 +139,9 @@ class AdaptConfig:
         "tune-routers: stop, writing nothing, when the training LM loss (mean of the last 10 steps) exceeds "
         "the original's on the same batches by more than max(this many nats, 25%%), or ln(vocab); 0 = no guard",
     )
-    router: str = flag("tuned", None, "tune-routers: tuned or attention (A-MoD)", choices=ADAPT_ROUTERS)
+    router: str = flag(
+        "tuned", None, "tune-routers: tuned, attention (A-MoD) or gate (hard causal gates)", choices=ADAPT_ROUTERS
+    )
     capacity: float = flag(0.5, None, "tune-routers: fraction of tokens a routed layer processes")
     layers: tuple[int, ...] | None = flag(
         None,
@@ -148,6 +160,9 @@ class AdaptConfig:
     anneal: float | None = None
     seed: int = flag(0, None, "seed of the window sampling")
     grad_clip: float = flag(0.0, None, "max gradient norm per clip group, 0 = off")
+    compute_weight: float = flag(
+        1.0, None, "router gate: weight of (mean soft gate - capacity)^2, which holds the compute near the target"
+    )
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, allowed: str) -> None:
@@ -165,6 +180,7 @@ class AdaptConfig:
         check(is_number(self.anneal) and 0 <= self.anneal <= 1, "anneal", "must be in [0, 1]")
         check(is_int(self.seed), "seed", "must be an int")
         check(is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        check(is_number(self.compute_weight) and 0 <= self.compute_weight < math.inf, "compute_weight", "must be >= 0")
         if self.layers is not None:
             self.layers = tuple(self.layers)
             check(len(self.layers) > 0 and all(is_int(i) for i in self.layers), "layers", "must name some layers")

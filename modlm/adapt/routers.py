@@ -19,7 +19,10 @@ def adapted_config(base: ModelConfig, router: str, capacity: float, layers: tupl
     bad = [i for i in layers if not 0 <= i < base.n_layers]
     if bad:
         raise ValueError(f"layers {bad} are not layers of {base.name!r}: it has layers 0..{base.n_layers - 1}")
-    kinds = tuple("routed" if i in layers else "dense" for i in range(base.n_layers))
+    # The gate router trains every token's update, which equals decoding only where a skipped
+    # token keeps its key and value (``modlm.routing.gate``).
+    routed = "keys-kept" if router == "gate" else "routed"
+    kinds = tuple(routed if i in layers else "dense" for i in range(base.n_layers))
     return base.replace(
         router=router, capacity=float(capacity), layer_types=kinds, name=f"{base.name}-{router}-c{capacity:g}"
     )
@@ -44,10 +47,12 @@ def adapt_model(
     dense: MoDTransformer, router: str = "tuned", capacity: float = 0.5, layers: tuple[int, ...] | None = None
 ) -> MoDTransformer:
     """A MoD copy of ``dense`` with routers on ``layers``: base weights copied and frozen, only the
-    routing parameters trainable, thresholds at -inf (it computes what ``dense`` does)."""
+    routing parameters trainable, every token processed (it computes what ``dense`` does):
+    thresholds at -inf, or for ``gate`` its own open start (w = 0 above its threshold)."""
     if dense.config.routed_layers:
         raise ValueError(f"model {dense.config.name!r} is already routed: adapt a dense (converted) model")
     model, _ = with_routers(dense, router, capacity, layers)
-    set_thresholds(model, float("-inf"))  # keep-all start
+    if router != "gate":  # the gates' soft gradient needs a finite threshold
+        set_thresholds(model, float("-inf"))  # keep-all start
     roles.freeze_all_but(model, routing=True)
     return model.eval()

@@ -107,6 +107,9 @@ def _train(
     groups = clip_groups(model)
     device = next(model.parameters()).device
     routers = [model.blocks[i].router for i in model.config.routed_layers]
+    if cfg.router == "gate":  # its compute term (modlm.routing.gate)
+        for r in routers:
+            r.compute_weight = cfg.compute_weight
     guard = CollapseGuard(model.config.vocab_size, cfg.max_loss_rise, _advice(model, cfg))
     history: list[dict[str, Any]] = []
     model.train()
@@ -130,6 +133,8 @@ def _train(
                 log(history[-1])
     for r in routers:
         r.capacity = cfg.capacity
+        if cfg.router == "gate":
+            r.compute_weight = 0.0  # the term is for training only
     model.eval()
     return history
 

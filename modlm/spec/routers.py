@@ -131,3 +131,13 @@ register_router(
         thresholded=True,
     )
 )
+register_router(
+    RouterSpec(
+        "gate",
+        "modlm.routing.gate:GateRouter",
+        "hard causal gates for adaptation (modlm adapt): s > threshold in training and decoding, "
+        "straight-through to every token, attention sinks always processed",
+        scores_tokens=True,
+        thresholded=True,
+    )
+)
