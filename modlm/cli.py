@@ -26,6 +26,7 @@ EPILOG = """examples:
   modlm generate --ckpt runs/mod --prompt "The history of" --show-routing
   modlm flops --model small --seq-len 256
   modlm bench decode --batch-sizes 1 16          # decode tokens/s, MoD vs dense twin
+  modlm quantize runs/mod runs/mod-int4 --weights int4   # 4-bit weights for CPU decoding
   modlm isoflop --budgets 1e12,4e12 --family dense --family mod
   modlm reproduce --scale default
 """
@@ -319,6 +320,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write a copy of a checkpoint whose linear layers (attention, MLP, LM head) hold low-bit
+    weights for CPU decoding: --weights int4 (groups of 32 along the input, a bf16 scale and
+    zero each, torch's CPU int4 kernel; a layer the kernel cannot take stays bf16) or bf16. The
+    token embedding stays fp32. modlm generate --ckpt OUT decodes with it."""
+    from modlm.quant import FORMATS, quantize_model
+    from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint, save_checkpoint
+
+    if args.weights not in FORMATS:
+        raise ValueError(f"--weights={args.weights!r} is invalid: must be one of {', '.join(FORMATS)}")
+    print(f"# quantizing {args.ckpt} -> {args.out}: weights={args.weights} skip={args.skip}", file=sys.stderr)
+    tok = load_tokenizer_from_checkpoint(args.ckpt)
+    model = load_model(args.ckpt)
+    formats = quantize_model(model, args.weights, skip=args.skip)
+    out = save_checkpoint(args.out, model, model.config, tokenizer=tok, extra_state={"quantized_from": str(args.ckpt)})
+    counts = {w: sum(r["weights"] == w for r in formats.values()) for w in FORMATS}
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    print(json.dumps({"checkpoint": str(out), "weights": args.weights, "layers": counts, "bytes": size}))
+    return 0
+
+
 def cmd_adapt(args: argparse.Namespace) -> int:
     """Adapt a dense checkpoint (modlm convert output) to run with less compute, and write it with
     its tokenizer to OUT. --method tune-routers (the default): routers on --layers at
@@ -384,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_flops_command,
         _add_bench_command,
         _add_convert_command,
+        _add_quantize_command,
         _add_adapt_commands,
         _add_experiment_commands,
     ):
@@ -494,6 +517,16 @@ def _add_convert_command(sub) -> None:
     )
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json to ship instead of the source's own")
     p.set_defaults(func=cmd_convert)
+
+
+def _add_quantize_command(sub) -> None:
+    """``modlm quantize CKPT OUT --weights int4|bf16``."""
+    p = sub.add_parser("quantize", help=" ".join(cmd_quantize.__doc__.split()), description=cmd_quantize.__doc__)
+    p.add_argument("ckpt", help="a modlm checkpoint (or run directory)")
+    p.add_argument("out", help="the quantized checkpoint directory to write")
+    p.add_argument("--weights", default="int4", help="int4 or bf16 (default: int4)")
+    p.add_argument("--skip", nargs="*", default=[], metavar="NAME", help="linear layers to keep in fp32, e.g. lm_head")
+    p.set_defaults(func=cmd_quantize)
 
 
 def _add_adapt_commands(sub) -> None:

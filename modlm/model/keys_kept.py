@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from modlm.config import ModelConfig
-from modlm.kernels import fewrow as kernels
 from modlm.model.attention import Attention
 from modlm.model.block import BlockContext, RoutedBlock, combine_route
 from modlm.model.layers import apply_rotary
@@ -48,13 +47,13 @@ __all__ = ["KeysKeptAttention", "KeysKeptBlock", "visible_keys_mask"]
 class KeysKeptAttention(Attention):
     """``Attention`` (same parameters: the fused ``qkv`` and ``proj``) whose query and key/value
     projections can run over different tokens: keys and values for every token, queries for
-    the routed ones. Each takes its rows of the fused weight (a contiguous view, no copy)."""
+    the routed ones. Each takes its rows of the fused weight (``Linear.forward_rows``)."""
 
     def queries(self, h_BKD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Queries (B, H, K, E) of the normed stream ``h_BKD``, RoPE at cos/sin."""
         B, K, _ = h_BKD.shape
         H, E = self.n_heads, self.head_dim
-        q = kernels.linear(h_BKD, self.qkv.weight[: H * E])
+        q = self.qkv.forward_rows(h_BKD, slice(0, H * E))
         return apply_rotary(q.view(B, K, H, E).transpose(1, 2), cos, sin)  # (B, H, K, E)
 
     def keys_values(
@@ -63,7 +62,7 @@ class KeysKeptAttention(Attention):
         """Keys (RoPE at cos/sin) and values (B, G, T, E) of the normed stream ``h_BTD``."""
         B, T, _ = h_BTD.shape
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
-        kv = kernels.linear(h_BTD, self.qkv.weight[H * E :])
+        kv = self.qkv.forward_rows(h_BTD, slice(H * E, None))
         k, v = kv.view(B, T, 2 * G, E).transpose(1, 2).split([G, G], dim=1)  # (B, G, T, E) each
         return apply_rotary(k, cos, sin), v
 

@@ -16,10 +16,18 @@ from modlm.spec import roles
 
 class Linear(nn.Linear):
     """``nn.Linear`` whose few-row fp32 products without gradients (decoding on a CPU) go to
-    ``modlm.kernels.fewrow``; training and everything else is ``F.linear``. Same parameters and names."""
+    ``modlm.kernels.fewrow``; training and everything else is ``F.linear``. Same parameters and names.
+
+    The contract every layer in its place keeps (``modlm.quant`` swaps in low-bit ones):
+    ``forward(x)`` and ``forward_rows(x, rows)``; callers never read ``.weight`` themselves.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)
+
+    def forward_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """x times rows ``rows`` of the weight: one part of a fused projection (a view, no copy)."""
+        return kernels.linear(x, self.weight[rows], None if self.bias is None else self.bias[rows])
 
 
 class RMSNorm(nn.Module):

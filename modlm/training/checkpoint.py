@@ -10,6 +10,10 @@ Layout of a checkpoint directory::
     rng.safetensors         RNG states as uint8 tensors (torch CPU, CUDA, named generators)
     tokenizer.json          (only for a Hugging Face tokenizer) the tokenizer the model was trained with
 
+``config.json["quant"]`` (only for a model with low-bit weights, ``modlm.quant``) is
+``{module name: record}`` of every low-bit linear (``modlm.quant.model_formats``); such a
+checkpoint has format_version 2, so a modlm that cannot rebuild it says so.
+
 ``config.json["tokenizer"]`` is the tokenizer's ``spec()`` ({"kind": "byte"} or {"kind": "hf",
 "file", "sha256", "vocab_size"}, with "chat_template" for a chat model's); checkpoints written before it existed have no entry and mean
 the byte tokenizer.
@@ -41,7 +45,8 @@ from modlm.config import ModelConfig
 from modlm.training.tokenizers import ByteTokenizer, Tokenizer, tokenizer_from_spec
 
 FORMAT = "modlm-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this modlm reads and writes (2: "quant")
+_PLAIN_FORMAT_VERSION = 1  # written when the model has no low-bit layers, as before "quant" existed
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
@@ -314,7 +319,7 @@ def save_checkpoint(
         _save_tensors(rng, tmp / RNG_FILE, metadata={"format": "pt"})
         files.append(RNG_FILE)
         files += tokenizer.save(tmp)
-        _write_manifest(tmp, files, step, config, train_config, extra_state, aliases, tokenizer)
+        _write_manifest(tmp, model, files, step, config, train_config, extra_state, aliases, tokenizer)
         _fsync_dir(tmp)
         _swap_in(tmp, final)
     except BaseException:
@@ -370,6 +375,7 @@ def _write_weights(
 
 def _write_manifest(
     tmp: Path,
+    model: nn.Module,
     files: list[str],
     step: int,
     config: ModelConfig,
@@ -381,10 +387,12 @@ def _write_manifest(
     """Write config.json (what the checkpoint holds, each file's size and hash), then give every
     file its mode."""
     from modlm import __version__
+    from modlm.quant import model_formats
 
+    quant = model_formats(model)
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if quant else _PLAIN_FORMAT_VERSION,
         "modlm_version": __version__,
         "step": step,
         "model": config.to_dict(),
@@ -392,6 +400,7 @@ def _write_manifest(
         "extra": extra_state or {},
         "tied_weights": aliases,  # {alias: stored name}; the alias is restored by tying, not copying
         "tokenizer": tokenizer.spec(),
+        **({"quant": quant} if quant else {}),
         # Sizes catch truncation, hashes catch flipped bytes safetensors cannot see.
         "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
     }
@@ -484,12 +493,17 @@ def _build_model(
     config: ModelConfig, ckpt: Path, manifest: dict[str, Any], device: str | torch.device, verify_hash: bool
 ) -> nn.Module:
     from modlm.model.transformer import MoDTransformer
+    from modlm.quant import apply_formats
 
     path = _check_file(ckpt, manifest, MODEL_FILE, verify_hash)
     weights = _load_tensors(path)
     # Construction draws the init from the global RNG; loading must not perturb a caller's RNG.
     with torch.random.fork_rng(devices=[]):
         model = MoDTransformer(config)
+    try:  # the low-bit layers the weights were written from, empty until loaded
+        apply_formats(model, manifest.get("quant") or {})
+    except ValueError as e:
+        raise _corrupted(ckpt / CONFIG_FILE, str(e)) from None
     tied = set(_tied_aliases(model.state_dict()))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
