@@ -175,7 +175,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     from modlm.devices import parse_device
     from modlm.inference.generate import GenerationConfig, eos_tokens, validate_prompts
-    from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
+    from modlm.quant import FORMATS
+    from modlm.training.checkpoint import load_tokenizer_from_checkpoint
 
     # Everything that can be checked before loading is checked first: a mistake costs no wait.
     gen = GenerationConfig(
@@ -194,9 +195,13 @@ def _generate(args: argparse.Namespace) -> int:
     if args.routed_fraction is not None and not 0.0 < args.routed_fraction <= 1.0:  # before loading anything
         raise ValueError(f"--routed-fraction={args.routed_fraction} is invalid: must be in (0, 1]")
     device = parse_device(args.device)
+    if args.weights not in (None, "fp32", *FORMATS):
+        raise ValueError(f"--weights={args.weights!r} is invalid: must be one of fp32, {', '.join(FORMATS)}")
+    if args.weights == "int4" and device.type != "cpu":
+        raise ValueError(f"--weights=int4 runs on the CPU kernel only, but --device is {device}")
     tok = load_tokenizer_from_checkpoint(args.ckpt)  # first: a checkpoint without a chat template costs no load
     model_text = _chat_prompts(args.ckpt, tok, chats) if chats else prompts_text
-    model = load_model(args.ckpt, device=device)
+    model = _load_with_weights(args.ckpt, args.weights, device)
     gen = dataclasses.replace(gen, stop_tokens=_stop_tokens(tok, args.stop))
     prompts = validate_prompts(model, [tok.encode(t) for t in model_text], gen.max_new_tokens)
     cfg = model.config
@@ -208,7 +213,8 @@ def _generate(args: argparse.Namespace) -> int:
         f"capacity={cfg.capacity} causal_routing={cfg.causal_routing} tokenizer={tok.name} | "
         f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed} "
         f"eos={'ignored' if args.ignore_eos else list(eos) or 'none'} chat={bool(chats)} "
-        f"cache={not args.no_cache} device={device} threads={torch.get_num_threads()}",
+        f"cache={not args.no_cache} device={device} threads={torch.get_num_threads()} "
+        f"weights={_weight_formats(model)}",
         file=sys.stderr,
     )
     # A chat prints the reply only (its prompt is the template's markup); plain text echoes the prompt.
@@ -222,6 +228,33 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"\n# routing of prompt {row} (each generated token; {len(cfg.routed_layers)} routed blocks)")
             print(_routing_table(tok, toks, res.routing[row], cfg.routed_layers, color))
     return 0
+
+
+def _load_with_weights(ckpt: str, weights: str | None, device):
+    """The checkpoint's model with its fp32 linear layers quantized to ``weights`` ("int4" / "bf16"
+    by ``modlm.quant.quantize_model``; None or "fp32": as stored). Layers the checkpoint already
+    holds in low bits stay as they are."""
+    from modlm.quant import quantize_model
+    from modlm.training.checkpoint import load_model
+
+    if weights in (None, "fp32"):
+        return load_model(ckpt, device=device)
+    model = load_model(ckpt)  # quantized on the CPU, then moved
+    quantize_model(model, weights)
+    return model.to(device)
+
+
+def _weight_formats(model) -> str:
+    """The linear layers' weight formats, e.g. "int4" or "int4:16+fp32:1"."""
+    from modlm.model.layers import Linear
+    from modlm.quant import QuantLinear
+
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        kind = m.weights if isinstance(m, QuantLinear) else "fp32" if isinstance(m, Linear) else None
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+    return next(iter(counts)) if len(counts) == 1 else "+".join(f"{k}:{n}" for k, n in counts.items()) or "none"
 
 
 def _sample_and_print(model, tok, prompts, gen, eos: tuple[int, ...], echo: str, shown: list[str]):
@@ -315,21 +348,69 @@ def cmd_convert(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    out = convert_llama(args.src, args.out, max_seq_len=args.max_seq_len, tokenizer=args.tokenizer, on_start=show)
-    print(json.dumps({"checkpoint": str(out), "model": read_checkpoint_config(out)["model"]}))
+    _check_eval_args(args)
+    if args.eval_tokens and not args.keep_quant:
+        raise ValueError(f"--eval-tokens={args.eval_tokens} compares quantized weights: it needs --keep-quant")
+    kwargs = {"max_seq_len": args.max_seq_len, "tokenizer": args.tokenizer, "on_start": show}
+    if args.keep_quant:
+        from modlm.interop.gguf_quant import convert_gguf_int4
+
+        out, kept = convert_gguf_int4(args.src, args.out, **kwargs)
+    else:
+        out = convert_llama(args.src, args.out, **kwargs)
+    result = {"checkpoint": str(out), "model": read_checkpoint_config(out)["model"]}
+    if args.keep_quant:
+        result["quant"] = kept
+        result.update(_quality(out, args, reference=lambda: _unquantized(args.src, args.max_seq_len)))
+    print(json.dumps(result))
     return 0
+
+
+def _unquantized(src: str, max_seq_len: int | None):
+    """The source converted without --keep-quant (every weight as float): the reference."""
+    from modlm.interop.llama import load_llama
+
+    return load_llama(src, max_seq_len=max_seq_len)
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Refuse a bad held-out check before any work."""
+    if args.eval_tokens < 0:
+        raise ValueError(f"--eval-tokens={args.eval_tokens} is invalid: must be >= 0 (0 skips the check)")
+    if args.eval_seq_len < 1:
+        raise ValueError(f"--eval-seq-len={args.eval_seq_len} is invalid: must be >= 1")
+
+
+def _quality(ckpt, args: argparse.Namespace, reference) -> dict:
+    """{ppl_original, ppl_quantized, eval_tokens}: held-out perplexity of the checkpoint ``ckpt``
+    and of ``reference()`` (its unquantized model), causal routing as decoding, on the validation
+    split of --data in the checkpoint's tokens; {} when --eval-tokens is 0. Speed is never
+    quoted without it."""
+    if args.eval_tokens <= 0:
+        return {}
+    from modlm.adapt.guards import heldout_report, heldout_windows
+    from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint
+    from modlm.training.corpus import prepare_corpus
+
+    corpus = prepare_corpus(args.data, tokenizer=load_tokenizer_from_checkpoint(ckpt))
+    quantized = load_model(ckpt)
+    windows = heldout_windows(corpus.val, min(args.eval_seq_len, quantized.config.max_seq_len), args.eval_tokens)
+    rep = heldout_report(reference(), quantized, windows)
+    return {"ppl_original": rep["ppl_original"], "ppl_quantized": rep["ppl_adapted"], "eval_tokens": rep["eval_tokens"]}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Write a copy of a checkpoint whose linear layers (attention, MLP, LM head) hold low-bit
     weights for CPU decoding: --weights int4 (groups of 32 along the input, a bf16 scale and
     zero each, torch's CPU int4 kernel; a layer the kernel cannot take stays bf16) or bf16. The
-    token embedding stays fp32. modlm generate --ckpt OUT decodes with it."""
+    token embedding stays fp32. modlm generate --ckpt OUT decodes with it. --eval-tokens N ends by
+    printing the held-out perplexity of the quantized and the original model."""
     from modlm.quant import FORMATS, quantize_model
     from modlm.training.checkpoint import load_model, load_tokenizer_from_checkpoint, save_checkpoint
 
     if args.weights not in FORMATS:
         raise ValueError(f"--weights={args.weights!r} is invalid: must be one of {', '.join(FORMATS)}")
+    _check_eval_args(args)
     print(f"# quantizing {args.ckpt} -> {args.out}: weights={args.weights} skip={args.skip}", file=sys.stderr)
     tok = load_tokenizer_from_checkpoint(args.ckpt)
     model = load_model(args.ckpt)
@@ -337,7 +418,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = save_checkpoint(args.out, model, model.config, tokenizer=tok, extra_state={"quantized_from": str(args.ckpt)})
     counts = {w: sum(r["weights"] == w for r in formats.values()) for w in FORMATS}
     size = sum(f.stat().st_size for f in Path(out).iterdir())
-    print(json.dumps({"checkpoint": str(out), "weights": args.weights, "layers": counts, "bytes": size}))
+    result = {"checkpoint": str(out), "weights": args.weights, "layers": counts, "bytes": size}
+    result.update(_quality(out, args, reference=lambda: load_model(args.ckpt)))
+    print(json.dumps(result))
     return 0
 
 
@@ -470,6 +553,12 @@ def _add_generate_command(sub) -> None:
         help="compute knob: calibrate routing thresholds so routed blocks take this fraction of tokens",
     )
     p.add_argument("--show-routing", action="store_true", help="print which routed blocks each generated token used")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="int4 or bf16: quantize the checkpoint's fp32 linear layers on loading (modlm quantize's formats; "
+        "int4 on the CPU only); fp32 or unset: as stored",
+    )
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: %(default)s)")
     add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
@@ -516,6 +605,13 @@ def _add_convert_command(sub) -> None:
         help="context to allocate rotary tables for (default: the model's, at most 8192)",
     )
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json to ship instead of the source's own")
+    p.add_argument(
+        "--keep-quant",
+        action="store_true",
+        help="GGUF: keep Q4_0 / Q4_1 linear layers in 4 bits (int4 layers of the file's own values and "
+        "block scales, no second rounding); other layers convert to fp32 as without it",
+    )
+    _add_eval_args(p)
     p.set_defaults(func=cmd_convert)
 
 
@@ -526,7 +622,25 @@ def _add_quantize_command(sub) -> None:
     p.add_argument("out", help="the quantized checkpoint directory to write")
     p.add_argument("--weights", default="int4", help="int4 or bf16 (default: int4)")
     p.add_argument("--skip", nargs="*", default=[], metavar="NAME", help="linear layers to keep in fp32, e.g. lm_head")
+    _add_eval_args(p)
     p.set_defaults(func=cmd_quantize)
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The held-out perplexity check that ends ``quantize`` and ``convert --keep-quant``."""
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=0,
+        help="held-out tokens to measure the perplexity of the quantized and the unquantized model on "
+        "(default: 0, skip)",
+    )
+    p.add_argument("--eval-seq-len", type=int, default=256, help="tokens per held-out window (default: %(default)s)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="text whose validation split measures: 'enwiki' (bundled), a text file or a folder (default: enwiki)",
+    )
 
 
 def _add_adapt_commands(sub) -> None:

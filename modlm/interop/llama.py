@@ -488,6 +488,7 @@ def convert_llama(
     max_seq_len: int | None = None,
     tokenizer: str | Path | None = None,
     on_start: Callable[[ModelConfig, HFTokenizer], None] | None = None,
+    before_save: Callable[[MoDTransformer], None] | None = None,
 ) -> Path:
     """Convert a Llama-architecture model into a dense modlm checkpoint with its tokenizer.
 
@@ -499,6 +500,8 @@ def convert_llama(
         tokenizer: a tokenizer.json to ship instead of the source's own.
         on_start: called with the resolved config and tokenizer once the source has passed every
             check and before its weights are read (the CLI prints them).
+        before_save: called with the built model before it is saved, to change it in place
+            (``modlm.interop.gguf_quant.convert_gguf_int4`` swaps in the file's 4-bit layers).
     Returns:
         ``out``; ``modlm.load_model(out)`` gives the model back, ``modlm generate --ckpt out`` samples.
     Raises:
@@ -510,4 +513,6 @@ def convert_llama(
     if on_start is not None:
         on_start(config, tok)
     model = _build(config, source.state_dict())
+    if before_save is not None:
+        before_save(model)
     return save_checkpoint(out, model, config, tokenizer=tok)

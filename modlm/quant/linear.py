@@ -110,6 +110,26 @@ class Int4Linear(QuantLinear):
             new.bias.copy_(linear.bias.detach())
         return new
 
+    @classmethod
+    @torch.no_grad()
+    def from_int4(cls, q_NK: torch.Tensor, scales_and_zeros_GN2: torch.Tensor) -> Int4Linear:
+        """The layer of given 4-bit values q (N, K) uint8 in 0..15 and their scales and zeros
+        (K/g, N, 2) (cast to bf16): weights already on a 4-bit grid (a GGUF file's Q4_0 / Q4_1
+        blocks) are taken as they are, with no rounding of q. No bias."""
+        N, K = q_NK.shape
+        G = scales_and_zeros_GN2.shape[0]
+        if G == 0 or K % G or tuple(scales_and_zeros_GN2.shape) != (G, N, 2):
+            raise ValueError(
+                f"scales_and_zeros of shape {tuple(scales_and_zeros_GN2.shape)} do not fit q of shape {(N, K)}: "
+                "expected (K / group_size, N, 2)"
+            )
+        if q_NK.dtype != torch.uint8 or (q_NK.numel() and int(q_NK.max()) > 15):
+            raise ValueError(f"q has dtype {q_NK.dtype} or values above 15: expected uint8 in 0..15")
+        new = cls(K, N, bias=False, group_size=K // G)
+        new.packed = lowbit.pack_int4(q_NK.cpu())
+        new.scales_and_zeros.copy_(scales_and_zeros_GN2)
+        return new
+
     def record(self) -> dict:
         return {**super().record(), "group_size": self.group_size}
 
