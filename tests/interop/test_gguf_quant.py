@@ -204,3 +204,22 @@ def test_keep_quant_needs_a_gguf_source(tmp_path, capsys):
     assert main(["convert", str(tmp_path), str(tmp_path / "out"), "--keep-quant"]) == 2
     assert "--keep-quant keeps a GGUF file's 4-bit weights" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_keep_quant_reports_heldout_perplexity(tiny_gguf, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MODLM_CACHE", str(tmp_path / "cache"))
+    path, _ = tiny_gguf
+    data = tmp_path / "text"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for d in range(40):  # documents in the tiny vocabulary's letters
+        (data / f"{d}.txt").write_text("".join(rng.choice(list("abcdefghij"), 200)))
+    argv = ["convert", str(path), str(tmp_path / "ckpt"), "--keep-quant", "--eval-tokens", "64"]
+    assert main([*argv, "--eval-seq-len", "32", "--data", str(data)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["eval_tokens"] == 64
+    assert printed["ppl_quantized"] != printed["ppl_original"]
+    assert abs(printed["ppl_quantized"] / printed["ppl_original"] - 1) < 0.05
+    # Without --keep-quant there is nothing to compare.
+    assert main(["convert", str(path), str(tmp_path / "plain"), "--eval-tokens", "64"]) == 2
+    assert "needs --keep-quant" in capsys.readouterr().err

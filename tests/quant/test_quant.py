@@ -205,3 +205,57 @@ def test_group_size_is_recorded_and_checked():
     ref = F.linear(torch.ones(1, 128).bfloat16().float(), q.dequantize())
     _bf16_close(q(torch.ones(1, 128)), ref)
     assert lowbit.quantize_int4(lin.weight, 64)[1].shape == (2, 32, 2)
+
+
+def _greedy(capsys, *args):
+    argv = ["generate", "--prompt", "ab", "--max-new-tokens", "6", "--temperature", "0", *args]
+    assert main(argv) == 0
+    got = capsys.readouterr()
+    return got.out, next(line for line in got.err.splitlines() if line.startswith("# model"))
+
+
+def test_cli_generate_quantizes_on_loading_as_quantize_does(tmp_path, capsys):
+    model = _tiny()
+    save_checkpoint(tmp_path / "fp32", model, model.config)
+    assert main(["quantize", str(tmp_path / "fp32"), str(tmp_path / "q"), "--weights", "int4"]) == 0
+    capsys.readouterr()
+    stored, line_stored = _greedy(capsys, "--ckpt", str(tmp_path / "q"))
+    on_the_fly, line = _greedy(capsys, "--ckpt", str(tmp_path / "fp32"), "--weights", "int4")
+    assert on_the_fly == stored and line.endswith("weights=int4") and line_stored.endswith("weights=int4")
+    _, line = _greedy(capsys, "--ckpt", str(tmp_path / "fp32"))
+    assert line.endswith("weights=fp32")
+    _, line = _greedy(capsys, "--ckpt", str(tmp_path / "fp32"), "--weights", "bf16")
+    assert line.endswith("weights=bf16")
+    # Layers stored in low bits stay as stored; --weights takes the fp32 ones.
+    assert main(["quantize", str(tmp_path / "fp32"), str(tmp_path / "s"), "--skip", "lm_head"]) == 0
+    capsys.readouterr()
+    _, line = _greedy(capsys, "--ckpt", str(tmp_path / "s"), "--weights", "bf16")
+    assert line.endswith("weights=int4:16+bf16:1")
+    argv = ["generate", "--ckpt", str(tmp_path / "fp32"), "--prompt", "ab", "--weights", "int8"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith("--weights='int8' is invalid: must be one of fp32, int4, bf16")
+
+
+def test_cli_quantize_reports_heldout_perplexity_beside_the_original(tmp_path, capsys, monkeypatch):
+    from modlm.adapt.guards import heldout_windows
+    from modlm.inference.evaluation import evaluate_lm, window_batches
+    from modlm.training.corpus import prepare_corpus
+
+    monkeypatch.setenv("MODLM_CACHE", str(tmp_path / "cache"))
+    model = _tiny()
+    save_checkpoint(tmp_path / "fp32", model, model.config)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(400)))
+    argv = ["quantize", str(tmp_path / "fp32"), str(tmp_path / "q"), "--eval-tokens", "96", "--eval-seq-len", "32"]
+    assert main([*argv, "--data", str(text)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["eval_tokens"] == 96
+    # The original's figure is evaluate_lm's on the same windows, causal routing as decoding.
+    windows = heldout_windows(prepare_corpus(str(text)).val, 32, 96)
+    ref = evaluate_lm(model, window_batches(model, windows, 1), routing="causal")
+    assert report["ppl_original"] == pytest.approx(ref.perplexity, rel=1e-6)
+    assert report["ppl_quantized"] != report["ppl_original"]
+    assert abs(report["ppl_quantized"] / report["ppl_original"] - 1) < 0.1
+    assert main([*argv[:2], str(tmp_path / "r"), "--eval-tokens", "-1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--eval-tokens=-1 is invalid: must be >= 0 (0 skips the check)")
+    assert not (tmp_path / "r").exists()
