@@ -335,7 +335,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- convert
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a Hugging Face Llama-architecture model (a directory with config.json + safetensors, or a
-    .gguf file) into a dense modlm checkpoint with its tokenizer."""
+    .gguf file) into a dense modlm checkpoint with its tokenizer. --keep-quant (GGUF): the linear
+    layers the file stores as Q4_0 / Q4_1 stay 4-bit (int4 layers of the file's own values and
+    block scales); --eval-tokens N then compares their held-out perplexity with the float model's."""
     from modlm.interop.llama import convert_llama
     from modlm.training.checkpoint import read_checkpoint_config
 
