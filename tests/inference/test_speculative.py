@@ -169,3 +169,22 @@ def test_bad_arguments_are_refused():
         LayerSkipDraft.keeping(model, 0)
     with pytest.raises(ValueError, match="truncate lengths"):
         ModelCache(["ragged"], 2, 2, 4).truncate([[1, 0]])
+
+
+def test_cli_speculative_prints_what_plain_greedy_prints(tmp_path, capsys):
+    from modlm.cli import main
+    from modlm.training.checkpoint import save_checkpoint
+
+    model = _model("tiny").float()
+    save_checkpoint(tmp_path / "ckpt", model, model.config)
+    base = ["generate", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max-new-tokens", "20"]
+    base += ["--temperature", "0", "--ignore-eos"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--speculative", "--draft-skip", "2", "--gamma", "3"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == plain and "acceptance" in cap.err and "draft layers=[0, 1, 3]" in cap.err
+    assert main(base + ["--draft-keep", "0.5"]) == 2
+    assert "--draft-keep=0.5 needs --speculative" in capsys.readouterr().err
+    assert main(base + ["--speculative", "--gamma", "0"]) == 2
+    assert "--gamma=0" in capsys.readouterr().err
