@@ -163,6 +163,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     Prompts are encoded, and output decoded, with the tokenizer saved in the checkpoint. A row
     ends at the checkpoint's end-of-sequence token (unless --ignore-eos), which is not printed.
     --chat renders a user turn through the checkpoint's chat template (modlm convert keeps it).
+    --speculative drafts --gamma tokens with the model's own blocks minus some (--draft-skip or
+    --draft-keep) and verifies them in one forward: the same output, greedy token for token.
     """
     with use_threads(args.threads):
         return _generate(args)
@@ -194,6 +196,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompts_text = [] if chats else _read_prompts(args)
     if args.routed_fraction is not None and not 0.0 < args.routed_fraction <= 1.0:  # before loading anything
         raise ValueError(f"--routed-fraction={args.routed_fraction} is invalid: must be in (0, 1]")
+    _check_speculative_flags(args)
     device = parse_device(args.device)
     if args.weights not in (None, "fp32", *FORMATS):
         raise ValueError(f"--weights={args.weights!r} is invalid: must be one of fp32, {', '.join(FORMATS)}")
@@ -208,20 +211,26 @@ def _generate(args: argparse.Namespace) -> int:
     eos = () if args.ignore_eos else eos_tokens(cfg)
     if args.routed_fraction is not None:
         _calibrate(model, tok, args.routed_fraction, device)
+    spec = (_draft(model, args), args.gamma) if args.speculative else None
     print(
         f"# model {cfg.name}: d={cfg.d_model} layers={cfg.n_layers} routed={list(cfg.routed_layers)} "
         f"capacity={cfg.capacity} causal_routing={cfg.causal_routing} tokenizer={tok.name} | "
         f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} seed={args.seed} "
         f"eos={'ignored' if args.ignore_eos else list(eos) or 'none'} chat={bool(chats)} "
         f"cache={not args.no_cache} device={device} threads={torch.get_num_threads()} "
-        f"weights={_weight_formats(model)}",
+        f"weights={_weight_formats(model)}"
+        + (f" | speculative gamma={args.gamma} draft layers={list(spec[0].keep)}" if spec else ""),
         file=sys.stderr,
     )
     # A chat prints the reply only (its prompt is the template's markup); plain text echoes the prompt.
     shown = [m[-1]["content"] for m in chats] if chats else prompts_text
-    res = _sample_and_print(model, tok, prompts, gen, eos, echo="" if chats else prompts_text[0], shown=shown)
+    res = _sample_and_print(
+        model, tok, prompts, gen, eos, echo="" if chats else prompts_text[0], shown=shown, spec=spec
+    )
     tps = res.new_tokens / max(res.decode_s + res.prefill_s, 1e-9)
     print(f"# {res.new_tokens} tokens in {res.prefill_s + res.decode_s:.2f}s ({tps:.1f} tok/s)", file=sys.stderr)
+    if spec is not None:
+        print(f"# speculative: acceptance {res.acceptance:.2f}, {res.steps} verify steps", file=sys.stderr)
     if args.show_routing:
         color = sys.stdout.isatty()
         for row, toks in enumerate(res.tokens):
@@ -257,10 +266,43 @@ def _weight_formats(model) -> str:
     return next(iter(counts)) if len(counts) == 1 else "+".join(f"{k}:{n}" for k, n in counts.items()) or "none"
 
 
-def _sample_and_print(model, tok, prompts, gen, eos: tuple[int, ...], echo: str, shown: list[str]):
+def _check_speculative_flags(args: argparse.Namespace) -> None:
+    """One-line errors for speculative-decoding flags, before anything is loaded."""
+    if not args.speculative:
+        for flag, value in (("--draft-skip", args.draft_skip), ("--draft-keep", args.draft_keep)):
+            if value is not None:
+                raise ValueError(f"{flag}={value} needs --speculative")
+        return
+    if args.gamma < 1:
+        raise ValueError(f"--gamma={args.gamma} is invalid: must be an int >= 1")
+    if args.draft_skip is not None and args.draft_keep is not None:
+        raise ValueError("give --draft-skip or --draft-keep, not both")
+    if args.draft_keep is not None and not 0.0 < args.draft_keep <= 1.0:
+        raise ValueError(f"--draft-keep={args.draft_keep} is invalid: must be in (0, 1]")
+    for flag, on in (("--no-cache", args.no_cache), ("--show-routing", args.show_routing)):
+        if on:
+            raise ValueError(f"{flag} is not supported with --speculative")
+
+
+def _draft(model, args: argparse.Namespace):
+    """The draft the flags name: --draft-skip LAYERS, else --draft-keep FRACTION (default 0.5)."""
+    from modlm.inference.speculative import LayerSkipDraft
+
+    if args.draft_skip is not None:
+        try:
+            skip = [int(i) for i in args.draft_skip.split(",") if i.strip()]
+        except ValueError:
+            raise ValueError(f"--draft-skip={args.draft_skip!r} is invalid: give layer indices like 2,3,5") from None
+        return LayerSkipDraft.skipping(model, skip)
+    return LayerSkipDraft.keeping(model, 0.5 if args.draft_keep is None else args.draft_keep)
+
+
+def _sample_and_print(model, tok, prompts, gen, eos: tuple[int, ...], echo: str, shown: list[str], spec=None):
     """Decode; one prompt streams (after ``echo``), several print JSON lines. The eos token that
-    ended a row is a marker, not text: it is not printed."""
+    ended a row is a marker, not text: it is not printed. ``spec``: (draft, gamma) to decode
+    speculatively (``modlm.inference.speculative``)."""
     from modlm.inference.generate import generate
+    from modlm.inference.speculative import speculative_generate
     from modlm.training.tokenizers import StreamDecoder
 
     streaming = len(prompts) == 1
@@ -275,7 +317,14 @@ def _sample_and_print(model, tok, prompts, gen, eos: tuple[int, ...], echo: str,
             sys.stdout.write(decoder.push(token))
             sys.stdout.flush()
 
-    res = generate(model, prompts, gen.max_new_tokens, config=gen, stream=stream if streaming else None)
+    stream_fn = stream if streaming else None
+    if spec is None:
+        res = generate(model, prompts, gen.max_new_tokens, config=gen, stream=stream_fn)
+    else:
+        draft, gamma = spec
+        res = speculative_generate(
+            model, prompts, gen.max_new_tokens, draft=draft, gamma=gamma, config=gen, stream=stream_fn
+        )
     if streaming:
         sys.stdout.write(decoder.flush() + "\n")
     else:
@@ -561,6 +610,21 @@ def _add_generate_command(sub) -> None:
         help="int4 or bf16: quantize the checkpoint's fp32 linear layers on loading (modlm quantize's formats; "
         "int4 on the CPU only); fp32 or unset: as stored",
     )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative decoding: a draft of the model's own blocks proposes, the model verifies "
+        "(same output; faster when the draft agrees)",
+    )
+    p.add_argument("--draft-skip", default=None, metavar="LAYERS", help="blocks the draft skips, e.g. 2,3,5")
+    p.add_argument(
+        "--draft-keep",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="fraction of blocks the draft keeps, evenly spaced (default 0.5 when --draft-skip is not given)",
+    )
+    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: %(default)s)")
     add_threads_arg(p)
     p.set_defaults(func=cmd_generate)

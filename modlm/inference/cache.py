@@ -126,6 +126,26 @@ class ContiguousLayerCache:
         """Tokens stored per row (B,): real tokens only."""
         return self.slot_ok.sum(dim=1)
 
+    def truncate(self, lengths_B: list[int]) -> None:
+        """Keep the first ``lengths_B[b]`` slots of each row and forget the rest (rollback).
+
+        Rows share one slot count here, so a row that keeps fewer slots than the longest keeps
+        its dropped slots as holes: marked empty (``slot_ok`` False), seen by no one, and
+        skipped by ``real_lengths``. Keys carry their rotary position, so a hole changes nothing
+        for later tokens; it only costs a masked slot until the cache is rebuilt.
+        """
+        S = self._check_truncate(lengths_B)
+        for b, n in enumerate(lengths_B):
+            self.slot_ok[b, n : self.max_len] = False
+        self.lengths = [S] * self.batch_size
+        self.max_len = S
+
+    def _check_truncate(self, lengths_B: list[int]) -> int:
+        """The longest kept row, after checking that no row is asked to grow."""
+        if len(lengths_B) != self.batch_size or any(not 0 <= n <= m for n, m in zip(lengths_B, self.lengths)):
+            raise ValueError(f"truncate lengths {list(lengths_B)} must be, per row, in [0, {self.lengths}]")
+        return max(lengths_B)
+
 
 class RaggedLayerCache(ContiguousLayerCache):
     """One routed layer's keys/values: each row holds only the tokens processed there.
@@ -186,6 +206,17 @@ class RaggedLayerCache(ContiguousLayerCache):
             v_all = self.scratch.gather(1, self.v[:, :, :S], rows_d)
             ok_bS = self.slot_ok[:, :S].index_select(0, rows_d)
         return k_all, v_all, _attention_mask(ok_bS, slot_bK, K == 1 and valid_bK is None)
+
+    def truncate(self, lengths_B: list[int]) -> None:
+        """Keep the first ``lengths_B[b]`` slots of each row and forget the rest (rollback): each
+        row's next token is stored right after its kept slots."""
+        S = self._check_truncate(lengths_B)
+        for b, n in enumerate(lengths_B):
+            self.slot_ok[b, n : self.lengths[b]] = False
+        if len(set(lengths_B)) > 1:
+            self.uniform = False
+        self.lengths = list(lengths_B)
+        self.max_len = S
 
 
 def _attention_mask(ok_bS: torch.Tensor, slot_bK: torch.Tensor | None, single_real: bool) -> torch.Tensor:
@@ -293,6 +324,18 @@ class ModelCache:
     def slot_lengths(self, layer_idx: int) -> torch.Tensor:
         """Slots used per row in this layer (B,), padding slots included (host tensor)."""
         return torch.tensor(self.layers[layer_idx].lengths, dtype=torch.long)
+
+    def truncate(self, lengths_LB: list[list[int]]) -> None:
+        """Roll back: layer l keeps the first ``lengths_LB[l][b]`` slots of row b (see
+        ``slot_lengths``; a snapshot of them taken earlier restores that moment's contents).
+
+        Used by speculative decoding to drop rejected draft tokens. A contiguous layer cannot
+        shorten one row alone: the dropped slots of shorter rows stay as empty holes that no
+        token sees (``ContiguousLayerCache.truncate``)."""
+        if len(lengths_LB) != self.n_layers:
+            raise ValueError(f"truncate takes one list of lengths per layer ({self.n_layers}), got {len(lengths_LB)}")
+        for layer, lengths_B in zip(self.layers, lengths_LB):
+            layer.truncate(lengths_B)
 
     def view(self, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> CacheView:
         """Bind the rows and token validity of one forward call, so attention only calls update()."""

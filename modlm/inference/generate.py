@@ -226,9 +226,18 @@ def sample_next(
     """Next token per row from the last-position logits (B, V) -> (B,). Temperature 0 is greedy."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits = logits_BV.float() / temperature
+    probs = sampling_probs(logits_BV, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(
+    logits_xV: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The fp32 distribution ``sample_next`` draws from (temperature > 0), over the last axis of
+    logits of any leading shape (..., V): temperature, then the top-k and top-p filters."""
+    logits = logits_xV.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
@@ -237,8 +246,7 @@ def sample_next(
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -176,3 +176,28 @@ def test_contiguous_layer_refuses_row_subsets():
 def test_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="unknown"):
         ModelCache(["sparse"], batch_size=1, n_kv_heads=G, head_dim=E)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "ragged"])
+def test_truncate_per_row_equals_a_cache_of_the_kept_tokens(layout):
+    """Rollback: appending 5 tokens then keeping j_b per row leaves, per row, exactly the real
+    slots of a cache that got only those j_b (contiguous rows keep holes, seen by no one)."""
+    B, keep = 3, [2, 5, 0]
+    k0, v0 = _kv(B, 4, 0)
+    k1, v1 = _kv(B, 5, 1)
+    c = ModelCache([layout], batch_size=B, n_kv_heads=G, head_dim=E, capacity=4)
+    c.update(k0, v0, 0)
+    c.update(k1, v1, 0)
+    c.truncate([[4 + j for j in keep]])
+    assert c.layer_lengths(0).tolist() == [4 + j for j in keep]
+    lay = c.layers[0]
+    for b, j in enumerate(keep):
+        ok = lay.slot_ok[b, : lay.max_len]
+        assert torch.equal(lay.k[b, :, : lay.max_len][:, ok], torch.cat([k0[b], k1[b, :, :j]], 1))
+        assert torch.equal(lay.v[b, :, : lay.max_len][:, ok], torch.cat([v0[b], v1[b, :, :j]], 1))
+    # the next token of each row sees its kept tokens and itself, nothing rolled back
+    k2, v2 = _kv(B, 1, 2)
+    _, _, mask = c.update(k2, v2, 0)
+    assert mask[:, 0, -1].sum(-1).tolist() == [4 + j + 1 for j in keep]
+    if layout == "ragged":  # each row continues right after its kept slots
+        assert c.slot_lengths(0).tolist() == [4 + j + 1 for j in keep]
