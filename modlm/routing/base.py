@@ -91,9 +91,14 @@ class Router(nn.Module):
         records for routers whose spec ``needs_received_attention`` (A-MoD); others ignore it.
         """
         if check_routing(routing) == "causal":
-            zero = x_BTD.new_zeros((), dtype=torch.float32)
-            return causal_output(*self.decide(x_BTD), token_mask_BT, zero)
+            return self.route_causal(x_BTD, token_mask_BT)
         return self.route_topk(x_BTD, token_mask_BT, received_BT)
+
+    def route_causal(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
+        """Every token's own causal decision (``decide``) over a whole sequence; a router whose rule
+        also depends on a token's position in its row (e.g. attention sinks) overrides this."""
+        zero = x_BTD.new_zeros((), dtype=torch.float32)
+        return causal_output(*self.decide(x_BTD), token_mask_BT, zero)
 
     def route_topk(
         self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None, received_BT: torch.Tensor | None = None

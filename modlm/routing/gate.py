@@ -43,9 +43,9 @@ import torch.nn as nn
 
 from modlm.config import ModelConfig
 from modlm.routing.base import Router, RouterOutput, causal_output
+from modlm.routing.ops import normalized_scores
 from modlm.spec import roles
 from modlm.spec.kinds import block_spec
-from modlm.spec.routers import check_routing
 
 __all__ = ["GateRouter", "sink_mask"]
 
@@ -78,10 +78,8 @@ class GateRouter(Router):
         self.dense_training = bool(kinds) and all(block_spec(k).keeps_keys for k in kinds)
 
     def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """s = w · x / rms(x), (B, T) fp32."""
-        with torch.autocast(device_type=x_BTD.device.type, enabled=False):
-            xf = x_BTD.float()
-            return (xf @ self.weight.float()) * torch.rsqrt(xf.pow(2).mean(-1) + 1e-6)
+        """s = w · x / rms(x), (B, T) fp32 (``modlm.routing.ops.normalized_scores``)."""
+        return normalized_scores(x_BTD, self.weight)
 
     def causal_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self.scores(x_BTD)
@@ -89,20 +87,6 @@ class GateRouter(Router):
     def decide(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, None]:
         """s above ``threshold``; unit weight. (Sinks need positions: ``forward`` adds them.)"""
         return self.scores(x_BTD) > self.threshold, None
-
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        routing: str = "topk",
-        token_mask_BT: torch.Tensor | None = None,
-        received_BT: torch.Tensor | None = None,
-    ) -> RouterOutput:
-        """Route a whole (B, T, D) sequence from its first token: ``"topk"`` is the training rule
-        (gated, straight-through; see the module docstring), ``"causal"`` the decode rule. Both
-        process exactly the tokens with s > threshold, and the sinks."""
-        if check_routing(routing) == "causal":
-            return self.route_causal(x_BTD, token_mask_BT)
-        return self.route_topk(x_BTD, token_mask_BT, received_BT)
 
     def _gates(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None):
         """(hard_BT bool, soft_BT fp32 σ, free_BT bool: real tokens that are not sinks)."""
@@ -115,7 +99,9 @@ class GateRouter(Router):
         return hard_BT, soft_BT, real_BT & ~sink_BT
 
     def route_causal(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> RouterOutput:
-        """The decode rule over a whole sequence: the processed tokens only, unit weight."""
+        """The decode rule over a whole sequence (``routing="causal"``): the tokens with
+        s > threshold and the sinks, unit weight. (``"topk"`` routing is the training rule:
+        ``route_topk``.)"""
         hard_BT, _, _ = self._gates(x_BTD, token_mask_BT)
         zero = x_BTD.new_zeros((), dtype=torch.float32)
         if token_mask_BT is None and bool(hard_BT.all()):

@@ -18,6 +18,7 @@ from modlm.spec.capacity import capacity_k
 __all__ = [
     "gather_tokens",
     "mask_to_padded_indices",
+    "normalized_scores",
     "router_scores",
     "scatter_add_weighted",
     "select_route",
@@ -143,6 +144,14 @@ def router_scores(x_BTD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x_BTD.device.type, enabled=False):
             return x_BTD.float() @ w_D.float()
     return x_BTD.float() @ w_D.float()
+
+
+def normalized_scores(x_BTD: torch.Tensor, w_D: torch.Tensor) -> torch.Tensor:
+    """s = w · x / rms(x), (B, T) in fp32: a score on the normalised stream, so a zero-initialised w
+    on a pretrained model's residual (whose scale varies by layer) starts every layer alike."""
+    with torch.autocast(device_type=x_BTD.device.type, enabled=False):
+        xf = x_BTD.float()
+        return (xf @ w_D.float()) * torch.rsqrt(xf.pow(2).mean(-1) + 1e-6)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from modlm.config import ModelConfig
 from modlm.routing.base import Router, RouterOutput
-from modlm.routing.ops import select_route
+from modlm.routing.ops import normalized_scores, select_route
 from modlm.spec import roles
 
 __all__ = ["TunedRouter"]
@@ -42,10 +42,8 @@ class TunedRouter(Router):
         self.register_buffer("threshold", torch.full((), float("-inf")), persistent=True)
 
     def scores(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """s = w · x / rms(x), (B, T) fp32."""
-        with torch.autocast(device_type=x_BTD.device.type, enabled=False):
-            xf = x_BTD.float()
-            return (xf @ self.weight.float()) * torch.rsqrt(xf.pow(2).mean(-1) + 1e-6)
+        """s = w · x / rms(x), (B, T) fp32 (``modlm.routing.ops.normalized_scores``)."""
+        return normalized_scores(x_BTD, self.weight)
 
     def causal_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self.scores(x_BTD)
