@@ -17,6 +17,7 @@ from modlm.config import ModelConfig, preset_names
 from modlm.devices import DEVICE_HELP, add_threads_arg, use_threads
 from modlm.errors import ArgumentParser, run_cli
 from modlm.spec.fields import parse_assignments
+from modlm.spec.routers import ROUTINGS
 
 EPILOG = """examples:
   modlm train                                   # the default MoD model on the bundled corpus
@@ -593,7 +594,7 @@ def _add_generate_command(sub) -> None:
     )
     p.add_argument(
         "--prefill-routing",
-        choices=("causal", "topk"),
+        choices=ROUTINGS,
         default="causal",
         help="route the prompt causally (default; equals a full causal forward) or by top-k",
     )
