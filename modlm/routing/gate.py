@@ -85,7 +85,7 @@ class GateRouter(Router):
         return self.scores(x_BTD)
 
     def decide(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """s above ``threshold``; unit weight. (Sinks need positions: ``forward`` adds them.)"""
+        """s above ``threshold``; unit weight. (Sinks need positions: ``route_causal`` adds them.)"""
         return self.scores(x_BTD) > self.threshold, None
 
     def _gates(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None):
